@@ -1,0 +1,171 @@
+"""Soft-prompt adapters in PEFT's on-disk format: parse and validate uploads, write and read files.
+
+An adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus `adapter_model.safetensors`
+holding one tensor, `prompt_embeddings` [num_virtual_tokens, hidden]. We record the base-model
+fingerprint in the safetensors metadata, which PEFT ignores, so files move freely both ways.
+Only safetensors is ever parsed: nothing uploaded goes near pickle.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TENSOR_NAME = "prompt_embeddings"
+FINGERPRINT_KEY = "softserve_base_fingerprint"
+FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
+
+
+class AdapterFormatError(ValueError):
+    """The upload is not a valid adapter; the message says which part and why."""
+
+
+class BaseModelMismatch(ValueError):
+    """The adapter was made for a different base model."""
+
+
+@dataclass
+class ParsedAdapter:
+    prompt_embeddings: torch.Tensor  # float32, [num_virtual_tokens, hidden]
+    base_fingerprint: str
+    base_model_name: str
+
+
+def _read_zip(data: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise AdapterFormatError("archive: not a valid zip file") from None
+    # Members may sit in a folder; match by base name and never extract to disk.
+    members = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
+    found = {}
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        info = members.get(name)
+        if info is None:
+            raise AdapterFormatError(f"archive: missing {name}")
+        if info.file_size > max_bytes:
+            raise AdapterFormatError(f"archive: {name} is larger than {max_bytes} bytes")
+        found[name] = archive.read(info)
+    return found[CONFIG_NAME], found[WEIGHTS_NAME]
+
+
+def split_upload(
+    config: bytes | None, weights: bytes | None, archive: bytes | None, max_bytes: int
+) -> tuple[bytes, bytes]:
+    """Return (config bytes, weights bytes) from either the two files or one zip."""
+    if archive is not None:
+        if config is not None or weights is not None:
+            raise AdapterFormatError("upload either `config` and `weights`, or `archive`, not both")
+        return _read_zip(archive, max_bytes)
+    if config is None or weights is None:
+        missing = "config" if config is None else "weights"
+        raise AdapterFormatError(f"{missing}: file is required (or upload a zip as `archive`)")
+    return config, weights
+
+
+def parse_adapter(
+    config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str
+) -> ParsedAdapter:
+    """Validate an uploaded adapter against the resident base model."""
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{CONFIG_NAME}: not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{CONFIG_NAME}: must be a JSON object")
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise AdapterFormatError(f"{CONFIG_NAME}: peft_type must be PROMPT_TUNING, got {config.get('peft_type')!r}")
+    n_tokens = config.get("num_virtual_tokens")
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 1 <= n_tokens <= max_virtual_tokens:
+        raise AdapterFormatError(f"{CONFIG_NAME}: num_virtual_tokens must be an integer in 1..{max_virtual_tokens}")
+    token_dim = config.get("token_dim", hidden_size)
+    if token_dim != hidden_size:
+        raise AdapterFormatError(f"{CONFIG_NAME}: token_dim {token_dim} does not match the base model's {hidden_size}")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterFormatError(f"{CONFIG_NAME}: num_transformer_submodules must be 1 for a decoder-only model")
+
+    try:
+        tensors = load_safetensors(weights_bytes)
+        metadata = _safetensors_metadata(weights_bytes)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: not a valid safetensors file ({exc})") from None
+    if set(tensors) != {TENSOR_NAME}:
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: must hold exactly one tensor {TENSOR_NAME!r}, found {sorted(tensors)}")
+    prompt = tensors[TENSOR_NAME]
+    if prompt.dtype not in FLOAT_DTYPES:
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: {TENSOR_NAME} must be float16, bfloat16 or float32, not {prompt.dtype}")
+    if tuple(prompt.shape) != (n_tokens, hidden_size):
+        raise AdapterFormatError(
+            f"{WEIGHTS_NAME}: {TENSOR_NAME} has shape {list(prompt.shape)}, expected [{n_tokens}, {hidden_size}]"
+        )
+    if not torch.isfinite(prompt).all():
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: {TENSOR_NAME} contains NaN or infinite values")
+
+    recorded = metadata.get(FINGERPRINT_KEY)
+    if recorded is not None and recorded != base_fingerprint:
+        raise BaseModelMismatch(f"adapter was made for base model {recorded}, this server runs {base_fingerprint}")
+    return ParsedAdapter(
+        prompt_embeddings=prompt.float(),
+        base_fingerprint=base_fingerprint,
+        base_model_name=str(config.get("base_model_name_or_path") or ""),
+    )
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+
+
+def peft_config(num_virtual_tokens: int, hidden_size: int, base_model_name: str) -> dict:
+    """A PEFT PromptTuningConfig as PEFT itself writes it, so PeftModel.from_pretrained loads it."""
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": hidden_size,
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": base_model_name,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(directory: Path, prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str) -> tuple[str, int]:
+    """Write an adapter folder atomically; return (sha256 of the weights file, total bytes)."""
+    prompt = prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
+    weights = save_safetensors({TENSOR_NAME: prompt}, metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
+    config = json.dumps(peft_config(prompt.shape[0], prompt.shape[1], base_model_name), indent=2).encode()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
+    try:
+        (staging / WEIGHTS_NAME).write_bytes(weights)
+        (staging / CONFIG_NAME).write_bytes(config)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return hashlib.sha256(weights).hexdigest(), len(weights) + len(config)
+
+
+def read_prompt_embeddings(directory: Path) -> torch.Tensor:
+    return load_safetensors((directory / WEIGHTS_NAME).read_bytes())[TENSOR_NAME]
+
+
+def zip_adapter(directory: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            archive.write(directory / name, arcname=name)
+    return buffer.getvalue()

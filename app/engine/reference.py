@@ -1,0 +1,59 @@
+"""A slow, obviously-correct greedy decode to check the engine against.
+
+Every step re-runs the full forward pass over `[soft prompt ; prompt ; generated so far]`
+with no KV cache. Tests and benchmarks compare the engine's tokens with it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.generation import GenerationRequest, _row_embeddings, stop_token_ids
+from app.engine.loader import BaseModel
+
+
+@torch.inference_mode()
+def _next_token_logits(base: BaseModel, soft_prompt: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
+    request = GenerationRequest(prompt_ids=ids, soft_prompt=soft_prompt, max_new_tokens=1)
+    embeds = _row_embeddings(base, request)[None]
+    return base.model(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
+
+
+def reference_greedy_decode(
+    base: BaseModel, soft_prompt: torch.Tensor | None, prompt_ids: list[int], max_new_tokens: int
+) -> list[int]:
+    eos_ids = stop_token_ids(base)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(_next_token_logits(base, soft_prompt, prompt_ids + generated).argmax())
+        if token in eos_ids:
+            break
+        generated.append(token)
+    return generated
+
+
+@dataclass
+class ReferenceCheck:
+    exact: bool  # identical token for token
+    agrees: bool  # identical, or first differs only where the reference itself is near a tie
+    diverged_at: int | None
+    margin: float | None  # reference logit of its own token minus that of the engine's token
+
+
+def check_against_reference(
+    base: BaseModel, soft_prompt: torch.Tensor | None, prompt_ids: list[int], tokens: list[int],
+    max_new_tokens: int, tie_tolerance: float = 0.0,
+) -> ReferenceCheck:
+    """Compare engine output with the reference. With int8 weights, activations are rounded to
+    int8 per row, so the few-ulp differences between a cached decode step and a full recompute
+    can move a logit by a few tenths; `tie_tolerance` accepts a first divergence only where the
+    reference's own choice led the engine's by at most that much. Everything before it must match."""
+    reference = reference_greedy_decode(base, soft_prompt, prompt_ids, max_new_tokens)
+    if tokens == reference:
+        return ReferenceCheck(True, True, None, None)
+    step = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    if step >= len(tokens) or step >= len(reference):  # one stopped (EOS) where the other went on
+        return ReferenceCheck(False, False, step, None)
+    logits = _next_token_logits(base, soft_prompt, prompt_ids + reference[:step])
+    margin = float(logits[reference[step]] - logits[tokens[step]])
+    return ReferenceCheck(False, margin <= tie_tolerance, step, margin)
