@@ -143,7 +143,10 @@ def peft_config(num_virtual_tokens: int, hidden_size: int, base_model_name: str)
 
 
 def write_adapter(directory: Path, prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str) -> tuple[str, int]:
-    """Write an adapter folder atomically; return (sha256 of the weights file, total bytes)."""
+    """Write an adapter folder atomically; return (content sha256, total bytes).
+
+    The sha256 covers the float32 prompt embeddings and their shape, not the file: safetensors
+    writes metadata keys in no fixed order, so equal adapters may differ byte for byte."""
     prompt = prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
     weights = save_safetensors({TENSOR_NAME: prompt}, metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
     config = json.dumps(peft_config(prompt.shape[0], prompt.shape[1], base_model_name), indent=2).encode()
@@ -156,7 +159,14 @@ def write_adapter(directory: Path, prompt_embeddings: torch.Tensor, base_fingerp
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return hashlib.sha256(weights).hexdigest(), len(weights) + len(config)
+    return content_sha256(prompt), len(weights) + len(config)
+
+
+def content_sha256(prompt_embeddings: torch.Tensor) -> str:
+    prompt = prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(json.dumps(list(prompt.shape)).encode())
+    digest.update(prompt.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_prompt_embeddings(directory: Path) -> torch.Tensor:

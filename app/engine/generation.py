@@ -117,7 +117,7 @@ def generate_batch(
         inputs_embeds=inputs,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -146,7 +146,7 @@ def generate_batch(
             input_ids=torch.tensor(next_tokens, device=base.device)[:, None],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     return [s.result for s in states]

@@ -1,0 +1,157 @@
+"""Shared fixtures: a tiny random Gemma 3 (fast), the real default model (int8), databases."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from alembic import command
+from alembic.config import Config
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from app.config import Settings
+from app.engine.loader import BaseModel, load_base_model
+from app.main import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# int8 rounds activations per row: a cached decode step and a full recompute may move a logit
+# by a few tenths, so a first divergence is accepted only at such a near tie (see reference.py).
+INT8_TIE_TOLERANCE = 0.5
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A 2-layer random Gemma 3 with a small byte-level BPE tokenizer trained on SST-2 text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    corpus = (DATASETS / "sst2" / "train.jsonl").read_text().splitlines()[:2000]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    config = Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    # Default init gives near-uniform logits and degenerate repeats; these scales give varied,
+    # decisive greedy output, so a row that sees the wrong prompt or position shows.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.3)
+        model.get_output_embeddings().weight.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir) -> BaseModel:
+    return load_base_model(tiny_model_dir, Path("unused"), quantization="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_base() -> BaseModel:
+    """The default Gemma 3 270M, int8, as `make run` serves it."""
+    return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Tensor:
+    """A soft prompt drawn from the vocabulary's own embeddings, as the benchmark does."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, base.model.config.vocab_size, (num_tokens,), generator=generator)
+    with torch.inference_mode():
+        return base.model.get_input_embeddings()(ids.to(base.device)).float().cpu()
+
+
+def migrate(database_url: str) -> None:
+    config = Config(str(REPO / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    name = f"softserve_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    migrate(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, **overrides)
+
+
+@pytest.fixture
+def make_client(tmp_path, sqlite_url):
+    """Start the real app (lifespan included) around a preloaded model."""
+    clients = []
+
+    def _make(base: BaseModel, database_url: str | None = None, **overrides) -> TestClient:
+        settings = make_settings(tmp_path, database_url or sqlite_url, **overrides)
+        client = TestClient(create_app(settings, base=base))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield _make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def adapter_file_bytes(prompt: torch.Tensor, fingerprint: str | None = None, **config_overrides) -> tuple[bytes, bytes]:
+    """PEFT-format adapter files (config JSON, safetensors) for uploads."""
+    import json
+
+    from safetensors.torch import save
+
+    from app.adapter_files import peft_config
+
+    config = peft_config(prompt.shape[0], prompt.shape[1], "test-base") | config_overrides
+    metadata = {"format": "pt"} | ({"softserve_base_fingerprint": fingerprint} if fingerprint else {})
+    return json.dumps(config).encode(), save({"prompt_embeddings": prompt.contiguous()}, metadata=metadata)
+
+
+def upload_adapter(client: TestClient, prompt: torch.Tensor, name: str = "adapter", **kwargs) -> dict:
+    config, weights = adapter_file_bytes(prompt, **kwargs)
+    response = client.post(
+        "/adapters", data={"name": name},
+        files={"config": ("adapter_config.json", config), "weights": ("adapter_model.safetensors", weights)},
+    )
+    assert response.status_code == 201, response.text
+    return response.json()

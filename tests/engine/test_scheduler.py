@@ -1,0 +1,98 @@
+import asyncio
+import threading
+
+import pytest
+
+from app.engine.generation import GenerationRequest, GenerationResult
+from app.engine.scheduler import BatchScheduler, QueueFull
+
+
+def request(tag: int) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=[tag], soft_prompt=None, max_new_tokens=1)
+
+
+class RecordingModel:
+    """Stands in for generate_batch: records batch sizes, can be held to let a queue build."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, requests):
+        self.release.wait(5)
+        self.batches.append([r.prompt_ids[0] for r in requests])
+        return [GenerationResult(token_ids=[r.prompt_ids[0]], text=str(r.prompt_ids[0])) for r in requests]
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_result():
+    model = RecordingModel()
+    scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=50, max_queue_size=100)
+    scheduler.start()
+    try:
+        completions = await asyncio.gather(*(scheduler.submit(request(i), timeout=5) for i in range(10)))
+    finally:
+        await scheduler.stop()
+    assert [c.result.text for c in completions] == [str(i) for i in range(10)]
+    assert max(len(b) for b in model.batches) == 4
+    assert sorted(sum(model.batches, [])) == list(range(10))
+    assert len(model.batches) <= 4
+
+
+async def test_full_queue_refuses_at_once():
+    model = RecordingModel()
+    model.release.clear()  # the first batch blocks, so later requests queue up
+    scheduler = BatchScheduler(model, max_batch_size=1, max_wait_ms=0, max_queue_size=2)
+    scheduler.start()
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0), timeout=5))
+        await asyncio.sleep(0.1)  # taken off the queue and running
+        waiting = [asyncio.create_task(scheduler.submit(request(i), timeout=5)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await scheduler.submit(request(3), timeout=5)
+        model.release.set()
+        assert [c.result.text for c in await asyncio.gather(first, *waiting)] == ["0", "1", "2"]
+    finally:
+        model.release.set()
+        await scheduler.stop()
+
+
+async def test_cancelled_request_is_dropped_before_its_batch_runs():
+    model = RecordingModel()
+    model.release.clear()
+    scheduler = BatchScheduler(model, max_batch_size=8, max_wait_ms=0, max_queue_size=10)
+    scheduler.start()
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0), timeout=5))
+        await asyncio.sleep(0.1)
+        gone = asyncio.create_task(scheduler.submit(request(1), timeout=5))
+        kept = asyncio.create_task(scheduler.submit(request(2), timeout=5))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # the client went away while queued
+        model.release.set()
+        await asyncio.gather(first, kept)
+    finally:
+        model.release.set()
+        await scheduler.stop()
+    assert model.batches == [[0], [2]]
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
+    calls = 0
+
+    def flaky(requests):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("out of memory")
+        return [GenerationResult(text="ok") for _ in requests]
+
+    scheduler = BatchScheduler(flaky, max_batch_size=1, max_wait_ms=0, max_queue_size=10)
+    scheduler.start()
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await scheduler.submit(request(0), timeout=5)
+        assert (await scheduler.submit(request(1), timeout=5)).result.text == "ok"
+    finally:
+        await scheduler.stop()
