@@ -1,0 +1,41 @@
+# softserve: `make run` serves on embedded defaults, `make test` runs the whole suite.
+# Both create .venv at the repo root when missing and install everything into it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU wheel by default; for NVIDIA GPUs use e.g. TORCH_SPEC="torch==2.13.0" --index-url for CUDA (see README).
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install model migrate run serve test bench
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "softserve needs Python 3.11+")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/python -m app.cli prepare-model
+
+migrate: install
+	$(BIN)/alembic upgrade head
+
+serve: model migrate
+	@echo "softserve API on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs)"
+	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+
+run: serve
+
+test: model
+	$(BIN)/python -m pytest
+
+bench: model
+	$(BIN)/python -m bench.mixed_batch

@@ -1,0 +1,27 @@
+"""The service on the real default model (Gemma 3 270M, int8), over HTTP."""
+
+import pytest
+
+from app.engine.reference import check_against_reference
+from tests.conftest import INT8_TIE_TOLERANCE, random_soft_prompt, upload_adapter
+
+pytestmark = pytest.mark.real_model
+
+
+def test_upload_and_generate_on_the_real_model(make_client, real_base):
+    client = make_client(real_base)
+    health = client.get("/health").json()
+    assert health["base_model"] == "gemma-3-270m" and health["quantization"] == "int8"
+    prompt = random_soft_prompt(real_base, 10, seed=5)
+    adapter_id = upload_adapter(client, prompt, name="real")["id"]
+    text_prompt = "Review: a gripping , funny film\nSentiment:"
+    response = client.post("/generate", json={"adapter_id": adapter_id, "prompt": text_prompt, "max_new_tokens": 8})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] >= 1
+    ids = real_base.tokenizer(text_prompt).input_ids
+    tokens = real_base.tokenizer(body["text"], add_special_tokens=False).input_ids
+    check = check_against_reference(real_base, prompt, ids, tokens, 8, INT8_TIE_TOLERANCE)
+    assert check.agrees, (body, check)
+    base_only = client.post("/generate", json={"prompt": text_prompt, "max_new_tokens": 8}).json()
+    assert base_only["text"] != body["text"]  # the soft prompt steers the real model

@@ -1,0 +1,49 @@
+"""Loading the base model and fingerprinting it."""
+
+import json
+import shutil
+
+import pytest
+
+from app.config import Settings
+from app.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_base_model
+
+
+def test_fingerprint_is_stable_and_tracks_config_and_tokenizer(tiny_model_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert fingerprint(copy, "m") == fingerprint(tiny_model_dir, "m")
+    # How weights are stored is not part of the identity...
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"transformers_version": "0.0", "dtype": "bfloat16"}))
+    assert fingerprint(copy, "m") == fingerprint(tiny_model_dir, "m")
+    # ...but the architecture and the tokenizer are.
+    (copy / "config.json").write_text(json.dumps(config | {"hidden_size": 128}))
+    assert fingerprint(copy, "m") != fingerprint(tiny_model_dir, "m")
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
+    assert fingerprint(copy, "m") != fingerprint(tiny_model_dir, "m")
+
+
+def test_any_local_hf_folder_loads_with_its_name(tiny_model_dir):
+    base = load_base_model(tiny_model_dir, tiny_model_dir, quantization="bf16", device="cpu")
+    assert base.name == tiny_model_dir.name and base.fingerprint.startswith(tiny_model_dir.name + "@")
+    assert base.hidden_size == 64 and str(base.embed_dtype) == "torch.bfloat16"
+    assert not any(p.requires_grad for p in base.model.parameters())
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
+        load_base_model(tmp_path / "nothing", tmp_path)
+
+
+@pytest.mark.real_model
+def test_default_model_is_cached_and_int8(real_base):
+    from bitsandbytes.nn import Linear8bitLt
+
+    folder = default_model_dir(Settings().model_cache_dir)
+    assert folder.name == DEFAULT_MODEL_NAME and (folder / "model.safetensors").exists()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert real_base.hidden_size == 640 and real_base.quantization == "int8"
+    assert isinstance(real_base.model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    assert real_base.fingerprint == fingerprint(folder, DEFAULT_MODEL_NAME)
