@@ -38,11 +38,31 @@ class Settings(BaseSettings):
     max_adapter_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_virtual_tokens: int = Field(512, ge=1)
 
+    # Training jobs.
+    max_dataset_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    max_train_examples: int = Field(200_000, ge=1)
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    job_stale_after_s: float = Field(60.0, gt=0)  # no heartbeat for this long: worker presumed lost
+    job_max_attempts: int = Field(2, ge=1)  # a lost job is retried once, then failed
+    job_time_limit_s: int = Field(6 * 3600, ge=60)
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'softserve.db'}"
+        if self.job_stale_after_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("JOB_STALE_AFTER_S must be more than twice HEARTBEAT_INTERVAL_S")
         return self
+
+    @property
+    def broker_url(self) -> str:
+        """Redis when configured; otherwise kombu's SQLAlchemy transport on a SQLite file, a real
+        broker that needs no server."""
+        return self.redis_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
 
     @property
     def adapters_dir(self) -> Path:

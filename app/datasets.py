@@ -32,6 +32,11 @@ class DatasetError(ValueError):
         super().__init__(f"{field}: {shown}{more}")
 
 
+def render(template: str, text: str) -> str:
+    """Lay an input out with a template such as "Review: {input}\nSentiment:"."""
+    return template.replace("{input}", text)
+
+
 def _pick(record: dict, key: str):
     for name in ALIASES[key]:
         if name in record:

@@ -1,11 +1,12 @@
 """App factory and lifespan: the base model is loaded once per process, before serving."""
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import adapters, generate, health
+from app.api import adapters, generate, health, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
@@ -32,10 +33,12 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         engine = make_engine(settings.database_url)
         runtime = Runtime.build(settings, model, make_session_factory(engine))
         runtime.scheduler.start()
+        reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
         app.state.runtime = runtime
         try:
             yield
         finally:
+            reaper.cancel()
             await runtime.scheduler.stop()
             engine.dispose()
 
@@ -47,10 +50,14 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     )
     app.add_middleware(
         BodySizeLimit,
-        limits={("POST", "/adapters"): settings.max_adapter_upload_bytes * 2 + 64 * 1024},
+        limits={
+            ("POST", "/adapters"): settings.max_adapter_upload_bytes * 2 + 64 * 1024,
+            ("POST", "/train-jobs"): settings.max_dataset_bytes * 2 + 64 * 1024,
+        },
         default=DEFAULT_BODY_LIMIT,
     )
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(adapters.router)
+    app.include_router(train_jobs.router)
     return app

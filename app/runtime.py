@@ -2,18 +2,24 @@
 adapter cache and the batch scheduler. Built once in the app's lifespan."""
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import adapter_files, registry
+from celery import Celery
+
+from app import adapter_files, jobs, registry
 from app.config import Settings
 from app.engine.adapter_cache import AdapterCache
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
 from app.engine.scheduler import BatchScheduler
+
+log = logging.getLogger(__name__)
 
 
 class AdapterNotFound(LookupError):
@@ -31,10 +37,14 @@ class Runtime:
     sessions: sessionmaker[Session]
     cache: AdapterCache
     scheduler: BatchScheduler
+    celery: Celery | None = field(default=None)
 
     @classmethod
     def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session]) -> "Runtime":
+        from worker.celery_app import make_celery  # the API only sends tasks to the workers
+
         return cls(
+            celery=make_celery(settings),
             settings=settings,
             base=base,
             sessions=sessions,
@@ -47,23 +57,50 @@ class Runtime:
             ),
         )
 
-    def _lookup_fingerprint(self, adapter_id: str) -> str | None:
+    def enqueue_training(self, job_id: str) -> None:
+        from worker.celery_app import TRAIN_TASK
+
+        self.celery.send_task(TRAIN_TASK, args=[job_id])
+
+    def reap_stale_jobs(self) -> list[str]:
+        """Requeue or fail jobs whose worker stopped heartbeating."""
+        settings = self.settings
+        with self.sessions() as session:
+            requeued = jobs.reap_stale(
+                session, stale_after=timedelta(seconds=settings.job_stale_after_s), max_attempts=settings.job_max_attempts
+            )
+        for job_id in requeued:
+            log.warning("job %s lost its worker; queued again", job_id)
+            self.enqueue_training(job_id)
+        return requeued
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.job_stale_after_s / 4)
+            try:
+                await asyncio.to_thread(self.reap_stale_jobs)
+            except Exception:
+                log.exception("reaping stale jobs failed")
+
+    def _lookup(self, adapter_id: str) -> tuple[str, str | None] | None:
         with self.sessions() as session:
             adapter = registry.get_adapter(session, adapter_id)
-            return adapter.base_fingerprint if adapter else None
+            return (adapter.base_fingerprint, adapter.template) if adapter else None
 
-    async def soft_prompt(self, adapter_id: str) -> torch.Tensor:
-        """The adapter's prompt embeddings on the model's device. The registry is checked on
-        every request, so a deleted adapter stops being served at once."""
-        fingerprint = await asyncio.to_thread(self._lookup_fingerprint, adapter_id)
-        if fingerprint is None:
+    async def soft_prompt(self, adapter_id: str) -> tuple[torch.Tensor, str | None]:
+        """The adapter's prompt embeddings on the model's device, and its template. The registry
+        is checked on every request, so a deleted adapter stops being served at once."""
+        found = await asyncio.to_thread(self._lookup, adapter_id)
+        if found is None:
             raise AdapterNotFound(adapter_id)
+        fingerprint, template = found
         if fingerprint != self.base.fingerprint:
             raise AdapterBaseMismatch(
                 f"adapter {adapter_id} was made for base model {fingerprint}, this server runs {self.base.fingerprint}"
             )
         directory = registry.adapter_dir(self.settings.adapters_dir, adapter_id)
         try:
-            return await self.cache.get(adapter_id, partial(adapter_files.read_prompt_embeddings, directory))
+            tensor = await self.cache.get(adapter_id, partial(adapter_files.read_prompt_embeddings, directory))
         except FileNotFoundError:  # deleted between the lookup and the load
             raise AdapterNotFound(adapter_id) from None
+        return tensor, template

@@ -21,6 +21,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    apply_template: bool = Field(False, description="Lay the prompt out with the adapter's training template")
 
     @field_validator("stop")
     @classmethod
@@ -62,3 +63,52 @@ class AdapterPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    epoch: float
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class TrainJobOut(BaseModel):
+    id: str
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: Progress
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    estimated_finish: datetime | None
+    adapter_id: str | None
+    error: JobError | None
+    params: dict
+    train_examples: int
+    validation_examples: int
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TrainJobPage(BaseModel):
+    items: list[TrainJobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: Literal["train", "eval", "message"]
+    step: int
+    data: dict
+    created_at: datetime

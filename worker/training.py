@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
-from app.datasets import Example
+from app.datasets import Example, render
 from app.engine.generation import GenerationRequest, generate_batch
 from app.engine.loader import BaseModel
 
@@ -78,10 +78,6 @@ class Hooks:
 
 class Cancelled(Exception):
     pass
-
-
-def render(template: str, text: str) -> str:
-    return template.replace("{input}", text)
 
 
 def target_text(prompt: str, output: str) -> str:
@@ -220,7 +216,7 @@ def train_prompt(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            hooks.on_step(step, total, step * config.batch_size / len(encoded), float(loss))
+            hooks.on_step(step, total, step * config.batch_size / len(encoded), loss.item())
             if step % config.eval_every == 0 or step == total:
                 eval_loss, accuracy = evaluate(base, prompt.detach(), held_out, config)
                 hooks.on_eval(step, eval_loss, accuracy)

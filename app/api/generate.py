@@ -6,6 +6,7 @@ from app.api.deps import RuntimeDep
 from app.engine.generation import GenerationRequest
 from app.engine.scheduler import Completion, QueueFull
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
+from app.datasets import render
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"])
@@ -20,15 +21,20 @@ async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRe
     settings = runtime.settings
     if body.max_new_tokens > settings.max_new_tokens_limit:
         raise _invalid("max_new_tokens", f"must be at most {settings.max_new_tokens_limit}")
-    soft_prompt = None
+    soft_prompt, template = None, None
     if body.adapter_id is not None:
         try:
-            soft_prompt = await runtime.soft_prompt(body.adapter_id)
+            soft_prompt, template = await runtime.soft_prompt(body.adapter_id)
         except AdapterNotFound:
             raise HTTPException(404, detail=f"adapter {body.adapter_id!r} not found") from None
         except AdapterBaseMismatch as exc:
             raise HTTPException(409, detail=str(exc)) from None
-    prompt_ids = runtime.base.tokenizer(body.prompt).input_ids
+    prompt = body.prompt
+    if body.apply_template:
+        if template is None:
+            raise _invalid("apply_template", "the adapter has no template (or no adapter was given)")
+        prompt = render(template, prompt)
+    prompt_ids = runtime.base.tokenizer(prompt).input_ids
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise _invalid("prompt", f"is {len(prompt_ids)} tokens, the limit is {settings.max_prompt_tokens}")
     return GenerationRequest(

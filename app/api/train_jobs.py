@@ -1,0 +1,170 @@
+"""Training jobs: upload a dataset to start one, watch it, read its events, cancel it."""
+
+import asyncio
+import shutil
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
+
+from app import datasets, jobs
+from app.api.deps import RuntimeDep, SessionDep
+from app.models import TrainJob, new_id, utcnow
+from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
+from worker.training import TrainConfig
+
+router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
+
+
+def job_out(job: TrainJob) -> TrainJobOut:
+    estimated = None
+    if job.status == "running" and job.step > 0 and job.started_at:
+        elapsed = utcnow() - job.started_at
+        estimated = job.started_at + elapsed * (job.total_steps / job.step)
+    return TrainJobOut(
+        id=job.id, name=job.name, status=job.status,
+        progress={"step": job.step, "total_steps": job.total_steps, "epoch": round(job.epoch, 3)},
+        train_loss=job.train_loss, eval_loss=job.eval_loss, eval_accuracy=job.eval_accuracy,
+        estimated_finish=estimated, adapter_id=job.adapter_id,
+        error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        params=job.params, train_examples=job.train_examples, validation_examples=job.validation_examples,
+        attempts=job.attempts, cancel_requested=job.cancel_requested,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+def _invalid(field: str, message: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+async def _parse_upload(upload: UploadFile, field: str, max_bytes: int, max_examples: int) -> list[datasets.Example]:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, detail=f"{field}: file is larger than {max_bytes} bytes")
+    try:
+        return await asyncio.to_thread(datasets.parse_dataset, data, field, upload.filename, max_examples)
+    except datasets.DatasetError as exc:
+        raise HTTPException(422, detail={
+            "message": str(exc), "field": exc.field, "error_count": exc.total,
+            "errors": [{"line": line, "message": message} for line, message in exc.errors],
+        }) from None
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainJobOut,
+    responses={413: {"description": "Upload too large"},
+               422: {"description": "Invalid dataset (offending line numbers listed) or parameter (field named)"},
+               503: {"description": "The job queue (broker) is unreachable; nothing was stored"}},
+)
+async def create_train_job(
+    runtime: RuntimeDep,
+    session: SessionDep,
+    file: Annotated[UploadFile, File(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')],
+    validation_file: Annotated[UploadFile | None, File(description="Optional validation data, same format")] = None,
+    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Name of the adapter it makes")] = None,
+    num_virtual_tokens: Annotated[int, Form(ge=1, le=512)] = TrainConfig.num_virtual_tokens,
+    init: Annotated[Literal["labels", "text", "vocab", "random"], Form()] = TrainConfig.init,
+    init_text: Annotated[str | None, Form(max_length=2000)] = None,
+    learning_rate: Annotated[float, Form(gt=0, le=10)] = TrainConfig.learning_rate,
+    max_steps: Annotated[int | None, Form(ge=1, le=1_000_000)] = None,
+    epochs: Annotated[float | None, Form(gt=0, le=1000)] = None,
+    batch_size: Annotated[int, Form(ge=1, le=512)] = TrainConfig.batch_size,
+    max_length: Annotated[int, Form(ge=8, le=8192)] = TrainConfig.max_length,
+    eval_every: Annotated[int, Form(ge=1)] = TrainConfig.eval_every,
+    early_stopping_patience: Annotated[int, Form(ge=1, le=1000)] = TrainConfig.early_stopping_patience,
+    seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = TrainConfig.seed,
+    template: Annotated[str, Form(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template,
+    gradient_checkpointing: Annotated[bool, Form()] = False,
+) -> TrainJobOut:
+    """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
+    settings = runtime.settings
+    if max_steps is not None and epochs is not None:
+        raise _invalid("epochs", "give max_steps or epochs, not both")
+    if "{input}" not in template:
+        raise _invalid("template", "must contain {input}")
+    if init == "text" and not (init_text and init_text.strip()):
+        raise _invalid("init_text", "is required when init is 'text'")
+    if num_virtual_tokens > settings.max_virtual_tokens:
+        raise _invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
+    cap, max_examples = settings.max_dataset_bytes, settings.max_train_examples
+    train = await _parse_upload(file, "file", cap, max_examples)
+    validation = await _parse_upload(validation_file, "validation_file", cap, max_examples) if validation_file else None
+
+    config = TrainConfig(
+        num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text, learning_rate=learning_rate,
+        max_steps=max_steps, epochs=epochs, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
+        early_stopping_patience=early_stopping_patience, seed=seed, template=template,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    job_id = new_id()
+    relative = f"datasets/{job_id}"  # server-made; the client's filename is never a path
+    folder = settings.data_dir / relative
+    try:
+        datasets.write_jsonl(folder / "train.jsonl", train)
+        if validation:
+            datasets.write_jsonl(folder / "validation.jsonl", validation)
+        job = jobs.create_job(session, job_id=job_id, name=name or f"adapter-{job_id}", params=config.to_dict(),
+                              dataset_path=relative, train_examples=len(train),
+                              validation_examples=len(validation or []))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        await asyncio.to_thread(runtime.enqueue_training, job_id)
+    except Exception as exc:  # broker down: take the job back, so nothing half-made remains
+        session.delete(job)
+        session.commit()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "5"}) from None
+    return job_out(job)
+
+
+@router.get("", response_model=TrainJobPage)
+def list_train_jobs(
+    session: SessionDep,
+    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TrainJobPage:
+    items, total = jobs.list_jobs(session, status=status, limit=limit, offset=offset)
+    return TrainJobPage(items=[job_out(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+def _get_or_404(session, job_id: str) -> TrainJob:
+    job = jobs.get_job(session, job_id)
+    if job is None:
+        raise HTTPException(404, detail=f"train job {job_id!r} not found")
+    return job
+
+
+@router.get("/{job_id}", response_model=TrainJobOut, responses={404: {"description": "Unknown job"}})
+def get_train_job(job_id: str, session: SessionDep) -> TrainJobOut:
+    return job_out(_get_or_404(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventOut], responses={404: {"description": "Unknown job"}})
+def get_train_job_events(
+    job_id: str, session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+):
+    """Loss curve points (`train`), evaluation results (`eval`) and messages, oldest first."""
+    _get_or_404(session, job_id)
+    return jobs.list_events(session, job_id, after_id=after, limit=limit)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainJobOut,
+    responses={404: {"description": "Unknown job"}, 409: {"description": "The job has already finished"}},
+)
+def cancel_train_job(job_id: str, session: SessionDep) -> TrainJobOut:
+    """A queued job is cancelled at once; a running one stops within a few steps."""
+    job = _get_or_404(session, job_id)
+    if job.status in jobs.TERMINAL:
+        raise HTTPException(409, detail=f"job {job_id} has already {job.status}")
+    jobs.cancel(session, job_id)
+    session.expire_all()
+    return job_out(_get_or_404(session, job_id))

@@ -1,0 +1,70 @@
+"""The prompt-tuning loop on the tiny model: loss, masking, eval, early stop, cancel."""
+
+import torch
+import torch.nn.functional as F
+
+from app.datasets import Example
+from worker.training import Hooks, TrainConfig, batch_loss, encode_example, init_prompt, train_prompt
+
+LABELS = ["positive", "negative"]
+EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", LABELS[i % 2]) for i in range(40)]
+
+
+def test_loss_covers_output_tokens_only(tiny_base):
+    prompt = torch.randn(4, 64) * 0.3
+    pairs = [encode_example(tiny_base, e, "Review: {input}\nSentiment:", 64) for e in EXAMPLES[:3]]
+    got = batch_loss(tiny_base, prompt, pairs)
+    # Reference: full logits over the whole sequence, one row at a time, labels masked by hand.
+    embed = tiny_base.model.get_input_embeddings()
+    losses, counts = [], []
+    for p, t in pairs:
+        ids = torch.tensor(p + t)
+        logits = tiny_base.model(inputs_embeds=torch.cat([prompt, embed(ids)])[None]).logits[0]
+        labels = torch.full((4 + len(ids),), -100)
+        labels[4 + len(p):] = torch.tensor(t)
+        losses.append(F.cross_entropy(logits[:-1], labels[1:], reduction="sum"))
+        counts.append(len(t))
+    assert torch.allclose(got, sum(losses) / sum(counts), atol=1e-5)
+    assert pairs[0][1][-1] == tiny_base.tokenizer.eos_token_id
+
+
+def test_encode_truncates_prompt_keeping_bos_and_end(tiny_base):
+    long_example = Example("word " * 200 + "final question", "positive")
+    prompt, target = encode_example(tiny_base, long_example, "{input}", max_length=32)
+    assert len(prompt) + len(target) == 32
+    assert prompt[0] == tiny_base.tokenizer.bos_token_id
+    assert tiny_base.tokenizer.decode(prompt).endswith("final question")
+
+
+def test_label_init_uses_label_embeddings(tiny_base):
+    config = TrainConfig(num_virtual_tokens=6, init="labels")
+    prompt = init_prompt(tiny_base, config, EXAMPLES)
+    ids = tiny_base.tokenizer(" ".join(LABELS), add_special_tokens=False).input_ids
+    expected = tiny_base.model.get_input_embeddings()(torch.tensor((ids * 6)[:6]))
+    assert torch.allclose(prompt, expected)
+
+
+def test_training_lowers_eval_loss_and_keeps_the_best_prompt(tiny_base):
+    evals = []
+    config = TrainConfig(num_virtual_tokens=4, max_steps=30, eval_every=10, batch_size=8, template="{input} =>")
+    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    assert [s for s, _, _ in evals] == [10, 20, 30]
+    assert evals[-1][1] < evals[0][1]
+    best = max(evals, key=lambda e: (e[2], -e[1]))
+    assert (result.best_step, result.eval_loss) == (best[0], best[1])
+    assert result.prompt_embeddings.shape == (4, 64) and not result.cancelled
+
+
+def test_early_stopping_after_patience(tiny_base):
+    config = TrainConfig(num_virtual_tokens=4, max_steps=200, eval_every=1, early_stopping_patience=2,
+                         learning_rate=1e-9, template="{input} =>")  # too small to improve
+    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:4])
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+
+
+def test_cancel_stops_within_a_step(tiny_base):
+    steps = []
+    config = TrainConfig(num_virtual_tokens=4, max_steps=100, eval_every=1000)
+    result = train_prompt(tiny_base, config, EXAMPLES, None,
+                          Hooks(on_step=lambda s, *_: steps.append(s), should_cancel=lambda: len(steps) >= 3))
+    assert result.cancelled and steps == [1, 2, 3]
