@@ -20,7 +20,8 @@ def create_job(session: Session, *, job_id: str, name: str, params: dict, datase
     job = TrainJob(id=job_id, name=name, params=params, dataset_path=dataset_path, status="queued",
                    train_examples=train_examples, validation_examples=validation_examples)
     session.add(job)
-    session.add(JobEvent(job_id=job_id, kind="message", data={"message": "queued"}))
+    session.flush()  # the job row first: events reference it
+    add_event(session, job_id, "message", message="queued")
     session.commit()
     return job
 

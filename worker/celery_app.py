@@ -25,10 +25,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_concurrency=1,
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 120,
-        broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 3600},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    if settings.redis_url:  # the SQLAlchemy transport passes its options to create_engine
+        celery.conf.broker_transport_options = {"visibility_timeout": settings.job_time_limit_s + 3600}
     return celery
 
 

@@ -1,0 +1,129 @@
+"""POST /train-jobs validation and the job routes, through the real app (no worker needed)."""
+
+import json
+
+import pytest
+
+from tests.conftest import DATASETS
+
+GOOD = b"".join(json.dumps({"input": f"text {i}", "output": "yes" if i % 2 else "no"}).encode() + b"\n" for i in range(10))
+
+
+@pytest.fixture
+def client(make_client, tiny_base):
+    return make_client(tiny_base)
+
+
+def stored(client):
+    runtime = client.app.state.runtime
+    folder = runtime.settings.datasets_dir
+    return client.get("/train-jobs").json()["total"], sorted(p.name for p in folder.glob("*")) if folder.exists() else []
+
+
+def post(client, data=GOOD, filename="train.jsonl", **fields):
+    return client.post("/train-jobs", files={"file": (filename, data)}, data={k: str(v) for k, v in fields.items()})
+
+
+def test_valid_upload_queues_a_job(client):
+    response = post(client, name="yes-no", max_steps=5, template="Q: {input}\nA:")
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["name"] == "yes-no" and job["train_examples"] == 10
+    assert job["params"]["template"] == "Q: {input}\nA:" and job["params"]["max_steps"] == 5
+    assert job["progress"] == {"step": 0, "total_steps": 0, "epoch": 0.0} and job["adapter_id"] is None
+    assert client.get(f"/train-jobs/{job['id']}").json()["id"] == job["id"]
+    assert [e["data"]["message"] for e in client.get(f"/train-jobs/{job['id']}/events").json()] == ["queued"]
+    assert stored(client) == (1, [job["id"]])
+
+
+def test_csv_with_aliases_is_accepted(client):
+    csv = b'prompt,completion\n"great, really",positive\nawful,negative\n'
+    response = post(client, data=csv, filename="data.csv")
+    assert response.status_code == 202, response.text
+    assert response.json()["train_examples"] == 2
+
+
+def test_cancel_a_queued_job_at_once_then_409(client):
+    job_id = post(client).json()["id"]
+    response = client.post(f"/train-jobs/{job_id}/cancel")
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+    assert client.post(f"/train-jobs/{job_id}/cancel").status_code == 409
+    assert client.post("/train-jobs/nope/cancel").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "data, filename, expected_lines, expected_text",
+    [
+        (b"not json\n", "train.jsonl", [1], "not valid JSON"),
+        (GOOD + b'{"input": "x"}\n' + b'{"output": "y"}\n', "train.jsonl", [11, 12], "missing field"),
+        (b'{"input": "x", "output": "  "}\n', "train.jsonl", [1], "must be a non-empty string"),
+        (b'["a", "b"]\n', "train.jsonl", [1], "expected a JSON object"),
+        (b"", "train.jsonl", [0], "file has no examples"),
+        (b"\xff\xfe bad bytes", "train.jsonl", [0], "not UTF-8"),
+        (b"text,label\nhi,x\n", "train.csv", [1], "CSV header must have columns input and output"),
+    ],
+)
+def test_bad_datasets_get_422_with_line_numbers_and_store_nothing(client, data, filename, expected_lines, expected_text):
+    response = post(client, data=data, filename=filename)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail["field"] == "file" and [e["line"] for e in detail["errors"]] == expected_lines
+    assert expected_text in detail["message"]
+    assert stored(client) == (0, [])
+
+
+def test_many_bad_lines_are_listed_first_n_with_a_count(client):
+    response = post(client, data=b"nope\n" * 50)
+    detail = response.json()["detail"]
+    assert detail["error_count"] == 50 and len(detail["errors"]) == 20 and "(and 30 more)" in detail["message"]
+
+
+def test_bad_validation_file_is_named(client):
+    response = client.post("/train-jobs", files={"file": ("t.jsonl", GOOD), "validation_file": ("v.jsonl", b"{oops\n")})
+    assert response.status_code == 422 and response.json()["detail"]["field"] == "validation_file"
+    assert stored(client) == (0, [])
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"learning_rate": -1}, "learning_rate"),
+        ({"init": "zeros"}, "init"),
+        ({"init": "text"}, "init_text"),
+        ({"max_steps": 10, "epochs": 2}, "epochs"),
+        ({"template": "no placeholder"}, "template"),
+        ({"batch_size": "many"}, "batch_size"),
+        ({"max_length": 4}, "max_length"),
+    ],
+)
+def test_bad_parameters_get_422_naming_the_field(client, fields, field):
+    response = post(client, **fields)
+    assert response.status_code == 422
+    assert field in [str(p) for error in response.json()["detail"] for p in error["loc"]]
+    assert stored(client) == (0, [])
+
+
+def test_too_many_examples_and_oversize_files(make_client, tiny_base):
+    client = make_client(tiny_base, max_train_examples=5, max_dataset_bytes=2048)
+    assert "the limit is 5" in post(client).json()["detail"]["message"]
+    big = (DATASETS / "sst2" / "train.jsonl").read_bytes()[:3000]  # over the 2048-byte file cap
+    assert post(client, data=big).status_code == 413
+    huge = b"x" * 100_000  # over the whole-body cap (2 files + 64 kB): refused before parsing
+    response = post(client, data=huge)
+    assert response.status_code == 413 and "request body is larger" in response.json()["detail"]
+    assert stored(client) == (0, [])
+
+
+def test_unknown_job_is_404(client):
+    assert client.get("/train-jobs/nope").status_code == 404
+    assert client.get("/train-jobs/nope/events").status_code == 404
+
+
+def test_broker_down_gives_503_and_stores_nothing(make_client, tiny_base):
+    client = make_client(tiny_base, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    client.app.state.runtime.celery.conf.broker_connection_max_retries = 0
+    client.app.state.runtime.celery.conf.broker_transport_options = {"max_retries": 0}
+    response = post(client)
+    assert response.status_code == 503 and "job queue unavailable" in response.json()["detail"]
+    assert stored(client) == (0, [])

@@ -1,0 +1,134 @@
+"""run_job against a real SQLite registry and the tiny model: claim, duplicates, cancel,
+failure, and the reaper for lost workers."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from app import jobs, registry
+from app.datasets import Example, write_jsonl
+from app.db import make_engine, make_session_factory
+from app.models import utcnow
+from tests.conftest import make_settings
+from worker.runner import run_job
+from worker.training import TrainConfig
+
+EXAMPLES = [Example(f"review {i} was {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2]) for i in range(24)]
+
+
+@pytest.fixture
+def env(tmp_path, sqlite_url):
+    settings = make_settings(tmp_path, sqlite_url, heartbeat_interval_s=0.2, job_stale_after_s=1.0)
+    engine = make_engine(sqlite_url)
+    yield settings, make_session_factory(engine)
+    engine.dispose()
+
+
+def queue_job(settings, sessions, job_id="job1", **config) -> str:
+    write_jsonl(settings.data_dir / "datasets" / job_id / "train.jsonl", EXAMPLES)
+    params = TrainConfig(**({"num_virtual_tokens": 4, "max_steps": 6, "eval_every": 3, "template": "{input} =>"} | config)).to_dict()
+    with sessions() as session:
+        jobs.create_job(session, job_id=job_id, name="tiny-job", params=params, dataset_path=f"datasets/{job_id}",
+                        train_examples=len(EXAMPLES), validation_examples=0)
+    return job_id
+
+
+def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "succeeded"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert (job.status, job.step, job.total_steps, job.attempts) == ("succeeded", 6, 6, 1)
+        adapter = registry.get_adapter(session, job.adapter_id)
+        assert adapter.source == "trained" and adapter.template == "{input} =>"
+        assert adapter.metrics["steps"] == 6 and adapter.metrics["eval_accuracy"] == job.eval_accuracy
+        kinds = [e.kind for e in jobs.list_events(session, job_id)]
+    assert kinds.count("train") == 6 and kinds.count("eval") == 2
+    assert (settings.adapters_dir / adapter.id / "adapter_model.safetensors").exists()
+
+
+def test_duplicate_delivery_trains_once(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    outcomes = []
+    threads = [threading.Thread(target=lambda: outcomes.append(
+        run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["skipped", "succeeded"]
+    # A late redelivery after success does nothing either.
+    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "skipped"
+    with sessions() as session:
+        assert registry.list_adapters(session)[1] == 1
+
+
+def test_cancel_while_running_stops_within_a_few_steps(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, max_steps=100_000, eval_every=100_000)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        status=run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base)))
+    thread.start()
+    while True:
+        with sessions() as session:
+            if jobs.get_job(session, job_id).step >= 3:
+                break
+    with sessions() as session:
+        assert jobs.cancel(session, job_id) == "running"  # asked to stop
+    thread.join(timeout=30)
+    assert result["status"] == "cancelled"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert job.status == "cancelled" and job.step < 100_000 and job.adapter_id is None
+        assert registry.list_adapters(session)[1] == 0
+
+
+def test_cancel_queued_job_is_immediate_and_the_task_then_skips(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        assert jobs.cancel(session, job_id) == "cancelled"
+    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "skipped"
+
+
+def test_training_error_fails_the_job_with_a_readable_message(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    (settings.data_dir / "datasets" / job_id / "train.jsonl").write_text('{"input": "x"}\n')  # corrupt on disk
+    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "failed"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+    assert job.error_code == "training_error" and "training failed: TypeError" in job.error_message
+
+
+def test_reaper_requeues_a_lost_job_once_then_fails_it(env):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    stale = timedelta(seconds=settings.job_stale_after_s)
+    for attempt in (1, 2):
+        with sessions() as session:
+            assert jobs.claim(session, job_id, f"worker-{attempt}")
+            jobs.get_job(session, job_id).heartbeat_at = utcnow() - timedelta(minutes=5)  # the worker died
+            session.commit()
+            requeued = jobs.reap_stale(session, stale_after=stale, max_attempts=2)
+            status = jobs.get_job(session, job_id).status
+        if attempt == 1:
+            assert requeued == [job_id] and status == "queued"
+        else:
+            assert requeued == [] and status == "failed"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert job.error_code == "worker_lost" and "worker-2 stopped responding" in job.error_message
+
+
+def test_reaper_leaves_live_jobs_alone(env):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        jobs.claim(session, job_id, "alive")
+        assert jobs.reap_stale(session, stale_after=timedelta(seconds=60), max_attempts=2) == []
+        assert jobs.get_job(session, job_id).status == "running"
