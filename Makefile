@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install model migrate run serve test bench
+.PHONY: install model migrate run worker test bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "softserve needs Python 3.11+")'
@@ -28,11 +28,13 @@ model: install
 migrate: install
 	$(BIN)/alembic upgrade head
 
-serve: model migrate
-	@echo "softserve API on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs)"
-	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+# The API and one training worker (embedded SQLite broker unless REDIS_URL is set).
+run: model migrate
+	$(BIN)/python -m app.cli run --host $(HOST) --port $(PORT)
 
-run: serve
+# One more training worker, for scale-out (set REDIS_URL and DATABASE_URL to shared servers).
+worker: model migrate
+	$(BIN)/celery -A worker.celery_app worker --concurrency=1 --loglevel=INFO
 
 test: model
 	$(BIN)/python -m pytest

@@ -8,7 +8,8 @@ them: with a 262k vocabulary, full logits would dominate memory.
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,12 +36,13 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 8
     max_length: int = 128  # tokens of template + output, soft prompt excluded
-    eval_every: int = 50
+    eval_every: int = 100
     early_stopping_patience: int = 4  # evaluations without improvement
     seed: int = 0
     template: str = DEFAULT_TEMPLATE
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # measured: ~same step time on CPU, training memory 1.24x inference instead of 1.6-1.7x
     default_max_steps: int = 300  # when neither max_steps nor epochs is given
+    time_budget_s: float | None = None  # stop (keeping the best prompt so far) after this long
 
     def total_steps(self, train_examples: int) -> int:
         if self.max_steps is not None:
@@ -155,22 +157,48 @@ def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: list[tuple[list[int
     return F.cross_entropy(_output_logits(base, picked), torch.tensor(targets, device=base.device))
 
 
+@contextmanager
+def gradient_checkpointing(base: BaseModel, enabled: bool) -> Iterator[None]:
+    """Recompute layer activations in backward instead of storing them: memory stays close to
+    inference at ~30% more compute. transformers only checkpoints in train mode; Gemma has no
+    dropout, so train mode changes nothing else."""
+    if not enabled:
+        yield
+        return
+    base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.model.train()
+    try:
+        yield
+    finally:
+        base.model.gradient_checkpointing_disable()
+        base.model.eval()
+
+
 @torch.no_grad()
-def evaluate(base: BaseModel, prompt: torch.Tensor, examples: list[Example], config: TrainConfig) -> tuple[float, float]:
-    """(mean loss, exact-match accuracy of greedy generations) on `examples`."""
-    encoded = [encode_example(base, e, config.template, config.max_length) for e in examples]
-    losses = []
-    for start in range(0, len(encoded), config.batch_size):
-        chunk = encoded[start : start + config.batch_size]
-        losses.append(float(batch_loss(base, prompt, chunk)) * len(chunk))
+def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
+                         max_length: int) -> float:
+    """Share of examples whose greedy generation, up to a newline, equals the output."""
+    encoded = [encode_example(base, e, template, max_length) for e in examples]
     longest = max(len(t) for _, t in encoded)
-    soft = prompt.to(base.device, base.embed_dtype)
+    soft = None if prompt is None else prompt.to(base.device, base.embed_dtype)
     requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
     correct = 0
     for start in range(0, len(requests), 32):
         results = generate_batch(base, requests[start : start + 32])
         correct += sum(r.text.strip() == e.output.strip() for r, e in zip(results, examples[start : start + 32]))
-    return sum(losses) / len(encoded), correct / len(examples)
+    return correct / len(examples)
+
+
+@torch.no_grad()
+def evaluate(base: BaseModel, prompt: torch.Tensor, examples: list[Example], config: TrainConfig) -> tuple[float, float]:
+    """(mean loss, exact-match accuracy) on `examples`."""
+    encoded = [encode_example(base, e, config.template, config.max_length) for e in examples]
+    losses = []
+    for start in range(0, len(encoded), config.batch_size):
+        chunk = encoded[start : start + config.batch_size]
+        losses.append(float(batch_loss(base, prompt, chunk)) * len(chunk))
+    accuracy = exact_match_accuracy(base, prompt, examples, config.template, config.max_length)
+    return sum(losses) / len(encoded), accuracy
 
 
 def split_eval(examples: list[Example], validation: list[Example] | None, seed: int) -> tuple[list[Example], list[Example]]:
@@ -195,9 +223,6 @@ def train_prompt(
     prompt = torch.nn.Parameter(init_prompt(base, config, train).to(base.device))
     optimizer = Adafactor([prompt], lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     total = config.total_steps(len(encoded))
-    if config.gradient_checkpointing:
-        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.model.train()  # transformers only checkpoints in train mode; Gemma has no dropout
     order_rng = random.Random(config.seed)
     order: list[int] = []
     best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
@@ -212,12 +237,14 @@ def train_prompt(
                 order_rng.shuffle(fresh)
                 order += fresh
             indices, order = order[: config.batch_size], order[config.batch_size :]
-            loss = batch_loss(base, prompt, [encoded[i] for i in indices])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with gradient_checkpointing(base, config.gradient_checkpointing):
+                loss = batch_loss(base, prompt, [encoded[i] for i in indices])
+                loss.backward()
             optimizer.step()
             hooks.on_step(step, total, step * config.batch_size / len(encoded), loss.item())
-            if step % config.eval_every == 0 or step == total:
+            out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s
+            if step % config.eval_every == 0 or step == total or out_of_time:
                 eval_loss, accuracy = evaluate(base, prompt.detach(), held_out, config)
                 hooks.on_eval(step, eval_loss, accuracy)
                 if (accuracy, -eval_loss) > best:
@@ -229,12 +256,10 @@ def train_prompt(
                     if evals_without_gain >= config.early_stopping_patience:
                         stopped_early = True
                         break
+            if out_of_time:
+                break
     except Cancelled:
         return TrainResult(best_prompt.cpu(), step - 1, best_step, best_loss, best_accuracy, len(train),
                            len(held_out), time.perf_counter() - started, False, True)
-    finally:
-        if config.gradient_checkpointing:
-            base.model.gradient_checkpointing_disable()
-            base.model.eval()
     return TrainResult(best_prompt.cpu(), step, best_step, best_loss, best_accuracy, len(train), len(held_out),
                        time.perf_counter() - started, stopped_early, False)

@@ -1,0 +1,112 @@
+"""Peak memory of one prompt-tuning step against one inference forward, same batch and length.
+
+Each side runs in its own subprocess with the default int8 model. On CPU the figure is the
+process's peak resident memory (VmHWM) reset after the model has loaded, so loading does not
+count; on CUDA it is torch.cuda.max_memory_allocated. This is the product's reason to exist:
+with the model frozen, tuning a soft prompt should cost barely more memory than serving.
+
+    python -m bench.train_memory [--batch-size 8] [--seq-len 128]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from app.config import Settings
+from app.engine.loader import load_base_model
+from worker.training import TrainConfig, batch_loss, gradient_checkpointing, init_prompt
+
+NUM_VIRTUAL_TOKENS = 20
+TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status").read_text()
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
+def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool) -> dict:
+    settings = Settings()
+    base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
+                           settings.llm_int8_threshold)
+    generator = torch.Generator().manual_seed(0)
+    text_len = seq_len - NUM_VIRTUAL_TOKENS  # the soft prompt counts towards the sequence length
+    batch = [
+        (torch.randint(10, 20_000, (text_len - TARGET_TOKENS,), generator=generator).tolist(),
+         torch.randint(10, 20_000, (TARGET_TOKENS,), generator=generator).tolist())
+        for _ in range(batch_size)
+    ]
+    config = TrainConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="vocab")
+    prompt = init_prompt(base, config, []).to(base.device)
+    _reset_peak(base.device)
+    if mode == "training":
+        prompt = torch.nn.Parameter(prompt)
+        optimizer = torch.optim.SGD([prompt], lr=0.1)  # the optimizer state of one small tensor is noise
+        started = time.perf_counter()
+        with gradient_checkpointing(base, checkpointing):
+            loss = batch_loss(base, prompt, batch)
+            loss.backward()
+        optimizer.step()
+        seconds = time.perf_counter() - started
+    else:
+        embed = base.model.get_input_embeddings()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            ids = torch.tensor([p + t for p, t in batch], device=base.device)
+            soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(batch_size, -1, -1)
+            base.model(inputs_embeds=torch.cat([soft, embed(ids)], dim=1), use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - started
+    return {"peak_mb": round(_peak_mb(base.device), 1), "seconds": round(seconds, 3), "model": base.name,
+            "quantization": base.quantization, "device": str(base.device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="store activations instead of recomputing them (faster, more memory)")
+    parser.add_argument("--measure", choices=["inference", "training"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    checkpointing = not args.no_gradient_checkpointing
+    if args.measure:  # child process: one side only
+        print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing)))
+        return
+    results = {}
+    for mode in ("inference", "training"):
+        print(f"measuring {mode} in a fresh process...", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.train_memory", "--measure", mode, "--batch-size", str(args.batch_size),
+             "--seq-len", str(args.seq_len)] + (["--no-gradient-checkpointing"] if not checkpointing else []),
+            check=True, capture_output=True, text=True,
+        )
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    inference, training = results["inference"]["peak_mb"], results["training"]["peak_mb"]
+    print(json.dumps({
+        "model": results["training"]["model"], "quantization": results["training"]["quantization"],
+        "device": results["training"]["device"], "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "peak_mb_inference": inference, "peak_mb_training": training,
+        "training_vs_inference": round(training / inference, 3), "gradient_checkpointing": checkpointing,
+        "seconds_inference_forward": results["inference"]["seconds"], "seconds_training_step": results["training"]["seconds"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
