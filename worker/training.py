@@ -134,17 +134,19 @@ def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens, with `prompt` prepended to every row."""
+def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row."""
     embed = base.model.get_input_embeddings()
-    n_virtual = prompt.shape[0]
+    n_virtual = 0 if prompt is None else prompt.shape[0]
     rows = [p + t for p, t in batch]
     width = max(len(r) for r in rows)
     pad = base.tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
     mask = torch.tensor([[1] * (n_virtual + len(r)) + [0] * (width - len(r)) for r in rows], device=base.device)
-    soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
-    inputs = torch.cat([soft, embed(ids)], dim=1)
+    inputs = embed(ids)
+    if prompt is not None:
+        soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
+        inputs = torch.cat([soft, inputs], dim=1)
     hidden = base.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: gather only the positions before each target token.
     row_index, positions, targets = [], [], []
@@ -154,7 +156,31 @@ def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: list[tuple[list[int
         positions += range(start, start + len(t))
         targets += t
     picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
-    return F.cross_entropy(_output_logits(base, picked), torch.tensor(targets, device=base.device))
+    return F.cross_entropy(_output_logits(base, picked), torch.tensor(targets, device=base.device), reduction="none")
+
+
+def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens, with `prompt` prepended to every row."""
+    return target_losses(base, prompt, batch).mean()
+
+
+@torch.no_grad()
+def label_choice_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
+                          max_length: int, batch_size: int = 16) -> float:
+    """Share of examples where the right output is the likeliest of the task's outputs: the model
+    chooses among the labels instead of generating freely (a fair zero-shot baseline)."""
+    labels = sorted({e.output for e in examples})
+    scores = torch.empty(len(examples), len(labels))
+    for j, label in enumerate(labels):
+        pairs = [encode_example(base, Example(e.input, label), template, max_length) for e in examples]
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            per_token = target_losses(base, prompt, chunk).float().cpu()
+            sizes = [len(t) - 1 for _, t in chunk]  # the label's own tokens; EOS is not scored
+            pieces = per_token.split([len(t) for _, t in chunk])
+            scores[start : start + len(chunk), j] = torch.stack([p[:n].sum() for p, n in zip(pieces, sizes)])
+    chosen = scores.argmin(dim=1)
+    return sum(labels[int(c)] == e.output for c, e in zip(chosen, examples)) / len(examples)
 
 
 @contextmanager
@@ -165,12 +191,12 @@ def gradient_checkpointing(base: BaseModel, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     base.model.train()
     try:
         yield
     finally:
-        base.model.gradient_checkpointing_disable()
+        base.model.activation_checkpointing_disable()
         base.model.eval()
 
 

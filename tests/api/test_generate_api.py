@@ -104,3 +104,27 @@ def test_full_queue_answers_503_with_retry_after(make_client, tiny_base):
     assert 200 in codes and 503 in codes, codes
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["Retry-After"] == "1" and "queue is full" in busy.json()["detail"]
+
+
+def test_apply_template_lays_the_prompt_out_with_the_adapters_template(client, tiny_base):
+    from app import registry
+
+    runtime = client.app.state.runtime
+    prompt = random_soft_prompt(tiny_base, 4, seed=9)
+    with runtime.sessions() as session:
+        adapter = registry.register_adapter(
+            session, adapters_dir=runtime.settings.adapters_dir, name="templated", prompt_embeddings=prompt,
+            base_fingerprint=tiny_base.fingerprint, base_model_name="tiny", source="trained", template="Review: {input}\nSentiment:",
+        )
+    body = {"adapter_id": adapter.id, "prompt": "a fine film", "max_new_tokens": 6}
+    templated = client.post("/generate", json=body | {"apply_template": True}).json()
+    assert templated["text"] == expected_text(tiny_base, prompt, "Review: a fine film\nSentiment:", 6)
+    assert templated["usage"]["prompt_tokens"] == len(tiny_base.tokenizer("Review: a fine film\nSentiment:").input_ids)
+    assert client.post("/generate", json=body).json()["text"] == expected_text(tiny_base, prompt, "a fine film", 6)
+
+
+def test_apply_template_without_a_template_is_422(client, tiny_base):
+    adapter_id = upload_adapter(client, random_soft_prompt(tiny_base, 3, seed=2))["id"]  # imported: no template
+    for body in ({"adapter_id": adapter_id}, {}):
+        response = client.post("/generate", json=body | {"prompt": "hi", "apply_template": True})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "apply_template"]

@@ -68,3 +68,19 @@ def test_cancel_stops_within_a_step(tiny_base):
     result = train_prompt(tiny_base, config, EXAMPLES, None,
                           Hooks(on_step=lambda s, *_: steps.append(s), should_cancel=lambda: len(steps) >= 3))
     assert result.cancelled and steps == [1, 2, 3]
+
+
+def test_label_choice_accuracy_picks_the_likeliest_label(tiny_base):
+    from worker.training import label_choice_accuracy, target_losses
+
+    examples = EXAMPLES[:6]
+    got = label_choice_accuracy(tiny_base, None, examples, "{input} =>", 64)
+    # By hand: score each label by the summed loss of its tokens (EOS excluded), pick the smallest.
+    correct = 0
+    for e in examples:
+        scores = {}
+        for label in LABELS:
+            p, t = encode_example(tiny_base, Example(e.input, label), "{input} =>", 64)
+            scores[label] = float(target_losses(tiny_base, None, [(p, t)])[:-1].sum())
+        correct += min(scores, key=scores.get) == e.output
+    assert got == correct / len(examples)
