@@ -19,7 +19,7 @@ import torch
 
 from app.config import Settings
 from app.engine.loader import load_base_model
-from worker.training import TrainConfig, batch_loss, gradient_checkpointing, init_prompt
+from worker.training import TrainConfig, batch_loss, gradient_checkpointing, init_prompt, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
@@ -81,11 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--no-gradient-checkpointing", action="store_true",
-                        help="store activations instead of recomputing them (faster, more memory)")
+    parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help="auto, as training jobs do by default: on for batches of 512+ tokens")
     parser.add_argument("--measure", choices=["inference", "training"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    checkpointing = not args.no_gradient_checkpointing
+    setting = {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]
+    checkpointing = wants_checkpointing(setting, [([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
+                                        NUM_VIRTUAL_TOKENS)
     if args.measure:  # child process: one side only
         print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing)))
         return
@@ -94,7 +96,7 @@ def main() -> None:
         print(f"measuring {mode} in a fresh process...", file=sys.stderr, flush=True)
         out = subprocess.run(
             [sys.executable, "-m", "bench.train_memory", "--measure", mode, "--batch-size", str(args.batch_size),
-             "--seq-len", str(args.seq_len)] + (["--no-gradient-checkpointing"] if not checkpointing else []),
+             "--seq-len", str(args.seq_len), "--gradient-checkpointing", "on" if checkpointing else "off"],
             check=True, capture_output=True, text=True,
         )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])

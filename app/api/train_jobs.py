@@ -75,7 +75,7 @@ async def create_train_job(
     early_stopping_patience: Annotated[int, Form(ge=1, le=1000)] = TrainConfig.early_stopping_patience,
     seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = TrainConfig.seed,
     template: Annotated[str, Form(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template,
-    gradient_checkpointing: Annotated[bool, Form()] = TrainConfig.gradient_checkpointing,
+    gradient_checkpointing: Annotated[bool | None, Form(description="Default: on for batches of 512+ tokens")] = None,
 ) -> TrainJobOut:
     """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
     settings = runtime.settings

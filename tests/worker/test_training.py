@@ -84,3 +84,13 @@ def test_label_choice_accuracy_picks_the_likeliest_label(tiny_base):
             scores[label] = float(target_losses(tiny_base, None, [(p, t)])[:-1].sum())
         correct += min(scores, key=scores.get) == e.output
     assert got == correct / len(examples)
+
+
+def test_checkpointing_is_automatic_for_large_batches_only():
+    from worker.training import wants_checkpointing
+
+    short = [([1] * 20, [2, 3])] * 8  # 8 x (20 + 22) = 336 tokens
+    long = [([1] * 100, [2, 3])] * 8  # 8 x (20 + 102) = 976 tokens
+    assert not wants_checkpointing(None, short, 20)
+    assert wants_checkpointing(None, long, 20)
+    assert wants_checkpointing(True, short, 20) and not wants_checkpointing(False, long, 20)
