@@ -16,7 +16,7 @@ from app.engine.loader import BaseModel
 def _next_token_logits(base: BaseModel, soft_prompt: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
     request = GenerationRequest(prompt_ids=ids, soft_prompt=soft_prompt, max_new_tokens=1)
     embeds = _row_embeddings(base, request)[None]
-    return base.model(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
+    return base.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
 
 def reference_greedy_decode(
