@@ -7,9 +7,10 @@ can never both win.
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.db import paginate
 from app.models import JobEvent, TrainJob, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -34,9 +35,7 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int = 20, o
     query = select(TrainJob)
     if status:
         query = query.where(TrainJob.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(query.order_by(TrainJob.created_at.desc(), TrainJob.id).limit(limit).offset(offset)).all()
-    return list(items), int(total or 0)
+    return paginate(session, query, TrainJob.created_at.desc(), TrainJob.id, limit=limit, offset=offset)
 
 
 def list_events(session: Session, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:

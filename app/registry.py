@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import adapter_files
+from app.db import paginate
 from app.models import Adapter, new_id
 
 
@@ -65,9 +66,7 @@ def list_adapters(session: Session, *, name: str | None = None, limit: int = 20,
     if name:
         escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Adapter.name.ilike(f"%{escaped}%", escape="\\"))
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(query.order_by(Adapter.created_at.desc(), Adapter.id).limit(limit).offset(offset)).all()
-    return list(items), int(total or 0)
+    return paginate(session, query, Adapter.created_at.desc(), Adapter.id, limit=limit, offset=offset)
 
 
 def delete_adapter(session: Session, *, adapters_dir: Path, adapter: Adapter) -> None:
