@@ -1,7 +1,6 @@
 """The engine against a no-cache reference decode, alone and in mixed batches."""
 
 import pytest
-import torch
 
 from app.engine.generation import GenerationRequest, generate_batch
 from app.engine.reference import check_against_reference, reference_greedy_decode

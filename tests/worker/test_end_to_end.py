@@ -1,7 +1,6 @@
 """A real Celery worker process, a real broker (local Redis, or the embedded SQLite one) and
 the API: upload a dataset, watch the job, serve the adapter it makes."""
 
-import json
 import os
 import signal
 import subprocess
