@@ -6,7 +6,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DATA_DIR=/data \
-    MODEL_CACHE_DIR=/models
+    MODEL_CACHE_DIR=/models \
+    HOST=0.0.0.0
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
@@ -30,4 +31,6 @@ RUN pip install .
 RUN python -m app.cli prepare-model
 
 EXPOSE 8000
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# Listening beyond localhost, the API refuses to start until an admin key exists:
+#   docker compose run --rm api python -m app.cli create-key --role admin
+CMD ["python", "-m", "app.cli", "api"]

@@ -1,11 +1,15 @@
 """Command line.
 
-    python -m app.cli prepare-model      convert and cache the base model once
-    python -m app.cli run                the API plus one training worker beside it
+    python -m app.cli prepare-model                      convert and cache the base model once
+    python -m app.cli run [--host H --port P]            the API plus one training worker beside it
+    python -m app.cli api [--host H --port P]            the API alone (containers, scale-out)
+    python -m app.cli create-key --role admin|inference  make an API key (printed once)
+    python -m app.cli list-keys / revoke-key ID          see and revoke keys
 """
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 
@@ -26,34 +30,93 @@ def prepare_model() -> None:
     print(f"base model ready: {folder} ({fingerprint(folder, name)})")
 
 
-def run(host: str, port: int) -> None:
-    """Serve the API with one Celery training worker as a child process; stop both together."""
+def serve_api(host: str, port: int) -> None:
     import uvicorn
 
+    # The app reads HOST to decide whether it may run without keys, so both must agree.
+    os.environ["HOST"], os.environ["PORT"] = host, str(port)
+    get_settings.cache_clear()
+    print(f"softserve on http://{host}:{port}  (admin: /admin, API docs: /docs)", flush=True)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port)
+
+
+def run(host: str, port: int) -> None:
+    """Serve the API with one Celery training worker as a child process; stop both together."""
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1", "--loglevel=INFO"]
     )
     try:
-        print(f"softserve on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", flush=True)
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port)
+        serve_api(host, port)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
 
 
+def _sessions():
+    from app.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(get_settings().database_url))
+
+
+def create_key(role: str, name: str) -> None:
+    from app import auth
+
+    with _sessions()() as session:
+        row, key = auth.create_key(session, role, name)
+    print(f"created {role} key {row.id} ({name}). Store it now; it is not shown again:\n{key}")
+
+
+def list_keys() -> None:
+    from sqlalchemy import select
+
+    from app.models import ApiKey
+
+    with _sessions()() as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+            print(f"{row.id}  {row.role:<9}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+
+
+def revoke_key(key_id: str) -> None:
+    from app.models import ApiKey
+
+    with _sessions()() as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            raise SystemExit(f"no key with id {key_id}")
+        session.delete(row)
+        session.commit()
+    print(f"revoked key {key_id}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = get_settings()
     parser = argparse.ArgumentParser(prog="softserve")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare-model", help="convert and cache the default base model (once)")
-    serve = commands.add_parser("run", help="serve the API and one training worker")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    for name, help_text in (("run", "serve the API and one training worker"), ("api", "serve the API only")):
+        serve = commands.add_parser(name, help=help_text)
+        serve.add_argument("--host", default=settings.host)
+        serve.add_argument("--port", type=int, default=settings.port)
+    create = commands.add_parser("create-key", help="create an API key and print it once")
+    create.add_argument("--role", choices=["inference", "admin"], required=True)
+    create.add_argument("--name", default="")
+    commands.add_parser("list-keys", help="list API keys (ids and roles, never the keys)")
+    revoke = commands.add_parser("revoke-key", help="delete an API key")
+    revoke.add_argument("key_id")
     args = parser.parse_args()
     if args.command == "prepare-model":
         prepare_model()
-    else:
+    elif args.command == "run":
         run(args.host, args.port)
+    elif args.command == "api":
+        serve_api(args.host, args.port)
+    elif args.command == "create-key":
+        create_key(args.role, args.name or f"{args.role} key")
+    elif args.command == "list-keys":
+        list_keys()
+    else:
+        revoke_key(args.key_id)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
+    # Where the API listens. With no API keys configured it serves openly only on a loopback address.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Signs admin session cookies; default: a random key kept in DATA_DIR/secret_key.
+    secret_key: str | None = None
+
     # Storage: SQLite file and adapter tensors live under DATA_DIR by default.
     data_dir: Path = Path("data")
     database_url: str | None = None  # default: sqlite:///{data_dir}/softserve.db

@@ -5,7 +5,9 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.sessions import SessionMiddleware
 
+from app import auth
 from app.api import adapters, generate, health, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
@@ -32,6 +34,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         log.info("serving %s (%s) on %s", model.fingerprint, model.quantization, model.device)
         engine = make_engine(settings.database_url)
         runtime = Runtime.build(settings, model, make_session_factory(engine))
+        check_open_mode(runtime)
         runtime.scheduler.start()
         reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
         app.state.runtime = runtime
@@ -56,8 +59,28 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         },
         default=DEFAULT_BODY_LIMIT,
     )
+    app.add_middleware(
+        SessionMiddleware, secret_key=auth.session_secret(settings), session_cookie="softserve_session",
+        max_age=12 * 3600, same_site="lax",
+    )
     app.include_router(health.router)
-    app.include_router(generate.router)
-    app.include_router(adapters.router)
-    app.include_router(train_jobs.router)
+    for router in (generate.router, adapters.router, train_jobs.router):
+        app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
+
+
+def check_open_mode(runtime: Runtime) -> None:
+    """With no API keys, serve openly only on localhost, and say so."""
+    with runtime.sessions() as session:
+        if auth.any_keys(session):
+            return
+    host = runtime.settings.host
+    if not auth.is_loopback(host):
+        raise RuntimeError(
+            f"no API keys exist and HOST is {host}: refusing to serve openly beyond localhost. "
+            "Create an admin key first: python -m app.cli create-key --role admin"
+        )
+    log.warning(
+        "no API keys configured: serving OPEN (no auth) to local clients on %s. "
+        "Create keys with: python -m app.cli create-key --role admin|inference", host,
+    )

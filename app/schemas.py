@@ -22,6 +22,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     apply_template: bool = Field(False, description="Lay the prompt out with the adapter's training template")
+    stream: bool = Field(False, description="Send tokens as server-sent events as they are made")
 
     @field_validator("stop")
     @classmethod

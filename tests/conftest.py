@@ -155,3 +155,56 @@ def upload_adapter(client: TestClient, prompt: torch.Tensor, name: str = "adapte
     )
     assert response.status_code == 201, response.text
     return response.json()
+
+
+class LiveServer:
+    """The real app served by uvicorn over real HTTP on a free local port, in a thread."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def runtime(self):
+        return self.app.state.runtime
+
+
+@pytest.fixture
+def make_live_server(tmp_path, sqlite_url):
+    """Start the real app under uvicorn (lifespan included) around a preloaded model."""
+    servers = []
+
+    def _make(base: BaseModel, database_url: str | None = None, **overrides) -> LiveServer:
+        settings = make_settings(tmp_path, database_url or sqlite_url, **overrides)
+        server = LiveServer(create_app(settings, base=base)).__enter__()
+        servers.append(server)
+        return server
+
+    yield _make
+    for server in servers:
+        server.__exit__(None, None, None)

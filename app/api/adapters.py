@@ -7,6 +7,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Response, Uploa
 
 from app import adapter_files, registry
 from app.api.deps import RuntimeDep, SessionDep
+from app.auth import AdminAuth
 from app.models import Adapter
 from app.schemas import AdapterOut, AdapterPage
 
@@ -35,6 +36,7 @@ def _get_or_404(session, adapter_id: str) -> Adapter:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=AdapterOut,
+    dependencies=[AdminAuth],
     responses={409: {"description": "Adapter made for another base model"}, 413: {"description": "Upload too large"},
                422: {"description": "Not a valid prompt-tuning adapter; the message names the file and problem"}},
 )
@@ -105,7 +107,10 @@ def download_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) 
     )
 
 
-@router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"description": "Unknown adapter"}})
+@router.delete(
+    "/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminAuth],
+    responses={404: {"description": "Unknown adapter"}},
+)
 def delete_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
     adapter = _get_or_404(session, adapter_id)
     registry.delete_adapter(session, adapters_dir=runtime.settings.adapters_dir, adapter=adapter)

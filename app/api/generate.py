@@ -1,10 +1,14 @@
-"""POST /generate: one completion with an optional soft-prompt adapter."""
+"""POST /generate: one completion with an optional soft-prompt adapter, whole or streamed."""
+
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Response
 
 from app.api.deps import RuntimeDep
+from app.api.streaming import DONE, sse_event, sse_response
 from app.engine.generation import GenerationRequest
-from app.engine.scheduler import Completion, QueueFull
+from app.engine.scheduler import Completion, QueueFull, StreamUpdate
+from app.engine.text_stream import TextDeltas
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
 from app.datasets import render
 from app.schemas import GenerateRequest, GenerateResponse, Usage
@@ -48,23 +52,58 @@ async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRe
     )
 
 
+def _busy() -> HTTPException:
+    return HTTPException(503, detail="server busy: generation queue is full", headers={"Retry-After": "1"})
+
+
 async def run(runtime: Runtime, request: GenerationRequest) -> Completion:
     try:
         return await runtime.scheduler.submit(request, timeout=runtime.settings.request_timeout_s)
     except QueueFull:
-        raise HTTPException(503, detail="server busy: generation queue is full", headers={"Retry-After": "1"}) from None
+        raise _busy() from None
     except TimeoutError:
         raise HTTPException(504, detail="generation did not finish before the request deadline") from None
+
+
+def start_stream(runtime: Runtime, request: GenerationRequest) -> AsyncIterator[StreamUpdate]:
+    """Queue a streaming request; a full queue is still a plain 503, before any event is sent."""
+    try:
+        return runtime.scheduler.stream(request)
+    except QueueFull:
+        raise _busy() from None
+
+
+async def _generate_events(updates: AsyncIterator[StreamUpdate], request: GenerationRequest, adapter_id: str | None):
+    deltas = TextDeltas(request.stop)
+    try:
+        async for update in updates:
+            result = update.result
+            text = deltas.next(result.text, update.finished)
+            if update.finished:
+                usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
+                yield sse_event({"text": text, "finish_reason": result.finish_reason,
+                                 "usage": usage.model_dump(), "adapter_id": adapter_id})
+            elif text:
+                yield sse_event({"text": text, "finish_reason": None})
+    except Exception as exc:  # the batch failed after the response began: say so in the stream
+        yield sse_event({"error": {"message": f"generation failed: {exc}"}})
+    yield DONE
 
 
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={404: {"description": "Unknown adapter"}, 409: {"description": "Adapter made for another base model"},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The completion, or its event stream"},
+               404: {"description": "Unknown adapter"}, 409: {"description": "Adapter made for another base model"},
                503: {"description": "Queue full; retry after Retry-After seconds"}},
 )
-async def generate(body: GenerateRequest, runtime: RuntimeDep, response: Response) -> GenerateResponse:
-    completion = await run(runtime, await build_request(runtime, body))
+async def generate(body: GenerateRequest, runtime: RuntimeDep, response: Response):
+    """Generate text. With `stream: true` the answer is `text/event-stream`: `data:` events with
+    `text` pieces, a last event with `finish_reason` and `usage`, then `data: [DONE]`."""
+    request = await build_request(runtime, body)
+    if body.stream:
+        return sse_response(_generate_events(start_stream(runtime, request), request, body.adapter_id))
+    completion = await run(runtime, request)
     response.headers["X-Queue-Time"] = f"{completion.queue_seconds:.4f}"
     response.headers["X-Inference-Time"] = f"{completion.inference_seconds:.4f}"
     response.headers["X-Batch-Size"] = str(completion.batch_size)

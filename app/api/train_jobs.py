@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, sta
 
 from app import datasets, jobs
 from app.api.deps import RuntimeDep, SessionDep
+from app.auth import AdminAuth
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
 from worker.training import TrainConfig
@@ -53,6 +54,7 @@ async def _parse_upload(upload: UploadFile, field: str, max_bytes: int, max_exam
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainJobOut,
+    dependencies=[AdminAuth],
     responses={413: {"description": "Upload too large"},
                422: {"description": "Invalid dataset (offending line numbers listed) or parameter (field named)"},
                503: {"description": "The job queue (broker) is unreachable; nothing was stored"}},
@@ -158,6 +160,7 @@ def get_train_job_events(
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainJobOut,
+    dependencies=[AdminAuth],
     responses={404: {"description": "Unknown job"}, 409: {"description": "The job has already finished"}},
 )
 def cancel_train_job(job_id: str, session: SessionDep) -> TrainJobOut:

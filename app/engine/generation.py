@@ -6,6 +6,7 @@ soft-prompt injection ourselves instead of calling `PeftModel.generate()`, whose
 path with prompt tuning gives wrong tokens after the first one on current peft/transformers.
 """
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,14 +25,20 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    # Set from another thread (a streaming client left): the row leaves the batch at the next step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str = "length"  # "stop" (EOS or a stop string), "length", or "cancelled"
     prompt_tokens: int = 0
+
+
+# Called after every token of every row: (row index, result so far, whether the row is finished).
+StepCallback = Callable[[int, GenerationResult, bool], None]
 
 
 def stop_token_ids(base: BaseModel) -> set[int]:
@@ -101,19 +108,13 @@ class _RowState:
         return len(self.result.token_ids) >= self.request.max_new_tokens
 
 
-@torch.inference_mode()
-def generate_batch(
-    base: BaseModel,
-    requests: Sequence[GenerationRequest],
-    on_step: Callable[[int, GenerationResult], None] | None = None,
-) -> list[GenerationResult]:
-    """Generate for all requests in one batch; rows leave the batch as they finish."""
-    model, eos_ids = base.model, stop_token_ids(base)
-    states = [_RowState(r, base.device) for r in requests]
+def _prefill(base: BaseModel, requests: Sequence[GenerationRequest]):
+    """One forward pass over every row's `[soft prompt ; prompt]`; returns the output, the
+    attention mask, the position ids and the KV cache the decode steps continue from."""
     inputs, mask = _left_pad([_row_embeddings(base, r) for r in requests])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    out = model(
+    cache = DynamicCache(config=base.model.config)
+    out = base.model(
         inputs_embeds=inputs,
         attention_mask=mask,
         position_ids=positions,
@@ -121,18 +122,40 @@ def generate_batch(
         use_cache=True,
         logits_to_keep=1,
     )
+    return out, mask, positions, cache
+
+
+@torch.inference_mode()
+def first_step_logits(base: BaseModel, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+    """The next-token logits [batch, vocab] the engine samples its first token from."""
+    return _prefill(base, requests)[0].logits[:, -1, :].float()
+
+
+@torch.inference_mode()
+def generate_batch(
+    base: BaseModel,
+    requests: Sequence[GenerationRequest],
+    on_step: StepCallback | None = None,
+) -> list[GenerationResult]:
+    """Generate for all requests in one batch; rows leave the batch as they finish."""
+    model, eos_ids = base.model, stop_token_ids(base)
+    states = [_RowState(r, base.device) for r in requests]
+    out, mask, positions, cache = _prefill(base, requests)
     active = list(range(len(states)))  # indices into `states` of rows still in the batch
     while True:
         logits = out.logits[:, -1, :].float()
         next_tokens, keep = [], []
         for row, index in enumerate(active):
-            token = states[index].choose(logits[row])
-            finished = states[index].accept(token, base.tokenizer, eos_ids)
+            state = states[index]
+            if state.request.cancelled.is_set():
+                state.result.finish_reason, finished = "cancelled", True
+            else:
+                finished = state.accept(state.choose(logits[row]), base.tokenizer, eos_ids)
             if on_step is not None:
-                on_step(index, states[index].result)
+                on_step(index, state.result, finished)
             if not finished:
                 keep.append(row)
-                next_tokens.append(token)
+                next_tokens.append(state.result.token_ids[-1])
         if not keep:
             break
         if len(keep) < len(active):  # drop finished rows so they cost nothing more

@@ -2,18 +2,22 @@
 
 Requests wait up to MAX_BATCH_WAIT_MS for company, then run together (up to MAX_BATCH_SIZE),
 one batch at a time, in a worker thread so the event loop stays free. A full queue refuses
-new work at once instead of growing without bound.
+new work at once instead of growing without bound. Streaming requests get every token as it is
+made; a stream whose client leaves is cancelled and its row leaves the batch at the next step.
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 
-from app.engine.generation import GenerationRequest, GenerationResult
+from app.engine.generation import GenerationRequest, GenerationResult, StepCallback
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 60.0
 
 
 class QueueFull(Exception):
@@ -29,16 +33,23 @@ class Completion:
 
 
 @dataclass
+class StreamUpdate:
+    result: GenerationResult  # a snapshot: the text and tokens so far
+    finished: bool
+
+
+@dataclass
 class _Pending:
     request: GenerationRequest
     future: asyncio.Future
     enqueued_at: float
+    updates: asyncio.Queue | None = None  # streaming requests: StreamUpdate, or the batch's exception
 
 
 class BatchScheduler:
     def __init__(
         self,
-        run_batch: Callable[[Sequence[GenerationRequest]], list[GenerationResult]],
+        run_batch: Callable[[Sequence[GenerationRequest], StepCallback | None], list[GenerationResult]],
         max_batch_size: int,
         max_wait_ms: int,
         max_queue_size: int,
@@ -50,10 +61,19 @@ class BatchScheduler:
         self._task: asyncio.Task | None = None
         self.tokens_generated = 0
         self.batches_run = 0
+        self.requests_cancelled = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (finish time, tokens) per batch
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def recent_tokens_per_second(self) -> float:
+        """Tokens generated per second over the last minute."""
+        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        return sum(tokens for _, tokens in self._recent) / THROUGHPUT_WINDOW_S
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batch-scheduler")
@@ -63,15 +83,40 @@ class BatchScheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def _enqueue(self, request: GenerationRequest, updates: asyncio.Queue | None = None) -> _Pending:
+        pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter(), updates)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        return pending
+
     async def submit(self, request: GenerationRequest, timeout: float) -> Completion:
         """Queue a request and wait for its result. Cancelling the wait (client gone, timeout)
         frees the slot: cancelled requests are skipped when the next batch forms."""
-        future = asyncio.get_running_loop().create_future()
+        return await asyncio.wait_for(self._enqueue(request).future, timeout)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamUpdate]:
+        """Queue a request now (QueueFull is raised here, before any byte is sent) and return
+        its updates: one per token, the last with `finished` set."""
+        pending = self._enqueue(request, asyncio.Queue())
+        return self._updates(pending)
+
+    async def _updates(self, pending: _Pending) -> AsyncIterator[StreamUpdate]:
+        finished = False
         try:
-            self._queue.put_nowait(_Pending(request, future, time.perf_counter()))
-        except asyncio.QueueFull:
-            raise QueueFull from None
-        return await asyncio.wait_for(future, timeout)
+            while not finished:
+                update = await pending.updates.get()
+                if isinstance(update, BaseException):
+                    finished = True
+                    raise update
+                finished = update.finished
+                yield update
+        finally:
+            if not finished:  # the consumer stopped early: the client disconnected
+                pending.future.cancel()
+                pending.request.cancelled.set()
+                self.requests_cancelled += 1
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -90,23 +135,35 @@ class BatchScheduler:
         return [p for p in batch if not p.future.done()]
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
+
+            def on_step(index: int, result: GenerationResult, finished: bool, batch=batch) -> None:
+                updates = batch[index].updates
+                if updates is not None:  # runs in the model thread: hand a snapshot to the loop
+                    snapshot = replace(result, token_ids=list(result.token_ids))
+                    loop.call_soon_threadsafe(updates.put_nowait, StreamUpdate(snapshot, finished))
+
             started = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._run_batch, [p.request for p in batch])
+                results = await asyncio.to_thread(self._run_batch, [p.request for p in batch], on_step)
             except Exception as exc:  # one bad batch must not stop the server
                 log.exception("batch of %d failed", len(batch))
                 for pending in batch:
-                    if not pending.future.done():
+                    if pending.updates is not None:
+                        pending.updates.put_nowait(exc)
+                    elif not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
             elapsed = time.perf_counter() - started
             self.batches_run += 1
+            tokens = sum(len(r.token_ids) for r in results)
+            self.tokens_generated += tokens
+            self._recent.append((time.monotonic(), tokens))
             for pending, result in zip(batch, results):
-                self.tokens_generated += len(result.token_ids)
                 if not pending.future.done():
                     pending.future.set_result(
                         Completion(result, started - pending.enqueued_at, elapsed, len(batch))

@@ -19,7 +19,7 @@ class RecordingModel:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, requests):
+    def __call__(self, requests, on_step=None):
         self.release.wait(5)
         self.batches.append([r.prompt_ids[0] for r in requests])
         return [GenerationResult(token_ids=[r.prompt_ids[0]], text=str(r.prompt_ids[0])) for r in requests]
@@ -81,7 +81,7 @@ async def test_cancelled_request_is_dropped_before_its_batch_runs():
 async def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
     calls = 0
 
-    def flaky(requests):
+    def flaky(requests, on_step=None):
         nonlocal calls
         calls += 1
         if calls == 1:

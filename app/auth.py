@@ -1,0 +1,158 @@
+"""API keys, roles, admin browser sessions and CSRF protection.
+
+Two roles: an `inference` key may generate and read; an `admin` key may also manage adapters
+and jobs. Keys look like `ssk_<id>_<secret>`; only their SHA-256 is stored, and it is compared
+in constant time. The admin pages log in once with an admin key and then ride a signed session
+cookie; a request authenticated by that cookie must also carry the session's CSRF token.
+With no keys at all the service is open, which it allows only when bound to localhost.
+"""
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import ApiKey, new_id
+
+Role = Literal["inference", "admin"]
+ROLES: tuple[Role, ...] = ("inference", "admin")
+KEY_PREFIX = "ssk"
+SESSION_KEY_ID = "admin_key_id"
+SESSION_CSRF = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _digest(key: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, role: Role, name: str) -> tuple[ApiKey, str]:
+    """Store a new key's hash; return the row and the key itself (shown only this once)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    key_id = new_id()
+    plaintext = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(id=key_id, name=name, role=role, key_sha256=_digest(plaintext))
+    session.add(row)
+    session.commit()
+    return row, plaintext
+
+
+def find_key(session: Session, presented: str) -> ApiKey | None:
+    prefix, _, rest = presented.partition("_")
+    key_id = rest.partition("_")[0]
+    row = session.get(ApiKey, key_id) if prefix == KEY_PREFIX and key_id else None
+    if row is None or not hmac.compare_digest(row.key_sha256, _digest(presented)):
+        return None
+    return row
+
+
+def any_keys(session: Session) -> bool:
+    return session.scalar(select(ApiKey.id).limit(1)) is not None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def session_secret(settings: Settings) -> str:
+    """SECRET_KEY, or a random one kept under DATA_DIR so sessions survive restarts."""
+    if settings.secret_key:
+        return settings.secret_key
+    path: Path = settings.data_dir / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first use; admin forms and scripts send it back."""
+    token = request.session.get(SESSION_CSRF)
+    if token is None:
+        token = request.session[SESSION_CSRF] = secrets.token_urlsafe(32)
+    return token
+
+
+def valid_csrf(request: Request, sent: str | None) -> bool:
+    expected = request.session.get(SESSION_CSRF)
+    return bool(expected and sent and hmac.compare_digest(expected, sent))
+
+
+def _cross_origin(request: Request) -> bool:
+    """A browser request sent by another site's page (what CSRF looks like)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    return origin is not None and origin.split("://", 1)[-1] != request.headers.get("host")
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: Role
+    via: Literal["key", "session", "open"]
+    key_id: str | None = None
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, detail=message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(request: Request) -> Caller:
+    """Who is calling: a Bearer key, an admin browser session, or anyone (open mode)."""
+    runtime = request.app.state.runtime
+    header = request.headers.get("authorization")
+    with runtime.sessions() as session:
+        # Open mode ignores credentials: clients such as `openai` always send some key.
+        is_open = not any_keys(session)
+        if is_open and not is_loopback(runtime.settings.host):
+            raise _unauthorized("no API keys exist and the server is not bound to localhost; create one with "
+                                "`python -m app.cli create-key --role admin`")
+        if header is not None and not is_open:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthorized("Authorization header must be 'Bearer <api key>'")
+            key = find_key(session, token.strip())
+            if key is None:
+                raise _unauthorized("invalid API key")
+            return Caller(key.role, "key", key.id)
+        # A browser sends cookies along on cross-site requests (it never adds a key header).
+        unsafe = request.method not in SAFE_METHODS
+        if unsafe and _cross_origin(request):
+            raise HTTPException(403, detail="cross-origin request refused (CSRF protection)")
+        if is_open:
+            return Caller("admin", "open")
+        key_id = request.session.get(SESSION_KEY_ID)
+        key = session.get(ApiKey, key_id) if key_id else None
+        if key is not None and key.role == "admin":
+            if unsafe and not valid_csrf(request, request.headers.get(CSRF_HEADER)):
+                raise HTTPException(403, detail=f"missing or wrong {CSRF_HEADER} header for this admin session")
+            return Caller("admin", "session", key.id)
+    raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
+
+
+def require_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    if caller.role != "admin":
+        raise HTTPException(403, detail="this route needs an admin key; an inference key may only generate and read")
+    return caller
+
+
+InferenceAuth = Depends(authenticate)
+AdminAuth = Depends(require_admin)
