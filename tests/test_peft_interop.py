@@ -41,7 +41,8 @@ def assert_serves_peft_logits(client, adapter_id: str, peft_model: PeftModel, **
     runtime = client.app.state.runtime
     soft_prompt, _ = client.portal.call(runtime.soft_prompt, adapter_id)
     ids = [runtime.base.tokenizer(p).input_ids for p in PROMPTS]
-    served = first_step_logits(runtime.base, [GenerationRequest(i, soft_prompt, max_new_tokens=1) for i in ids])
+    requests = [GenerationRequest(prompt_ids=i, soft_prompt=soft_prompt, max_new_tokens=1) for i in ids]
+    served = first_step_logits(runtime.base, requests)
     for row, prompt_ids in enumerate(ids):
         expected = peft_logits(peft_model, prompt_ids)
         torch.testing.assert_close(served[row], expected, **tolerance)
@@ -56,7 +57,9 @@ def download(client, adapter_id: str, folder: Path) -> Path:
     return folder
 
 
-def test_adapter_downloaded_from_softserve_gives_the_same_logits_in_peft(make_client, tiny_base, tiny_model_dir, tmp_path):
+def test_adapter_downloaded_from_softserve_gives_the_same_logits_in_peft(
+    make_client, tiny_base, tiny_model_dir, tmp_path
+):
     client = make_client(tiny_base)
     adapter_id = upload_adapter(client, random_soft_prompt(tiny_base, 6, seed=5))["id"]
     folder = download(client, adapter_id, tmp_path / "adapter")
@@ -71,7 +74,8 @@ def train_with_peft(model_dir: Path, folder: Path, num_virtual_tokens: int = 5, 
         AutoModelForCausalLM.from_pretrained(model_dir),
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens),
     )
-    batch = tokenizer(["a charming film\nSentiment: positive", "a dull mess\nSentiment: negative"], padding=True, return_tensors="pt")
+    examples = ["a charming film\nSentiment: positive", "a dull mess\nSentiment: negative"]
+    batch = tokenizer(examples, padding=True, return_tensors="pt")
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = []
@@ -101,7 +105,7 @@ def test_adapter_trained_with_peft_uploads_and_serves_the_same_logits(make_clien
     with zipfile.ZipFile(archive, "w") as z:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             z.write(folder / name, arcname=name)
-    zipped = client.post("/adapters", data={"name": "peft-trained-zip"}, files={"archive": ("adapter.zip", archive.getvalue())})
+    zipped = client.post("/adapters", data={"name": "zip"}, files={"archive": ("adapter.zip", archive.getvalue())})
     assert zipped.status_code == 201, zipped.text
     assert zipped.json()["sha256"] == adapter["sha256"]
 
@@ -122,11 +126,11 @@ def test_real_model_adapter_from_softserve_gives_the_same_logits_in_peft(make_cl
         before = real_base.model(input_ids=probe, use_cache=False).logits
     # Wrap the very int8 module softserve runs, so both compute with the same quantized weights.
     peft_model = PeftModel.from_pretrained(real_base.model, download(client, adapter_id, tmp_path / "adapter"))
-    # The inputs are identical, but the two calls differ in mask and position-id tensors, so the
-    # attention may sum in another order; a few-ulp change can flip the int8 rounding of an
-    # activation, which moves a logit by about one quantization step of its row (~1e-2 here,
-    # where logits reach ~20). 0.05 allows a few such flips; a wrong soft prompt or position moves
-    # logits by whole units.
+    # Same module, same embeddings: measured differences are ~1e-5. But the two calls pass different
+    # mask and position-id tensors, so attention may sum in another order, and a few-ulp change that
+    # flips the int8 rounding of an activation moves logits far more than fp32 noise does (up to
+    # tenths between a cached step and a recompute, see INT8_TIE_TOLERANCE). 0.05 leaves room for
+    # that; a wrong soft prompt or wrong position ids move these logits by 3-5 (measured).
     assert_serves_peft_logits(client, adapter_id, peft_model, atol=0.05, rtol=0)
     # Prompt tuning injects no layers: the shared session model still computes exactly as before.
     with torch.inference_mode():
