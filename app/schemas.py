@@ -32,12 +32,34 @@ class GenerateRequest(BaseModel):
         return value
 
 
+ADAPTER_EXAMPLE = {
+    "id": "3f9a1c2b7d4e", "name": "sst2-sentiment", "base_fingerprint": "gemma-3-270m@03110e641bfd72b2",
+    "num_virtual_tokens": 20, "sha256": "9b1d4c0e8f2a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c",
+    "size_bytes": 52640, "source": "trained",
+    "metrics": {"eval_accuracy": 0.884, "eval_loss": 0.318, "steps": 425, "best_step": 400, "duration_s": 880.4},
+    "template": "Review: {input}\nSentiment:", "created_at": "2026-11-29T06:00:00Z",
+}
+JOB_EXAMPLE = {
+    "id": "a41c9e2f0b7d", "name": "sst2-sentiment", "status": "running",
+    "progress": {"step": 120, "total_steps": 300, "epoch": 0.48}, "train_loss": 0.412, "eval_loss": 0.365,
+    "eval_accuracy": 0.86, "estimated_finish": "2026-11-29T06:14:00Z", "adapter_id": None, "error": None,
+    "params": {"num_virtual_tokens": 20, "learning_rate": 0.3, "max_steps": 300, "template": "Review: {input}\nSentiment:"},
+    "train_examples": 2000, "validation_examples": 200, "attempts": 1, "cancel_requested": False,
+    "created_at": "2026-11-29T06:00:00Z", "started_at": "2026-11-29T06:00:02Z", "finished_at": None,
+}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
 
 
 class GenerateResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "text": " positive", "finish_reason": "stop", "usage": {"prompt_tokens": 12, "completion_tokens": 1},
+        "adapter_id": "3f9a1c2b7d4e",
+    }]})
+
     text: str
     finish_reason: Literal["stop", "length"]
     usage: Usage
@@ -45,7 +67,7 @@ class GenerateResponse(BaseModel):
 
 
 class AdapterOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [ADAPTER_EXAMPLE]})
 
     id: str
     name: str
@@ -60,6 +82,8 @@ class AdapterOut(BaseModel):
 
 
 class AdapterPage(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [ADAPTER_EXAMPLE], "total": 1, "limit": 20, "offset": 0}]})
+
     items: list[AdapterOut]
     total: int
     limit: int
@@ -78,6 +102,8 @@ class JobError(BaseModel):
 
 
 class TrainJobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
     id: str
     name: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -99,6 +125,8 @@ class TrainJobOut(BaseModel):
 
 
 class TrainJobPage(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [JOB_EXAMPLE], "total": 1, "limit": 20, "offset": 0}]})
+
     items: list[TrainJobOut]
     total: int
     limit: int
@@ -106,10 +134,29 @@ class TrainJobPage(BaseModel):
 
 
 class JobEventOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [
+        {"id": 7, "kind": "train", "step": 20, "data": {"loss": 0.52, "epoch": 0.08}, "created_at": "2026-11-29T06:01:10Z"},
+        {"id": 8, "kind": "eval", "step": 100, "data": {"loss": 0.37, "accuracy": 0.85}, "created_at": "2026-11-29T06:03:40Z"},
+    ]})
 
     id: int
     kind: Literal["train", "eval", "message"]
     step: int
     data: dict
     created_at: datetime
+
+
+class HealthOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ok", "base_model": "gemma-3-270m", "fingerprint": "gemma-3-270m@03110e641bfd72b2",
+        "quantization": "int8", "device": "cpu", "queue_depth": 0,
+        "adapter_cache": {"size": 3, "capacity": 64, "hits": 41, "misses": 3, "hit_rate": 0.93},
+    }]})
+
+    status: Literal["ok"]
+    base_model: str
+    fingerprint: str
+    quantization: str
+    device: str
+    queue_depth: int
+    adapter_cache: dict

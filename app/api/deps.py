@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from app.runtime import Runtime
@@ -22,3 +22,7 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+AdapterId = Annotated[str, Path(description="Adapter id", examples=["3f9a1c2b7d4e"])]
+JobId = Annotated[str, Path(description="Training job id", examples=["a41c9e2f0b7d"])]

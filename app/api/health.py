@@ -3,12 +3,14 @@
 from fastapi import APIRouter
 
 from app.api.deps import RuntimeDep
+from app.schemas import HealthOut
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthOut)
 def health(runtime: RuntimeDep) -> dict:
+    """Liveness (no key needed), the resident model, queue depth and adapter-cache statistics."""
     base = runtime.base
     return {
         "status": "ok",

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
 
 from app import datasets, jobs
-from app.api.deps import RuntimeDep, SessionDep
+from app.api.deps import JobId, RuntimeDep, SessionDep
 from app.auth import AdminAuth
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
@@ -64,7 +64,8 @@ async def create_train_job(
     session: SessionDep,
     file: Annotated[UploadFile, File(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')],
     validation_file: Annotated[UploadFile | None, File(description="Optional validation data, same format")] = None,
-    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Name of the adapter it makes")] = None,
+    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Name of the adapter it makes",
+                                     examples=["sst2-sentiment"])] = None,
     num_virtual_tokens: Annotated[int, Form(ge=1, le=512)] = TrainConfig.num_virtual_tokens,
     init: Annotated[Literal["labels", "text", "vocab", "random"], Form()] = TrainConfig.init,
     init_text: Annotated[str | None, Form(max_length=2000)] = None,
@@ -141,13 +142,13 @@ def _get_or_404(session, job_id: str) -> TrainJob:
 
 
 @router.get("/{job_id}", response_model=TrainJobOut, responses={404: {"description": "Unknown job"}})
-def get_train_job(job_id: str, session: SessionDep) -> TrainJobOut:
+def get_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
     return job_out(_get_or_404(session, job_id))
 
 
 @router.get("/{job_id}/events", response_model=list[JobEventOut], responses={404: {"description": "Unknown job"}})
 def get_train_job_events(
-    job_id: str, session: SessionDep,
+    job_id: JobId, session: SessionDep,
     after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ):
@@ -163,7 +164,7 @@ def get_train_job_events(
     dependencies=[AdminAuth],
     responses={404: {"description": "Unknown job"}, 409: {"description": "The job has already finished"}},
 )
-def cancel_train_job(job_id: str, session: SessionDep) -> TrainJobOut:
+def cancel_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
     """A queued job is cancelled at once; a running one stops within a few steps."""
     job = _get_or_404(session, job_id)
     if job.status in jobs.TERMINAL:

@@ -1,0 +1,39 @@
+"""/docs: every route in the OpenAPI schema carries an example."""
+
+
+def _has_example(node, schemas, seen=()) -> bool:
+    """True when `node` or anything it contains or references holds an example."""
+    if isinstance(node, list):
+        return any(_has_example(item, schemas, seen) for item in node)
+    if not isinstance(node, dict):
+        return False
+    if "example" in node or "examples" in node:
+        return True
+    ref = node.get("$ref", "").rsplit("/", 1)[-1]
+    if ref:
+        return ref not in seen and _has_example(schemas[ref], schemas, (*seen, ref))
+    return any(_has_example(value, schemas, seen) for value in node.values())
+
+
+def test_every_route_has_an_example_and_docs_render(make_client, tiny_base):
+    client = make_client(tiny_base)
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    missing = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            parts = [operation.get("requestBody"), operation.get("parameters"), operation.get("responses")]
+            if not any(_has_example(part, schemas) for part in parts if part):
+                missing.append(f"{method.upper()} {path}")
+            if "requestBody" in operation and not _has_example(operation["requestBody"], schemas):
+                missing.append(f"{method.upper()} {path} (request body)")
+    assert not missing, f"routes without an example: {missing}"
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+
+
+def test_the_example_check_notices_a_missing_example():
+    schemas = {"Thing": {"properties": {"a": {"type": "string"}}}}
+    assert not _has_example({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}}, schemas)
+    schemas["Thing"]["properties"]["a"]["examples"] = ["x"]
+    assert _has_example({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}}, schemas)
