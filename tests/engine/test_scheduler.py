@@ -96,3 +96,82 @@ async def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
         assert (await scheduler.submit(request(1), timeout=5)).result.text == "ok"
     finally:
         await scheduler.stop()
+
+
+class SteppingModel:
+    """Stands in for generate_batch: makes `tokens` steps per row, reporting each, until cancelled."""
+
+    def __init__(self, tokens: int, step_seconds: float = 0.0):
+        self.tokens, self.step_seconds = tokens, step_seconds
+        self.steps_done: list[int] = []
+
+    def __call__(self, requests, on_step=None):
+        import time
+
+        results = [GenerationResult() for _ in requests]
+        live = set(range(len(requests)))
+        for step in range(self.tokens):
+            time.sleep(self.step_seconds)
+            for i in sorted(live):
+                if requests[i].cancelled.is_set():
+                    results[i].finish_reason = "cancelled"
+                    live.discard(i)
+                    on_step(i, results[i], True)
+                    continue
+                results[i].token_ids.append(step)
+                results[i].text += f"{step} "
+                on_step(i, results[i], step == self.tokens - 1)
+            if not live:
+                break
+        self.steps_done = [len(r.token_ids) for r in results]
+        return results
+
+
+async def test_stream_yields_every_token_in_order_and_ends_finished():
+    scheduler = BatchScheduler(SteppingModel(tokens=5), max_batch_size=4, max_wait_ms=0, max_queue_size=10)
+    scheduler.start()
+    try:
+        updates = [u async for u in scheduler.stream(request(0))]
+    finally:
+        await scheduler.stop()
+    assert [len(u.result.token_ids) for u in updates] == [1, 2, 3, 4, 5]
+    assert [u.finished for u in updates] == [False] * 4 + [True]
+    assert updates[-1].result.text == "0 1 2 3 4 " and scheduler.requests_cancelled == 0
+
+
+async def test_leaving_a_stream_cancels_its_row_but_not_its_neighbours():
+    model = SteppingModel(tokens=200, step_seconds=0.005)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=50, max_queue_size=10)
+    scheduler.start()
+    try:
+        leaving = scheduler.stream(request(0))
+        staying = asyncio.create_task(scheduler.submit(request(1), timeout=30))
+        async for update in leaving:
+            if len(update.result.token_ids) == 3:
+                break  # the client went away
+        await leaving.aclose()
+        completion = await staying
+    finally:
+        await scheduler.stop()
+    assert scheduler.requests_cancelled == 1
+    assert model.steps_done[0] < 20 and model.steps_done[1] == 200
+    assert len(completion.result.token_ids) == 200
+
+
+async def test_a_full_queue_refuses_a_stream_before_it_starts():
+    model = RecordingModel()
+    model.release.clear()
+    scheduler = BatchScheduler(model, max_batch_size=1, max_wait_ms=0, max_queue_size=1)
+    scheduler.start()
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0), timeout=5))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(scheduler.submit(request(1), timeout=5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            scheduler.stream(request(2))
+        model.release.set()
+        await asyncio.gather(first, waiting)
+    finally:
+        model.release.set()
+        await scheduler.stop()
