@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.middleware.sessions import SessionMiddleware
 
 from app import auth
-from app.api import adapters, generate, health, train_jobs
+from app.api import adapters, generate, health, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         max_age=12 * 3600, same_site="lax",
     )
     app.include_router(health.router)
-    for router in (generate.router, adapters.router, train_jobs.router):
+    for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
 

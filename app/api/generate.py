@@ -1,13 +1,14 @@
 """POST /generate: one completion with an optional soft-prompt adapter, whole or streamed."""
 
-from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+import torch
 from fastapi import APIRouter, HTTPException, Response
 
 from app.api.deps import RuntimeDep
-from app.api.streaming import DONE, sse_event, sse_response
+from app.api.streaming import sse_response
 from app.engine.generation import GenerationRequest
-from app.engine.scheduler import Completion, QueueFull, StreamUpdate
+from app.engine.scheduler import Completion, QueueFull, RequestStream
 from app.engine.text_stream import TextDeltas
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
 from app.datasets import render
@@ -16,33 +17,45 @@ from app.schemas import GenerateRequest, GenerateResponse, Usage
 router = APIRouter(tags=["generate"])
 
 
-def _invalid(field: str, message: str) -> HTTPException:
+def invalid(field: str, message: str) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors, naming the field."""
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
+def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
+    if value > runtime.settings.max_new_tokens_limit:
+        raise invalid(field, f"must be at most {runtime.settings.max_new_tokens_limit}")
+
+
+async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[torch.Tensor | None, str | None]:
+    """The adapter's soft prompt and template; (None, None) for the base model."""
+    if adapter_id is None:
+        return None, None
+    try:
+        return await runtime.soft_prompt(adapter_id)
+    except AdapterNotFound:
+        raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
+    except AdapterBaseMismatch as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+
+
+def encode_prompt(runtime: Runtime, prompt: str) -> list[int]:
+    prompt_ids = runtime.base.tokenizer(prompt).input_ids
+    if len(prompt_ids) > runtime.settings.max_prompt_tokens:
+        raise invalid("prompt", f"is {len(prompt_ids)} tokens, the limit is {runtime.settings.max_prompt_tokens}")
+    return prompt_ids
+
+
 async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRequest:
-    settings = runtime.settings
-    if body.max_new_tokens > settings.max_new_tokens_limit:
-        raise _invalid("max_new_tokens", f"must be at most {settings.max_new_tokens_limit}")
-    soft_prompt, template = None, None
-    if body.adapter_id is not None:
-        try:
-            soft_prompt, template = await runtime.soft_prompt(body.adapter_id)
-        except AdapterNotFound:
-            raise HTTPException(404, detail=f"adapter {body.adapter_id!r} not found") from None
-        except AdapterBaseMismatch as exc:
-            raise HTTPException(409, detail=str(exc)) from None
+    check_max_new_tokens(runtime, body.max_new_tokens, "max_new_tokens")
+    soft_prompt, template = await adapter_soft_prompt(runtime, body.adapter_id)
     prompt = body.prompt
     if body.apply_template:
         if template is None:
-            raise _invalid("apply_template", "the adapter has no template (or no adapter was given)")
+            raise invalid("apply_template", "the adapter has no template (or no adapter was given)")
         prompt = render(template, prompt)
-    prompt_ids = runtime.base.tokenizer(prompt).input_ids
-    if len(prompt_ids) > settings.max_prompt_tokens:
-        raise _invalid("prompt", f"is {len(prompt_ids)} tokens, the limit is {settings.max_prompt_tokens}")
     return GenerationRequest(
-        prompt_ids=prompt_ids,
+        prompt_ids=encode_prompt(runtime, prompt),
         soft_prompt=soft_prompt,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
@@ -65,7 +78,7 @@ async def run(runtime: Runtime, request: GenerationRequest) -> Completion:
         raise HTTPException(504, detail="generation did not finish before the request deadline") from None
 
 
-def start_stream(runtime: Runtime, request: GenerationRequest) -> AsyncIterator[StreamUpdate]:
+def start_stream(runtime: Runtime, request: GenerationRequest) -> RequestStream:
     """Queue a streaming request; a full queue is still a plain 503, before any event is sent."""
     try:
         return runtime.scheduler.stream(request)
@@ -73,21 +86,18 @@ def start_stream(runtime: Runtime, request: GenerationRequest) -> AsyncIterator[
         raise _busy() from None
 
 
-async def _generate_events(updates: AsyncIterator[StreamUpdate], request: GenerationRequest, adapter_id: str | None):
+async def _generate_events(updates: RequestStream, request: GenerationRequest, adapter_id: str | None):
     deltas = TextDeltas(request.stop)
-    try:
+    async with aclosing(updates):
         async for update in updates:
             result = update.result
             text = deltas.next(result.text, update.finished)
             if update.finished:
                 usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
-                yield sse_event({"text": text, "finish_reason": result.finish_reason,
-                                 "usage": usage.model_dump(), "adapter_id": adapter_id})
+                yield {"text": text, "finish_reason": result.finish_reason, "usage": usage.model_dump(),
+                       "adapter_id": adapter_id}
             elif text:
-                yield sse_event({"text": text, "finish_reason": None})
-    except Exception as exc:  # the batch failed after the response began: say so in the stream
-        yield sse_event({"error": {"message": f"generation failed: {exc}"}})
-    yield DONE
+                yield {"text": text, "finish_reason": None}
 
 
 @router.post(

@@ -9,8 +9,9 @@ made; a stream whose client leaves is cancelled and its row leaves the batch at 
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from app.engine.generation import GenerationRequest, GenerationResult, StepCallback
@@ -96,27 +97,16 @@ class BatchScheduler:
         frees the slot: cancelled requests are skipped when the next batch forms."""
         return await asyncio.wait_for(self._enqueue(request).future, timeout)
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamUpdate]:
+    def stream(self, request: GenerationRequest) -> "RequestStream":
         """Queue a request now (QueueFull is raised here, before any byte is sent) and return
         its updates: one per token, the last with `finished` set."""
-        pending = self._enqueue(request, asyncio.Queue())
-        return self._updates(pending)
+        return RequestStream(self, self._enqueue(request, asyncio.Queue()))
 
-    async def _updates(self, pending: _Pending) -> AsyncIterator[StreamUpdate]:
-        finished = False
-        try:
-            while not finished:
-                update = await pending.updates.get()
-                if isinstance(update, BaseException):
-                    finished = True
-                    raise update
-                finished = update.finished
-                yield update
-        finally:
-            if not finished:  # the consumer stopped early: the client disconnected
-                pending.future.cancel()
-                pending.request.cancelled.set()
-                self.requests_cancelled += 1
+    def _abandon(self, pending: _Pending) -> None:
+        if not pending.future.done():
+            pending.future.cancel()  # skipped if still queued
+            pending.request.cancelled.set()  # leaves the batch at the next step if running
+            self.requests_cancelled += 1
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -168,3 +158,33 @@ class BatchScheduler:
                     pending.future.set_result(
                         Completion(result, started - pending.enqueued_at, elapsed, len(batch))
                     )
+
+
+class RequestStream:
+    """A streaming request's updates. Closing it before the last update (the client left) frees
+    its row, whether or not it was ever read; so does dropping it, as a response that never
+    started does."""
+
+    def __init__(self, scheduler: BatchScheduler, pending: _Pending):
+        self._updates = pending.updates
+        self._abandon = weakref.finalize(self, scheduler._abandon, pending)
+        self._abandon.atexit = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StreamUpdate:
+        if not self._abandon.alive:
+            raise StopAsyncIteration
+        update = await self._updates.get()
+        if isinstance(update, BaseException) or update.finished:
+            self._abandon.detach()  # it ended on its own: nothing to free
+        if isinstance(update, BaseException):
+            raise update
+        return update
+
+    def cancel(self) -> None:
+        self._abandon()  # runs once, and only if the stream had not ended
+
+    async def aclose(self) -> None:
+        self.cancel()

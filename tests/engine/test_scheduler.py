@@ -175,3 +175,26 @@ async def test_a_full_queue_refuses_a_stream_before_it_starts():
     finally:
         model.release.set()
         await scheduler.stop()
+
+
+@pytest.mark.parametrize("how", ["closed", "dropped"])
+async def test_a_stream_never_read_still_frees_its_row(how):
+    import gc
+
+    model = SteppingModel(tokens=200, step_seconds=0.005)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=50, max_queue_size=10)
+    scheduler.start()
+    try:
+        unread = scheduler.stream(request(0))
+        staying = asyncio.create_task(scheduler.submit(request(1), timeout=30))
+        await asyncio.sleep(0.2)  # both rows are generating
+        if how == "closed":
+            await unread.aclose()
+        else:  # a response that never started is simply garbage
+            del unread
+            gc.collect()
+        await staying
+    finally:
+        await scheduler.stop()
+    assert scheduler.requests_cancelled == 1
+    assert model.steps_done[0] < 150 and model.steps_done[1] == 200

@@ -1,0 +1,261 @@
+"""OpenAI-compatible routes, so OpenAI clients and tools work unchanged: `POST /v1/completions`
+(whole or streamed) and `GET /v1/models`. `model` is an adapter id, or the base model's name.
+
+Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the same
+status codes as /generate; OpenAI fields softserve cannot honour (`n`, `logprobs`, penalties...)
+are refused with 422 unless they ask for nothing, and fields it does not know are ignored.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from sqlalchemy import select
+
+from app.api.deps import RuntimeDep, SessionDep
+from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run, start_stream
+from app.api.streaming import merge, sse_response
+from app.engine.generation import GenerationRequest, GenerationResult
+from app.engine.scheduler import RequestStream
+from app.engine.text_stream import TextDeltas
+from app.models import Adapter
+from app.runtime import Runtime
+
+OWNER = "softserve"
+
+PromptText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# OpenAI parameters that change results and are not supported, with the values that ask for
+# nothing: clients often send those explicitly.
+NEUTRAL = {
+    "n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,), "suffix": (None, ""),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices")
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+        "model": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_tokens": 4,
+        "temperature": 0, "stop": ["\n"],
+    }]})
+
+    model: str = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
+        description="A prompt, or a list of prompts: one choice each, generated in the same batch"
+    )
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding (OpenAI's default is 1)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = Field(False, description="Send the text as server-sent events as it is made")
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    best_of: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    presence_penalty: float = 0
+    frequency_penalty: float = 0
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator(*NEUTRAL)
+    @classmethod
+    def _unsupported(cls, value, info: ValidationInfo):
+        neutral = NEUTRAL[info.field_name]
+        if value not in neutral:
+            raise ValueError(f"is not supported: send {' or '.join(map(json.dumps, neutral))}, or leave it out")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "cmpl-5d0c6a1e9f2b4c8d7a3e1f60", "object": "text_completion", "created": 1796014800,
+        "model": "3f9a1c2b7d4e",
+        "choices": [{"text": " positive", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+    }]})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time; 0 for the base model")
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [
+        {"id": "gemma-3-270m", "object": "model", "created": 0, "owned_by": OWNER},
+        {"id": "3f9a1c2b7d4e", "object": "model", "created": 1796014800, "owned_by": OWNER},
+    ]}]})
+
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+def _error(status: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
+    """FastAPI's `detail`, a message or a list of validation errors, in OpenAI's error shape."""
+    param = None
+    if isinstance(detail, list):  # locations start with "body", "query"...: name the top-level field
+        param = next((str(error["loc"][1]) for error in detail if len(error["loc"]) > 1), None)
+        detail = "; ".join(f"{'.'.join(map(str, error['loc'][1:])) or 'body'}: {error['msg']}" for error in detail)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": detail, "type": kind, "param": param, "code": None}
+    return JSONResponse({"error": error}, status, headers=headers)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors (validation, HTTPException, auth included) use OpenAI's shape."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _error(422, list(exc.errors()))
+            except HTTPException as exc:
+                return _error(exc.status_code, exc.detail, exc.headers)
+
+        return handle
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
+
+
+async def _requests(runtime: Runtime, body: CompletionRequest) -> list[GenerationRequest]:
+    check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
+    soft_prompt, _ = await adapter_soft_prompt(runtime, None if body.model == runtime.base.name else body.model)
+    return [
+        GenerationRequest(
+            prompt_ids=encode_prompt(runtime, prompt), soft_prompt=soft_prompt, max_new_tokens=body.max_tokens,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stops, seed=body.seed,
+        )
+        for prompt in body.prompts
+    ]
+
+
+def _usage(results: Sequence[GenerationResult]) -> CompletionUsage:
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _complete(runtime: Runtime, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Queue every prompt at once, so they share a batch; if one fails, the others leave the queue."""
+    tasks = [asyncio.create_task(run(runtime, request)) for request in requests]
+    try:
+        return [completion.result for completion in await asyncio.gather(*tasks)]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _start_streams(runtime: Runtime, requests: list[GenerationRequest]) -> list[RequestStream]:
+    streams = []
+    try:
+        for request in requests:
+            streams.append(start_stream(runtime, request))
+    except HTTPException:  # queue full part-way: take back the ones already queued
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+async def _chunks(
+    head: dict, requests: list[GenerationRequest], streams: list[RequestStream], include_usage: bool
+) -> AsyncIterator[dict]:
+    """OpenAI's stream chunks: text pieces by choice index as the rows make them, each choice's
+    last with its finish_reason; with `include_usage`, a last chunk with usage and no choices."""
+    head = head | ({"usage": None} if include_usage else {})
+    deltas = [TextDeltas(request.stop) for request in requests]
+    results: list[GenerationResult] = []
+    async with aclosing(merge(streams)) as updates:
+        async for index, update in updates:
+            text = deltas[index].next(update.result.text, update.finished)
+            if update.finished:
+                results.append(update.result)
+            if text or update.finished:
+                reason = update.result.finish_reason if update.finished else None
+                yield head | {"choices": [CompletionChoice(text=text, index=index, finish_reason=reason).model_dump()]}
+    if include_usage:
+        yield head | {"choices": [], "usage": _usage(results).model_dump()}
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The completion, or its event stream"},
+               404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
+               503: {"description": "Queue full; retry after Retry-After seconds"}},
+)
+async def create_completion(body: CompletionRequest, runtime: RuntimeDep):
+    """OpenAI's legacy completions API. With `stream: true` the answer is `text/event-stream`:
+    `text_completion` chunks, each choice's last with its `finish_reason`, then `data: [DONE]`."""
+    requests = await _requests(runtime, body)
+    head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return sse_response(_chunks(head, requests, _start_streams(runtime, requests), include_usage))
+    results = await _complete(runtime, requests)
+    choices = [CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+    return CompletionResponse(**head, choices=choices, usage=_usage(results))
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(runtime: RuntimeDep, session: SessionDep) -> ModelList:
+    """The base model, then every adapter made for it, newest first: each `id` is a valid `model`."""
+    adapters = session.scalars(
+        select(Adapter).where(Adapter.base_fingerprint == runtime.base.fingerprint)
+        .order_by(Adapter.created_at.desc(), Adapter.id.desc())
+    )
+    return ModelList(data=[
+        ModelOut(id=runtime.base.name, created=0, owned_by=OWNER),
+        *(ModelOut(id=a.id, created=int(a.created_at.timestamp()), owned_by=OWNER) for a in adapters),
+    ])
