@@ -7,13 +7,14 @@ can never both win.
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import paginate
 from app.models import JobEvent, TrainJob, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", *TERMINAL)
 
 
 def create_job(session: Session, *, job_id: str, name: str, params: dict, dataset_path: str,
@@ -36,6 +37,15 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int = 20, o
     if status:
         query = query.where(TrainJob.status == status)
     return paginate(session, query, TrainJob.created_at.desc(), TrainJob.id, limit=limit, offset=offset)
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(TrainJob.status, func.count()).group_by(TrainJob.status)).all())
+
+
+def job_for_adapter(session: Session, adapter_id: str) -> TrainJob | None:
+    """The job that trained this adapter, if it was trained here."""
+    return session.scalars(select(TrainJob).where(TrainJob.adapter_id == adapter_id).limit(1)).first()
 
 
 def list_events(session: Session, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:

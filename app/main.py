@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.sessions import SessionMiddleware
 
-from app import auth
+from app import admin, auth
 from app.api import adapters, generate, health, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         max_age=12 * 3600, same_site="lax",
     )
     app.include_router(health.router)
+    app.include_router(admin.router)
+    app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")
     for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app

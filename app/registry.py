@@ -6,9 +6,10 @@ A row exists only once its file is fully written, and a failed insert removes th
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import adapter_files
@@ -61,12 +62,46 @@ def get_adapter(session: Session, adapter_id: str) -> Adapter | None:
     return session.get(Adapter, adapter_id)
 
 
-def list_adapters(session: Session, *, name: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[Adapter], int]:
+# The columns the adapter list may be ordered by; a leading "-" means descending. Only these
+# names reach SQL. eval_accuracy lives in the JSON metrics (absent for imported adapters).
+SORT_COLUMNS = {
+    "name": Adapter.name,
+    "id": Adapter.id,
+    "source": Adapter.source,
+    "num_virtual_tokens": Adapter.num_virtual_tokens,
+    "size_bytes": Adapter.size_bytes,
+    "created_at": Adapter.created_at,
+    "eval_accuracy": Adapter.metrics["eval_accuracy"].as_float(),
+}
+SORTS = tuple(prefix + column for column in SORT_COLUMNS for prefix in ("", "-"))
+AdapterSort = Literal[SORTS]
+DEFAULT_SORT = "-created_at"
+
+
+def _order_by(sort: str) -> tuple:
+    if sort not in SORTS:
+        raise ValueError(f"sort must be one of {SORTS}")
+    name = sort.removeprefix("-")
+    descending = sort != name
+    primary = SORT_COLUMNS[name].desc() if descending else SORT_COLUMNS[name].asc()
+    if name == "eval_accuracy":  # adapters without the metric go last either way
+        primary = primary.nulls_last()
+    # The id breaks ties in the same direction: pages are stable and a reversed sort is the exact reverse.
+    return primary, Adapter.id.desc() if descending else Adapter.id.asc()
+
+
+def list_adapters(session: Session, *, name: str | None = None, sort: str = DEFAULT_SORT, limit: int = 20,
+                  offset: int = 0) -> tuple[list[Adapter], int]:
     query = select(Adapter)
     if name:
         escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Adapter.name.ilike(f"%{escaped}%", escape="\\"))
-    return paginate(session, query, Adapter.created_at.desc(), Adapter.id, limit=limit, offset=offset)
+    return paginate(session, query, *_order_by(sort), limit=limit, offset=offset)
+
+
+def count_by_source(session: Session) -> dict[str, int]:
+    """How many adapters were trained here and how many imported."""
+    return dict(session.execute(select(Adapter.source, func.count()).group_by(Adapter.source)).all())
 
 
 def delete_adapter(session: Session, *, adapters_dir: Path, adapter: Adapter) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
 
 from app import adapter_files, registry
-from app.api.deps import RuntimeDep, SessionDep
+from app.api.deps import AdapterId, RuntimeDep, SessionDep
 from app.auth import AdminAuth
 from app.models import Adapter
 from app.schemas import AdapterOut, AdapterPage
@@ -43,7 +43,7 @@ def _get_or_404(session, adapter_id: str) -> Adapter:
 async def upload_adapter(
     runtime: RuntimeDep,
     session: SessionDep,
-    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name")],
+    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"])],
     config: Annotated[UploadFile | None, File(description="adapter_config.json")] = None,
     weights: Annotated[UploadFile | None, File(description="adapter_model.safetensors")] = None,
     archive: Annotated[UploadFile | None, File(description="A zip holding both files instead")] = None,
@@ -79,15 +79,16 @@ async def upload_adapter(
 def list_adapters(
     session: SessionDep,
     name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name")] = None,
+    sort: Annotated[registry.AdapterSort, Query(description='A column; a leading "-" sorts descending')] = registry.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AdapterPage:
-    items, total = registry.list_adapters(session, name=name, limit=limit, offset=offset)
+    items, total = registry.list_adapters(session, name=name, sort=sort, limit=limit, offset=offset)
     return AdapterPage(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{adapter_id}", response_model=AdapterOut, responses={404: {"description": "Unknown adapter"}})
-def get_adapter(adapter_id: str, session: SessionDep) -> Adapter:
+def get_adapter(adapter_id: AdapterId, session: SessionDep) -> Adapter:
     return _get_or_404(session, adapter_id)
 
 
@@ -96,7 +97,7 @@ def get_adapter(adapter_id: str, session: SessionDep) -> Adapter:
     response_class=Response,
     responses={200: {"content": {"application/zip": {}}}, 404: {"description": "Unknown adapter"}},
 )
-def download_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) -> Response:
+def download_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> Response:
     """The adapter as a PEFT-format zip (`adapter_config.json` + `adapter_model.safetensors`)."""
     adapter = _get_or_404(session, adapter_id)
     data = adapter_files.zip_adapter(registry.adapter_dir(runtime.settings.adapters_dir, adapter.id))
@@ -111,7 +112,7 @@ def download_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) 
     "/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminAuth],
     responses={404: {"description": "Unknown adapter"}},
 )
-def delete_adapter(adapter_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
+def delete_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> None:
     adapter = _get_or_404(session, adapter_id)
     registry.delete_adapter(session, adapters_dir=runtime.settings.adapters_dir, adapter=adapter)
     runtime.cache.evict(adapter_id)

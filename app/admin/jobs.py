@@ -1,0 +1,43 @@
+"""The training-job pages: the live list, one job with its curves, and the new-job form."""
+
+from typing import Annotated, Literal
+
+from fastapi import Query, Request
+
+from app import jobs
+from app.admin.pages import not_found, page_router, render
+from app.admin.paging import PER_PAGE_CHOICES, Pager
+from app.api.train_jobs import job_out
+from worker.training import TrainConfig
+
+router = page_router()
+
+
+@router.get("/jobs")
+def job_list(
+    request: Request,
+    status: Literal[(*jobs.STATUSES, "")] = "",
+    page: Annotated[int, Query(ge=1)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=max(PER_PAGE_CHOICES))] = PER_PAGE_CHOICES[0],
+):
+    with request.app.state.runtime.sessions() as session:
+        items, total = jobs.list_jobs(session, status=status or None, limit=per_page, offset=(page - 1) * per_page)
+        counts = jobs.count_by_status(session)
+    return render(request, "jobs.html", nav="jobs", jobs=[job_out(j) for j in items],
+                  pager=Pager(page, per_page, total), status=status, counts=counts, statuses=jobs.STATUSES)
+
+
+# Declared before /jobs/{job_id}, which would otherwise take "new" for an id.
+@router.get("/jobs/new")
+def new_job_form(request: Request):
+    return render(request, "job_new.html", nav="jobs", defaults=TrainConfig(),
+                  max_virtual_tokens=request.app.state.runtime.settings.max_virtual_tokens)
+
+
+@router.get("/jobs/{job_id}")
+def job_detail(request: Request, job_id: str):
+    with request.app.state.runtime.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            raise not_found(request, f"Training job {job_id}")
+    return render(request, "job.html", nav="jobs", job=job_out(job), terminal=jobs.TERMINAL)

@@ -1,0 +1,24 @@
+"""The playground: one prompt through an adapter and through the base model, side by side."""
+
+from typing import Annotated
+
+from fastapi import Query, Request
+
+from app import registry
+from app.admin.pages import page_router, render
+
+router = page_router()
+# Adapters offered in the picker at first; its search box asks the API for the rest.
+PICKER_SIZE = 100
+
+
+@router.get("/playground")
+def playground(request: Request, adapter: Annotated[str | None, Query(max_length=64)] = None):
+    with request.app.state.runtime.sessions() as session:
+        choices, total = registry.list_adapters(session, limit=PICKER_SIZE)
+        chosen = registry.get_adapter(session, adapter) if adapter else None
+    if chosen is not None and chosen.id not in {a.id for a in choices}:
+        choices = [chosen, *choices]  # linked from an adapter's page: offer it even when it is old
+    return render(request, "playground.html", nav="playground", adapters=choices, total=total,
+                  chosen=chosen,
+                  max_new_tokens_limit=request.app.state.runtime.settings.max_new_tokens_limit)
