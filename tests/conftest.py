@@ -17,7 +17,8 @@ from app.engine.loader import BaseModel, load_base_model
 from app.main import create_app
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+# The SST-2 sample bundled for the README tour: the suite needs nothing outside the repository.
+DATASETS = REPO / "examples"
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # int8 rounds activations per row: a cached decode step and a full recompute may move a logit
 # by a few tenths, so a first divergence is accepted only at such a near tie (see reference.py).
@@ -29,7 +30,7 @@ def build_tiny_model(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
-    corpus = (DATASETS / "sst2" / "train.jsonl").read_text().splitlines()[:2000]
+    corpus = (DATASETS / "sst2" / "train.jsonl").read_text().splitlines()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
