@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
+from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
 from app.main import create_app
 
@@ -112,6 +113,15 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sessions(request):
+    """A session factory on a freshly migrated SQLite file, then on a fresh PostgreSQL database."""
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    engine = make_engine(url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:

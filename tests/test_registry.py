@@ -6,15 +6,6 @@ from sqlalchemy import inspect
 
 from app import registry
 from app.adapter_files import read_prompt_embeddings
-from app.db import make_engine, make_session_factory
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def sessions(request):
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    engine = make_engine(url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def add(session, adapters_dir, name, rows=3):

@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import insert
 
 from app import registry
-from app.db import make_engine, make_session_factory
 from app.models import Adapter
 
 N = 10_000
@@ -95,14 +94,6 @@ def test_only_whitelisted_columns_sort(make_client, tiny_base, sort):
     assert client.get("/adapters", params={"sort": sort}).status_code == 422
     with client.app.state.runtime.sessions() as session, pytest.raises(ValueError, match="sort must be one of"):
         registry.list_adapters(session, sort=sort)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def sessions(request):
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
-    engine = make_engine(url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.mark.parametrize("sort", registry.SORTS)
