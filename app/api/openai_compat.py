@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sqlalchemy import select
 
 from app.api.deps import RuntimeDep, SessionDep
-from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run, start_stream
+from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, invalid, run, start_stream
 from app.api.streaming import merge, sse_response
 from app.engine.generation import GenerationRequest, GenerationResult
 from app.engine.scheduler import RequestStream
@@ -168,6 +168,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 
 async def _requests(runtime: Runtime, body: CompletionRequest) -> list[GenerationRequest]:
     check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
+    if len(body.prompts) > runtime.settings.max_queue_size:  # could never fit the queue: not worth a retry
+        raise invalid("prompt", f"has {len(body.prompts)} prompts, more than the queue holds ({runtime.settings.max_queue_size})")
     soft_prompt, _ = await adapter_soft_prompt(runtime, None if body.model == runtime.base.name else body.model)
     return [
         GenerationRequest(

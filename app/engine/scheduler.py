@@ -39,7 +39,7 @@ class StreamUpdate:
     finished: bool
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Pending:
     request: GenerationRequest
     future: asyncio.Future
@@ -58,7 +58,11 @@ class BatchScheduler:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
+        # Cancelled requests stay in the queue until a batch forms and skips them, so capacity
+        # counts only the ones still wanted: a client that gave up frees its place at once.
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._max_queue_size = max_queue_size
+        self._waiting: set[_Pending] = set()
         self._task: asyncio.Task | None = None
         self.tokens_generated = 0
         self.batches_run = 0
@@ -67,7 +71,7 @@ class BatchScheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def recent_tokens_per_second(self) -> float:
         """Tokens generated per second over the last minute."""
@@ -85,11 +89,12 @@ class BatchScheduler:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def _enqueue(self, request: GenerationRequest, updates: asyncio.Queue | None = None) -> _Pending:
+        if len(self._waiting) >= self._max_queue_size:
+            raise QueueFull
         pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter(), updates)
-        try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            raise QueueFull from None
+        self._waiting.add(pending)
+        pending.future.add_done_callback(lambda _: self._waiting.discard(pending))
+        self._queue.put_nowait(pending)
         return pending
 
     async def submit(self, request: GenerationRequest, timeout: float) -> Completion:
@@ -122,6 +127,7 @@ class BatchScheduler:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
+        self._waiting.difference_update(batch)
         return [p for p in batch if not p.future.done()]
 
     async def _loop(self) -> None:

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API (/v1/completions, /v1/models), driven by the official `openai`
 client against a real server over HTTP."""
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -178,15 +180,38 @@ def test_a_client_that_leaves_a_stream_frees_every_row(make_live_server, tiny_ba
     assert_leaving_frees_the_rows(server, "/v1/completions", body, rows=2)
 
 
+def test_more_prompts_than_the_queue_holds_is_a_422_not_a_retry(make_live_server, tiny_base):
+    server = make_live_server(tiny_base, max_queue_size=2)
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        openai_client(server).completions.create(model=tiny_base.name, prompt=PROMPTS[:3], max_tokens=2)
+    assert raised.value.body["param"] == "prompt" and "more than the queue holds (2)" in raised.value.message
+
+
 def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_server, tiny_base):
-    server = make_live_server(tiny_base, max_queue_size=1)
-    scheduler, limit = server.runtime.scheduler, server.runtime.settings.max_new_tokens_limit
-    for stream in (False, True):  # the first prompt is queued, the second finds the queue full
-        with pytest.raises(openai.InternalServerError) as raised:
-            openai_client(server).completions.create(
-                model=tiny_base.name, prompt=PROMPTS[:2], max_tokens=limit, temperature=0, stream=stream
-            )
-        assert raised.value.status_code == 503 and raised.value.response.headers["Retry-After"] == "1"
-    time.sleep(0.5)  # the prompts that were queued were taken back before any batch formed
+    server = make_live_server(tiny_base, max_queue_size=2, max_batch_size=1, max_batch_wait_ms=0)
+    scheduler, client = server.runtime.scheduler, openai_client(server)
+    release = threading.Event()
+    after_each_token(scheduler, lambda result: release.wait(30))  # holds the model on its first batch
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(2) as pool:
+        single = {"model": tiny_base.name, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
+        running = pool.submit(client.completions.create, **single)
+        wait_until(lambda: scheduler.queue_depth == 0 and not running.done())
+        time.sleep(0.2)  # taken off the queue: its batch is running (and held)
+        waiting = pool.submit(client.completions.create, **single)
+        wait_until(lambda: scheduler.queue_depth == 1)  # one of two places is taken
+        for stream in (False, True):  # the first prompt of the list fits, the second finds the queue full
+            with pytest.raises(openai.InternalServerError) as raised:
+                client.completions.create(model=tiny_base.name, prompt=PROMPTS[:2], max_tokens=2, temperature=0,
+                                          stream=stream)
+            assert raised.value.status_code == 503 and raised.value.response.headers["Retry-After"] == "1"
+        release.set()
+        assert running.result().choices[0].text and waiting.result().choices[0].text
     assert scheduler.requests_cancelled == 1  # the streamed one; the other was a cancelled wait
-    assert scheduler.batches_run == 0 and scheduler.tokens_generated == 0 and scheduler.queue_depth == 0
+    assert scheduler.batches_run == 2  # the two single requests only: the lists' prompts never ran

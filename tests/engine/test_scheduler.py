@@ -198,3 +198,27 @@ async def test_a_stream_never_read_still_frees_its_row(how):
         await scheduler.stop()
     assert scheduler.requests_cancelled == 1
     assert model.steps_done[0] < 150 and model.steps_done[1] == 200
+
+
+async def test_a_request_given_up_while_queued_frees_its_place_at_once():
+    model = RecordingModel()
+    model.release.clear()
+    scheduler = BatchScheduler(model, max_batch_size=1, max_wait_ms=0, max_queue_size=1)
+    scheduler.start()
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0), timeout=5))
+        await asyncio.sleep(0.1)  # running, and held
+        gone = asyncio.create_task(scheduler.submit(request(1), timeout=5))
+        await asyncio.sleep(0.05)
+        assert scheduler.queue_depth == 1
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert scheduler.queue_depth == 0
+        kept = asyncio.create_task(scheduler.submit(request(2), timeout=5))  # no QueueFull: the place is free
+        await asyncio.sleep(0.05)
+        model.release.set()
+        await asyncio.gather(first, kept)
+    finally:
+        model.release.set()
+        await scheduler.stop()
+    assert model.batches == [[0], [2]]
