@@ -10,10 +10,13 @@ With no keys at all the service is open, which it allows only when bound to loca
 import hashlib
 import hmac
 import ipaddress
+import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
@@ -52,7 +55,7 @@ def find_key(session: Session, presented: str) -> ApiKey | None:
     prefix, _, rest = presented.partition("_")
     key_id = rest.partition("_")[0]
     row = session.get(ApiKey, key_id) if prefix == KEY_PREFIX and key_id else None
-    if row is None or not hmac.compare_digest(row.key_sha256, _digest(presented)):
+    if row is None or not hmac.compare_digest(row.key_sha256.encode(), _digest(presented).encode()):
         return None
     return row
 
@@ -75,11 +78,19 @@ def session_secret(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
     path: Path = settings.data_dir / "secret_key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # made by exactly one process, readable by its owner only
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(48))
+    except FileExistsError:
+        pass
+    for _ in range(50):
+        secret = path.read_text().strip()
+        if len(secret) >= 32:
+            return secret
+        time.sleep(0.1)  # another process created it a moment ago and is writing it
+    raise RuntimeError(f"{path} holds no usable secret; delete it to make a new one")
 
 
 def csrf_token(request: Request) -> str:
@@ -92,7 +103,7 @@ def csrf_token(request: Request) -> str:
 
 def valid_csrf(request: Request, sent: str | None) -> bool:
     expected = request.session.get(SESSION_CSRF)
-    return bool(expected and sent and hmac.compare_digest(expected, sent))
+    return bool(expected and sent and hmac.compare_digest(expected.encode(), sent.encode()))
 
 
 def _cross_origin(request: Request) -> bool:
@@ -102,6 +113,14 @@ def _cross_origin(request: Request) -> bool:
         return site not in ("same-origin", "none")
     origin = request.headers.get("origin")
     return origin is not None and origin.split("://", 1)[-1] != request.headers.get("host")
+
+
+def _local_request(request: Request) -> bool:
+    """From this machine, addressed to this machine: a page on another site that rebinds its
+    DNS name to 127.0.0.1 still sends its own name as Host."""
+    client = request.client.host if request.client else ""
+    host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+    return is_loopback(client) and is_loopback(host)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,9 @@ def authenticate(request: Request) -> Caller:
         if unsafe and _cross_origin(request):
             raise HTTPException(403, detail="cross-origin request refused (CSRF protection)")
         if is_open:
+            if not _local_request(request):
+                raise _unauthorized("this server has no API keys, so it serves only local clients that address it "
+                                    "as localhost; create keys with `python -m app.cli create-key`")
             return Caller("admin", "open")
         key_id = request.session.get(SESSION_KEY_ID)
         key = session.get(ApiKey, key_id) if key_id else None

@@ -48,8 +48,11 @@ def run(host: str, port: int) -> None:
     try:
         serve_api(host, port)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        worker.terminate()  # a warm shutdown waits for a running job; do not wait forever
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def _sessions():

@@ -135,7 +135,8 @@ def make_client(tmp_path, sqlite_url):
 
     def _make(base: BaseModel, database_url: str | None = None, **overrides) -> TestClient:
         settings = make_settings(tmp_path, database_url or sqlite_url, **overrides)
-        client = TestClient(create_app(settings, base=base))
+        # A local client addressing the server as localhost, as open mode requires.
+        client = TestClient(create_app(settings, base=base), base_url="http://localhost", client=("127.0.0.1", 50000))
         client.__enter__()
         clients.append(client)
         return client

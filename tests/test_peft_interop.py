@@ -70,6 +70,7 @@ def test_adapter_downloaded_from_softserve_gives_the_same_logits_in_peft(
 def train_with_peft(model_dir: Path, folder: Path, num_virtual_tokens: int = 5, steps: int = 8) -> PeftModel:
     """Prompt-tune a fresh copy of the model with PEFT on two examples, then save_pretrained."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)  # PEFT draws the initial prompt from the global generator
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir),
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens),

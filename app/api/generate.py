@@ -81,7 +81,7 @@ async def run(runtime: Runtime, request: GenerationRequest) -> Completion:
 def start_stream(runtime: Runtime, request: GenerationRequest) -> RequestStream:
     """Queue a streaming request; a full queue is still a plain 503, before any event is sent."""
     try:
-        return runtime.scheduler.stream(request)
+        return runtime.scheduler.stream(request, timeout=runtime.settings.request_timeout_s)
     except QueueFull:
         raise _busy() from None
 

@@ -59,7 +59,8 @@ class BatchScheduler:
         self.max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000
         # Cancelled requests stay in the queue until a batch forms and skips them, so capacity
-        # counts only the ones still wanted: a client that gave up frees its place at once.
+        # counts only the ones still wanted: a client that gave up frees its place at once. The
+        # queue itself is capped too, so clients that keep giving up cannot grow it without bound.
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_queue_size = max_queue_size
         self._waiting: set[_Pending] = set()
@@ -89,11 +90,17 @@ class BatchScheduler:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def _enqueue(self, request: GenerationRequest, updates: asyncio.Queue | None = None) -> _Pending:
-        if len(self._waiting) >= self._max_queue_size:
+        if len(self._waiting) >= self._max_queue_size or self._queue.qsize() >= 4 * self._max_queue_size:
             raise QueueFull
         pending = _Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter(), updates)
         self._waiting.add(pending)
-        pending.future.add_done_callback(lambda _: self._waiting.discard(pending))
+
+        def on_done(future: asyncio.Future) -> None:
+            self._waiting.discard(pending)
+            if future.cancelled():  # nobody wants it any more: a running row leaves its batch
+                request.cancelled.set()
+
+        pending.future.add_done_callback(on_done)
         self._queue.put_nowait(pending)
         return pending
 
@@ -102,15 +109,16 @@ class BatchScheduler:
         frees the slot: cancelled requests are skipped when the next batch forms."""
         return await asyncio.wait_for(self._enqueue(request).future, timeout)
 
-    def stream(self, request: GenerationRequest) -> "RequestStream":
+    def stream(self, request: GenerationRequest, timeout: float) -> "RequestStream":
         """Queue a request now (QueueFull is raised here, before any byte is sent) and return
-        its updates: one per token, the last with `finished` set."""
-        return RequestStream(self, self._enqueue(request, asyncio.Queue()))
+        its updates: one per token, the last with `finished` set. Past `timeout` seconds the
+        stream raises TimeoutError and its row is cancelled."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        return RequestStream(self, self._enqueue(request, asyncio.Queue()), deadline)
 
     def _abandon(self, pending: _Pending) -> None:
         if not pending.future.done():
-            pending.future.cancel()  # skipped if still queued
-            pending.request.cancelled.set()  # leaves the batch at the next step if running
+            pending.future.cancel()  # skipped if still queued; leaves its batch if running
             self.requests_cancelled += 1
 
     async def _next_batch(self) -> list[_Pending]:
@@ -159,6 +167,7 @@ class BatchScheduler:
             tokens = sum(len(r.token_ids) for r in results)
             self.tokens_generated += tokens
             self._recent.append((time.monotonic(), tokens))
+            self.recent_tokens_per_second()  # drops entries older than the window
             for pending, result in zip(batch, results):
                 if not pending.future.done():
                     pending.future.set_result(
@@ -171,8 +180,9 @@ class RequestStream:
     its row, whether or not it was ever read; so does dropping it, as a response that never
     started does."""
 
-    def __init__(self, scheduler: BatchScheduler, pending: _Pending):
+    def __init__(self, scheduler: BatchScheduler, pending: _Pending, deadline: float):
         self._updates = pending.updates
+        self._deadline = deadline
         self._abandon = weakref.finalize(self, scheduler._abandon, pending)
         self._abandon.atexit = False
 
@@ -182,7 +192,12 @@ class RequestStream:
     async def __anext__(self) -> StreamUpdate:
         if not self._abandon.alive:
             raise StopAsyncIteration
-        update = await self._updates.get()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                update = await self._updates.get()
+        except TimeoutError:
+            self.cancel()
+            raise TimeoutError("generation did not finish before the request deadline") from None
         if isinstance(update, BaseException) or update.finished:
             self._abandon.detach()  # it ended on its own: nothing to free
         if isinstance(update, BaseException):

@@ -134,7 +134,7 @@ def test_cross_site_browser_requests_are_refused_in_open_mode(make_client, tiny_
     client = make_client(tiny_base)
     response = client.post("/train-jobs", headers=headers, files={"file": ("d.jsonl", b'{"input":"a","output":"b"}\n')})
     assert response.status_code == 403 and "cross-origin" in response.json()["detail"]
-    same_origin = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    same_origin = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
     assert client.delete("/adapters/missing", headers=same_origin).status_code == 404
 
 
@@ -154,3 +154,32 @@ def test_cli_creates_lists_and_revokes_keys(sqlite_url, tmp_path):
     assert key_id in listed and "admin" in listed and key not in listed
     assert f"revoked key {key_id}" in cli("revoke-key", key_id)
     assert key_id not in cli("list-keys")
+
+
+@pytest.mark.parametrize(
+    "client_address, host",
+    [("203.0.113.7", "localhost"), ("127.0.0.1", "rebind.attacker.example:8000"), ("127.0.0.1", "192.168.1.5")],
+)
+def test_open_mode_serves_only_local_clients_addressing_localhost(make_client, tiny_base, client_address, host):
+    client = make_client(tiny_base)
+    assert client.get("/adapters", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    remote = TestClient(client.app, base_url=f"http://{host}", client=(client_address, 50000))
+    for method, path in (("GET", "/adapters"), ("DELETE", "/adapters/missing"), ("GET", "/v1/models")):
+        response = remote.request(method, path, headers={"Sec-Fetch-Site": "same-origin"})
+        assert response.status_code == 401, (method, path, response.text)
+
+
+def test_a_session_secret_file_is_made_once_and_reused(tmp_path):
+    settings = make_settings(tmp_path, "sqlite://")
+    first = auth.session_secret(settings)
+    assert len(first) >= 32 and auth.session_secret(settings) == first
+    assert (settings.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
+    (settings.data_dir / "secret_key").write_text("")
+    with pytest.raises(RuntimeError, match="no usable secret"):
+        auth.session_secret(settings)
+
+
+def test_a_non_ascii_csrf_token_is_refused_not_a_crash(keyed_client):
+    keyed_client.get("/admin/login")  # the session gets its token
+    response = keyed_client.post("/admin/login", data={"api_key": "x", "csrf_token": "é"})
+    assert response.status_code == 403

@@ -190,8 +190,8 @@ def test_more_prompts_than_the_queue_holds_is_a_422_not_a_retry(make_live_server
 def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_server, tiny_base):
     server = make_live_server(tiny_base, max_queue_size=2, max_batch_size=1, max_batch_wait_ms=0)
     scheduler, client = server.runtime.scheduler, openai_client(server)
-    release = threading.Event()
-    after_each_token(scheduler, lambda result: release.wait(30))  # holds the model on its first batch
+    started, release = threading.Event(), threading.Event()
+    after_each_token(scheduler, lambda result: started.set() or release.wait(30))  # holds the first batch
 
     def wait_until(condition):
         deadline = time.monotonic() + 10
@@ -202,8 +202,7 @@ def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_
     with ThreadPoolExecutor(2) as pool:
         single = {"model": tiny_base.name, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
         running = pool.submit(client.completions.create, **single)
-        wait_until(lambda: scheduler.queue_depth == 0 and not running.done())
-        time.sleep(0.2)  # taken off the queue: its batch is running (and held)
+        assert started.wait(10)  # its batch is running, and held
         waiting = pool.submit(client.completions.create, **single)
         wait_until(lambda: scheduler.queue_depth == 1)  # one of two places is taken
         for stream in (False, True):  # the first prompt of the list fits, the second finds the queue full

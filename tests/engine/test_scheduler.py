@@ -131,7 +131,7 @@ async def test_stream_yields_every_token_in_order_and_ends_finished():
     scheduler = BatchScheduler(SteppingModel(tokens=5), max_batch_size=4, max_wait_ms=0, max_queue_size=10)
     scheduler.start()
     try:
-        updates = [u async for u in scheduler.stream(request(0))]
+        updates = [u async for u in scheduler.stream(request(0), timeout=30)]
     finally:
         await scheduler.stop()
     assert [len(u.result.token_ids) for u in updates] == [1, 2, 3, 4, 5]
@@ -144,7 +144,7 @@ async def test_leaving_a_stream_cancels_its_row_but_not_its_neighbours():
     scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=50, max_queue_size=10)
     scheduler.start()
     try:
-        leaving = scheduler.stream(request(0))
+        leaving = scheduler.stream(request(0), timeout=30)
         staying = asyncio.create_task(scheduler.submit(request(1), timeout=30))
         async for update in leaving:
             if len(update.result.token_ids) == 3:
@@ -169,7 +169,7 @@ async def test_a_full_queue_refuses_a_stream_before_it_starts():
         waiting = asyncio.create_task(scheduler.submit(request(1), timeout=5))
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):
-            scheduler.stream(request(2))
+            scheduler.stream(request(2), timeout=30)
         model.release.set()
         await asyncio.gather(first, waiting)
     finally:
@@ -185,7 +185,7 @@ async def test_a_stream_never_read_still_frees_its_row(how):
     scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=50, max_queue_size=10)
     scheduler.start()
     try:
-        unread = scheduler.stream(request(0))
+        unread = scheduler.stream(request(0), timeout=30)
         staying = asyncio.create_task(scheduler.submit(request(1), timeout=30))
         await asyncio.sleep(0.2)  # both rows are generating
         if how == "closed":
@@ -222,3 +222,32 @@ async def test_a_request_given_up_while_queued_frees_its_place_at_once():
         model.release.set()
         await scheduler.stop()
     assert model.batches == [[0], [2]]
+
+
+async def test_a_stream_past_its_deadline_ends_with_timeout_and_frees_its_row():
+    model = SteppingModel(tokens=400, step_seconds=0.005)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=0, max_queue_size=10)
+    scheduler.start()
+    try:
+        with pytest.raises(TimeoutError, match="deadline"):
+            async for _ in scheduler.stream(request(0), timeout=0.3):
+                pass
+        while scheduler.batches_run == 0:
+            await asyncio.sleep(0.01)
+    finally:
+        await scheduler.stop()
+    assert scheduler.requests_cancelled == 1 and 10 < model.steps_done[0] < 200
+
+
+async def test_a_timed_out_wait_also_stops_its_row():
+    model = SteppingModel(tokens=400, step_seconds=0.005)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_wait_ms=0, max_queue_size=10)
+    scheduler.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await scheduler.submit(request(0), timeout=0.3)
+        while scheduler.batches_run == 0:
+            await asyncio.sleep(0.01)
+    finally:
+        await scheduler.stop()
+    assert 10 < model.steps_done[0] < 200
