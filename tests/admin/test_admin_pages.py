@@ -5,6 +5,7 @@ import re
 import pytest
 
 from app import auth
+from app.models import ApiKey
 
 PAGES = ["/admin", "/admin/adapters", "/admin/adapters/abc", "/admin/jobs", "/admin/jobs/new", "/admin/jobs/abc",
          "/admin/playground"]
@@ -28,6 +29,19 @@ def log_in(client, key: str, next_: str = "/admin", token: str | None = None):
     assert form.status_code == 200, form.status_code
     return client.post("/admin/login", data={"api_key": key, "csrf_token": token or csrf_of(form.text), "next": next_},
                        follow_redirects=False)
+
+
+def test_revoking_the_admin_key_ends_its_browser_session(keyed):
+    assert log_in(keyed, keyed.admin_key).status_code == 303
+    overview = keyed.get("/admin", follow_redirects=False)
+    assert overview.status_code == 200
+    headers = {"X-CSRF-Token": csrf_of(overview.text)}
+    assert keyed.delete("/adapters/missing", headers=headers).status_code == 404  # the session may manage
+    with keyed.app.state.runtime.sessions() as session:
+        session.delete(session.get(ApiKey, keyed.admin_key.split("_")[1]))
+        session.commit()
+    assert keyed.get("/admin", follow_redirects=False).status_code == 303
+    assert keyed.delete("/adapters/missing", headers=headers).status_code == 401
 
 
 @pytest.mark.parametrize("path", PAGES)
