@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.runtime import Runtime
@@ -26,3 +26,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 AdapterId = Annotated[str, Path(description="Adapter id", examples=["3f9a1c2b7d4e"])]
 JobId = Annotated[str, Path(description="Training job id", examples=["a41c9e2f0b7d"])]
+
+
+def invalid(field: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, naming the body field."""
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])

@@ -5,7 +5,7 @@ from contextlib import aclosing
 import torch
 from fastapi import APIRouter, HTTPException, Response
 
-from app.api.deps import RuntimeDep
+from app.api.deps import RuntimeDep, invalid
 from app.api.streaming import sse_response
 from app.engine.generation import GenerationRequest
 from app.engine.scheduler import Completion, QueueFull, RequestStream
@@ -15,11 +15,6 @@ from app.datasets import render
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"])
-
-
-def invalid(field: str, message: str) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors, naming the field."""
-    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
 def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:

@@ -21,8 +21,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from sqlalchemy import select
 
-from app.api.deps import RuntimeDep, SessionDep
-from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, invalid, run, start_stream
+from app.api.deps import RuntimeDep, SessionDep, invalid
+from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run, start_stream
 from app.api.streaming import merge, sse_response
 from app.engine.generation import GenerationRequest, GenerationResult
 from app.engine.scheduler import RequestStream

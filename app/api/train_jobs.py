@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
 
 from app import datasets, jobs
-from app.api.deps import JobId, RuntimeDep, SessionDep
+from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
 from app.auth import AdminAuth
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
@@ -31,10 +31,6 @@ def job_out(job: TrainJob) -> TrainJobOut:
         attempts=job.attempts, cancel_requested=job.cancel_requested,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )
-
-
-def _invalid(field: str, message: str) -> HTTPException:
-    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
 async def _parse_upload(upload: UploadFile, field: str, max_bytes: int, max_examples: int) -> list[datasets.Example]:
@@ -83,13 +79,13 @@ async def create_train_job(
     """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
     settings = runtime.settings
     if max_steps is not None and epochs is not None:
-        raise _invalid("epochs", "give max_steps or epochs, not both")
+        raise invalid("epochs", "give max_steps or epochs, not both")
     if "{input}" not in template:
-        raise _invalid("template", "must contain {input}")
+        raise invalid("template", "must contain {input}")
     if init == "text" and not (init_text and init_text.strip()):
-        raise _invalid("init_text", "is required when init is 'text'")
+        raise invalid("init_text", "is required when init is 'text'")
     if num_virtual_tokens > settings.max_virtual_tokens:
-        raise _invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
+        raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
     cap, max_examples = settings.max_dataset_bytes, settings.max_train_examples
     train = await _parse_upload(file, "file", cap, max_examples)
     validation = await _parse_upload(validation_file, "validation_file", cap, max_examples) if validation_file else None
