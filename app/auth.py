@@ -128,6 +128,7 @@ class Caller:
     role: Role
     via: Literal["key", "session", "open"]
     key_id: str | None = None
+    key_name: str | None = None
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -151,7 +152,7 @@ def authenticate(request: Request) -> Caller:
             key = find_key(session, token.strip())
             if key is None:
                 raise _unauthorized("invalid API key")
-            return Caller(key.role, "key", key.id)
+            return Caller(key.role, "key", key.id, key.name)
         # A browser sends cookies along on cross-site requests (it never adds a key header).
         unsafe = request.method not in SAFE_METHODS
         if unsafe and _cross_origin(request):
@@ -166,7 +167,7 @@ def authenticate(request: Request) -> Caller:
         if key is not None and key.role == "admin":
             if unsafe and not valid_csrf(request, request.headers.get(CSRF_HEADER)):
                 raise HTTPException(403, detail=f"missing or wrong {CSRF_HEADER} header for this admin session")
-            return Caller("admin", "session", key.id)
+            return Caller("admin", "session", key.id, key.name)
     raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
 
 

@@ -18,7 +18,6 @@ from fastapi.templating import Jinja2Templates
 from app import auth
 from app.admin import formatting
 from app.admin.paging import PER_PAGE_CHOICES, page_url
-from app.models import ApiKey
 
 APP_DIR = Path(__file__).resolve().parent.parent
 STATIC_DIR = APP_DIR / "static"
@@ -95,11 +94,7 @@ def admin_gate(request: Request) -> None:
     if caller.role != "admin":
         raise PageExit(error_page(request, 403, "These pages need an admin key; an inference key may only "
                                                 "generate and read through the API."))
-    key = None
-    if caller.key_id:
-        with request.app.state.runtime.sessions() as session:
-            key = session.get(ApiKey, caller.key_id)
-    request.state.viewer = Viewer(open_mode=caller.via == "open", key_name=key.name if key else None)
+    request.state.viewer = Viewer(open_mode=caller.via == "open", key_name=caller.key_name)
 
 
 def page_router(*, gated: bool = True) -> APIRouter:
