@@ -31,9 +31,14 @@ class Settings(BaseSettings):
     # output would depend on its neighbours. 0.0 keeps every row batch-invariant (property 6).
     llm_int8_threshold: float = 0.0
 
-    # Serving limits.
-    max_batch_size: int = Field(32, ge=1, le=256)
-    max_batch_wait_ms: int = Field(10, ge=0, le=10_000)
+    # Serving limits. Rows join and leave the running batch at every engine step.
+    max_batch_size: int = Field(32, ge=1, le=256)  # rows in the running batch
+    max_step_tokens: int = Field(512, ge=16, le=16_384)  # tokens per forward pass: bounds one step's time
+    # KV cache, preallocated: positions of every running row's soft prompt, prompt and output.
+    # Requests wait while it is full. ~36 KB a position for Gemma 3 270M in fp32, so 600 MB.
+    kv_cache_tokens: int = Field(16_384, ge=64)
+    # Positions of it kept for adapter prefixes (soft prompt + shared prompt start); 0 turns it off.
+    prefix_cache_tokens: int = Field(4_096, ge=0)
     max_queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1)

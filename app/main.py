@@ -35,14 +35,14 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         engine = make_engine(settings.database_url)
         runtime = Runtime.build(settings, model, make_session_factory(engine))
         check_open_mode(runtime)
-        runtime.scheduler.start()
+        runtime.engine.start()
         reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
         app.state.runtime = runtime
         try:
             yield
         finally:
             reaper.cancel()
-            await runtime.scheduler.stop()
+            await runtime.engine.stop()
             engine.dispose()
 
     app = FastAPI(

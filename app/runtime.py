@@ -1,5 +1,5 @@
 """What one API process holds: settings, the resident model, the registry's sessions, the
-adapter cache and the batch scheduler. Built once in the app's lifespan."""
+adapter cache and the engine. Built once in the app's lifespan."""
 
 import asyncio
 import logging
@@ -15,9 +15,10 @@ from celery import Celery
 from app import adapter_files, jobs, registry
 from app.config import Settings
 from app.engine.adapter_cache import AdapterCache
-from app.engine.generation import generate_batch
+from app.engine.core import EngineCore
+from app.engine.engine import Engine
 from app.engine.loader import BaseModel
-from app.engine.scheduler import BatchScheduler
+from app.engine.requests import SoftPrompt
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Runtime:
     base: BaseModel
     sessions: sessionmaker[Session]
     cache: AdapterCache
-    scheduler: BatchScheduler
+    engine: Engine
     celery: Celery | None = field(default=None)
 
     @classmethod
@@ -49,10 +50,14 @@ class Runtime:
             base=base,
             sessions=sessions,
             cache=AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype),
-            scheduler=BatchScheduler(
-                partial(generate_batch, base),
-                max_batch_size=settings.max_batch_size,
-                max_wait_ms=settings.max_batch_wait_ms,
+            engine=Engine(
+                EngineCore(
+                    base,
+                    kv_tokens=settings.kv_cache_tokens,
+                    max_rows=settings.max_batch_size,
+                    max_step_tokens=settings.max_step_tokens,
+                    prefix_cache_tokens=settings.prefix_cache_tokens,
+                ),
                 max_queue_size=settings.max_queue_size,
             ),
         )
@@ -82,25 +87,32 @@ class Runtime:
             except Exception:
                 log.exception("reaping stale jobs failed")
 
-    def _lookup(self, adapter_id: str) -> tuple[str, str | None] | None:
+    def _lookup(self, adapter_id: str) -> tuple[str, str, str | None] | None:
         with self.sessions() as session:
             adapter = registry.get_adapter(session, adapter_id)
-            return (adapter.base_fingerprint, adapter.template) if adapter else None
+            return (adapter.base_fingerprint, adapter.sha256, adapter.template) if adapter else None
 
-    async def soft_prompt(self, adapter_id: str) -> tuple[torch.Tensor, str | None]:
+    async def soft_prompt(self, adapter_id: str) -> tuple[SoftPrompt, str | None]:
         """The adapter's prompt embeddings on the model's device, and its template. The registry
-        is checked on every request, so a deleted adapter stops being served at once."""
+        is checked on every request, so a deleted adapter stops being served at once, and the
+        cache is keyed by id and content hash, so a replaced one is never served stale."""
         found = await asyncio.to_thread(self._lookup, adapter_id)
         if found is None:
             raise AdapterNotFound(adapter_id)
-        fingerprint, template = found
+        fingerprint, sha256, template = found
         if fingerprint != self.base.fingerprint:
             raise AdapterBaseMismatch(
                 f"adapter {adapter_id} was made for base model {fingerprint}, this server runs {self.base.fingerprint}"
             )
         directory = registry.adapter_dir(self.settings.adapters_dir, adapter_id)
+        load = partial(adapter_files.read_prompt_embeddings, directory)
         try:
-            tensor = await self.cache.get(adapter_id, partial(adapter_files.read_prompt_embeddings, directory))
+            soft_prompt = await self.cache.get((adapter_id, sha256), load)
         except FileNotFoundError:  # deleted between the lookup and the load
             raise AdapterNotFound(adapter_id) from None
-        return tensor, template
+        return soft_prompt, template
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """After a delete: drop its weights and its cached prefixes."""
+        self.cache.evict(adapter_id)
+        self.engine.drop_adapter(adapter_id)

@@ -150,6 +150,14 @@ class HealthOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ok", "base_model": "gemma-3-270m", "fingerprint": "gemma-3-270m@03110e641bfd72b2",
         "quantization": "int8", "device": "cpu", "queue_depth": 0,
+        "engine": {
+            "running": 5, "waiting": 0, "steps": 1840, "tokens_generated": 21093, "rows_shed": 0,
+            "queue_depth": 0, "requests_cancelled": 2,
+            "kv_cache": {"capacity_tokens": 16384, "used_tokens": 1024, "reserved_tokens": 608, "usage": 0.1,
+                         "block_size": 16, "bytes_per_token": 36864, "capacity_bytes": 603979776},
+            "prefix_cache": {"entries": 3, "tokens": 126, "capacity_tokens": 4096, "bytes": 4644864, "hits": 37,
+                             "misses": 3, "hit_rate": 0.925, "reused_tokens": 851},
+        },
         "adapter_cache": {"size": 3, "capacity": 64, "hits": 41, "misses": 3, "hit_rate": 0.93},
     }]})
 
@@ -159,4 +167,5 @@ class HealthOut(BaseModel):
     quantization: str
     device: str
     queue_depth: int
+    engine: dict = Field(description="Rows running and waiting, steps, KV cache and prefix cache use")
     adapter_cache: dict

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
-from app.engine.generation import GenerationRequest, generate_batch, stop_token_ids
+from app.engine.generation import generate_batch
+from app.engine.requests import GenerationRequest, stop_token_ids
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.reference import check_against_reference, reference_greedy_decode
 

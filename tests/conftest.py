@@ -26,10 +26,33 @@ POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://p
 INT8_TIE_TOLERANCE = 0.5
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer random Gemma 3 with a small byte-level BPE tokenizer trained on SST-2 text."""
+def tiny_gemma_config():
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_llama_config():
+    """Another family: no embedding scaling, no sliding window, grouped-query attention."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(folder: Path, config=None) -> Path:
+    """A 2-layer random model (Gemma 3 unless `config` says otherwise) with a small byte-level
+    BPE tokenizer trained on SST-2 text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     corpus = (DATASETS / "sst2" / "train.jsonl").read_text().splitlines()
     tokenizer = Tokenizer(models.BPE())
@@ -41,19 +64,14 @@ def build_tiny_model(folder: Path) -> Path:
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    config = Gemma3TextConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=512,
-        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config or tiny_gemma_config())
     # Default init gives near-uniform logits and degenerate repeats; these scales give varied,
     # decisive greedy output, so a row that sees the wrong prompt or position shows.
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 0.3)
-        model.get_output_embeddings().weight.normal_(0, 0.05)
+        if not model.config.tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0, 0.05)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
@@ -70,9 +88,29 @@ def tiny_base(tiny_model_dir) -> BaseModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_base(tmp_path_factory) -> BaseModel:
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_config())
+    return load_base_model(folder, Path("unused"), quantization="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def real_base() -> BaseModel:
     """The default Gemma 3 270M, int8, as `make run` serves it."""
     return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+def before_each_forward(engine, hook) -> list[int]:
+    """Call `hook(n)` in the engine's thread before its n-th forward pass (n from 1), to slow,
+    hold or fail steps. Returns a list that gets the number of rows sampled by each pass."""
+    forward, sampled = engine.core.runner.forward, []
+
+    def wrapped(embeds, positions, step, logits_at):
+        sampled.append(len(logits_at))
+        hook(len(sampled))
+        return forward(embeds, positions, step, logits_at)
+
+    engine.core.runner.forward = wrapped
+    return sampled
 
 
 def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from app.datasets import Example, render
-from app.engine.generation import GenerationRequest, generate_batch
+from app.engine.generation import generate_batch
+from app.engine.requests import GenerationRequest
 from app.engine.loader import BaseModel
 
 INIT_MODES = ("labels", "text", "vocab", "random")

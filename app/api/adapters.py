@@ -115,4 +115,4 @@ def download_adapter(adapter_id: AdapterId, session: SessionDep, runtime: Runtim
 def delete_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> None:
     adapter = _get_or_404(session, adapter_id)
     registry.delete_adapter(session, adapters_dir=runtime.settings.adapters_dir, adapter=adapter)
-    runtime.cache.evict(adapter_id)
+    runtime.forget_adapter(adapter_id)

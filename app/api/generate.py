@@ -2,13 +2,13 @@
 
 from contextlib import aclosing
 
-import torch
 from fastapi import APIRouter, HTTPException, Response
 
 from app.api.deps import RuntimeDep, invalid
 from app.api.streaming import sse_response
-from app.engine.generation import GenerationRequest
-from app.engine.scheduler import Completion, QueueFull, RequestStream
+from app.engine.core import EngineOverloaded, RequestTooLarge
+from app.engine.engine import Completion, QueueFull, RequestStream
+from app.engine.requests import GenerationRequest, SoftPrompt
 from app.engine.text_stream import TextDeltas
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
 from app.datasets import render
@@ -22,7 +22,7 @@ def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
         raise invalid(field, f"must be at most {runtime.settings.max_new_tokens_limit}")
 
 
-async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[torch.Tensor | None, str | None]:
+async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[SoftPrompt | None, str | None]:
     """The adapter's soft prompt and template; (None, None) for the base model."""
     if adapter_id is None:
         return None, None
@@ -60,25 +60,35 @@ async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRe
     )
 
 
-def _busy() -> HTTPException:
-    return HTTPException(503, detail="server busy: generation queue is full", headers={"Retry-After": "1"})
+def _busy(detail: str = "server busy: generation queue is full") -> HTTPException:
+    return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
 
 
-async def run(runtime: Runtime, request: GenerationRequest) -> Completion:
+def _too_large(exc: RequestTooLarge, field: str) -> HTTPException:
+    return invalid(field, f"{exc}: shorten the prompt or ask for fewer tokens")
+
+
+async def run(runtime: Runtime, request: GenerationRequest, tokens_field: str = "max_new_tokens") -> Completion:
     try:
-        return await runtime.scheduler.submit(request, timeout=runtime.settings.request_timeout_s)
+        return await runtime.engine.submit(request, timeout=runtime.settings.request_timeout_s)
     except QueueFull:
         raise _busy() from None
+    except RequestTooLarge as exc:
+        raise _too_large(exc, tokens_field) from None
+    except EngineOverloaded as exc:
+        raise _busy(str(exc)) from None
     except TimeoutError:
         raise HTTPException(504, detail="generation did not finish before the request deadline") from None
 
 
-def start_stream(runtime: Runtime, request: GenerationRequest) -> RequestStream:
+def start_stream(runtime: Runtime, request: GenerationRequest, tokens_field: str = "max_new_tokens") -> RequestStream:
     """Queue a streaming request; a full queue is still a plain 503, before any event is sent."""
     try:
-        return runtime.scheduler.stream(request, timeout=runtime.settings.request_timeout_s)
+        return runtime.engine.stream(request, timeout=runtime.settings.request_timeout_s)
     except QueueFull:
         raise _busy() from None
+    except RequestTooLarge as exc:
+        raise _too_large(exc, tokens_field) from None
 
 
 async def _generate_events(updates: RequestStream, request: GenerationRequest, adapter_id: str | None):
@@ -110,8 +120,9 @@ async def generate(body: GenerateRequest, runtime: RuntimeDep, response: Respons
         return sse_response(_generate_events(start_stream(runtime, request), request, body.adapter_id))
     completion = await run(runtime, request)
     response.headers["X-Queue-Time"] = f"{completion.queue_seconds:.4f}"
+    response.headers["X-Time-To-First-Token"] = f"{completion.first_token_seconds:.4f}"
     response.headers["X-Inference-Time"] = f"{completion.inference_seconds:.4f}"
-    response.headers["X-Batch-Size"] = str(completion.batch_size)
+    response.headers["X-Batch-Size"] = f"{completion.batch_size:.1f}"
     result = completion.result
     return GenerateResponse(
         text=result.text,

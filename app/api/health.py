@@ -10,7 +10,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthOut)
 def health(runtime: RuntimeDep) -> dict:
-    """Liveness (no key needed), the resident model, queue depth and adapter-cache statistics."""
+    """Liveness (no key needed), the resident model, and how the engine is doing: queue depth,
+    running rows, KV cache and prefix cache use, adapter cache statistics."""
     base = runtime.base
     return {
         "status": "ok",
@@ -18,6 +19,7 @@ def health(runtime: RuntimeDep) -> dict:
         "fingerprint": base.fingerprint,
         "quantization": base.quantization,
         "device": str(base.device),
-        "queue_depth": runtime.scheduler.queue_depth,
+        "queue_depth": runtime.engine.queue_depth,
+        "engine": runtime.engine.stats(),
         "adapter_cache": runtime.cache.stats(),
     }

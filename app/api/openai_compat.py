@@ -24,8 +24,8 @@ from sqlalchemy import select
 from app.api.deps import RuntimeDep, SessionDep, invalid
 from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run, start_stream
 from app.api.streaming import merge, sse_response
-from app.engine.generation import GenerationRequest, GenerationResult
-from app.engine.scheduler import RequestStream
+from app.engine.engine import RequestStream
+from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.text_stream import TextDeltas
 from app.models import Adapter
 from app.runtime import Runtime
@@ -189,7 +189,7 @@ def _usage(results: Sequence[GenerationResult]) -> CompletionUsage:
 
 async def _complete(runtime: Runtime, requests: list[GenerationRequest]) -> list[GenerationResult]:
     """Queue every prompt at once, so they share a batch; if one fails, the others leave the queue."""
-    tasks = [asyncio.create_task(run(runtime, request)) for request in requests]
+    tasks = [asyncio.create_task(run(runtime, request, "max_tokens")) for request in requests]
     try:
         return [completion.result for completion in await asyncio.gather(*tasks)]
     finally:
@@ -201,7 +201,7 @@ def _start_streams(runtime: Runtime, requests: list[GenerationRequest]) -> list[
     streams = []
     try:
         for request in requests:
-            streams.append(start_stream(runtime, request))
+            streams.append(start_stream(runtime, request, "max_tokens"))
     except HTTPException:  # queue full part-way: take back the ones already queued
         for stream in streams:
             stream.cancel()

@@ -30,8 +30,8 @@ async def _events(payloads: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 def sse_response(payloads: AsyncIterator[dict]) -> StreamingResponse:
     """Stream `payloads` as `data:` events, then `data: [DONE]`. When the client disconnects,
-    Starlette cancels the iterator (or it is closed), and the scheduler's stream cancels its row
-    (see BatchScheduler.stream)."""
+    Starlette cancels the iterator (or it is closed), and the engine's stream cancels its row
+    (see Engine.stream)."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(_events(payloads), media_type="text/event-stream", headers=headers)
 

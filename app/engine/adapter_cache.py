@@ -1,4 +1,5 @@
-"""LRU cache of soft-prompt tensors on the model's device, keyed by adapter id.
+"""LRU cache of soft prompts on the model's device, keyed by adapter id and file hash, so an
+adapter whose content changed is loaded afresh, never served from a stale entry.
 
 Concurrent first uses of a cold adapter share one load (single flight); loading runs in a
 thread so the event loop keeps serving.
@@ -10,24 +11,31 @@ from collections.abc import Callable
 
 import torch
 
+from app.engine.requests import SoftPrompt
+
+Key = tuple[str, str]  # (adapter id, sha256 of its files)
+
 
 class AdapterCache:
     def __init__(self, capacity: int, device: torch.device, dtype: torch.dtype):
         self.capacity = capacity
         self.device = device
         self.dtype = dtype
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._loading: dict[str, asyncio.Future] = {}
+        self._entries: OrderedDict[Key, SoftPrompt] = OrderedDict()
+        self._loading: dict[Key, asyncio.Future] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: Key) -> bool:
         return key in self._entries
 
-    async def get(self, key: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _load(self, key: Key, load: Callable[[], torch.Tensor]) -> SoftPrompt:
+        return SoftPrompt(load().to(self.device, self.dtype), adapter_id=key[0])
+
+    async def get(self, key: Key, load: Callable[[], torch.Tensor]) -> SoftPrompt:
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
@@ -39,21 +47,22 @@ class AdapterCache:
         future = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            tensor = await asyncio.to_thread(lambda: load().to(self.device, self.dtype))
+            soft_prompt = await asyncio.to_thread(self._load, key, load)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
             raise
         finally:
             del self._loading[key]
-        self._entries[key] = tensor
+        self._entries[key] = soft_prompt
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-        future.set_result(tensor)
-        return tensor
+        future.set_result(soft_prompt)
+        return soft_prompt
 
-    def evict(self, key: str) -> None:
-        self._entries.pop(key, None)
+    def evict(self, adapter_id: str) -> None:
+        for key in [k for k in self._entries if k[0] == adapter_id]:
+            del self._entries[key]
 
     def stats(self) -> dict:
         lookups = self.hits + self.misses

@@ -8,19 +8,18 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.generation import GenerationRequest, _row_embeddings, stop_token_ids
 from app.engine.loader import BaseModel
+from app.engine.requests import SoftPrompt, row_embeddings, stop_token_ids
 
 
 @torch.inference_mode()
-def _next_token_logits(base: BaseModel, soft_prompt: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
-    request = GenerationRequest(prompt_ids=ids, soft_prompt=soft_prompt, max_new_tokens=1)
-    embeds = _row_embeddings(base, request)[None]
+def _next_token_logits(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
+    embeds = row_embeddings(base, soft_prompt, ids)[None]
     return base.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
 
 def reference_greedy_decode(
-    base: BaseModel, soft_prompt: torch.Tensor | None, prompt_ids: list[int], max_new_tokens: int
+    base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, prompt_ids: list[int], max_new_tokens: int
 ) -> list[int]:
     eos_ids = stop_token_ids(base)
     generated: list[int] = []
@@ -41,7 +40,7 @@ class ReferenceCheck:
 
 
 def check_against_reference(
-    base: BaseModel, soft_prompt: torch.Tensor | None, prompt_ids: list[int], tokens: list[int],
+    base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, prompt_ids: list[int], tokens: list[int],
     max_new_tokens: int, tie_tolerance: float = 0.0,
 ) -> ReferenceCheck:
     """Compare engine output with the reference. With int8 weights, activations are rounded to

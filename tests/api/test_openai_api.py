@@ -11,13 +11,13 @@ import pytest
 
 from app.models import Adapter
 from tests.api.test_generate_api import PROMPTS, expected_text
-from tests.api.test_streaming import after_each_token, assert_leaving_frees_the_rows, fail_at_third_token, split_stop
-from tests.conftest import random_soft_prompt, upload_adapter
+from tests.api.test_streaming import assert_leaving_frees_the_rows, fail_at_third_step, split_stop
+from tests.conftest import before_each_forward, random_soft_prompt, upload_adapter
 
 
 @pytest.fixture
 def server(make_live_server, tiny_base):
-    return make_live_server(tiny_base, max_batch_wait_ms=50)
+    return make_live_server(tiny_base)
 
 
 def openai_client(server) -> openai.OpenAI:
@@ -66,12 +66,13 @@ def test_max_tokens_defaults_to_16_like_openai(client, tiny_base):
 def test_a_list_of_prompts_gives_one_choice_each_in_order_from_one_batch(server, client, tiny_base):
     soft_prompt = random_soft_prompt(tiny_base, 4, seed=5)
     adapter_id = upload(server, soft_prompt)
+    sampled = before_each_forward(server.runtime.engine, lambda n: None)
     completion = client.completions.create(model=adapter_id, prompt=PROMPTS[:3], max_tokens=8, temperature=0)
     assert [c.index for c in completion.choices] == [0, 1, 2]
     assert [c.text for c in completion.choices] == [expected_text(tiny_base, soft_prompt, p, 8) for p in PROMPTS[:3]]
     assert completion.usage.prompt_tokens == sum(prompt_tokens(tiny_base, p) for p in PROMPTS[:3])
     assert completion.usage.completion_tokens == 24
-    assert server.runtime.scheduler.batches_run == 1
+    assert max(sampled) == 3  # the three rows decode in the same forward passes
 
 
 def test_streamed_chunks_add_up_to_each_choice_with_usage_last(server, client, tiny_base):
@@ -96,7 +97,7 @@ def test_without_include_usage_no_usage_chunk_is_sent(client, tiny_base):
 
 
 def test_a_batch_that_fails_mid_stream_raises_in_the_client(server, client, tiny_base):
-    after_each_token(server.runtime.scheduler, fail_at_third_token)
+    before_each_forward(server.runtime.engine, fail_at_third_step)
     with pytest.raises(openai.APIError, match="generation failed: device lost"):
         list(client.completions.create(model=tiny_base.name, prompt=PROMPTS[:2], max_tokens=20, temperature=0, stream=True))
 
@@ -188,10 +189,10 @@ def test_more_prompts_than_the_queue_holds_is_a_422_not_a_retry(make_live_server
 
 
 def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_server, tiny_base):
-    server = make_live_server(tiny_base, max_queue_size=2, max_batch_size=1, max_batch_wait_ms=0)
-    scheduler, client = server.runtime.scheduler, openai_client(server)
+    server = make_live_server(tiny_base, max_queue_size=2, max_batch_size=1)
+    engine, client = server.runtime.engine, openai_client(server)
     started, release = threading.Event(), threading.Event()
-    after_each_token(scheduler, lambda result: started.set() or release.wait(30))  # holds the first batch
+    before_each_forward(engine, lambda n: started.set() or release.wait(30))  # holds the first request's steps
 
     def wait_until(condition):
         deadline = time.monotonic() + 10
@@ -202,9 +203,9 @@ def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_
     with ThreadPoolExecutor(2) as pool:
         single = {"model": tiny_base.name, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
         running = pool.submit(client.completions.create, **single)
-        assert started.wait(10)  # its batch is running, and held
+        assert started.wait(10)  # it is running, and held
         waiting = pool.submit(client.completions.create, **single)
-        wait_until(lambda: scheduler.queue_depth == 1)  # one of two places is taken
+        wait_until(lambda: engine.queue_depth == 1)  # one of two places is taken
         for stream in (False, True):  # the first prompt of the list fits, the second finds the queue full
             with pytest.raises(openai.InternalServerError) as raised:
                 client.completions.create(model=tiny_base.name, prompt=PROMPTS[:2], max_tokens=2, temperature=0,
@@ -212,5 +213,5 @@ def test_a_full_queue_refuses_a_list_of_prompts_and_runs_none_of_them(make_live_
             assert raised.value.status_code == 503 and raised.value.response.headers["Retry-After"] == "1"
         release.set()
         assert running.result().choices[0].text and waiting.result().choices[0].text
-    assert scheduler.requests_cancelled == 1  # the streamed one; the other was a cancelled wait
-    assert scheduler.batches_run == 2  # the two single requests only: the lists' prompts never ran
+    assert engine.requests_cancelled == 1  # the streamed one; the other was a cancelled wait
+    assert engine.core.requests_admitted == 2  # the two single requests only: the lists' prompts never ran

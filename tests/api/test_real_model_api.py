@@ -23,5 +23,7 @@ def test_upload_and_generate_on_the_real_model(make_client, real_base):
     tokens = real_base.tokenizer(body["text"], add_special_tokens=False).input_ids
     check = check_against_reference(real_base, prompt, ids, tokens, 8, INT8_TIE_TOLERANCE)
     assert check.agrees, (body, check)
-    base_only = client.post("/generate", json={"prompt": text_prompt, "max_new_tokens": 8}).json()
-    assert base_only["text"] != body["text"]  # the soft prompt steers the real model
+    # The soft prompt steers the real model (a sentiment prompt's answer is too settled to show it).
+    story = {"prompt": "Once upon a time", "max_new_tokens": 8}
+    steered = client.post("/generate", json=story | {"adapter_id": adapter_id}).json()["text"]
+    assert steered != client.post("/generate", json=story).json()["text"]

@@ -12,7 +12,7 @@ from app.api.streaming import merge
 from app.engine.reference import reference_greedy_decode
 from app.engine.text_stream import TextDeltas
 from tests.api.test_generate_api import PROMPTS, expected_text
-from tests.conftest import random_soft_prompt, upload_adapter
+from tests.conftest import before_each_forward, random_soft_prompt, upload_adapter
 
 
 def sse_payloads(lines) -> list[dict]:
@@ -36,40 +36,26 @@ def split_stop(base, soft_prompt, prompt: str, max_new_tokens: int) -> tuple[str
     raise AssertionError(f"no stop string splits across tokens in {text!r}")
 
 
-def after_each_token(scheduler, hook) -> None:
-    """Call `hook(result so far)` in the model thread after each token of each row."""
-    run_batch = scheduler._run_batch
-
-    def wrapped(requests, on_step):
-        def step(index, result, finished):
-            on_step(index, result, finished)
-            hook(result)
-
-        return run_batch(requests, step)
-
-    scheduler._run_batch = wrapped
-
-
-def fail_at_third_token(result) -> None:
-    if len(result.token_ids) == 3:
+def fail_at_third_step(n: int) -> None:
+    if n == 3:
         raise RuntimeError("device lost")
 
 
 def assert_leaving_frees_the_rows(server, path: str, body: dict, rows: int) -> None:
     """Read one event of a long stream of `rows` rows, hang up, and see every row cancelled
     long before it could have reached its token limit."""
-    scheduler, limit = server.runtime.scheduler, server.runtime.settings.max_new_tokens_limit
-    after_each_token(scheduler, lambda result: time.sleep(0.005))  # a long generation outlasts the client
+    engine, limit = server.runtime.engine, server.runtime.settings.max_new_tokens_limit
+    before_each_forward(engine, lambda n: time.sleep(0.005))  # a long generation outlasts the client
     with httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", path, json=body) as response:
             assert response.status_code == 200
             assert next(response.iter_lines()).startswith("data: {")
     deadline = time.monotonic() + 10
-    while scheduler.requests_cancelled < rows or scheduler.batches_run < 1:
-        assert time.monotonic() < deadline, f"{scheduler.requests_cancelled} of {rows} rows cancelled"
+    while engine.requests_cancelled < rows or engine.core.running:
+        assert time.monotonic() < deadline, f"{engine.requests_cancelled} of {rows} rows cancelled"
         time.sleep(0.02)
-    assert scheduler.requests_cancelled == rows and scheduler.batches_run == 1
-    assert scheduler.tokens_generated < rows * limit / 4, scheduler.tokens_generated
+    assert engine.requests_cancelled == rows and engine.core.requests_admitted == rows
+    assert engine.core.tokens_generated < rows * limit / 4, engine.core.tokens_generated
 
 
 @pytest.fixture
@@ -105,7 +91,7 @@ def test_stream_stops_before_a_stop_string_split_across_tokens(client, tiny_base
 
 
 def test_a_batch_that_fails_mid_stream_ends_it_with_an_error_event(client):
-    after_each_token(client.app.state.runtime.scheduler, fail_at_third_token)
+    before_each_forward(client.app.state.runtime.engine, fail_at_third_step)
     events = stream_generate(client, {"prompt": PROMPTS[0], "max_new_tokens": 20})
     assert events[-1] == {"error": {"message": "generation failed: device lost", "type": "server_error"}}
     assert all("error" not in e for e in events[:-1])

@@ -13,10 +13,10 @@ def make_cache(capacity=2):
 async def test_lru_evicts_least_recently_used():
     cache = make_cache(capacity=2)
     for key in ("a", "b"):
-        await cache.get(key, lambda: torch.zeros(2, 4))
-    await cache.get("a", lambda: pytest.fail("a is cached"))  # touch a: b is now oldest
-    await cache.get("c", lambda: torch.ones(2, 4))
-    assert "b" not in cache and "a" in cache and "c" in cache
+        await cache.get((key, "sha"), lambda: torch.zeros(2, 4))
+    await cache.get(("a", "sha"), lambda: pytest.fail("a is cached"))  # touch a: b is now oldest
+    await cache.get(("c", "sha"), lambda: torch.ones(2, 4))
+    assert ("b", "sha") not in cache and ("a", "sha") in cache and ("c", "sha") in cache
     assert cache.stats() == {"size": 2, "capacity": 2, "hits": 1, "misses": 3, "hit_rate": 0.25}
 
 
@@ -32,9 +32,10 @@ async def test_concurrent_first_uses_load_once():
         time.sleep(0.2)
         return torch.full((2, 4), 7.0, dtype=torch.float16)
 
-    tensors = await asyncio.gather(*(cache.get("x", slow_load) for _ in range(5)))
+    prompts = await asyncio.gather(*(cache.get(("x", "sha"), slow_load) for _ in range(5)))
     assert calls == 1
-    assert all(t.dtype == torch.float32 and t[0, 0] == 7.0 for t in tensors)
+    assert all(p.embeddings.dtype == torch.float32 and p.embeddings[0, 0] == 7.0 for p in prompts)
+    assert {p.adapter_id for p in prompts} == {"x"}
 
 
 async def test_failed_load_is_not_cached_and_reaches_every_waiter():
@@ -46,14 +47,23 @@ async def test_failed_load_is_not_cached_and_reaches_every_waiter():
         time.sleep(0.1)
         raise FileNotFoundError("gone")
 
-    results = await asyncio.gather(*(cache.get("x", broken) for _ in range(3)), return_exceptions=True)
+    results = await asyncio.gather(*(cache.get(("x", "sha"), broken) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, FileNotFoundError) for r in results)
-    assert "x" not in cache
-    assert (await cache.get("x", lambda: torch.zeros(1, 4))).shape == (1, 4)
+    assert ("x", "sha") not in cache
+    assert (await cache.get(("x", "sha"), lambda: torch.zeros(1, 4))).embeddings.shape == (1, 4)
 
 
-async def test_evict_forgets_the_entry():
-    cache = make_cache()
-    await cache.get("x", lambda: torch.zeros(1, 4))
+async def test_evict_forgets_every_version_of_the_adapter():
+    cache = make_cache(capacity=4)
+    await cache.get(("x", "old"), lambda: torch.zeros(1, 4))
+    await cache.get(("x", "new"), lambda: torch.ones(1, 4))
+    await cache.get(("y", "sha"), lambda: torch.ones(1, 4))
     cache.evict("x")
-    assert "x" not in cache and len(cache) == 0
+    assert len(cache) == 1 and ("y", "sha") in cache
+
+
+async def test_same_id_with_other_content_is_loaded_afresh_with_its_own_digest():
+    cache = make_cache()
+    old = await cache.get(("x", "sha-1"), lambda: torch.zeros(1, 4))
+    new = await cache.get(("x", "sha-2"), lambda: torch.ones(1, 4))
+    assert new.embeddings[0, 0] == 1.0 and old.digest != new.digest

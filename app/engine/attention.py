@@ -1,0 +1,139 @@
+"""Attention over the engine's paged KV cache, plugged into transformers' attention interface.
+
+An engine step feeds the model ONE flat sequence `[1, T]` holding the new tokens of every row
+(one token for a decoding row, a chunk for a prefilling one), with each token's own position.
+For every layer this function writes the new keys/values into their cache slots, then lets each
+row's queries attend to that row's slots only: rows are gathered by a per-row slot table, so rows
+of any length, adapter and prefix (shared slots) mix in one forward pass.
+
+Outside an engine step (training, the reference decode, PEFT) the model's own attention runs
+unchanged: the step is passed through a context variable, which other threads never see.
+"""
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "softserve_paged+"
+_current: ContextVar["StepAttention | None"] = ContextVar("softserve_step", default=None)
+
+
+@dataclass
+class RowGroup:
+    """Rows that attend together, padded to `queries` new tokens and `keys` cached positions."""
+
+    tokens: torch.Tensor  # [rows * queries] index of each (row, query) in the flat sequence; padding repeats 0
+    valid: torch.Tensor | None  # [rows * queries] bool, None when nothing is padding
+    slots: torch.Tensor  # [rows * keys] cache slot of each (row, key position); padding points at slot 0
+    query_positions: torch.Tensor  # [rows, queries]
+    key_lengths: torch.Tensor  # [rows] positions each row attends to (its past plus its new tokens)
+    rows: int
+    queries: int
+    keys: int
+    _bias: dict = field(default_factory=dict)  # sliding window -> additive mask, made once per step
+
+    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, queries, keys]: 0 where a query sees a key (causal, in its row, inside the
+        window), -inf elsewhere. Padded queries see key 0 so their softmax stays finite."""
+        if window not in self._bias:
+            keys = torch.arange(self.keys, device=self.slots.device)
+            positions = self.query_positions[:, :, None]
+            visible = (keys <= positions) & (keys < self.key_lengths[:, None, None])
+            if window is not None:  # transformers' sliding window: key > query - window
+                visible &= keys > positions - window
+            visible[..., 0] |= ~visible.any(-1)
+            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            self._bias[window] = bias.masked_fill_(~visible, float("-inf"))
+        return self._bias[window]
+
+
+@dataclass
+class StepAttention:
+    """What every layer needs for one engine step: where new keys go and who attends to what."""
+
+    keys: torch.Tensor  # [layers, slots, kv_heads, head_dim]
+    values: torch.Tensor
+    write_slots: torch.Tensor  # [T] cache slot of each new token
+    groups: list[RowGroup]  # decoding rows together, prefilling rows together
+
+
+@contextmanager
+def engine_step(step: StepAttention):
+    token = _current.set(step)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _attend(query, keys, values, bias, scaling: float, softcap: float | None) -> torch.Tensor:
+    """query [R, H, Q, D], keys/values [R, L, KVH, D], bias [R, Q, L] -> [R, H, Q, D]. Query heads
+    are grouped under their key/value head, so keys are never repeated per head."""
+    rows, heads, queries, dim = query.shape
+    kv_heads = keys.shape[2]
+    group = heads // kv_heads
+    q = query.reshape(rows, kv_heads, group * queries, dim)
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scaling  # [R, KVH, G*Q, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(rows, kv_heads, group, queries, -1) + bias[:, None, None]
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(rows, kv_heads, group * queries, -1)
+    return torch.matmul(probs, values.transpose(1, 2)).view(rows, heads, queries, dim)
+
+
+def _paged_attention(step: StepAttention, module, query, key, value, scaling, sliding_window, softcap):
+    layer = module.layer_idx
+    cache_k, cache_v = step.keys[layer], step.values[layer]
+    # query [1, H, T, D]; key/value [1, KVH, T, D] -> the cache's [T, KVH, D] layout
+    cache_k.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(cache_k.dtype))
+    cache_v.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(cache_v.dtype))
+    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    flat_query = query[0].transpose(0, 1)  # [T, H, D]
+    out = flat_query.new_empty(total, heads, dim)
+    for group in step.groups:
+        q = flat_query.index_select(0, group.tokens).view(group.rows, group.queries, heads, dim).transpose(1, 2)
+        k = cache_k.index_select(0, group.slots).view(group.rows, group.keys, *cache_k.shape[1:])
+        v = cache_v.index_select(0, group.slots).view(group.rows, group.keys, *cache_v.shape[1:])
+        attended = _attend(q, k, v, group.bias(sliding_window, q.dtype), scaling, softcap)
+        attended = attended.transpose(1, 2).reshape(group.rows * group.queries, heads, dim)
+        if group.valid is None:
+            out.index_copy_(0, group.tokens, attended.to(out.dtype))
+        else:
+            out.index_copy_(0, group.tokens[group.valid], attended[group.valid].to(out.dtype))
+    return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return
+
+
+def install(model) -> None:
+    """Route the model's attention through the engine during engine steps; elsewhere it keeps its
+    own implementation (and mask). Idempotent."""
+    original = model.config._attn_implementation
+    if original.startswith(PREFIX):
+        return
+    name = PREFIX + original
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        step = _current.get()
+        if step is None:
+            if original in ALL_ATTENTION_FUNCTIONS:
+                fallback = ALL_ATTENTION_FUNCTIONS[original]
+            else:  # "eager" is each modeling file's own function
+                fallback = sys.modules[type(module).__module__].eager_attention_forward
+            return fallback(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return _paged_attention(step, module, query, key, value, scaling, kwargs.get("sliding_window"),
+                                kwargs.get("softcap"))
+
+    def mask(*args, **kwargs):
+        return None if _current.get() is not None else fallback_mask(*args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    if original in ALL_MASK_ATTENTION_FUNCTIONS:  # else the model makes no mask: neither do we
+        fallback_mask = ALL_MASK_ATTENTION_FUNCTIONS[original]
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    model.set_attn_implementation(name)

@@ -1,0 +1,453 @@
+"""The engine core: continuous batching of soft-prompt rows over the paged KV cache.
+
+Every `step()` admits waiting requests while rows and KV blocks allow (each row reserves the blocks
+it can ever need, so nothing runs out half-way), then runs ONE forward pass over:
+  - one new token for every decoding row, whatever its adapter and length, and
+  - prompt chunks of prefilling rows, up to MAX_STEP_TOKENS in all, so a long prompt never
+    stalls the decoding rows for more than one chunk;
+then samples a token for every row whose known positions are all computed. A row is finished the
+moment its last token is chosen, and its slots go back to the pool at once.
+
+A row starts from the longest cached prefix of its adapter (soft prompt, then prompt tokens) and
+computes only the rest; when it has computed its prompt, its slots are offered to the prefix
+cache. Failures stay with their rows: a request that cannot be prepared is refused alone, a row
+whose logits are unusable fails alone, and an out-of-memory sheds the newest row and retries.
+
+Synchronous and single-threaded: `app.engine.engine.Engine` drives it from its own thread.
+"""
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.attention import RowGroup, StepAttention
+from app.engine.detokenize import IncrementalDetokenizer
+from app.engine.kv_cache import BLOCK_SIZE, KVCache, KVShape
+from app.engine.loader import BaseModel
+from app.engine.prefix_cache import PrefixCache, PrefixKey
+from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
+from app.engine.runner import ModelRunner
+from app.engine.sampling import RowSampling, sample
+
+THROUGHPUT_WINDOW_S = 60.0
+BASE_MODEL_KEY = PrefixKey("", "")
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit the KV cache."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The row was shed to relieve memory pressure; the client may retry."""
+
+
+class RowFailed(RuntimeError):
+    """This row alone failed (its logits or its text could not be used)."""
+
+
+@dataclass(eq=False)
+class Row:
+    request: GenerationRequest
+    handle: object  # whatever the caller wants back with this row's events
+    key: PrefixKey
+    virtual: int  # soft prompt length: positions 0..virtual-1
+    tokens: list[int]  # the prompt, then generated tokens
+    sampling: RowSampling
+    detokenizer: IncrementalDetokenizer
+    result: GenerationResult
+    enqueued_at: float
+    lane: int = -1  # row of the slot table
+    computed: int = 0  # positions whose keys and values are cached
+    shared: int = 0  # positions read from a prefix entry
+    blocks: list[int] = field(default_factory=list)  # own blocks, in position order
+    borrowed: list[int] = field(default_factory=list)  # a prefix entry's blocks this row reads
+    reserved: int = 0  # blocks promised to this row and not yet taken
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    steps: int = 0  # engine steps this row was part of
+    step_rows: int = 0  # sum of the rows in those steps (for the mean batch size)
+    error: BaseException | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions known: soft prompt, prompt and generated tokens (the newest not yet cached)."""
+        return self.virtual + len(self.tokens)
+
+    @property
+    def prompt_positions(self) -> int:
+        return self.virtual + self.result.prompt_tokens
+
+
+@dataclass
+class _Work:
+    row: Row
+    start: int  # first position computed in this step
+    count: int
+    offset: int  # index of its first token in the step's flat sequence
+
+
+class EngineCore:
+    def __init__(
+        self,
+        base: BaseModel,
+        kv_tokens: int,
+        max_rows: int,
+        max_step_tokens: int = 512,
+        prefix_cache_tokens: int | None = None,
+    ):
+        self.base = base
+        self.runner = ModelRunner(base)
+        self.device = base.device
+        self.kv = KVCache(KVShape.of(base.model.config, base.embed_dtype), kv_tokens, base.device)
+        self.prefix = PrefixCache(self.kv, kv_tokens if prefix_cache_tokens is None else prefix_cache_tokens)
+        self.max_rows = max_rows
+        self.max_step_tokens = max(max_step_tokens, max_rows)  # every decoding row fits every step
+        self.eos_ids = stop_token_ids(base)
+        self.table = torch.zeros(max_rows, 256, dtype=torch.long, device=self.device)  # lane, position -> slot
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []
+        self._free_lanes = list(range(max_rows - 1, -1, -1))
+        self.logits_hook: Callable[[list[Row], torch.Tensor], None] | None = None  # sees every step's logits
+        self.steps = 0
+        self.requests_admitted = 0
+        self.tokens_generated = 0
+        self.rows_shed = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+
+    # -- requests in ----------------------------------------------------------------------------
+
+    def positions_needed(self, request: GenerationRequest) -> int:
+        """Worst-case KV positions of a request: the newest token is never fed back."""
+        return request.virtual_tokens + len(request.prompt_ids) + request.max_new_tokens - 1
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        need = math.ceil(self.positions_needed(request) / BLOCK_SIZE)
+        if need > self.kv.capacity_blocks:
+            raise RequestTooLarge(
+                f"needs {self.positions_needed(request)} KV cache positions (soft prompt + prompt + max new tokens); "
+                f"the cache holds {self.kv.capacity_blocks * BLOCK_SIZE}"
+            )
+
+    def add(self, request: GenerationRequest, handle: object = None) -> Row:
+        """Queue a request. Raises ValueError (RequestTooLarge included) if it can never run."""
+        self.check_fits(request)
+        soft = request.soft_prompt
+        if soft is not None and (soft.embeddings.ndim != 2 or soft.embeddings.shape[1] != self.base.hidden_size):
+            raise ValueError(f"soft prompt must be [virtual tokens, {self.base.hidden_size}]")
+        if any(not 0 <= t < self.runner.vocab_size for t in request.prompt_ids):
+            raise ValueError("prompt has token ids outside the vocabulary")
+        if not request.prompt_ids and soft is None:
+            raise ValueError("empty prompt and no soft prompt: nothing to continue from")
+        row = Row(
+            request=request,
+            handle=handle,
+            key=BASE_MODEL_KEY if soft is None else PrefixKey(soft.adapter_id, soft.digest),
+            virtual=0 if soft is None else len(soft),
+            tokens=list(request.prompt_ids),
+            sampling=RowSampling.create(request.temperature, request.top_p, request.seed, self.device),
+            detokenizer=IncrementalDetokenizer(self.base.tokenizer),
+            result=GenerationResult(prompt_tokens=len(request.prompt_ids)),
+            enqueued_at=time.perf_counter(),
+        )
+        self.waiting.append(row)
+        return row
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        self.prefix.drop_adapter(adapter_id)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[str, Row]]:
+        """Admit what fits, then advance every row by one forward pass. Returns events:
+        ("admitted", row), ("token", row) after each new token (the row's result so far),
+        ("finished", row) and ("failed", row)."""
+        return self.admit() + self.run()
+
+    def admit(self) -> list[tuple[str, Row]]:
+        """Drop cancelled rows and admit waiting requests while rows and KV blocks allow."""
+        events: list[tuple[str, Row]] = []
+        for row in [r for r in self.running if r.request.cancelled.is_set()]:
+            self._finish(row, "cancelled", events)
+        self._admit(events)
+        return events
+
+    def run(self) -> list[tuple[str, Row]]:
+        """One forward pass over the running rows, and a token for each row it completes."""
+        events: list[tuple[str, Row]] = []
+        work = self._plan()
+        if not work:
+            return events
+        try:
+            logits, sampling = self._forward(work)
+        except Exception as exc:  # the pass failed: its rows fail (or the newest is shed), the engine goes on
+            self._fail_step(work, exc, events)
+            return events
+        self.steps += 1
+        for item in work:
+            item.row.computed += item.count
+            item.row.steps += 1
+            item.row.step_rows += len(work)
+            if item.row.computed == item.row.prompt_positions:
+                self._offer_prefix(item.row)
+        if self.logits_hook is not None:
+            self.logits_hook(sampling, logits)
+        self._take_tokens(sampling, logits, events)
+        return events
+
+    def _admit(self, events: list) -> None:
+        while self.waiting and self._free_lanes:
+            row = self.waiting[0]
+            if row.request.cancelled.is_set():
+                self.waiting.popleft()
+                self._finish(row, "cancelled", events)
+                continue
+            prefix_slots = self._reserve(row)
+            if prefix_slots is None:
+                return  # first come, first served: the head waits for memory, and so do the rest
+            self.waiting.popleft()
+            row.lane = self._free_lanes.pop()
+            row.admitted_at = time.perf_counter()
+            self._ensure_table_width(self.positions_needed(row.request) + 1)
+            self.table[row.lane, : row.shared] = prefix_slots
+            self.running.append(row)
+            self.requests_admitted += 1
+            events.append(("admitted", row))
+
+    def _reserve(self, row: Row) -> torch.Tensor | None:
+        """Reserve the row's worst-case blocks, reading what it can from a prefix entry, and
+        return the slots it reads (None if the pool is short even after evicting every cached
+        prefix not in use)."""
+        total = self.positions_needed(row.request)
+        while True:
+            entry, shared = self.prefix.match(row.key, row.tokens, row.length)
+            if entry is not None:
+                self.kv.share(entry.blocks)  # held before any eviction could free them
+            blocks = math.ceil((total - shared) / BLOCK_SIZE)
+            if self.kv.reserve(blocks):
+                break
+            if entry is not None:
+                self.kv.release(entry.blocks)
+            if not self.prefix.evict_oldest():
+                return None
+        self.prefix.record(row.key, shared)
+        row.reserved = blocks
+        if entry is None:
+            return self.table.new_empty(0)
+        row.borrowed, row.shared, row.computed = entry.blocks, shared, shared
+        return entry.slots[:shared]
+
+    def _ensure_table_width(self, width: int) -> None:
+        if width > self.table.shape[1]:
+            wider = torch.zeros(self.max_rows, max(width, 2 * self.table.shape[1]), dtype=torch.long, device=self.device)
+            wider[:, : self.table.shape[1]] = self.table
+            self.table = wider
+
+    def _plan(self) -> list[_Work]:
+        """Decoding rows first (one token each), then prompt chunks in admission order."""
+        budget = self.max_step_tokens
+        work, offset = [], 0
+        for row in self.running:
+            if row.length - row.computed == 1:
+                work.append(_Work(row, row.computed, 1, offset))
+                offset += 1
+        budget -= offset
+        for row in self.running:
+            pending = row.length - row.computed
+            if pending > 1 and budget > 0:
+                count = min(pending, budget)
+                work.append(_Work(row, row.computed, count, offset))
+                offset += count
+                budget -= count
+        return work
+
+    def _slots(self, row: Row, start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1 (own positions), taking reserved blocks as needed."""
+        last_block = (end - 1 - row.shared) // BLOCK_SIZE
+        while len(row.blocks) <= last_block:
+            row.blocks.append(self.kv.take_reserved())
+            row.reserved -= 1
+        blocks = row.blocks
+        return [blocks[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE for q in range(start - row.shared, end - row.shared)]
+
+    def _forward(self, work: list[_Work]) -> tuple[torch.Tensor, list[Row]]:
+        device = self.device
+        lanes, positions, slots, ids = [], [], [], []
+        virtual_at, virtual_rows = [], []  # flat index and embedding of soft-prompt positions
+        logits_at, sampling = [], []
+        for item in work:
+            row, start, end = item.row, item.start, item.start + item.count
+            lanes += [row.lane] * item.count
+            positions += range(start, end)
+            slots += self._slots(row, start, end)
+            ids += [row.tokens[p - row.virtual] if p >= row.virtual else 0 for p in range(start, end)]
+            if start < row.virtual:
+                virtual_at += range(item.offset, item.offset + min(end, row.virtual) - start)
+                virtual_rows.append(row.request.soft_prompt.embeddings[start : min(end, row.virtual)])
+            if end == row.length:
+                logits_at.append(item.offset + item.count - 1)
+                sampling.append(row)
+        positions_t = torch.tensor(positions, device=device)
+        slots_t = torch.tensor(slots, device=device)
+        self.table.index_put_((torch.tensor(lanes, device=device), positions_t), slots_t)
+        embeds = self.runner.embed(torch.tensor(ids, device=device))
+        if virtual_at:
+            soft = torch.cat(virtual_rows).to(device=device, dtype=embeds.dtype)
+            embeds.index_copy_(0, torch.tensor(virtual_at, device=device), soft)
+        step = StepAttention(self.kv.keys, self.kv.values, slots_t, self._groups(work))
+        logits = self.runner.forward(embeds, positions_t, step, torch.tensor(logits_at, device=device, dtype=torch.long))
+        return logits, sampling
+
+    def _groups(self, work: list[_Work]) -> list[RowGroup]:
+        """Decoding rows attend in one batch, prefilling rows in another (padded to their longest
+        chunk), so a long chunk never pads the decoding rows."""
+        decoding = [w for w in work if w.count == 1]
+        prefilling = [w for w in work if w.count > 1]
+        return [self._group(items) for items in (decoding, prefilling) if items]
+
+    def _group(self, items: list[_Work]) -> RowGroup:
+        device = self.device
+        queries = max(w.count for w in items)
+        keys = max(w.start + w.count for w in items)
+        tokens, query_positions = [], []
+        for w in items:
+            pad = queries - w.count
+            tokens += list(range(w.offset, w.offset + w.count)) + [0] * pad
+            query_positions.append(list(range(w.start, w.start + w.count)) + [-1] * pad)
+        lanes = torch.tensor([w.row.lane for w in items], device=device)
+        query_positions_t = torch.tensor(query_positions, device=device)
+        return RowGroup(
+            tokens=torch.tensor(tokens, device=device),
+            valid=None if all(w.count == queries for w in items) else query_positions_t.view(-1) >= 0,
+            slots=self.table.index_select(0, lanes)[:, :keys].reshape(-1),
+            query_positions=query_positions_t,
+            key_lengths=torch.tensor([w.start + w.count for w in items], device=device),
+            rows=len(items),
+            queries=queries,
+            keys=keys,
+        )
+
+    # -- tokens out -----------------------------------------------------------------------------
+
+    def _take_tokens(self, rows: list[Row], logits: torch.Tensor, events: list) -> None:
+        if not rows:
+            return
+        tokens, usable = sample(logits, [row.sampling for row in rows])
+        now = time.perf_counter()
+        made = 0
+        for row, token, ok in zip(rows, tokens, usable):
+            try:
+                if not ok:
+                    raise RowFailed("the model produced non-finite logits for this request")
+                if row.first_token_at is None:
+                    row.first_token_at = now
+                made += 1
+                finish = self._accept(row, token)
+            except Exception as exc:  # this row alone
+                row.error = exc
+                self._release(row)
+                events.append(("failed", row))
+                continue
+            if finish is None:
+                events.append(("token", row))
+            else:
+                self._finish(row, finish, events)
+        self.tokens_generated += made
+        self._recent.append((time.monotonic(), made))
+
+    def _accept(self, row: Row, token: int) -> str | None:
+        """Record one token; return the finish reason if the row is done."""
+        result, request = row.result, row.request
+        if token in self.eos_ids:
+            result.text += row.detokenizer.finish()
+            return "stop"
+        row.tokens.append(token)
+        result.token_ids.append(token)
+        seen = len(result.text)
+        delta = row.detokenizer.add(token)
+        if delta:
+            result.text += delta
+            longest = max((len(s) for s in request.stop), default=0)
+            start = max(seen - longest + 1, 0)  # a stop string may begin in older text
+            cut = min((i for s in request.stop if (i := result.text.find(s, start)) >= 0), default=-1)
+            if cut >= 0:
+                result.text = result.text[:cut]
+                return "stop"
+        if len(result.token_ids) >= request.max_new_tokens:
+            result.text += row.detokenizer.finish()
+            return "length"
+        return None
+
+    def _finish(self, row: Row, reason: str, events: list) -> None:
+        row.result.finish_reason = reason
+        self._release(row)
+        events.append(("finished", row))
+
+    def _release(self, row: Row) -> None:
+        row.finished_at = time.perf_counter()
+        if row in self.running:
+            self.running.remove(row)
+            self._free_lanes.append(row.lane)
+        self.kv.release(row.blocks)
+        self.kv.release(row.borrowed)
+        self.kv.release_reservation(row.reserved)
+        row.blocks, row.borrowed, row.reserved = [], [], 0
+
+    def _offer_prefix(self, row: Row) -> None:
+        length = row.prompt_positions
+        self.prefix.offer(row.key, row.virtual, row.tokens[: row.result.prompt_tokens], self.table[row.lane, :length])
+
+    def _fail_step(self, work: list[_Work], exc: Exception, events: list) -> None:
+        rows = [w.row for w in work]
+        if _out_of_memory(exc):
+            newest = max(rows, key=lambda r: r.admitted_at)
+            newest.error = EngineOverloaded("the server ran short of memory; retry later")
+            self.rows_shed += 1
+            self._release(newest)
+            events.append(("failed", newest))
+            return
+        for row in rows:
+            row.error = exc
+            self._release(row)
+            events.append(("failed", row))
+
+    def fail_all(self, exc: BaseException) -> list[tuple[str, Row]]:
+        """Fail every row, running or waiting (after a fault in the engine itself)."""
+        events = []
+        for row in [*self.running, *self.waiting]:
+            row.error = exc
+            self._release(row)
+            events.append(("failed", row))
+        self.waiting.clear()
+        return events
+
+    # -- numbers --------------------------------------------------------------------------------
+
+    def recent_tokens_per_second(self) -> float:
+        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        return sum(tokens for _, tokens in self._recent) / THROUGHPUT_WINDOW_S
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "requests_admitted": self.requests_admitted,
+            "tokens_generated": self.tokens_generated,
+            "rows_shed": self.rows_shed,
+            "kv_cache": self.kv.stats(),
+            "prefix_cache": self.prefix.stats(),
+        }
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()

@@ -1,0 +1,264 @@
+"""The serving engine: one thread owns the model and runs `EngineCore` steps back to back, while
+the event loop submits requests and receives their tokens.
+
+Requests join the running batch at the next step and leave it the step they finish, so a short
+request is answered after its own few steps, whatever else is running. Admission is bounded: a
+request waits while the KV cache is full, and only a full waiting queue refuses new work (503).
+A client that goes away (closed stream, cancelled wait, deadline) sets its request's cancel
+flag, and its row leaves at the next step. Events cross to the event loop once per step.
+"""
+
+import asyncio
+import logging
+import statistics
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, replace
+
+import torch
+
+from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore, Row
+from app.engine.requests import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Completion:
+    result: GenerationResult
+    queue_seconds: float  # from arrival until the engine admitted it
+    first_token_seconds: float  # from arrival until its first token
+    inference_seconds: float  # from admission until its last token
+    batch_size: float  # rows per engine step, on average, while it ran
+
+
+@dataclass
+class StreamUpdate:
+    result: GenerationResult  # a snapshot: the text and tokens so far
+    finished: bool
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future
+    updates: asyncio.Queue | None = None  # streaming requests: StreamUpdate, or the exception that ended it
+
+
+def _completion(row: Row) -> Completion:
+    start = row.enqueued_at
+    admitted = row.admitted_at or row.finished_at
+    return Completion(
+        result=row.result,
+        queue_seconds=admitted - start,
+        first_token_seconds=(row.first_token_at or row.finished_at) - start,
+        inference_seconds=row.finished_at - admitted,
+        batch_size=row.step_rows / row.steps if row.steps else 0.0,
+    )
+
+
+class Engine:
+    def __init__(self, core: EngineCore, max_queue_size: int):
+        self.core = core
+        self._max_queue_size = max_queue_size
+        # Requests not yet admitted and still wanted: a client that gave up frees its place at once.
+        self._waiting: set[_Pending] = set()
+        self._inbox: deque[_Pending] = deque()
+        self._dropped_adapters: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.requests_cancelled = 0
+        self._recent: deque[tuple[float, Completion]] = deque()  # finished in the last minute
+
+    # -- event loop side ------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def recent_tokens_per_second(self) -> float:
+        return self.core.recent_tokens_per_second()
+
+    def stats(self) -> dict:
+        return self.core.stats() | {"queue_depth": self.queue_depth, "requests_cancelled": self.requests_cancelled}
+
+    def recent_latency(self) -> dict[str, dict[str, float] | None]:
+        """Median and 90th percentile, over requests finished in the last minute, of the time each
+        waited for admission, until its first token, and in the engine."""
+        horizon = time.monotonic() - THROUGHPUT_WINDOW_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        completions = [c for _, c in self._recent]
+        summary = {}
+        for name in ("queue_seconds", "first_token_seconds", "inference_seconds"):
+            values = sorted(getattr(c, name) for c in completions)
+            summary[name] = {
+                "p50": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "count": len(values),
+            } if values else None
+        return summary
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            await asyncio.to_thread(self._thread.join)
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        """Free the adapter's cached prefixes (before the engine's next step)."""
+        self._dropped_adapters.append(adapter_id)
+        self._wake.set()
+
+    def _enqueue(self, request: GenerationRequest, updates: asyncio.Queue | None = None) -> _Pending:
+        self.core.check_fits(request)
+        if len(self._waiting) >= self._max_queue_size:
+            raise QueueFull
+        pending = _Pending(request, asyncio.get_running_loop().create_future(), updates)
+        self._waiting.add(pending)
+
+        def on_done(future: asyncio.Future) -> None:
+            self._waiting.discard(pending)
+            if future.cancelled():  # nobody wants it any more: its row leaves at the next step
+                request.cancelled.set()
+
+        pending.future.add_done_callback(on_done)
+        self._inbox.append(pending)
+        self._wake.set()
+        return pending
+
+    async def submit(self, request: GenerationRequest, timeout: float) -> Completion:
+        """Queue a request and wait for its result. Cancelling the wait (client gone, timeout)
+        frees its place in the queue, or its row in the batch."""
+        return await asyncio.wait_for(self._enqueue(request).future, timeout)
+
+    def stream(self, request: GenerationRequest, timeout: float) -> "RequestStream":
+        """Queue a request now (QueueFull is raised here, before any byte is sent) and return
+        its updates: one per token, the last with `finished` set. Past `timeout` seconds the
+        stream raises TimeoutError and its row is cancelled."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        return RequestStream(self, self._enqueue(request, asyncio.Queue()), deadline)
+
+    def _abandon(self, pending: _Pending) -> None:
+        if not pending.future.done():
+            pending.future.cancel()
+            self.requests_cancelled += 1
+
+    def _deliver(self, events: list[tuple[str, _Pending, object]]) -> None:
+        for kind, pending, payload in events:
+            if kind == "admitted":
+                self._waiting.discard(pending)
+            elif kind == "token":
+                pending.updates.put_nowait(payload)
+            elif kind == "finished":
+                if payload.result.finish_reason != "cancelled":
+                    self._recent.append((time.monotonic(), payload))
+                if pending.updates is not None:
+                    pending.updates.put_nowait(StreamUpdate(payload.result, True))
+                if not pending.future.done():
+                    pending.future.set_result(payload)
+            else:  # failed: a stream reports it through its updates, a plain request through its future
+                if pending.updates is not None:
+                    pending.updates.put_nowait(payload)
+                if not pending.future.done():
+                    pending.future.set_exception(payload)
+                    if pending.updates is not None:
+                        pending.future.exception()  # retrieved: the stream raises it instead
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._wake.wait()
+            if self._stopping:
+                return
+            self._wake.clear()
+            try:
+                self._iterate()
+            except Exception as exc:  # a bug in the engine itself: fail what it holds, keep serving
+                log.exception("engine step failed")
+                failed = [("failed", row.handle, exc) for _, row in self.core.fail_all(exc)]
+                self._loop.call_soon_threadsafe(self._deliver, failed)
+
+    def _iterate(self) -> None:
+        while self._dropped_adapters:
+            self.core.drop_adapter(self._dropped_adapters.popleft())
+        events: list[tuple[str, _Pending, object]] = []
+        while self._inbox:
+            pending = self._inbox.popleft()
+            try:
+                self.core.add(pending.request, handle=pending)
+            except ValueError as exc:
+                events.append(("failed", pending, exc))
+        if self.core.has_work():
+            events += self._events(self.core.admit())
+            if events:  # admissions reach the event loop before the pass runs (it may take a while)
+                self._loop.call_soon_threadsafe(self._deliver, events)
+            with torch.inference_mode():
+                events = self._events(self.core.run())
+            self._wake.set()  # more steps to run
+        if events:
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _events(self, rows: list[tuple[str, Row]]) -> list[tuple[str, _Pending, object]]:
+        return [(kind, row.handle, self._payload(kind, row)) for kind, row in rows
+                if kind != "token" or row.handle.updates is not None]
+
+    @staticmethod
+    def _payload(kind: str, row: Row):
+        if kind == "token":
+            snapshot = replace(row.result, token_ids=list(row.result.token_ids))
+            return StreamUpdate(snapshot, False)
+        if kind == "finished":
+            return _completion(row)
+        if kind == "failed":
+            return row.error
+        return None
+
+
+class RequestStream:
+    """A streaming request's updates. Closing it before the last update (the client left) frees
+    its row, whether or not it was ever read; so does dropping it, as a response that never
+    started does."""
+
+    def __init__(self, engine: Engine, pending: _Pending, deadline: float):
+        self._updates = pending.updates
+        self._deadline = deadline
+        self._abandon = weakref.finalize(self, engine._abandon, pending)
+        self._abandon.atexit = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StreamUpdate:
+        if not self._abandon.alive:
+            raise StopAsyncIteration
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                update = await self._updates.get()
+        except TimeoutError:
+            self.cancel()
+            raise TimeoutError("generation did not finish before the request deadline") from None
+        if isinstance(update, BaseException) or update.finished:
+            self._abandon.detach()  # it ended on its own: nothing to free
+        if isinstance(update, BaseException):
+            raise update
+        return update
+
+    def cancel(self) -> None:
+        self._abandon()  # runs once, and only if the stream had not ended
+
+    async def aclose(self) -> None:
+        self.cancel()

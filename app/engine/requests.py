@@ -1,0 +1,79 @@
+"""What a generation request and its result are.
+
+Each row's input is `[soft prompt ; prompt tokens]`, and rows with different adapters share every
+forward pass. We inject soft prompts ourselves instead of calling `PeftModel.generate()`, whose
+cached path with prompt tuning gives wrong tokens after the first one on current peft/transformers.
+"""
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.loader import BaseModel
+
+
+@dataclass(frozen=True, eq=False)
+class SoftPrompt:
+    """An adapter's prompt embeddings [num_virtual_tokens, hidden] and what identifies their
+    content: the prefix KV cache is keyed by adapter id AND digest, never by id alone."""
+
+    embeddings: torch.Tensor
+    adapter_id: str = ""
+    digest: str = ""
+
+    def __post_init__(self):
+        if not self.digest:
+            values = self.embeddings.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            object.__setattr__(self, "digest", hashlib.sha256(values).hexdigest())
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    soft_prompt: SoftPrompt | None  # a bare tensor is taken as an unnamed adapter's; None: the base model
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    # Set from another thread (the client left): the row leaves the engine at the next step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        if isinstance(self.soft_prompt, torch.Tensor):
+            self.soft_prompt = SoftPrompt(self.soft_prompt)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return 0 if self.soft_prompt is None else len(self.soft_prompt)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (EOS or a stop string), "length", or "cancelled"
+    prompt_tokens: int = 0
+
+
+def stop_token_ids(base: BaseModel) -> set[int]:
+    ids = {base.tokenizer.eos_token_id}
+    configured = getattr(base.model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def row_embeddings(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
+    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]."""
+    tokens = base.model.get_input_embeddings()(torch.tensor(ids, device=base.device, dtype=torch.long))
+    if soft_prompt is None:
+        return tokens
+    soft = soft_prompt.embeddings if isinstance(soft_prompt, SoftPrompt) else soft_prompt
+    return torch.cat([soft.to(device=tokens.device, dtype=tokens.dtype), tokens])

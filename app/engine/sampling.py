@@ -1,0 +1,67 @@
+"""Choose each row's next token from its logits, for all rows of a step at once.
+
+Greedy rows take the argmax. Sampled rows are scaled by their temperature after subtracting
+their maximum, so every value is <= 0 and no temperature, however small, can overflow into NaN;
+top-p keeps the smallest set of likeliest tokens whose mass reaches `top_p`. Each sampled row
+draws its uniform number from its own generator (seeded per request), so a seeded request
+gives the same tokens whatever else shares its step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+_SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class RowSampling:
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None  # None: greedy
+
+    @classmethod
+    def create(cls, temperature: float, top_p: float, seed: int | None, device: torch.device) -> "RowSampling":
+        if temperature <= 0:
+            return cls(0.0, 1.0, None)
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return cls(temperature, top_p, generator)
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from unnormalised `probs` [R, V] with one uniform number per row."""
+    cdf = probs.cumsum(-1)
+    target = uniform * cdf[:, -1]
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[bool]]:
+    """(next token of each row, whether its logits were usable). logits: [R, V] float32."""
+    maxima = logits.amax(-1)
+    usable = torch.isfinite(maxima).tolist()
+    tokens = logits.argmax(-1)
+    sampled = [i for i, row in enumerate(rows) if row.generator is not None and usable[i]]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([rows[i].temperature for i in sampled], device=logits.device)
+        scaled = (logits[index] - maxima[index, None]) / temperature.clamp(min=_SMALLEST_TEMPERATURE)[:, None]
+        probs = scaled.exp_()
+        uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
+        choice = _draw(probs, uniform)
+        for j, i in enumerate(sampled):
+            if rows[i].top_p < 1.0:
+                choice[j] = _draw_top_p(probs[j], uniform[j], rows[i].top_p)
+        tokens[index] = choice
+    return tokens.tolist(), usable
+
+
+def _draw_top_p(probs: torch.Tensor, uniform: torch.Tensor, top_p: float) -> torch.Tensor:
+    ordered, order = probs.sort(descending=True)
+    mass = ordered.cumsum(-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    ordered[mass - ordered >= top_p * mass[-1]] = 0.0
+    return order[_draw(ordered[None], uniform[None])[0]]

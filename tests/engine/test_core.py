@@ -1,0 +1,277 @@
+"""The engine core on real (tiny) models: continuous batching, the KV budget, the adapter-keyed
+prefix cache and fault isolation. Steps are counted, never timed."""
+
+import pytest
+import torch
+
+from app.engine.core import EngineCore, EngineOverloaded, RequestTooLarge, RowFailed
+from app.engine.kv_cache import BLOCK_SIZE
+from app.engine.reference import reference_greedy_decode
+from app.engine.requests import GenerationRequest, SoftPrompt
+from tests.conftest import random_soft_prompt
+from tests.engine.test_generation import SST2_PROMPTS
+
+
+def request(base, prompt: str, soft: SoftPrompt | torch.Tensor | None, max_new_tokens: int, **kwargs):
+    return GenerationRequest(base.tokenizer(prompt).input_ids, soft, max_new_tokens, **kwargs)
+
+
+def reference(base, req: GenerationRequest) -> list[int]:
+    return reference_greedy_decode(base, req.soft_prompt, req.prompt_ids, req.max_new_tokens)
+
+
+def run_until_idle(core: EngineCore, limit: int = 2000) -> int:
+    steps = 0
+    while core.has_work():
+        core.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def make_core(base, **overrides) -> EngineCore:
+    return EngineCore(base, **{"kv_tokens": 4096, "max_rows": 16, "max_step_tokens": 512} | overrides)
+
+
+def test_a_request_arriving_mid_batch_gets_its_first_token_before_the_batch_ends(tiny_base):
+    core = make_core(tiny_base)
+    long_rows = [core.add(request(tiny_base, SST2_PROMPTS[i], None, 64)) for i in range(4)]
+    for _ in range(10):
+        core.step()
+    late = core.add(request(tiny_base, SST2_PROMPTS[5], random_soft_prompt(tiny_base, 6, seed=1), 8))
+    core.step()  # admitted, prefilled and sampled in the same step as the others decode
+    assert len(late.result.token_ids) == 1
+    assert all(len(r.result.token_ids) == 11 and r.finished_at is None for r in long_rows)
+
+
+def test_a_short_request_finishes_after_its_own_steps_while_long_ones_go_on(tiny_base):
+    core = make_core(tiny_base)
+    long_rows = [core.add(request(tiny_base, SST2_PROMPTS[i], None, 64)) for i in range(3)]
+    short = core.add(request(tiny_base, SST2_PROMPTS[4], None, 4))
+    finished_after = None
+    for step in range(1, 8):
+        events = core.step()
+        if ("finished", short) in events:
+            finished_after = step
+    assert finished_after == 4  # one step per token: the prefill gives the first
+    assert short.result.finish_reason == "length" and len(short.result.token_ids) == 4
+    assert all(r.finished_at is None for r in long_rows)
+
+
+@pytest.mark.parametrize("prefix_cache_tokens", [0, 4096])
+def test_rows_joining_and_leaving_match_the_reference(tiny_base, prefix_cache_tokens):
+    core = make_core(tiny_base, max_rows=4, max_step_tokens=24, prefix_cache_tokens=prefix_cache_tokens)
+    adapters = [SoftPrompt(random_soft_prompt(tiny_base, 3 + 2 * i, seed=40 + i), adapter_id=f"a{i}") for i in range(3)]
+    requests, rows = [], []
+    for i in range(10):  # a few arrive at each step; lengths and adapters vary; at most 4 run at once
+        req = request(tiny_base, SST2_PROMPTS[i % len(SST2_PROMPTS)], adapters[i % 3] if i % 4 else None, 3 + 4 * (i % 4))
+        requests.append(req)
+        rows.append(core.add(req))
+        if i % 3 == 2:
+            core.step()
+    run_until_idle(core)
+    for req, row in zip(requests, rows):
+        assert row.result.token_ids == reference(tiny_base, req)
+    reused = core.prefix.stats()["reused_tokens"]
+    assert reused == 0 if prefix_cache_tokens == 0 else reused > 0
+    assert core.kv.stats()["reserved_tokens"] == 0
+
+
+def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_base):
+    assert tiny_base.model.config.sliding_window == 512
+    words = " ".join(SST2_PROMPTS * 12)
+    ids = tiny_base.tokenizer(words).input_ids[:600]
+    soft = random_soft_prompt(tiny_base, 5, seed=3)
+    core = make_core(tiny_base, max_step_tokens=128)  # the prompt takes five chunks
+    req = GenerationRequest(ids, soft, 12)
+    short = request(tiny_base, SST2_PROMPTS[0], None, 12)
+    row, other = core.add(req), core.add(short)
+    run_until_idle(core)
+    assert row.result.token_ids == reference(tiny_base, req)
+    assert other.result.token_ids == reference(tiny_base, short)
+    assert row.steps >= 5 + 11
+
+
+def test_a_llama_model_serves_a_mixed_batch_like_the_reference(tiny_llama_base):
+    base = tiny_llama_base
+    core = make_core(base)
+    requests = [
+        request(base, SST2_PROMPTS[i], random_soft_prompt(base, 2 + 3 * i, seed=60 + i) if i else None, 10)
+        for i in range(8)
+    ]
+    rows = [core.add(r) for r in requests]
+    run_until_idle(core)
+    outputs = [row.result.token_ids for row in rows]
+    assert outputs == [reference(base, r) for r in requests]
+    assert len({tuple(o) for o in outputs}) == len(outputs)  # the adapters really steer it
+
+
+def test_rows_of_one_adapter_read_its_soft_prompt_and_shared_text_from_the_cache(tiny_base):
+    core = make_core(tiny_base)
+    adapter = SoftPrompt(random_soft_prompt(tiny_base, 6, seed=5), adapter_id="sst2")
+    template = "Review: {}\nSentiment:"
+    first = request(tiny_base, template.format("a gripping film"), adapter, 6)
+    core.add(first)
+    run_until_idle(core)
+    template_start = tiny_base.tokenizer("Review:").input_ids  # BOS and the template's fixed start
+    later = [request(tiny_base, template.format(p), adapter, 6) for p in ("dull and flat", "a fine cast")]
+    rows = [core.add(r) for r in later]
+    run_until_idle(core)
+    for req, row in zip(later, rows):
+        common = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, req.prompt_ids)) if a != b)
+        assert req.prompt_ids[: len(template_start)] == template_start and common >= len(template_start)
+        assert row.shared == 6 + common  # the soft prompt and every prompt token in common
+        assert row.result.token_ids == reference(tiny_base, req)
+    assert core.prefix.stats()["hits"] == 2
+
+
+def test_an_adapter_replaced_under_the_same_id_never_reads_the_old_prefix(tiny_base):
+    core = make_core(tiny_base)
+    old = SoftPrompt(random_soft_prompt(tiny_base, 6, seed=7), adapter_id="same-id")
+    new = SoftPrompt(random_soft_prompt(tiny_base, 6, seed=8), adapter_id="same-id")
+    assert old.digest != new.digest
+    core.add(request(tiny_base, SST2_PROMPTS[0], old, 5))
+    run_until_idle(core)
+    req = request(tiny_base, SST2_PROMPTS[0], new, 5)
+    row = core.add(req)
+    run_until_idle(core)
+    assert row.shared == 0
+    assert row.result.token_ids == reference(tiny_base, req) != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], old, 5))
+
+
+def test_dropping_an_adapter_frees_its_prefix(tiny_base):
+    core = make_core(tiny_base)
+    keep = SoftPrompt(random_soft_prompt(tiny_base, 4, seed=9), adapter_id="keep")
+    gone = SoftPrompt(random_soft_prompt(tiny_base, 20, seed=10), adapter_id="gone")
+    for soft in (keep, gone):
+        core.add(request(tiny_base, SST2_PROMPTS[1], soft, 3))
+    run_until_idle(core)
+    held = core.kv.stats()["used_tokens"]
+    assert core.prefix.stats()["entries"] == 2 and held > 0
+    core.drop_adapter("gone")
+    assert core.prefix.stats()["entries"] == 1
+    assert core.kv.stats()["used_tokens"] < held
+    core.drop_adapter("keep")
+    assert core.kv.stats()["used_tokens"] == 0
+
+
+def test_a_burst_of_long_requests_stays_inside_the_kv_budget_and_all_finish(tiny_base):
+    core = make_core(tiny_base, kv_tokens=256, prefix_cache_tokens=0)
+    requests = [request(tiny_base, SST2_PROMPTS[i % len(SST2_PROMPTS)], None, 90) for i in range(6)]
+    rows = [core.add(r) for r in requests]
+    most_running = 0
+    while core.has_work():
+        core.step()
+        stats = core.kv.stats()
+        assert stats["used_tokens"] + stats["reserved_tokens"] <= stats["capacity_tokens"]
+        most_running = max(most_running, len(core.running))
+    assert most_running == 2  # each needs ~100 positions (7 blocks): two fit in 16 blocks, the rest wait
+    assert [row.result.token_ids for row in rows] == [reference(tiny_base, r) for r in requests]
+
+
+def test_a_request_that_can_never_fit_is_refused_when_added(tiny_base):
+    core = make_core(tiny_base, kv_tokens=64)
+    with pytest.raises(RequestTooLarge, match="the cache holds 64"):
+        core.add(request(tiny_base, SST2_PROMPTS[0], None, 100))
+    assert not core.has_work()
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected(tiny_base):
+    core = make_core(tiny_base)
+    requests = [request(tiny_base, SST2_PROMPTS[i], random_soft_prompt(tiny_base, 3, seed=i), 12) for i in range(3)]
+    rows = [core.add(r) for r in requests]
+    while len(rows[1].result.token_ids) < 2:
+        core.step()
+    requests[1].cancelled.set()  # as a client that left does, from another thread
+    events = core.step()
+    assert ("finished", rows[1]) in events and rows[1].result.finish_reason == "cancelled"
+    assert len(rows[1].result.token_ids) == 2 and rows[1] not in core.running
+    run_until_idle(core)
+    assert [rows[i].result.token_ids for i in (0, 2)] == [reference(tiny_base, requests[i]) for i in (0, 2)]
+
+
+def poison_row(core: EngineCore, victim) -> None:
+    """Make the model's logits for `victim` NaN, as a numerical fault would."""
+
+    def hook(rows, logits):
+        for i, row in enumerate(rows):
+            if row is victim:
+                logits[i] = float("nan")
+
+    core.logits_hook = hook
+
+
+def test_unusable_logits_fail_that_row_alone(tiny_base):
+    core = make_core(tiny_base)
+    requests = [request(tiny_base, SST2_PROMPTS[i], None, 6) for i in range(3)]
+    rows = [core.add(r) for r in requests]
+    poison_row(core, rows[1])
+    events = []
+    while core.has_work():
+        events += core.step()
+    assert ("failed", rows[1]) in events and isinstance(rows[1].error, RowFailed)
+    assert [rows[i].result.token_ids for i in (0, 2)] == [reference(tiny_base, requests[i]) for i in (0, 2)]
+
+
+def test_out_of_memory_sheds_the_newest_row_and_the_rest_go_on(tiny_base):
+    core = make_core(tiny_base, prefix_cache_tokens=0)
+    requests = [request(tiny_base, SST2_PROMPTS[i], None, 6) for i in range(4)]
+    rows = [core.add(r) for r in requests]
+    forward = core.runner.forward
+
+    def short_of_memory(embeds, positions, step, logits_at):
+        if len(logits_at) > 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return forward(embeds, positions, step, logits_at)
+
+    core.runner.forward = short_of_memory
+    events = []
+    while core.has_work():
+        events += core.step()
+    shed = [row for kind, row in events if kind == "failed"]
+    assert shed == [rows[3], rows[2]] and all(isinstance(r.error, EngineOverloaded) for r in shed)
+    assert [rows[i].result.token_ids for i in (0, 1)] == [reference(tiny_base, requests[i]) for i in (0, 1)]
+    assert core.rows_shed == 2 and core.kv.stats()["used_tokens"] == 0
+
+
+def test_a_failing_pass_fails_its_rows_and_the_next_requests_run(tiny_base):
+    core = make_core(tiny_base, prefix_cache_tokens=0)
+    forward, calls = core.runner.forward, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return forward(*args)
+
+    core.runner.forward = fails_once
+    first = core.add(request(tiny_base, SST2_PROMPTS[0], None, 6))
+    run_until_idle(core)
+    assert isinstance(first.error, RuntimeError) and len(first.result.token_ids) == 1
+    req = request(tiny_base, SST2_PROMPTS[1], None, 6)
+    second = core.add(req)
+    run_until_idle(core)
+    assert second.result.token_ids == reference(tiny_base, req)
+    assert core.kv.stats()["used_tokens"] == 0
+
+
+def test_bad_requests_are_refused_alone_when_added(tiny_base):
+    core = make_core(tiny_base)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        core.add(GenerationRequest([1, 99_999], None, 3))
+    with pytest.raises(ValueError, match="soft prompt must be"):
+        core.add(GenerationRequest([2, 5], torch.zeros(3, 7), 3))
+    assert not core.has_work()
+
+
+def test_blocks_are_counted_in_whole_blocks_and_all_return_to_the_pool(tiny_base):
+    core = make_core(tiny_base)
+    capacity = core.kv.stats()["capacity_tokens"]
+    assert capacity == 4096 and capacity % BLOCK_SIZE == 0
+    core.add(request(tiny_base, SST2_PROMPTS[0], random_soft_prompt(tiny_base, 3, seed=1), 20))
+    core.step()
+    assert core.kv.stats()["used_tokens"] % BLOCK_SIZE == 0 and core.kv.stats()["reserved_tokens"] > 0
+    run_until_idle(core)
+    assert core.kv.stats()["reserved_tokens"] == 0 and core.kv.stats()["used_tokens"] > 0  # the cached prefix
+    core.drop_adapter("")  # the base model's prefixes
+    assert core.kv.stats()["used_tokens"] == 0
