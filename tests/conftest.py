@@ -21,9 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 # The SST-2 sample bundled for the README tour: the suite needs nothing outside the repository.
 DATASETS = REPO / "examples"
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-# int8 rounds activations per row: a cached decode step and a full recompute may move a logit
-# by a few tenths, so a first divergence is accepted only at such a near tie (see reference.py).
-INT8_TIE_TOLERANCE = 0.5
+# int8 rounds activations per row: a cached decode step and a full recompute differ by float
+# rounding, and a flipped int8 rounding moves logits by up to ~1 (measured: 14 of 32 rows of 24
+# greedy tokens diverged from the reference, the reference's lead at the first divergence at most
+# 0.59). A first divergence is accepted only at such a near tie (see reference.py); a wrong soft
+# prompt or position moves logits by several units.
+INT8_TIE_TOLERANCE = 1.0
 
 
 def tiny_gemma_config():

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from app.engine.int8 import Int8Head, speed_up_int8_layers
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
@@ -87,25 +89,14 @@ def fingerprint(model_dir: Path, name: str) -> str:
     return f"{name}@{digest.hexdigest()[:16]}"
 
 
-class HalfPrecisionHead(torch.nn.Module):
-    """The LM head as a bf16 copy of the tied embedding matrix, for CPU serving. With a 262k
-    vocabulary the head is the largest matmul per token: in fp32 it was 70-75% of a decode step
-    on a 2-core CPU, bf16 (AVX-512 BF16) runs it 4-5x faster. Inputs and logits stay float32; the
-    input embeddings keep their full precision."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight).to(hidden.dtype)
-
-
-def _use_bf16_head(model: torch.nn.Module) -> None:
+def _serve_int8_on_cpu(model: torch.nn.Module) -> None:
+    """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
+    LM head in int8 too (see app.engine.int8)."""
+    speed_up_int8_layers(model)
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype == torch.float32:
-        model.set_output_embeddings(HalfPrecisionHead(head.weight))
-        model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the fp32 embeddings
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
+        model.set_output_embeddings(Int8Head(head.weight))
+        model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
 
 
 def keep_freed_memory() -> None:
@@ -166,7 +157,7 @@ def load_base_model(
         model_dir, device_map={"": str(dev)}, **_load_kwargs(quantization, dev, int8_threshold)
     )
     if quantization == "int8" and dev.type == "cpu":
-        _use_bf16_head(model)
+        _serve_int8_on_cpu(model)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

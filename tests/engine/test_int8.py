@@ -1,0 +1,64 @@
+"""The CPU int8 fast path: the same bits as bitsandbytes at inference, its own path for training,
+and the int8 LM head, on the tiny model loaded in int8 as the server loads the real one."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear8bitLt
+
+from app.engine.int8 import Int8Head, fast_int8_forward
+from app.engine.loader import load_base_model
+
+
+@pytest.fixture(scope="module")
+def int8_base(tiny_model_dir):
+    return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
+
+
+def int8_layers(base) -> list[Linear8bitLt]:
+    return [m for m in base.model.modules() if isinstance(m, Linear8bitLt)]
+
+
+def test_every_int8_layer_and_the_head_are_on_the_fast_path(int8_base):
+    layers = int8_layers(int8_base)
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert all(layer.forward.__func__ is fast_int8_forward for layer in layers)
+    assert isinstance(int8_base.model.get_output_embeddings(), Int8Head)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_the_fast_forward_gives_bitsandbytes_own_bits(int8_base, rows):
+    torch.manual_seed(rows)
+    for layer in int8_layers(int8_base):
+        x = torch.randn(1, rows, layer.in_features) * 3
+        with torch.inference_mode():
+            assert torch.equal(layer(x), Linear8bitLt.forward(layer, x))
+
+
+def test_with_gradients_the_layer_runs_bitsandbytes_path_and_gradients_flow(int8_base):
+    layer = int8_layers(int8_base)[0]
+    x = (torch.randn(2, layer.in_features) * 3).requires_grad_()
+    layer(x).sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    Linear8bitLt.forward(layer, expected).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, expected.grad)
+
+
+def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 64) * 0.05
+    head = Int8Head(weight)
+    assert head.weight.dtype == torch.int8 and head.absmax.shape == (5000,)
+    hidden = torch.randn(7, 64, requires_grad=True)
+    exact = hidden @ weight.t()
+    logits = head(hidden)
+    assert logits.dtype == torch.float32
+    assert (logits - exact).abs().max() < 0.02 * exact.abs().max()  # int8 rows on both sides
+    assert (logits.argmax(-1) == exact.argmax(-1)).float().mean() >= 6 / 7
+    grad_out = torch.randn_like(logits)
+    (logits * grad_out).sum().backward()
+    straight_through = grad_out @ (head.weight.float() * (head.absmax / 127).unsqueeze(-1))
+    torch.testing.assert_close(hidden.grad, straight_through, atol=1e-4, rtol=1e-4)
+    exact_grad = grad_out @ weight
+    assert (hidden.grad - exact_grad).norm() < 0.02 * exact_grad.norm()
