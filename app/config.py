@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     # Positions of it kept for adapter prefixes (soft prompt + shared prompt start); 0 turns it off.
     prefix_cache_tokens: int = Field(4_096, ge=0)
     max_queue_size: int = Field(256, ge=1)
+    engine_threads: int | None = Field(None, ge=1, le=1024)  # cores the engine computes on; default all
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1)
     max_new_tokens_limit: int = Field(512, ge=1)

@@ -13,6 +13,7 @@ from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
+from app.engine.threads import in_own_thread
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = base or load_base_model(
+        model = base or in_own_thread(
+            load_base_model,
             settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
             settings.llm_int8_threshold,
         )

@@ -51,7 +51,8 @@ class Runtime:
             sessions=sessions,
             cache=AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype),
             engine=Engine(
-                EngineCore(
+                partial(
+                    EngineCore,
                     base,
                     kv_tokens=settings.kv_cache_tokens,
                     max_rows=settings.max_batch_size,
@@ -59,6 +60,7 @@ class Runtime:
                     prefix_cache_tokens=settings.prefix_cache_tokens,
                 ),
                 max_queue_size=settings.max_queue_size,
+                threads=settings.engine_threads,
             ),
         )
 

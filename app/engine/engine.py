@@ -15,12 +15,14 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore, Row
 from app.engine.requests import GenerationRequest, GenerationResult
+from app.engine.threads import default_threads, take_cores
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,11 @@ def _completion(row: Row) -> Completion:
 
 
 class Engine:
-    def __init__(self, core: EngineCore, max_queue_size: int):
-        self.core = core
+    def __init__(self, build_core: Callable[[], EngineCore], max_queue_size: int, threads: int | None = None):
+        # The core (its KV cache included) is built on the engine's own thread: see threads.py.
+        self._build_core = build_core
+        self.core: EngineCore | None = None
+        self.threads = threads or default_threads()
         self._max_queue_size = max_queue_size
         # Requests not yet admitted and still wanted: a client that gave up frees its place at once.
         self._waiting: set[_Pending] = set()
@@ -106,9 +111,15 @@ class Engine:
         return summary
 
     def start(self) -> None:
+        """Start the engine's thread and build the core there; returns once it is ready."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        built: list[BaseException | None] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(built, ready), name="engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if built[0] is not None:
+            raise built[0]
 
     async def stop(self) -> None:
         if self._thread is not None:
@@ -178,8 +189,17 @@ class Engine:
 
     # -- engine thread --------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, built: list, ready: threading.Event) -> None:
         torch.set_grad_enabled(False)
+        take_cores(self.threads)
+        try:
+            self.core = self._build_core()
+            built.append(None)
+        except BaseException as exc:
+            built.append(exc)
+            return
+        finally:
+            ready.set()
         while True:
             self._wake.wait()
             if self._stopping:

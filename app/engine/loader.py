@@ -171,5 +171,3 @@ def load_base_model(
         quantization=quantization,
         device=dev,
     )
-
-

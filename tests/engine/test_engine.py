@@ -24,8 +24,8 @@ async def make_engine(tiny_base):
     engines = []
 
     def make(max_rows=8, max_queue_size=16, **core_settings) -> Engine:
-        core = EngineCore(tiny_base, **{"kv_tokens": 4096, "max_rows": max_rows} | core_settings)
-        engine = Engine(core, max_queue_size=max_queue_size)
+        settings = {"kv_tokens": 4096, "max_rows": max_rows} | core_settings
+        engine = Engine(lambda: EngineCore(tiny_base, **settings), max_queue_size=max_queue_size)
         engine.start()
         engines.append(engine)
         return engine
