@@ -51,6 +51,18 @@ def tiny_llama_config():
     )
 
 
+def tiny_gemma2_config():
+    """Gemma 2 caps attention logits with tanh; the tiny model's are small, so a tiny cap makes it matter."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=8,
+        attn_logit_softcapping=0.001, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_model(folder: Path, config=None) -> Path:
     """A 2-layer random model (Gemma 3 unless `config` says otherwise) with a small byte-level
     BPE tokenizer trained on SST-2 text."""
@@ -93,6 +105,12 @@ def tiny_base(tiny_model_dir) -> BaseModel:
 @pytest.fixture(scope="session")
 def tiny_llama_base(tmp_path_factory) -> BaseModel:
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_config())
+    return load_base_model(folder, Path("unused"), quantization="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_base(tmp_path_factory) -> BaseModel:
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), tiny_gemma2_config())
     return load_base_model(folder, Path("unused"), quantization="fp32", device="cpu")
 
 

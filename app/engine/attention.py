@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -75,16 +76,21 @@ def engine_step(step: StepAttention):
 def _attend(query, keys, values, bias, scaling: float, softcap: float | None) -> torch.Tensor:
     """query [R, H, Q, D], keys/values [R, L, KVH, D], bias [R, Q, L] -> [R, H, Q, D]. Query heads
     are grouped under their key/value head, so keys are never repeated per head."""
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [R, KVH, L, D], views
+    if softcap is None:  # torch's fused kernel; it has no logit softcapping (Gemma 2)
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=bias[:, None].to(query.dtype), scale=scaling,
+            enable_gqa=query.shape[1] != keys.shape[1],
+        )
     rows, heads, queries, dim = query.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     q = query.reshape(rows, kv_heads, group * queries, dim)
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scaling  # [R, KVH, G*Q, L]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scaling  # [R, KVH, G*Q, L]
+    scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(rows, kv_heads, group, queries, -1) + bias[:, None, None]
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(rows, kv_heads, group * queries, -1)
-    return torch.matmul(probs, values.transpose(1, 2)).view(rows, heads, queries, dim)
+    return torch.matmul(probs, values).view(rows, heads, queries, dim)
 
 
 def _paged_attention(step: StepAttention, module, query, key, value, scaling, sliding_window, softcap):
@@ -100,7 +106,7 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
         q = flat_query.index_select(0, group.tokens).view(group.rows, group.queries, heads, dim).transpose(1, 2)
         k = cache_k.index_select(0, group.slots).view(group.rows, group.keys, *cache_k.shape[1:])
         v = cache_v.index_select(0, group.slots).view(group.rows, group.keys, *cache_v.shape[1:])
-        attended = _attend(q, k, v, group.bias(sliding_window, q.dtype), scaling, softcap)
+        attended = _attend(q, k, v, group.bias(sliding_window, torch.float32), scaling, softcap)
         attended = attended.transpose(1, 2).reshape(group.rows * group.queries, heads, dim)
         if group.valid is None:
             out.index_copy_(0, group.tokens, attended.to(out.dtype))

@@ -41,21 +41,23 @@ def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[bool]]:
     """(next token of each row, whether its logits were usable). logits: [R, V] float32."""
-    maxima = logits.amax(-1)
-    usable = torch.isfinite(maxima).tolist()
-    tokens = logits.argmax(-1)
-    sampled = [i for i, row in enumerate(rows) if row.generator is not None and usable[i]]
+    tokens = logits.argmax(-1)  # NaN counts as the largest value, so a NaN row picks one
+    sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
+        chosen = logits[index]
+        maxima = chosen.gather(1, tokens[index, None])
         temperature = torch.tensor([rows[i].temperature for i in sampled], device=logits.device)
-        scaled = (logits[index] - maxima[index, None]) / temperature.clamp(min=_SMALLEST_TEMPERATURE)[:, None]
-        probs = scaled.exp_()
+        scaled = (chosen - maxima) / temperature.clamp(min=_SMALLEST_TEMPERATURE)[:, None]
+        probs = scaled.exp_().nan_to_num_(0.0)  # a row of NaNs is caught below, not drawn from
         uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
         choice = _draw(probs, uniform)
         for j, i in enumerate(sampled):
             if rows[i].top_p < 1.0:
                 choice[j] = _draw_top_p(probs[j], uniform[j], rows[i].top_p)
-        tokens[index] = choice
+        tokens[index] = torch.where(torch.isfinite(maxima[:, 0]), choice, tokens[index])
+    # A row is usable when its largest logit is finite (with a NaN anywhere, argmax points at one).
+    usable = torch.isfinite(logits.gather(1, tokens[:, None])[:, 0]).tolist()
     return tokens.tolist(), usable
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from app.engine.core import EngineCore, EngineOverloaded, RequestTooLarge, RowFailed
+from app.engine.generation import first_step_logits
 from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.reference import reference_greedy_decode
-from app.engine.requests import GenerationRequest, SoftPrompt
+from app.engine.requests import GenerationRequest, SoftPrompt, row_embeddings
 from tests.conftest import random_soft_prompt
 from tests.engine.test_generation import SST2_PROMPTS
 
@@ -104,6 +105,21 @@ def test_a_llama_model_serves_a_mixed_batch_like_the_reference(tiny_llama_base):
     outputs = [row.result.token_ids for row in rows]
     assert outputs == [reference(base, r) for r in requests]
     assert len({tuple(o) for o in outputs}) == len(outputs)  # the adapters really steer it
+
+
+def test_gemma2_with_capped_attention_logits_and_a_short_window_matches_the_reference(tiny_gemma2_base):
+    base = tiny_gemma2_base
+    assert base.model.config.attn_logit_softcapping == 0.001 and base.model.config.sliding_window == 8
+    requests = [request(base, SST2_PROMPTS[i], random_soft_prompt(base, 3 + i, seed=80 + i), 10) for i in range(4)]
+    served = first_step_logits(base, requests)
+    with torch.inference_mode():
+        for r, logits in zip(requests, served):
+            expected = base.model(inputs_embeds=row_embeddings(base, r.soft_prompt, r.prompt_ids)[None]).logits[0, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    core = make_core(base, max_step_tokens=16)
+    rows = [core.add(r) for r in requests]
+    run_until_idle(core)
+    assert [row.result.token_ids for row in rows] == [reference(base, r) for r in requests]
 
 
 def test_rows_of_one_adapter_read_its_soft_prompt_and_shared_text_from_the_cache(tiny_base):
