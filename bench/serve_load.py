@@ -218,6 +218,8 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, job: Job, t0: fl
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Outcome(job, start, first, time.perf_counter(), tokens, json.dumps(chunk["error"]))
                 if first is None and chunk.get("choices"):
                     first = time.perf_counter()
                 if chunk.get("usage"):
@@ -299,6 +301,14 @@ def vllm_body(model_dir: Path, embeddings: Embeddings):
 # -- the run -------------------------------------------------------------------------------------
 
 
+def _ratio(mine: float | None, peer: float | None) -> float | None:
+    return round(mine / peer, 3) if mine and peer else None
+
+
+def _at_most(mine: float | None, bound: float | None) -> bool:
+    return mine is not None and bound is not None and mine <= bound
+
+
 def ratios_and_targets(results: dict[str, dict[str, dict]], rates: list[float]) -> tuple[dict, dict]:
     ours, theirs, unprefixed = results.get("softserve"), results.get("vllm"), results.get("softserve_no_prefix_cache")
     ratios, targets = {}, {}
@@ -306,20 +316,19 @@ def ratios_and_targets(results: dict[str, dict[str, dict]], rates: list[float]) 
         for name in ours:
             mine, peer = ours[name], theirs[name]
             ratios[name] = {
-                "vs_vllm_tok_s": round(mine["tok_s"] / peer["tok_s"], 3),  # > 1: softserve faster
-                "vs_vllm_short_p90": round(mine["short_p90_s"] / peer["short_p90_s"], 3) if peer["short_p90_s"] else None,
-                "vs_vllm_ttft_p50": round(mine["ttft_p50_s"] / peer["ttft_p50_s"], 3),  # < 1: softserve sooner
+                "vs_vllm_tok_s": _ratio(mine["tok_s"], peer["tok_s"]),  # > 1: softserve faster
+                "vs_vllm_short_p90": _ratio(mine["short_p90_s"], peer["short_p90_s"]),  # < 1: softserve sooner
+                "vs_vllm_ttft_p50": _ratio(mine["ttft_p50_s"], peer["ttft_p50_s"]),
             }
         targets["closed_tok_s_at_least_vllm"] = ours["closed"]["tok_s"] >= theirs["closed"]["tok_s"]
         for rate in rates:
             name, peer = f"rate_{rate:g}", theirs[f"rate_{rate:g}"]
             if peer["makespan_s"] <= 1.5 * peer["arrival_span_s"]:  # rates vLLM keeps up with
-                targets[f"{name}_short_p90_at_most_vllm"] = ours[name]["short_p90_s"] <= peer["short_p90_s"]
-                targets[f"{name}_ttft_p50_at_most_vllm"] = ours[name]["ttft_p50_s"] <= peer["ttft_p50_s"]
+                targets[f"{name}_short_p90_at_most_vllm"] = _at_most(ours[name]["short_p90_s"], peer["short_p90_s"])
+                targets[f"{name}_ttft_p50_at_most_vllm"] = _at_most(ours[name]["ttft_p50_s"], peer["ttft_p50_s"])
     if ours and unprefixed and "rate_2" in ours:
-        targets["prefix_cache_halves_ttft_p50_at_2"] = (
-            ours["rate_2"]["ttft_p50_s"] <= 0.5 * unprefixed["rate_2"]["ttft_p50_s"]
-        )
+        half = unprefixed["rate_2"]["ttft_p50_s"] and 0.5 * unprefixed["rate_2"]["ttft_p50_s"]
+        targets["prefix_cache_halves_ttft_p50_at_2"] = _at_most(ours["rate_2"]["ttft_p50_s"], half)
     return ratios, targets
 
 

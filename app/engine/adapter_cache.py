@@ -7,6 +7,7 @@ thread so the event loop keeps serving.
 
 import asyncio
 from collections import OrderedDict
+from contextlib import suppress
 from collections.abc import Callable
 
 import torch
@@ -36,10 +37,12 @@ class AdapterCache:
         return SoftPrompt(load().to(self.device, self.dtype), adapter_id=key[0])
 
     async def get(self, key: Key, load: Callable[[], torch.Tensor]) -> SoftPrompt:
-        if key in self._entries:
+        entry = self._entries.get(key)
+        if entry is not None:
             self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]
+            with suppress(KeyError):  # evicted meanwhile by a delete on another thread
+                self._entries.move_to_end(key)
+            return entry
         if key in self._loading:
             self.hits += 1
             return await asyncio.shield(self._loading[key])
@@ -61,8 +64,10 @@ class AdapterCache:
         return soft_prompt
 
     def evict(self, adapter_id: str) -> None:
-        for key in [k for k in self._entries if k[0] == adapter_id]:
-            del self._entries[key]
+        """Forget every version of the adapter; safe from any thread (deletes run in a worker)."""
+        for key in list(self._entries):
+            if key[0] == adapter_id:
+                self._entries.pop(key, None)
 
     def stats(self) -> dict:
         lookups = self.hits + self.misses

@@ -133,15 +133,16 @@ class EngineCore:
                 f"the cache holds {self.kv.capacity_blocks * BLOCK_SIZE}"
             )
 
-    def add(self, request: GenerationRequest, handle: object = None) -> Row:
-        """Queue a request. Raises ValueError (RequestTooLarge included) if it can never run."""
+    def add(self, request: GenerationRequest, handle: object = None, arrived_at: float | None = None) -> Row:
+        """Queue a request (`arrived_at`: its perf_counter() arrival, now by default). Raises
+        ValueError (RequestTooLarge included) if it can never run."""
         self.check_fits(request)
         soft = request.soft_prompt
         if soft is not None and (soft.embeddings.ndim != 2 or soft.embeddings.shape[1] != self.base.hidden_size):
             raise ValueError(f"soft prompt must be [virtual tokens, {self.base.hidden_size}]")
         if any(not 0 <= t < self.runner.vocab_size for t in request.prompt_ids):
             raise ValueError("prompt has token ids outside the vocabulary")
-        if not request.prompt_ids and soft is None:
+        if not request.prompt_ids and not request.virtual_tokens:
             raise ValueError("empty prompt and no soft prompt: nothing to continue from")
         row = Row(
             request=request,
@@ -152,7 +153,7 @@ class EngineCore:
             sampling=RowSampling.create(request.temperature, request.top_p, request.seed, self.device),
             detokenizer=IncrementalDetokenizer(self.base.tokenizer),
             result=GenerationResult(prompt_tokens=len(request.prompt_ids)),
-            enqueued_at=time.perf_counter(),
+            enqueued_at=time.perf_counter() if arrived_at is None else arrived_at,
         )
         self.waiting.append(row)
         return row
@@ -215,22 +216,24 @@ class EngineCore:
             self.waiting.popleft()
             row.lane = self._free_lanes.pop()
             row.admitted_at = time.perf_counter()
-            self._ensure_table_width(self.positions_needed(row.request) + 1)
-            self.table[row.lane, : row.shared] = prefix_slots
             self.running.append(row)
             self.requests_admitted += 1
             events.append(("admitted", row))
+            self._ensure_table_width(self.positions_needed(row.request) + 1)
+            self.table[row.lane, : row.shared] = prefix_slots
 
     def _reserve(self, row: Row) -> torch.Tensor | None:
         """Reserve the row's worst-case blocks, reading what it can from a prefix entry, and
-        return the slots it reads (None if the pool is short even after evicting every cached
-        prefix not in use)."""
+        return the slots it reads; None while the pool is short. Cached prefixes are evicted,
+        oldest first, only when that frees enough (blocks running rows read are not freed)."""
         total = self.positions_needed(row.request)
         while True:
             entry, shared = self.prefix.match(row.key, row.tokens, row.length)
+            blocks = math.ceil((total - shared) / BLOCK_SIZE)
+            if blocks > self.kv.available + self.prefix.reclaimable_blocks():
+                return None
             if entry is not None:
                 self.kv.share(entry.blocks)  # held before any eviction could free them
-            blocks = math.ceil((total - shared) / BLOCK_SIZE)
             if self.kv.reserve(blocks):
                 break
             if entry is not None:
@@ -323,12 +326,17 @@ class EngineCore:
             query_positions.append(list(range(w.start, w.start + w.count)) + [-1] * pad)
         lanes = torch.tensor([w.row.lane for w in items], device=device)
         query_positions_t = torch.tensor(query_positions, device=device)
+        key_lengths = torch.tensor([w.start + w.count for w in items], device=device)
+        # Past a row's own positions its lane may hold an earlier row's slots: read the padding
+        # block instead, so nothing another row left (even NaN) can reach this one's softmax.
+        slots = self.table.index_select(0, lanes)[:, :keys]
+        slots = slots.masked_fill_(torch.arange(keys, device=device) >= key_lengths[:, None], 0)
         return RowGroup(
             tokens=torch.tensor(tokens, device=device),
             valid=None if all(w.count == queries for w in items) else query_positions_t.view(-1) >= 0,
-            slots=self.table.index_select(0, lanes)[:, :keys].reshape(-1),
+            slots=slots.reshape(-1),
             query_positions=query_positions_t,
-            key_lengths=torch.tensor([w.start + w.count for w in items], device=device),
+            key_lengths=key_lengths,
             rows=len(items),
             queries=queries,
             keys=keys,
@@ -360,7 +368,10 @@ class EngineCore:
             else:
                 self._finish(row, finish, events)
         self.tokens_generated += made
-        self._recent.append((time.monotonic(), made))
+        now = time.monotonic()
+        self._recent.append((now, made))
+        while self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
 
     def _accept(self, row: Row, token: int) -> str | None:
         """Record one token; return the finish reason if the row is done."""
@@ -431,10 +442,9 @@ class EngineCore:
     # -- numbers --------------------------------------------------------------------------------
 
     def recent_tokens_per_second(self) -> float:
+        """Tokens made per second over the last minute; safe to call from any thread."""
         horizon = time.monotonic() - THROUGHPUT_WINDOW_S
-        while self._recent and self._recent[0][0] < horizon:
-            self._recent.popleft()
-        return sum(tokens for _, tokens in self._recent) / THROUGHPUT_WINDOW_S
+        return sum(tokens for at, tokens in list(self._recent) if at >= horizon) / THROUGHPUT_WINDOW_S
 
     def stats(self) -> dict:
         return {
@@ -450,4 +460,9 @@ class EngineCore:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return (
+        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in message
+        or "can't allocate memory" in message  # torch's CPU allocator
+    )

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,7 @@ class _Pending:
     request: GenerationRequest
     future: asyncio.Future
     updates: asyncio.Queue | None = None  # streaming requests: StreamUpdate, or the exception that ended it
+    arrived_at: float = field(default_factory=time.perf_counter)
 
 
 def _completion(row: Row) -> Completion:
@@ -80,6 +81,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self.requests_cancelled = 0
         self._recent: deque[tuple[float, Completion]] = deque()  # finished in the last minute
 
@@ -99,9 +101,7 @@ class Engine:
         """Median and 90th percentile, over requests finished in the last minute, of the time each
         waited for admission, until its first token, and in the engine."""
         horizon = time.monotonic() - THROUGHPUT_WINDOW_S
-        while self._recent and self._recent[0][0] < horizon:
-            self._recent.popleft()
-        completions = [c for _, c in self._recent]
+        completions = [c for at, c in list(self._recent) if at >= horizon]  # any thread may ask
         summary = {}
         for name in ("queue_seconds", "first_token_seconds", "inference_seconds"):
             values = sorted(getattr(c, name) for c in completions)
@@ -113,6 +113,7 @@ class Engine:
     def start(self) -> None:
         """Start the engine's thread and build the core there; returns once it is ready."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         built: list[BaseException | None] = []
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(built, ready), name="engine", daemon=True)
@@ -162,9 +163,24 @@ class Engine:
         return RequestStream(self, self._enqueue(request, asyncio.Queue()), deadline)
 
     def _abandon(self, pending: _Pending) -> None:
+        """The client left. A dropped stream's finalizer may run on any thread: the row is told at
+        once, the future only on the event loop."""
+        pending.request.cancelled.set()
+        if threading.get_ident() == self._loop_thread:
+            self._cancel(pending)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._cancel, pending)
+
+    def _cancel(self, pending: _Pending) -> None:
         if not pending.future.done():
             pending.future.cancel()
             self.requests_cancelled += 1
+
+    def _remember(self, completion: Completion) -> None:
+        now = time.monotonic()
+        self._recent.append((now, completion))
+        while self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
 
     def _deliver(self, events: list[tuple[str, _Pending, object]]) -> None:
         for kind, pending, payload in events:
@@ -174,7 +190,7 @@ class Engine:
                 pending.updates.put_nowait(payload)
             elif kind == "finished":
                 if payload.result.finish_reason != "cancelled":
-                    self._recent.append((time.monotonic(), payload))
+                    self._remember(payload)
                 if pending.updates is not None:
                     pending.updates.put_nowait(StreamUpdate(payload.result, True))
                 if not pending.future.done():
@@ -202,33 +218,33 @@ class Engine:
             ready.set()
         while True:
             self._wake.wait()
+            self._wake.clear()
             if self._stopping:
                 return
-            self._wake.clear()
             try:
                 self._iterate()
             except Exception as exc:  # a bug in the engine itself: fail what it holds, keep serving
                 log.exception("engine step failed")
-                failed = [("failed", row.handle, exc) for _, row in self.core.fail_all(exc)]
-                self._loop.call_soon_threadsafe(self._deliver, failed)
+                self._post([("failed", row.handle, exc) for _, row in self.core.fail_all(exc)])
 
     def _iterate(self) -> None:
         while self._dropped_adapters:
             self.core.drop_adapter(self._dropped_adapters.popleft())
-        events: list[tuple[str, _Pending, object]] = []
+        refused = []
         while self._inbox:
             pending = self._inbox.popleft()
             try:
-                self.core.add(pending.request, handle=pending)
-            except ValueError as exc:
-                events.append(("failed", pending, exc))
+                self.core.add(pending.request, handle=pending, arrived_at=pending.arrived_at)
+            except Exception as exc:  # this request alone cannot run
+                refused.append(("failed", pending, exc))
+        self._post(refused)
         if self.core.has_work():
-            events += self._events(self.core.admit())
-            if events:  # admissions reach the event loop before the pass runs (it may take a while)
-                self._loop.call_soon_threadsafe(self._deliver, events)
+            self._post(self._events(self.core.admit()))  # before the pass, which may take a while
             with torch.inference_mode():
-                events = self._events(self.core.run())
+                self._post(self._events(self.core.run()))
             self._wake.set()  # more steps to run
+
+    def _post(self, events: list[tuple[str, _Pending, object]]) -> None:
         if events:
             self._loop.call_soon_threadsafe(self._deliver, events)
 

@@ -23,6 +23,9 @@ def generate_batch(base: BaseModel, requests: Sequence[GenerationRequest]) -> li
     rows = [core.add(request) for request in requests]
     while core.has_work():
         core.step()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
     return [row.result for row in rows]
 
 
@@ -38,6 +41,9 @@ def first_step_logits(base: BaseModel, requests: Sequence[GenerationRequest]) ->
             first.setdefault(id(row), row_logits.clone())
 
     core.logits_hook = keep_first
-    while len(first) < len(rows):
+    while len(first) < len(rows) and core.has_work():
         core.step()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
     return torch.stack([first[id(row)] for row in rows])

@@ -28,11 +28,21 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * (127.0 / absmax.unsqueeze(-1))).to(torch.int8), absmax * _INV_127
 
 
-def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int) -> torch.Tensor:
+    """quantized [M, K] x weight[N, K]^T in int32. torch._int_mm has a fast path for one row
+    (straight over the weight rows); for 2..`split_up_to` rows, one-row products beat oneDNN's
+    small-M kernel (measured: a decode step at batch 2 25 -> 21 ms). Integer products are exact,
+    so how rows are grouped never changes a result."""
+    if 1 < quantized.shape[0] <= split_up_to:
+        return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(quantized.shape[0])])
+    return torch._int_mm(quantized, weight.t())
+
+
+def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, split_up_to: int) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
     quantized, scale = _quantize_rows(rows)
-    out = torch._int_mm(quantized, weight.t()).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
+    out = _int_mm(quantized, weight, split_up_to).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -42,7 +52,7 @@ def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     state = self.state
     if torch.is_grad_enabled() and x.requires_grad or state.threshold > 0 or state.SCB is None:
         return type(self).forward(self, x)
-    out = _int8_matmul(x, state.CB, state.SCB * _INV_127)
+    out = _int8_matmul(x, state.CB, state.SCB * _INV_127, split_up_to=3)
     if self.bias is not None:
         out = out + self.bias
     return out.to(x.dtype)
@@ -64,7 +74,8 @@ class _Int8HeadFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, scale):
         ctx.save_for_backward(weight, scale)
-        return _int8_matmul(hidden, weight, scale)
+        # The head's 168 MB never stay in cache, so only two rows gain from being split.
+        return _int8_matmul(hidden, weight, scale, split_up_to=2)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -81,6 +81,10 @@ class KVCache:
             if self._refs[block] == 0:
                 self._free.append(block)
 
+    def only_holder(self, blocks) -> int:
+        """How many of `blocks` have a single holder (the caller's release would free them)."""
+        return sum(self._refs[block] == 1 for block in blocks)
+
     def stats(self) -> dict:
         used = self.capacity_blocks - len(self._free)
         return {

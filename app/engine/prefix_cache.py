@@ -98,6 +98,10 @@ class PrefixCache:
         self._entries[key] = PrefixEntry(virtual, tuple(tokens), slots.clone(), blocks)
         self.tokens += length
 
+    def reclaimable_blocks(self) -> int:
+        """Blocks that evicting every entry would free: those no running row reads."""
+        return sum(self.kv.only_holder(entry.blocks) for entry in self._entries.values())
+
     def evict_oldest(self) -> bool:
         if not self._entries:
             return False

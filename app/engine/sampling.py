@@ -35,7 +35,9 @@ class RowSampling:
 def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from unnormalised `probs` [R, V] with one uniform number per row."""
     cdf = probs.cumsum(-1)
-    target = uniform * cdf[:, -1]
+    total = cdf[:, -1]
+    # uniform < 1, but uniform * total may round up to total: stay below it
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 

@@ -4,12 +4,10 @@ torch's OpenMP runtime (libgomp) keeps a pool of worker threads for every thread
 parallel work, and once there are more pool threads than cores it stops spinning between parallel
 regions: every small op of a decode step then waits for a sleeping worker. Measured: one stray
 big tensor op on the event loop's thread made every engine step 1.6x slower (50 -> 85 ms at batch
-32) for the rest of the process's life. So the engine's thread takes the cores: torch's default
-for threads that start computing later becomes one thread (no pool), and only the engine's own
-OpenMP thread count is raised.
+32) for the rest of the process's life. So the engine's thread takes the cores: it keeps its own
+thread count, and torch's default for threads that start computing later becomes one (no pool).
 """
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable
@@ -20,30 +18,16 @@ import torch
 T = TypeVar("T")
 
 
-def _libgomp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded, if it is libgomp."""
-    try:
-        with open("/proc/self/maps") as maps:
-            path = next((line.split()[-1] for line in maps if "libgomp" in line), None)
-    except OSError:
-        return None
-    return ctypes.CDLL(path) if path else None
-
-
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def take_cores(threads: int) -> None:
-    """Give the calling thread `threads` OpenMP threads, and every thread that has not computed
-    yet one."""
-    gomp = _libgomp()
-    if gomp is None:  # another OpenMP runtime: keep torch's single process-wide setting
-        torch.set_num_threads(threads)
-        return
-    torch.set_num_threads(1)
-    torch.get_num_threads()  # torch sets a thread's OpenMP count from its default on first use: do it now
-    gomp.omp_set_num_threads(threads)
+    """Give the calling thread `threads` threads (OpenMP and MKL), and every thread that has
+    not computed yet one."""
+    torch.get_num_threads()  # torch gives a thread its default on first use: do it for this one now
+    torch.set_num_threads(threads)  # this thread's own counts (and torch's default, for a moment)
+    in_own_thread(torch.set_num_threads, 1)  # the default, set from another thread: this one keeps its own
 
 
 def in_own_thread(work: Callable[..., T], *args, **kwargs) -> T:

@@ -7,6 +7,7 @@ import torch
 from app.engine.core import EngineCore, EngineOverloaded, RequestTooLarge, RowFailed
 from app.engine.generation import first_step_logits
 from app.engine.kv_cache import BLOCK_SIZE
+from app.engine.prefix_cache import PrefixKey
 from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationRequest, SoftPrompt, row_embeddings
 from tests.conftest import random_soft_prompt
@@ -291,3 +292,34 @@ def test_blocks_are_counted_in_whole_blocks_and_all_return_to_the_pool(tiny_base
     assert core.kv.stats()["reserved_tokens"] == 0 and core.kv.stats()["used_tokens"] > 0  # the cached prefix
     core.drop_adapter("")  # the base model's prefixes
     assert core.kv.stats()["used_tokens"] == 0
+
+
+def test_what_an_earlier_row_left_in_its_lane_never_reaches_the_next_one(tiny_base):
+    core = make_core(tiny_base, max_rows=2, prefix_cache_tokens=0)
+    core.add(request(tiny_base, " ".join(SST2_PROMPTS), None, 4))  # a long row fills lane 1's table
+    run_until_idle(core)
+    core.kv.keys.fill_(float("nan"))  # garbage everywhere but in the rows' own slots...
+    core.kv.values.fill_(float("nan"))
+    core.kv.keys[:, :BLOCK_SIZE] = 0  # ...and the padding block, which is never handed out
+    core.kv.values[:, :BLOCK_SIZE] = 0
+    short, long = request(tiny_base, SST2_PROMPTS[8], None, 6), request(tiny_base, " ".join(SST2_PROMPTS[:4]), None, 6)
+    rows = [core.add(short), core.add(long)]  # the short one pads up to the long one, in the old lane
+    run_until_idle(core)
+    assert [r.error for r in rows] == [None, None]
+    assert [r.result.token_ids for r in rows] == [reference(tiny_base, short), reference(tiny_base, long)]
+
+
+def test_a_waiting_request_evicts_cached_prefixes_only_when_that_lets_it_in(tiny_base):
+    core = make_core(tiny_base, kv_tokens=256, max_rows=4)
+    cached = SoftPrompt(random_soft_prompt(tiny_base, 4, seed=1), adapter_id="cached")
+    core.add(request(tiny_base, SST2_PROMPTS[0], cached, 2))
+    run_until_idle(core)
+    assert core.prefix.stats()["entries"] == 1
+    big = core.add(request(tiny_base, SST2_PROMPTS[1], None, 150))  # holds 10 of the 16 blocks
+    core.step()
+    waiting = core.add(request(tiny_base, SST2_PROMPTS[2], None, 120))  # needs 8: evicting frees only 1
+    for _ in range(5):
+        core.step()
+        assert waiting in core.waiting and PrefixKey("cached", cached.digest) in core.prefix
+    run_until_idle(core)
+    assert big.result.finish_reason == waiting.result.finish_reason == "length"

@@ -190,3 +190,17 @@ async def test_dropping_an_adapter_frees_its_prefix_before_the_next_step(make_en
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     assert engine.stats()["kv_cache"]["used_tokens"] == 0
+
+
+async def test_only_the_engines_thread_computes_on_several_cores(make_engine, tiny_base):
+    import torch
+
+    engine = make_engine()
+    inside = []
+    before_each_forward(engine, lambda n: inside.append(torch.get_num_threads()))
+    await engine.submit(request(tiny_base, 0, 2), timeout=30)
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert set(inside) == {engine.threads} and fresh == [1]  # a new thread keeps no OpenMP pool

@@ -130,3 +130,14 @@ def test_tiny_top_p_keeps_only_the_top_token(tiny_base):
     request.temperature, request.top_p, request.seed = 1.0, 1e-6, 3
     [sampled] = generate_batch(tiny_base, [request])
     assert sampled.token_ids == greedy.token_ids
+
+
+def test_a_failed_row_is_raised_not_returned_as_a_short_result(tiny_base, monkeypatch):
+    from app.engine.runner import ModelRunner
+
+    def broken(self, *args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(ModelRunner, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        generate_batch(tiny_base, mixed_requests(tiny_base, 2, max_new_tokens=3))

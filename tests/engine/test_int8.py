@@ -65,3 +65,13 @@ def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
     torch.testing.assert_close(hidden.grad, straight_through, atol=1e-4, rtol=1e-4)
     exact_grad = grad_out @ weight
     assert (hidden.grad - exact_grad).norm() < 0.02 * exact_grad.norm()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_splitting_rows_never_changes_an_integer_product(rows):
+    from app.engine.int8 import _int_mm
+
+    torch.manual_seed(rows)
+    weight = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
+    quantized = torch.randint(-127, 128, (rows, 64), dtype=torch.int8)
+    assert torch.equal(_int_mm(quantized, weight, split_up_to=3), torch._int_mm(quantized, weight.t()))
