@@ -114,3 +114,15 @@ def test_admin_pages_stay_out_of_the_api_schema_and_static_files_are_served(make
     for name, kind in [("admin.css", "text/css"), ("admin.js", "javascript"), ("chart.js", "javascript")]:
         response = client.get(f"/admin/static/{name}")
         assert response.status_code == 200 and kind in response.headers["content-type"], name
+
+
+def test_the_overview_shows_the_engine_its_caches_and_recent_latency(make_client, tiny_base):
+    client = make_client(tiny_base, kv_cache_tokens=2048, prefix_cache_tokens=256)
+    for _ in range(2):
+        assert client.post("/generate", json={"prompt": "a fine film", "max_new_tokens": 3}).status_code == 200
+    page = client.get("/admin").text
+    stats = client.get("/health").json()["engine"]
+    held = stats["kv_cache"]["used_tokens"]
+    assert held > 0 and f"{held} positions held, 0 promised, of 2,048" in page
+    assert "1 cached" in page and "of 256 positions" in page  # the base model's prefix
+    assert "median" in page and "2 requests, last minute" in page  # queue, first token, engine time
