@@ -24,8 +24,8 @@ _INV_127 = 1.0 / 127.0
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of x [M, K] as int8, scaled by their absmax (LLM.int8's vector-wise quantization),
     and the scale that undoes it [M]."""
-    absmax = x.abs().amax(dim=1).float()
-    return torch.round(x * (127.0 / absmax.unsqueeze(-1))).to(torch.int8), absmax * _INV_127
+    scale = x.abs().amax(dim=1).float().mul_(_INV_127)
+    return (x / scale.unsqueeze(-1)).round_().to(torch.int8), scale
 
 
 def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int) -> torch.Tensor:
@@ -49,23 +49,25 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Linear8bitLt.forward for inference on the CPU (threshold 0): the same quantization and
     integer matmul in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
-    state = self.state
-    if torch.is_grad_enabled() and x.requires_grad or state.threshold > 0 or state.SCB is None:
+    if torch.is_grad_enabled() and x.requires_grad:
         return type(self).forward(self, x)
-    out = _int8_matmul(x, state.CB, state.SCB * _INV_127, split_up_to=3)
+    out = _int8_matmul(x, self.state.CB, self.dequantize_scale, split_up_to=3)
     if self.bias is not None:
         out = out + self.bias
     return out.to(x.dtype)
 
 
 def speed_up_int8_layers(model: torch.nn.Module) -> int:
-    """Give every bitsandbytes int8 linear layer the fast inference forward; returns how many."""
+    """Give every bitsandbytes int8 layer (threshold 0) the fast inference forward; returns how many."""
     from bitsandbytes.nn import Linear8bitLt
 
     layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
     for layer in layers:
         if layer.weight.CB is not None:
             layer.init_8bit_state()  # what its first forward does: the weights and scales move to its state
+    layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
+    for layer in layers:
+        layer.dequantize_scale = layer.state.SCB * _INV_127
         layer.forward = types.MethodType(fast_int8_forward, layer)
     return len(layers)
 
