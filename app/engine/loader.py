@@ -100,19 +100,21 @@ def _serve_int8_on_cpu(model: torch.nn.Module) -> None:
 
 
 def keep_freed_memory() -> None:
-    """Let glibc reuse freed memory for big tensors instead of unmapping it at every free. By
-    default a buffer over 32 MB (a step's logits: batch x 262k floats) is mmap'd fresh and
-    page-faulted in on every step, which cost more than the LM head itself (9 ms vs 1 ms to
-    write 32 MB); threads other than the main one also get arenas too small for such buffers.
-    One arena, and blocks up to 256 MB kept for reuse, fix both. glibc only; a no-op elsewhere."""
+    """Let glibc reuse freed memory for a step's big buffers instead of unmapping it at every free.
+    By default a buffer over 32 MB (a decode step's logits at batch 32: 32 x 262k floats, 33.5 MB)
+    is mmap'd fresh and page-faulted in every step: a decode step at batch 32 took 145 ms instead
+    of 53. Threads other than the main one also get arenas too small for such buffers. So: one
+    arena, blocks up to 40 MB from the heap, and up to 128 MB of free heap kept. Larger blocks
+    (training's temporaries) are still mapped and returned at once: with a 256 MB threshold, a
+    prompt-tuning step's peak memory grew from 1.22x to 1.33x that of inference. glibc only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_arena_max, 1)
-    libc.mallopt(m_mmap_threshold, 256 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
+    libc.mallopt(m_mmap_threshold, 40 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)
 
 
 def resolve_device(device: str | None) -> torch.device:
