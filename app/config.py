@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Positions of it kept for adapter prefixes (soft prompt + shared prompt start); 0 turns it off.
     prefix_cache_tokens: int = Field(4_096, ge=0)
     max_queue_size: int = Field(256, ge=1)
+    # Worst-case KV positions (soft prompt + prompt + max new tokens) the waiting requests may
+    # need in all: bounds the work one call can enqueue, whatever its number of prompts.
+    max_queued_tokens: int = Field(65_536, ge=64)
     engine_threads: int | None = Field(None, ge=1, le=1024)  # cores the engine computes on; default all
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
-import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from celery import Celery
@@ -60,6 +59,7 @@ class Runtime:
                     prefix_cache_tokens=settings.prefix_cache_tokens,
                 ),
                 max_queue_size=settings.max_queue_size,
+                max_queued_tokens=settings.max_queued_tokens,
                 threads=settings.engine_threads,
             ),
         )

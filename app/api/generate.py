@@ -2,12 +2,13 @@
 
 from contextlib import aclosing
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.api.deps import RuntimeDep, invalid
+from app.api.disconnect import unless_disconnected
 from app.api.streaming import sse_response
 from app.engine.core import EngineOverloaded, RequestTooLarge
-from app.engine.engine import Completion, QueueFull, RequestStream
+from app.engine.engine import Completion, QueueFull, RequestStream, TooMuchWork
 from app.engine.requests import GenerationRequest, SoftPrompt
 from app.engine.text_stream import TextDeltas
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
@@ -68,27 +69,37 @@ def _too_large(exc: RequestTooLarge, field: str) -> HTTPException:
     return invalid(field, f"{exc}: shorten the prompt or ask for fewer tokens")
 
 
-async def run(runtime: Runtime, request: GenerationRequest, tokens_field: str = "max_new_tokens") -> Completion:
+async def run_all(
+    runtime: Runtime, http_request: Request, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
+) -> list[Completion]:
+    """Queue `requests` together and wait for them; a client that hangs up frees their rows."""
     try:
-        return await runtime.engine.submit(request, timeout=runtime.settings.request_timeout_s)
+        submitted = runtime.engine.submit_all(requests, timeout=runtime.settings.request_timeout_s)
+        return await unless_disconnected(http_request, submitted)
     except QueueFull:
         raise _busy() from None
     except RequestTooLarge as exc:
         raise _too_large(exc, tokens_field) from None
+    except TooMuchWork as exc:
+        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
     except EngineOverloaded as exc:
         raise _busy(str(exc)) from None
     except TimeoutError:
         raise HTTPException(504, detail="generation did not finish before the request deadline") from None
 
 
-def start_stream(runtime: Runtime, request: GenerationRequest, tokens_field: str = "max_new_tokens") -> RequestStream:
-    """Queue a streaming request; a full queue is still a plain 503, before any event is sent."""
+def start_streams(
+    runtime: Runtime, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
+) -> list[RequestStream]:
+    """Queue streaming requests together; a full queue is still a plain 503, before any event is sent."""
     try:
-        return runtime.engine.stream(request, timeout=runtime.settings.request_timeout_s)
+        return runtime.engine.stream_all(requests, timeout=runtime.settings.request_timeout_s)
     except QueueFull:
         raise _busy() from None
     except RequestTooLarge as exc:
         raise _too_large(exc, tokens_field) from None
+    except TooMuchWork as exc:
+        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
 
 
 async def _generate_events(updates: RequestStream, request: GenerationRequest, adapter_id: str | None):
@@ -112,13 +123,14 @@ async def _generate_events(updates: RequestStream, request: GenerationRequest, a
                404: {"description": "Unknown adapter"}, 409: {"description": "Adapter made for another base model"},
                503: {"description": "Queue full; retry after Retry-After seconds"}},
 )
-async def generate(body: GenerateRequest, runtime: RuntimeDep, response: Response):
+async def generate(body: GenerateRequest, runtime: RuntimeDep, http_request: Request, response: Response):
     """Generate text. With `stream: true` the answer is `text/event-stream`: `data:` events with
     `text` pieces, a last event with `finish_reason` and `usage`, then `data: [DONE]`."""
     request = await build_request(runtime, body)
     if body.stream:
-        return sse_response(_generate_events(start_stream(runtime, request), request, body.adapter_id))
-    completion = await run(runtime, request)
+        [stream] = start_streams(runtime, [request])
+        return sse_response(_generate_events(stream, request, body.adapter_id))
+    [completion] = await run_all(runtime, http_request, [request])
     response.headers["X-Queue-Time"] = f"{completion.queue_seconds:.4f}"
     response.headers["X-Time-To-First-Token"] = f"{completion.first_token_seconds:.4f}"
     response.headers["X-Inference-Time"] = f"{completion.inference_seconds:.4f}"

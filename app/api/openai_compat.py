@@ -6,7 +6,6 @@ status codes as /generate; OpenAI fields softserve cannot honour (`n`, `logprobs
 are refused with 422 unless they ask for nothing, and fields it does not know are ignored.
 """
 
-import asyncio
 import json
 import secrets
 import time
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sqlalchemy import select
 
 from app.api.deps import RuntimeDep, SessionDep, invalid
-from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run, start_stream
+from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.streaming import merge, sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
@@ -187,28 +186,6 @@ def _usage(results: Sequence[GenerationResult]) -> CompletionUsage:
                            total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _complete(runtime: Runtime, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    """Queue every prompt at once, so they share a batch; if one fails, the others leave the queue."""
-    tasks = [asyncio.create_task(run(runtime, request, "max_tokens")) for request in requests]
-    try:
-        return [completion.result for completion in await asyncio.gather(*tasks)]
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def _start_streams(runtime: Runtime, requests: list[GenerationRequest]) -> list[RequestStream]:
-    streams = []
-    try:
-        for request in requests:
-            streams.append(start_stream(runtime, request, "max_tokens"))
-    except HTTPException:  # queue full part-way: take back the ones already queued
-        for stream in streams:
-            stream.cancel()
-        raise
-    return streams
-
-
 async def _chunks(
     head: dict, requests: list[GenerationRequest], streams: list[RequestStream], include_usage: bool
 ) -> AsyncIterator[dict]:
@@ -236,7 +213,7 @@ async def _chunks(
                404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
                503: {"description": "Queue full; retry after Retry-After seconds"}},
 )
-async def create_completion(body: CompletionRequest, runtime: RuntimeDep):
+async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_request: Request):
     """OpenAI's legacy completions API. With `stream: true` the answer is `text/event-stream`:
     `text_completion` chunks, each choice's last with its `finish_reason`, then `data: [DONE]`."""
     requests = await _requests(runtime, body)
@@ -244,8 +221,8 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep):
             "model": body.model}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return sse_response(_chunks(head, requests, _start_streams(runtime, requests), include_usage))
-    results = await _complete(runtime, requests)
+        return sse_response(_chunks(head, requests, start_streams(runtime, requests, "max_tokens"), include_usage))
+    results = [completion.result for completion in await run_all(runtime, http_request, requests, "max_tokens")]
     choices = [CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason) for i, r in enumerate(results)]
     return CompletionResponse(**head, choices=choices, usage=_usage(results))
 

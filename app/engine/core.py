@@ -16,6 +16,7 @@ whose logits are unusable fails alone, and an out-of-memory sheds the newest row
 Synchronous and single-threaded: `app.engine.engine.Engine` drives it from its own thread.
 """
 
+import logging
 import math
 import time
 from collections import deque
@@ -32,6 +33,8 @@ from app.engine.prefix_cache import PrefixCache, PrefixKey
 from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
 from app.engine.runner import ModelRunner
 from app.engine.sampling import RowSampling, sample
+
+log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 60.0
 BASE_MODEL_KEY = PrefixKey("", "")
@@ -125,13 +128,15 @@ class EngineCore:
         """Worst-case KV positions of a request: the newest token is never fed back."""
         return request.virtual_tokens + len(request.prompt_ids) + request.max_new_tokens - 1
 
-    def check_fits(self, request: GenerationRequest) -> None:
-        need = math.ceil(self.positions_needed(request) / BLOCK_SIZE)
-        if need > self.kv.capacity_blocks:
+    def check_fits(self, request: GenerationRequest) -> int:
+        """The request's worst-case KV positions; RequestTooLarge if the whole cache could not hold them."""
+        positions = self.positions_needed(request)
+        if math.ceil(positions / BLOCK_SIZE) > self.kv.capacity_blocks:
             raise RequestTooLarge(
-                f"needs {self.positions_needed(request)} KV cache positions (soft prompt + prompt + max new tokens); "
+                f"needs {positions} KV cache positions (soft prompt + prompt + max new tokens); "
                 f"the cache holds {self.kv.capacity_blocks * BLOCK_SIZE}"
             )
+        return positions
 
     def add(self, request: GenerationRequest, handle: object = None, arrived_at: float | None = None) -> Row:
         """Queue a request (`arrived_at`: its perf_counter() arrival, now by default). Raises
@@ -347,11 +352,13 @@ class EngineCore:
     def _take_tokens(self, rows: list[Row], logits: torch.Tensor, events: list) -> None:
         if not rows:
             return
-        tokens, usable = sample(logits, [row.sampling for row in rows])
+        tokens, usable = _sample_rows(logits, [row.sampling for row in rows])
         now = time.perf_counter()
         made = 0
         for row, token, ok in zip(rows, tokens, usable):
             try:
+                if isinstance(ok, Exception):
+                    raise RowFailed(f"sampling failed: {ok}") from ok
                 if not ok:
                     raise RowFailed("the model produced non-finite logits for this request")
                 if row.first_token_at is None:
@@ -466,3 +473,25 @@ def _out_of_memory(exc: BaseException) -> bool:
         or "out of memory" in message
         or "can't allocate memory" in message  # torch's CPU allocator
     )
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int | None], list[bool | Exception]]:
+    """Sample every row at once; should that raise, row by row (from the same random state), so
+    an error fails only the row that causes it."""
+    states = [row.generator.get_state() for row in rows if row.generator is not None]
+    try:
+        return sample(logits, rows)
+    except Exception:
+        log.exception("batched sampling failed: sampling row by row")
+    for row in rows:
+        if row.generator is not None:
+            row.generator.set_state(states.pop(0))
+    tokens, usable = [], []
+    for i, row in enumerate(rows):
+        try:
+            [token], [ok] = sample(logits[i : i + 1], [row])
+        except Exception as exc:
+            token, ok = None, exc
+        tokens.append(token)
+        usable.append(ok)
+    return tokens, usable

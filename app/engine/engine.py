@@ -4,7 +4,8 @@ the event loop submits requests and receives their tokens.
 Requests join the running batch at the next step and leave it the step they finish, so a short
 request is answered after its own few steps, whatever else is running. Admission is bounded: a
 request waits while the KV cache is full, and only a full waiting queue refuses new work (503).
-A client that goes away (closed stream, cancelled wait, deadline) sets its request's cancel
+The queue is bounded in requests and in the KV positions they may need, so one call carrying many
+long prompts cannot fill it alone. A client that goes away (closed stream, cancelled wait, deadline) sets its request's cancel
 flag, and its row leaves at the next step. Events cross to the event loop once per step.
 """
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     pass
+
+
+class TooMuchWork(ValueError):
+    """One call asks for more than the whole waiting queue holds: it could never be queued."""
 
 
 @dataclass
@@ -67,14 +72,18 @@ def _completion(row: Row) -> Completion:
 
 
 class Engine:
-    def __init__(self, build_core: Callable[[], EngineCore], max_queue_size: int, threads: int | None = None):
+    def __init__(self, build_core: Callable[[], EngineCore], max_queue_size: int, max_queued_tokens: int,
+                 threads: int | None = None):
         # The core (its KV cache included) is built on the engine's own thread: see threads.py.
         self._build_core = build_core
         self.core: EngineCore | None = None
         self.threads = threads or default_threads()
         self._max_queue_size = max_queue_size
-        # Requests not yet admitted and still wanted: a client that gave up frees its place at once.
-        self._waiting: set[_Pending] = set()
+        self._max_queued_tokens = max_queued_tokens
+        # Requests not yet admitted and still wanted, with the KV positions each may need: a client
+        # that gave up frees its place at once.
+        self._waiting: dict[_Pending, int] = {}
+        self._waiting_tokens = 0
         self._inbox: deque[_Pending] = deque()
         self._dropped_adapters: deque[str] = deque()
         self._wake = threading.Event()
@@ -95,7 +104,8 @@ class Engine:
         return self.core.recent_tokens_per_second()
 
     def stats(self) -> dict:
-        return self.core.stats() | {"queue_depth": self.queue_depth, "requests_cancelled": self.requests_cancelled}
+        return self.core.stats() | {"queue_depth": self.queue_depth, "queued_tokens": self._waiting_tokens,
+                                    "requests_cancelled": self.requests_cancelled}
 
     def recent_latency(self) -> dict[str, dict[str, float] | None]:
         """Median and 90th percentile, over requests finished in the last minute, of the time each
@@ -133,34 +143,64 @@ class Engine:
         self._dropped_adapters.append(adapter_id)
         self._wake.set()
 
-    def _enqueue(self, request: GenerationRequest, updates: asyncio.Queue | None = None) -> _Pending:
-        self.core.check_fits(request)
-        if len(self._waiting) >= self._max_queue_size:
+    def _enqueue(self, requests: list[GenerationRequest], streaming: bool) -> list[_Pending]:
+        """Queue all of `requests` or none of them: RequestTooLarge if one can never fit the KV
+        cache, TooMuchWork if together they exceed the whole queue, QueueFull if the queue has no
+        room for them now."""
+        work = [self.core.check_fits(request) for request in requests]
+        if sum(work) > self._max_queued_tokens:
+            raise TooMuchWork(
+                f"needs {sum(work)} KV cache positions in all (soft prompts + prompts + max new tokens); "
+                f"at most {self._max_queued_tokens} may wait at once"
+            )
+        if (len(self._waiting) + len(requests) > self._max_queue_size
+                or self._waiting_tokens + sum(work) > self._max_queued_tokens):
             raise QueueFull
-        pending = _Pending(request, asyncio.get_running_loop().create_future(), updates)
-        self._waiting.add(pending)
-
-        def on_done(future: asyncio.Future) -> None:
-            self._waiting.discard(pending)
-            if future.cancelled():  # nobody wants it any more: its row leaves at the next step
-                request.cancelled.set()
-
-        pending.future.add_done_callback(on_done)
-        self._inbox.append(pending)
+        loop = asyncio.get_running_loop()
+        pendings = [_Pending(request, loop.create_future(), asyncio.Queue() if streaming else None)
+                    for request in requests]
+        for pending, positions in zip(pendings, work):
+            self._waiting[pending] = positions
+            self._waiting_tokens += positions
+            pending.future.add_done_callback(lambda future, pending=pending: self._done(pending))
+        self._inbox.extend(pendings)
         self._wake.set()
-        return pending
+        return pendings
+
+    def _leave_queue(self, pending: _Pending) -> None:
+        self._waiting_tokens -= self._waiting.pop(pending, 0)
+
+    def _done(self, pending: _Pending) -> None:
+        self._leave_queue(pending)
+        if pending.future.cancelled():  # nobody wants it any more: its row leaves at the next step
+            pending.request.cancelled.set()
+            self.requests_cancelled += 1
 
     async def submit(self, request: GenerationRequest, timeout: float) -> Completion:
         """Queue a request and wait for its result. Cancelling the wait (client gone, timeout)
         frees its place in the queue, or its row in the batch."""
-        return await asyncio.wait_for(self._enqueue(request).future, timeout)
+        return (await self.submit_all([request], timeout))[0]
+
+    async def submit_all(self, requests: list[GenerationRequest], timeout: float) -> list[Completion]:
+        """Queue `requests` together (all or none) and wait for every result. If one fails, or
+        the wait ends early, the others leave the queue or the batch."""
+        futures = [pending.future for pending in self._enqueue(requests, streaming=False)]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for those that finished
 
     def stream(self, request: GenerationRequest, timeout: float) -> "RequestStream":
         """Queue a request now (QueueFull is raised here, before any byte is sent) and return
         its updates: one per token, the last with `finished` set. Past `timeout` seconds the
         stream raises TimeoutError and its row is cancelled."""
+        return self.stream_all([request], timeout)[0]
+
+    def stream_all(self, requests: list[GenerationRequest], timeout: float) -> list["RequestStream"]:
+        """Queue `requests` together (all or none), each with its own stream."""
         deadline = asyncio.get_running_loop().time() + timeout
-        return RequestStream(self, self._enqueue(request, asyncio.Queue()), deadline)
+        return [RequestStream(self, pending, deadline) for pending in self._enqueue(requests, streaming=True)]
 
     def _abandon(self, pending: _Pending) -> None:
         """The client left. A dropped stream's finalizer may run on any thread: the row is told at
@@ -172,9 +212,7 @@ class Engine:
             self._loop.call_soon_threadsafe(self._cancel, pending)
 
     def _cancel(self, pending: _Pending) -> None:
-        if not pending.future.done():
-            pending.future.cancel()
-            self.requests_cancelled += 1
+        pending.future.cancel()  # counted by _done, unless it had finished
 
     def _remember(self, completion: Completion) -> None:
         now = time.monotonic()
@@ -185,7 +223,7 @@ class Engine:
     def _deliver(self, events: list[tuple[str, _Pending, object]]) -> None:
         for kind, pending, payload in events:
             if kind == "admitted":
-                self._waiting.discard(pending)
+                self._leave_queue(pending)
             elif kind == "token":
                 pending.updates.put_nowait(payload)
             elif kind == "finished":

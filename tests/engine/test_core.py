@@ -230,6 +230,29 @@ def test_unusable_logits_fail_that_row_alone(tiny_base):
     assert [rows[i].result.token_ids for i in (0, 2)] == [reference(tiny_base, requests[i]) for i in (0, 2)]
 
 
+def test_a_row_whose_sampling_raises_fails_alone_and_seeded_rows_keep_their_draws(tiny_base, monkeypatch):
+    from app.engine import core as core_module
+
+    def sample_or_raise(logits, rows):  # the row with temperature 1.5 cannot be sampled
+        if any(row.temperature == 1.5 for row in rows):
+            raise RuntimeError("probability tensor contains either inf or nan")
+        return core_module.sample.__wrapped__(logits, rows)
+
+    sample_or_raise.__wrapped__ = core_module.sample
+    seeded = [request(tiny_base, SST2_PROMPTS[i], None, 6, temperature=0.8, seed=i) for i in range(2)]
+    alone = make_core(tiny_base)
+    expected = [alone.add(r) for r in seeded]
+    run_until_idle(alone)
+    monkeypatch.setattr(core_module, "sample", sample_or_raise)
+    core = make_core(tiny_base)
+    greedy = request(tiny_base, SST2_PROMPTS[2], None, 6)
+    rows = [core.add(r) for r in [*seeded, greedy, request(tiny_base, SST2_PROMPTS[3], None, 6, temperature=1.5)]]
+    run_until_idle(core)
+    assert isinstance(rows[3].error, RowFailed) and "sampling failed" in str(rows[3].error)
+    assert [r.result.token_ids for r in rows[:2]] == [r.result.token_ids for r in expected]
+    assert rows[2].result.token_ids == reference(tiny_base, greedy)
+
+
 def test_out_of_memory_sheds_the_newest_row_and_the_rest_go_on(tiny_base):
     core = make_core(tiny_base, prefix_cache_tokens=0)
     requests = [request(tiny_base, SST2_PROMPTS[i], None, 6) for i in range(4)]

@@ -23,9 +23,10 @@ def request(base, i: int, max_new_tokens: int) -> GenerationRequest:
 async def make_engine(tiny_base):
     engines = []
 
-    def make(max_rows=8, max_queue_size=16, **core_settings) -> Engine:
+    def make(max_rows=8, max_queue_size=16, max_queued_tokens=65_536, **core_settings) -> Engine:
         settings = {"kv_tokens": 4096, "max_rows": max_rows} | core_settings
-        engine = Engine(lambda: EngineCore(tiny_base, **settings), max_queue_size=max_queue_size)
+        engine = Engine(lambda: EngineCore(tiny_base, **settings), max_queue_size=max_queue_size,
+                        max_queued_tokens=max_queued_tokens)
         engine.start()
         engines.append(engine)
         return engine
