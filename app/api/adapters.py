@@ -51,10 +51,9 @@ async def upload_adapter(
     """Import a PEFT prompt-tuning adapter: `config` + `weights`, or one zip as `archive`."""
     settings, base = runtime.settings, runtime.base
     cap = settings.max_adapter_upload_bytes
-    try:
-        config_bytes, weights_bytes = adapter_files.split_upload(
-            await _read(config, "config", cap), await _read(weights, "weights", cap), await _read(archive, "archive", cap), cap
-        )
+    config, weights, archive = await _read(config, "config", cap), await _read(weights, "weights", cap), await _read(archive, "archive", cap)
+    try:  # off the event loop: a zip's directory and members take real work to read
+        config_bytes, weights_bytes = await asyncio.to_thread(adapter_files.split_upload, config, weights, archive, cap)
         parsed = await asyncio.to_thread(
             adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
             settings.max_virtual_tokens, base.fingerprint,
