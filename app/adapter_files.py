@@ -11,8 +11,10 @@ import io
 import json
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +45,63 @@ class ParsedAdapter:
     base_model_name: str
 
 
+# An adapter zip holds two files, perhaps in a folder with a README; far more is an attack.
+MAX_ZIP_MEMBERS = 100
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024  # the central directory: ~46 bytes plus the name per member
+# zipfile bounds what one read(n) inflates only for deflate; LZMA and bzip2 would inflate a whole
+# member at once, so an adapter zip may only store or deflate.
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+
+
+def _check_zip_directory(data: bytes) -> None:
+    """Refuse a zip with too many members from its end record, before zipfile builds an object per
+    member: a few MB of central directory can list 300,000 of them."""
+    end = data.rfind(b"PK\x05\x06", -(22 + 0xFFFF))  # the end record, before a comment of up to 64 kB
+    if end < 0 or len(data) - end < 22:
+        raise AdapterFormatError("archive: not a valid zip file")
+    if data[max(0, end - 20) : end].startswith(b"PK\x06\x07"):  # zip64 records override the sizes
+        raise AdapterFormatError("archive: zip64 archives are not supported")
+    members, directory_bytes = struct.unpack_from("<HI", data, end + 10)
+    if members > MAX_ZIP_MEMBERS or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise AdapterFormatError(
+            f"archive: lists {members} members in {directory_bytes} bytes; at most {MAX_ZIP_MEMBERS} members "
+            f"and {MAX_ZIP_DIRECTORY_BYTES} bytes allowed"
+        )
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> bytes:
+    name = Path(info.filename).name
+    if info.flag_bits & 0x1:
+        raise AdapterFormatError(f"archive: {name} is encrypted; upload an unencrypted zip")
+    if info.compress_type not in ZIP_METHODS:
+        raise AdapterFormatError(f"archive: {name} uses compression method {info.compress_type}; use deflate or none")
+    if info.file_size > max_bytes:
+        raise AdapterFormatError(f"archive: {name} is larger than {max_bytes} bytes")
+    try:
+        with archive.open(info) as member:
+            # read(n) inflates at most n bytes, and zipfile cuts a member off at its declared size:
+            # one that inflates past what it declares fails its CRC check having cost no more.
+            return member.read(info.file_size)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # ValueError: a bad header offset
+        raise AdapterFormatError(f"archive: {name} is corrupt ({exc})") from None
+
+
 def _read_zip(data: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+    _check_zip_directory(data)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise AdapterFormatError("archive: not a valid zip file") from None
-    # Members may sit in a folder; match by base name and never extract to disk.
-    members = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
+    # ValueError: a name flagged UTF-8 that is not; NotImplementedError: a zip version from the future
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+        raise AdapterFormatError(f"archive: not a valid zip file ({exc})") from None
+    # Members may sit in a folder (names ending in "/" are folders; a name may be empty); match by
+    # base name and never extract to disk.
+    members = {Path(i.filename).name: i for i in archive.infolist() if not i.filename.endswith("/")}
     found = {}
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         info = members.get(name)
         if info is None:
             raise AdapterFormatError(f"archive: missing {name}")
-        if info.file_size > max_bytes:
-            raise AdapterFormatError(f"archive: {name} is larger than {max_bytes} bytes")
-        found[name] = archive.read(info)
+        found[name] = _read_member(archive, info, max_bytes)
     return found[CONFIG_NAME], found[WEIGHTS_NAME]
 
 
@@ -75,13 +119,26 @@ def split_upload(
     return config, weights
 
 
+MAX_CONFIG_INT_DIGITS = 100  # config integers are token counts and sizes
+
+
+def _config_int(text: str) -> int:
+    # Converting a long digit string costs quadratic time (Python refuses past 4,300 digits).
+    digits = len(text.lstrip("-"))
+    if digits > MAX_CONFIG_INT_DIGITS:
+        raise ValueError(f"an integer has {digits} digits; at most {MAX_CONFIG_INT_DIGITS} allowed")
+    return int(text)
+
+
 def parse_adapter(
     config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str
 ) -> ParsedAdapter:
     """Validate an uploaded adapter against the resident base model."""
     try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(config_bytes.decode("utf-8"), parse_int=_config_int)
+    except RecursionError:
+        raise AdapterFormatError(f"{CONFIG_NAME}: JSON nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an over-long integer
         raise AdapterFormatError(f"{CONFIG_NAME}: not valid UTF-8 JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME}: must be a JSON object")

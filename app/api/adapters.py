@@ -3,10 +3,12 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from pydantic import BaseModel, Field
 
 from app import adapter_files, registry
 from app.api.deps import AdapterId, RuntimeDep, SessionDep
+from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.models import Adapter
 from app.schemas import AdapterOut, AdapterPage
@@ -14,15 +16,17 @@ from app.schemas import AdapterOut, AdapterPage
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
-async def _read(upload: UploadFile | None, field: str, max_bytes: int) -> bytes | None:
-    if upload is None:
-        return None
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise HTTPException(413, detail=f"{field}: file is larger than {max_bytes} bytes")
-    if not data:
+class AdapterUploadForm(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"])]
+    config: Annotated[FileField | None, Field(description="adapter_config.json")] = None
+    weights: Annotated[FileField | None, Field(description="adapter_model.safetensors")] = None
+    archive: Annotated[FileField | None, Field(description="A zip holding both files instead")] = None
+
+
+def _data(upload: UploadedFile | None, field: str) -> bytes | None:
+    if upload is not None and not upload.data:
         raise HTTPException(422, detail=f"{field}: file is empty")
-    return data
+    return upload.data if upload else None
 
 
 def _get_or_404(session, adapter_id: str) -> Adapter:
@@ -37,23 +41,22 @@ def _get_or_404(session, adapter_id: str) -> Adapter:
     status_code=status.HTTP_201_CREATED,
     response_model=AdapterOut,
     dependencies=[AdminAuth],
+    openapi_extra=openapi_form(AdapterUploadForm),
     responses={409: {"description": "Adapter made for another base model"}, 413: {"description": "Upload too large"},
+               415: {"description": "Not multipart/form-data"},
                422: {"description": "Not a valid prompt-tuning adapter; the message names the file and problem"}},
 )
 async def upload_adapter(
     runtime: RuntimeDep,
     session: SessionDep,
-    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"])],
-    config: Annotated[UploadFile | None, File(description="adapter_config.json")] = None,
-    weights: Annotated[UploadFile | None, File(description="adapter_model.safetensors")] = None,
-    archive: Annotated[UploadFile | None, File(description="A zip holding both files instead")] = None,
+    form: Annotated[AdapterUploadForm, Depends(admin_form(AdapterUploadForm, lambda s: s.max_adapter_upload_bytes))],
 ) -> Adapter:
     """Import a PEFT prompt-tuning adapter: `config` + `weights`, or one zip as `archive`."""
     settings, base = runtime.settings, runtime.base
-    cap = settings.max_adapter_upload_bytes
-    try:
-        config_bytes, weights_bytes = adapter_files.split_upload(
-            await _read(config, "config", cap), await _read(weights, "weights", cap), await _read(archive, "archive", cap), cap
+    config, weights, archive = _data(form.config, "config"), _data(form.weights, "weights"), _data(form.archive, "archive")
+    try:  # off the event loop: a zip's directory and members take real work to read
+        config_bytes, weights_bytes = await asyncio.to_thread(
+            adapter_files.split_upload, config, weights, archive, settings.max_adapter_upload_bytes
         )
         parsed = await asyncio.to_thread(
             adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
@@ -67,7 +70,7 @@ async def upload_adapter(
         registry.register_adapter,
         session,
         adapters_dir=settings.adapters_dir,
-        name=name,
+        name=form.name,
         prompt_embeddings=parsed.prompt_embeddings,
         base_fingerprint=parsed.base_fingerprint,
         base_model_name=parsed.base_model_name or base.name,

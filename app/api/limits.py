@@ -2,11 +2,21 @@
 
 import json
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
+def _message(limit: int) -> str:
+    return f"request body is larger than the {limit}-byte limit"
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by receive() past the cap. An HTTPException, because whatever reads the body (FastAPI
+    parsing JSON or a form, or an upload route) lets those through as responses: any other error
+    there would turn into a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, detail=_message(limit))
 
 
 class BodySizeLimit:
@@ -40,17 +50,14 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
-        try:
-            await self.app(scope, counted_receive, send)
-        except BodyTooLarge:
-            await _reject(send, limit)
+        await self.app(scope, counted_receive, send)
 
 
 async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body is larger than the {limit}-byte limit"}).encode()
+    body = json.dumps({"detail": _message(limit)}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -4,10 +4,12 @@ import asyncio
 import shutil
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel, Field
 
 from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
+from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
@@ -33,12 +35,9 @@ def job_out(job: TrainJob) -> TrainJobOut:
     )
 
 
-async def _parse_upload(upload: UploadFile, field: str, max_bytes: int, max_examples: int) -> list[datasets.Example]:
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise HTTPException(413, detail=f"{field}: file is larger than {max_bytes} bytes")
+async def _parse_upload(upload: UploadedFile, field: str, max_examples: int) -> list[datasets.Example]:
     try:
-        return await asyncio.to_thread(datasets.parse_dataset, data, field, upload.filename, max_examples)
+        return await asyncio.to_thread(datasets.parse_dataset, upload.data, field, upload.filename, max_examples)
     except datasets.DatasetError as exc:
         raise HTTPException(422, detail={
             "message": str(exc), "field": exc.field, "error_count": exc.total,
@@ -46,56 +45,56 @@ async def _parse_upload(upload: UploadFile, field: str, max_bytes: int, max_exam
         }) from None
 
 
+class TrainJobForm(BaseModel):
+    file: Annotated[FileField, Field(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
+    validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
+    name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
+                                      examples=["sst2-sentiment"])] = None
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
+    init: Literal["labels", "text", "vocab", "random"] = TrainConfig.init
+    init_text: Annotated[str | None, Field(max_length=2000)] = None
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = TrainConfig.learning_rate
+    max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
+    batch_size: Annotated[int, Field(ge=1, le=512)] = TrainConfig.batch_size
+    max_length: Annotated[int, Field(ge=8, le=8192)] = TrainConfig.max_length
+    eval_every: Annotated[int, Field(ge=1)] = TrainConfig.eval_every
+    early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] = TrainConfig.early_stopping_patience
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = TrainConfig.seed
+    template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template
+    gradient_checkpointing: Annotated[bool | None, Field(description="Default: on for batches of 512+ tokens")] = None
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainJobOut,
     dependencies=[AdminAuth],
-    responses={413: {"description": "Upload too large"},
+    openapi_extra=openapi_form(TrainJobForm),
+    responses={413: {"description": "Upload too large"}, 415: {"description": "Not multipart/form-data"},
                422: {"description": "Invalid dataset (offending line numbers listed) or parameter (field named)"},
                503: {"description": "The job queue (broker) is unreachable; nothing was stored"}},
 )
 async def create_train_job(
     runtime: RuntimeDep,
     session: SessionDep,
-    file: Annotated[UploadFile, File(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')],
-    validation_file: Annotated[UploadFile | None, File(description="Optional validation data, same format")] = None,
-    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Name of the adapter it makes",
-                                     examples=["sst2-sentiment"])] = None,
-    num_virtual_tokens: Annotated[int, Form(ge=1, le=512)] = TrainConfig.num_virtual_tokens,
-    init: Annotated[Literal["labels", "text", "vocab", "random"], Form()] = TrainConfig.init,
-    init_text: Annotated[str | None, Form(max_length=2000)] = None,
-    learning_rate: Annotated[float, Form(gt=0, le=10)] = TrainConfig.learning_rate,
-    max_steps: Annotated[int | None, Form(ge=1, le=1_000_000)] = None,
-    epochs: Annotated[float | None, Form(gt=0, le=1000)] = None,
-    batch_size: Annotated[int, Form(ge=1, le=512)] = TrainConfig.batch_size,
-    max_length: Annotated[int, Form(ge=8, le=8192)] = TrainConfig.max_length,
-    eval_every: Annotated[int, Form(ge=1)] = TrainConfig.eval_every,
-    early_stopping_patience: Annotated[int, Form(ge=1, le=1000)] = TrainConfig.early_stopping_patience,
-    seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = TrainConfig.seed,
-    template: Annotated[str, Form(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template,
-    gradient_checkpointing: Annotated[bool | None, Form(description="Default: on for batches of 512+ tokens")] = None,
+    form: Annotated[TrainJobForm, Depends(admin_form(TrainJobForm, lambda s: s.max_dataset_bytes))],
 ) -> TrainJobOut:
     """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
     settings = runtime.settings
-    if max_steps is not None and epochs is not None:
+    if form.max_steps is not None and form.epochs is not None:
         raise invalid("epochs", "give max_steps or epochs, not both")
-    if "{input}" not in template:
+    if "{input}" not in form.template:
         raise invalid("template", "must contain {input}")
-    if init == "text" and not (init_text and init_text.strip()):
+    if form.init == "text" and not (form.init_text and form.init_text.strip()):
         raise invalid("init_text", "is required when init is 'text'")
-    if num_virtual_tokens > settings.max_virtual_tokens:
+    if form.num_virtual_tokens > settings.max_virtual_tokens:
         raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
-    cap, max_examples = settings.max_dataset_bytes, settings.max_train_examples
-    train = await _parse_upload(file, "file", cap, max_examples)
-    validation = await _parse_upload(validation_file, "validation_file", cap, max_examples) if validation_file else None
+    max_examples = settings.max_train_examples
+    train = await _parse_upload(form.file, "file", max_examples)
+    validation = await _parse_upload(form.validation_file, "validation_file", max_examples) if form.validation_file else None
 
-    config = TrainConfig(
-        num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text, learning_rate=learning_rate,
-        max_steps=max_steps, epochs=epochs, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
-        early_stopping_patience=early_stopping_patience, seed=seed, template=template,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    config = TrainConfig(**form.model_dump(exclude={"file", "validation_file", "name"}))
     job_id = new_id()
     relative = f"datasets/{job_id}"  # server-made; the client's filename is never a path
     folder = settings.data_dir / relative
@@ -103,7 +102,7 @@ async def create_train_job(
         datasets.write_jsonl(folder / "train.jsonl", train)
         if validation:
             datasets.write_jsonl(folder / "validation.jsonl", validation)
-        job = jobs.create_job(session, job_id=job_id, name=name or f"adapter-{job_id}", params=config.to_dict(),
+        job = jobs.create_job(session, job_id=job_id, name=form.name or f"adapter-{job_id}", params=config.to_dict(),
                               dataset_path=relative, train_examples=len(train),
                               validation_examples=len(validation or []))
     except BaseException:
