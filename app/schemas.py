@@ -1,14 +1,30 @@
 """API request and response bodies."""
 
+import re
 from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(value):
+    """A before-validator for text fields (a string or a list of them). JSON's "\\ud800" escapes
+    give lone surrogates, which are not text: the tokenizer, UTF-8 and the database refuse them.
+    pydantic itself refuses them only in strings with length limits, and unclearly."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and SURROGATE.search(text):
+            raise PydanticCustomError(
+                "string_unicode", "Input should be valid Unicode: it holds an unpaired surrogate (\\ud800 to \\udfff)")
+    return value
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,  # json reads NaN and Infinity; no field here means them
         json_schema_extra={
             "examples": [{"adapter_id": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_new_tokens": 4}]
         },
@@ -23,6 +39,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     apply_template: bool = Field(False, description="Lay the prompt out with the adapter's training template")
     stream: bool = Field(False, description="Send tokens as server-sent events as they are made")
+
+    _valid_unicode = field_validator("adapter_id", "prompt", "stop", mode="before")(valid_unicode)
 
     @field_validator("stop")
     @classmethod
