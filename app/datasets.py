@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.schemas import SURROGATE
+
 ALIASES = {"input": ("input", "prompt"), "output": ("output", "completion")}
 MAX_ERRORS_REPORTED = 20
 # Longer lines are refused unparsed: twice the csv module's field limit (131,072), room for an
@@ -59,6 +61,8 @@ def _check_record(record) -> Example | str:
             return f"missing field {key!r} (or {ALIASES[key][1]!r})"
         if not isinstance(value, str) or not value.strip():
             return f"field {key!r} must be a non-empty string"
+        if SURROGATE.search(value):  # from a "\\ud800" escape: not text, cannot be stored as UTF-8
+            return f"field {key!r} is not valid Unicode: it holds an unpaired surrogate"
         values[key] = value
     return Example(values["input"], values["output"])
 

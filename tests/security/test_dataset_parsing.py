@@ -84,3 +84,9 @@ def test_parsing_stops_at_the_example_cap(make_client, tiny_base):
     errors = refused(client, b"not json\n" + GOOD_LINE * 4 + b"broken\n" * 100)
     assert errors == [{"line": 1, "message": "not valid JSON (Expecting value)"},
                       {"line": 5, "message": "too many examples, the limit is 3; stopped reading here"}]
+
+
+def test_a_lone_surrogate_in_a_jsonl_string(client):
+    # json reads "\ud800" escapes as lone surrogates, which cannot be stored as UTF-8.
+    errors = refused(client, GOOD_LINE + b'{"input": "a \\ud800 b", "output": "yes"}\n')
+    assert errors == [{"line": 2, "message": "field 'input' is not valid Unicode: it holds an unpaired surrogate"}]
