@@ -41,6 +41,13 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+# The largest values the databases hold: OFFSET is 64-bit on SQLite and PostgreSQL, and INTEGER
+# columns (job event ids) are 32-bit on PostgreSQL. Larger paging positions overflow there, so the
+# API refuses them.
+MAX_OFFSET = 2**63 - 1
+MAX_INTEGER = 2**31 - 1
+
+
 def paginate(session: Session, query: Select, *order_by, limit: int, offset: int) -> tuple[list, int]:
     """One page of `query`'s rows and the total count of all of them."""
     total = session.scalar(select(func.count()).select_from(query.subquery()))

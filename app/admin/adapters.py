@@ -6,7 +6,7 @@ from fastapi import Query, Request
 
 from app import jobs, registry
 from app.admin.pages import not_found, page_router, render
-from app.admin.paging import PER_PAGE_CHOICES, Pager
+from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
 
 router = page_router()
 
@@ -24,7 +24,7 @@ def adapter_list(
     request: Request,
     q: Annotated[str, Query(max_length=200)] = "",
     sort: registry.AdapterSort = registry.DEFAULT_SORT,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=max(PER_PAGE_CHOICES))] = PER_PAGE_CHOICES[0],
 ):
     with request.app.state.runtime.sessions() as session:

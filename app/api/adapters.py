@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Response, Uploa
 from app import adapter_files, registry
 from app.api.deps import AdapterId, RuntimeDep, SessionDep
 from app.auth import AdminAuth
+from app.db import MAX_OFFSET
 from app.models import Adapter
 from app.schemas import AdapterOut, AdapterPage
 
@@ -81,7 +82,7 @@ def list_adapters(
     name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name")] = None,
     sort: Annotated[registry.AdapterSort, Query(description='A column; a leading "-" sorts descending')] = registry.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> AdapterPage:
     items, total = registry.list_adapters(session, name=name, sort=sort, limit=limit, offset=offset)
     return AdapterPage(items=items, total=total, limit=limit, offset=offset)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, sta
 from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
 from app.auth import AdminAuth
+from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
 from worker.training import TrainConfig
@@ -124,7 +125,7 @@ def list_train_jobs(
     session: SessionDep,
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TrainJobPage:
     items, total = jobs.list_jobs(session, status=status, limit=limit, offset=offset)
     return TrainJobPage(items=[job_out(j) for j in items], total=total, limit=limit, offset=offset)
@@ -145,7 +146,7 @@ def get_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
 @router.get("/{job_id}/events", response_model=list[JobEventOut], responses={404: {"description": "Unknown job"}})
 def get_train_job_events(
     job_id: JobId, session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INTEGER, description="Only events with a larger id (for polling)")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ):
     """Loss curve points (`train`), evaluation results (`eval`) and messages, oldest first."""
