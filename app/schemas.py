@@ -2,9 +2,9 @@
 
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -21,6 +21,17 @@ def valid_unicode(value):
     return value
 
 
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise PydanticCustomError("string_nul", "Input should not contain NUL characters (\\u0000)")
+    return value
+
+
+# For text stored in or looked up in the database: PostgreSQL text cannot hold NUL (a 500 there),
+# so it is refused on every database alike.
+NoNul = AfterValidator(_no_nul)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -30,7 +41,7 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    adapter_id: str | None = Field(None, max_length=64, description="Adapter to apply; null for the base model")
+    adapter_id: Annotated[str | None, NoNul] = Field(None, max_length=64, description="Adapter to apply; null for the base model")
     prompt: str = Field(min_length=1, max_length=100_000)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")

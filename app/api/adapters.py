@@ -10,7 +10,7 @@ from app.api.deps import AdapterId, RuntimeDep, SessionDep
 from app.auth import AdminAuth
 from app.db import MAX_OFFSET
 from app.models import Adapter
-from app.schemas import AdapterOut, AdapterPage
+from app.schemas import AdapterOut, AdapterPage, NoNul
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -44,7 +44,7 @@ def _get_or_404(session, adapter_id: str) -> Adapter:
 async def upload_adapter(
     runtime: RuntimeDep,
     session: SessionDep,
-    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"])],
+    name: Annotated[str, Form(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"]), NoNul],
     config: Annotated[UploadFile | None, File(description="adapter_config.json")] = None,
     weights: Annotated[UploadFile | None, File(description="adapter_model.safetensors")] = None,
     archive: Annotated[UploadFile | None, File(description="A zip holding both files instead")] = None,
@@ -79,7 +79,7 @@ async def upload_adapter(
 @router.get("", response_model=AdapterPage)
 def list_adapters(
     session: SessionDep,
-    name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name"), NoNul] = None,
     sort: Annotated[registry.AdapterSort, Query(description='A column; a leading "-" sorts descending')] = registry.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,

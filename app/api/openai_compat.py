@@ -30,7 +30,7 @@ from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.text_stream import TextDeltas
 from app.models import Adapter
 from app.runtime import Runtime
-from app.schemas import valid_unicode
+from app.schemas import NoNul, valid_unicode
 
 OWNER = "softserve"
 
@@ -55,7 +55,7 @@ class CompletionRequest(BaseModel):
         "temperature": 0, "stop": ["\n"],
     }]})
 
-    model: str = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+    model: Annotated[str, NoNul] = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts: one choice each, generated in the same batch"
     )

@@ -11,7 +11,7 @@ from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
 from app.auth import AdminAuth
 from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id, utcnow
-from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
+from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from worker.training import TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
@@ -62,7 +62,7 @@ async def create_train_job(
     file: Annotated[UploadFile, File(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')],
     validation_file: Annotated[UploadFile | None, File(description="Optional validation data, same format")] = None,
     name: Annotated[str | None, Form(min_length=1, max_length=200, description="Name of the adapter it makes",
-                                     examples=["sst2-sentiment"])] = None,
+                                     examples=["sst2-sentiment"]), NoNul] = None,
     num_virtual_tokens: Annotated[int, Form(ge=1, le=512)] = TrainConfig.num_virtual_tokens,
     init: Annotated[Literal["labels", "text", "vocab", "random"], Form()] = TrainConfig.init,
     init_text: Annotated[str | None, Form(max_length=2000)] = None,
@@ -74,7 +74,9 @@ async def create_train_job(
     eval_every: Annotated[int, Form(ge=1)] = TrainConfig.eval_every,
     early_stopping_patience: Annotated[int, Form(ge=1, le=1000)] = TrainConfig.early_stopping_patience,
     seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = TrainConfig.seed,
-    template: Annotated[str, Form(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template,
+    # The template becomes the adapter's: NUL would fail its registration after training, on PostgreSQL.
+    template: Annotated[str, Form(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
+                        NoNul] = TrainConfig.template,
     gradient_checkpointing: Annotated[bool | None, Form(description="Default: on for batches of 512+ tokens")] = None,
 ) -> TrainJobOut:
     """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
