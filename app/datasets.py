@@ -96,11 +96,11 @@ def _records(text: str, is_csv: bool):
     """Yield (line number, record or None, parse error or None)."""
     if is_csv:
         reader = csv.DictReader(io.StringIO(text))
-        missing = [k for k in ("input", "output") if not any(a in (reader.fieldnames or []) for a in ALIASES[k])]
-        if missing:
-            yield 1, None, f"CSV header must have columns input and output (or prompt and completion), missing {missing}"
-            return
         try:
+            missing = [k for k in ("input", "output") if not any(a in (reader.fieldnames or []) for a in ALIASES[k])]
+            if missing:
+                yield 1, None, f"CSV header must have columns input and output (or prompt and completion), missing {missing}"
+                return
             for row in reader:
                 yield reader.line_num, {k: v for k, v in row.items() if k is not None}, None
         except csv.Error as exc:  # such as a field over the csv module's 131,072-character limit
