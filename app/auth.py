@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import get_by_id
 from app.models import ApiKey, new_id
 
 Role = Literal["inference", "admin"]
@@ -54,7 +55,7 @@ def create_key(session: Session, role: Role, name: str) -> tuple[ApiKey, str]:
 def find_key(session: Session, presented: str) -> ApiKey | None:
     prefix, _, rest = presented.partition("_")
     key_id = rest.partition("_")[0]
-    row = session.get(ApiKey, key_id) if prefix == KEY_PREFIX and key_id else None
+    row = get_by_id(session, ApiKey, key_id) if prefix == KEY_PREFIX and key_id else None
     if row is None or not hmac.compare_digest(row.key_sha256.encode(), _digest(presented).encode()):
         return None
     return row

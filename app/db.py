@@ -41,6 +41,19 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+# The largest values the databases hold: OFFSET is 64-bit on SQLite and PostgreSQL, and INTEGER
+# columns (job event ids) are 32-bit on PostgreSQL. Larger paging positions overflow there, so the
+# API refuses them.
+MAX_OFFSET = 2**63 - 1
+MAX_INTEGER = 2**31 - 1
+
+
+def get_by_id(session: Session, model: type, key: str):
+    """session.get, except that a key holding NUL finds nothing: no id holds one, and PostgreSQL
+    text cannot (it would fail the query)."""
+    return None if "\x00" in key else session.get(model, key)
+
+
 def paginate(session: Session, query: Select, *order_by, limit: int, offset: int) -> tuple[list, int]:
     """One page of `query`'s rows and the total count of all of them."""
     total = session.scalar(select(func.count()).select_from(query.subquery()))

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.db import paginate
+from app.db import get_by_id, paginate
 from app.models import JobEvent, TrainJob, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -29,7 +29,7 @@ def create_job(session: Session, *, job_id: str, name: str, params: dict, datase
 
 
 def get_job(session: Session, job_id: str) -> TrainJob | None:
-    return session.get(TrainJob, job_id)
+    return get_by_id(session, TrainJob, job_id)
 
 
 def list_jobs(session: Session, *, status: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[TrainJob], int]:

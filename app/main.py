@@ -5,10 +5,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.middleware.sessions import SessionMiddleware
 
 from app import admin, auth
-from app.api import adapters, generate, health, openai_compat, train_jobs
+from app.api import adapters, errors, generate, health, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         version="0.1.0",
         description="Serve and train soft-prompt adapters on one resident int8 base model.",
         lifespan=lifespan,
+        exception_handlers={RequestValidationError: errors.request_validation_error},
     )
     app.add_middleware(
         BodySizeLimit,

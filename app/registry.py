@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import adapter_files
-from app.db import paginate
+from app.db import get_by_id, paginate
 from app.models import Adapter, new_id
 
 
@@ -59,7 +59,7 @@ def register_adapter(
 
 
 def get_adapter(session: Session, adapter_id: str) -> Adapter | None:
-    return session.get(Adapter, adapter_id)
+    return get_by_id(session, Adapter, adapter_id)
 
 
 # The columns the adapter list may be ordered by; a leading "-" means descending. Only these

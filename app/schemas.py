@@ -1,20 +1,47 @@
 """API request and response bodies."""
 
+import re
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(value):
+    """A before-validator for text fields (a string or a list of them). JSON's "\\ud800" escapes
+    give lone surrogates, which are not text: the tokenizer, UTF-8 and the database refuse them.
+    pydantic itself refuses them only in strings with length limits, and unclearly."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and SURROGATE.search(text):
+            raise PydanticCustomError(
+                "string_unicode", "Input should be valid Unicode: it holds an unpaired surrogate (\\ud800 to \\udfff)")
+    return value
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise PydanticCustomError("string_nul", "Input should not contain NUL characters (\\u0000)")
+    return value
+
+
+# For text stored in or looked up in the database: PostgreSQL text cannot hold NUL (a 500 there),
+# so it is refused on every database alike.
+NoNul = AfterValidator(_no_nul)
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,  # json reads NaN and Infinity; no field here means them
         json_schema_extra={
             "examples": [{"adapter_id": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_new_tokens": 4}]
         },
     )
 
-    adapter_id: str | None = Field(None, max_length=64, description="Adapter to apply; null for the base model")
+    adapter_id: Annotated[str | None, NoNul] = Field(None, max_length=64, description="Adapter to apply; null for the base model")
     prompt: str = Field(min_length=1, max_length=100_000)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
@@ -23,6 +50,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     apply_template: bool = Field(False, description="Lay the prompt out with the adapter's training template")
     stream: bool = Field(False, description="Send tokens as server-sent events as they are made")
+
+    _valid_unicode = field_validator("adapter_id", "prompt", "stop", mode="before")(valid_unicode)
 
     @field_validator("stop")
     @classmethod

@@ -6,7 +6,8 @@ from fastapi import Query, Request
 
 from app import jobs, registry
 from app.admin.pages import not_found, page_router, render
-from app.admin.paging import PER_PAGE_CHOICES, Pager
+from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
+from app.schemas import NoNul
 
 router = page_router()
 
@@ -22,9 +23,9 @@ COLUMNS = (
 @router.get("/adapters")
 def adapter_list(
     request: Request,
-    q: Annotated[str, Query(max_length=200)] = "",
+    q: Annotated[str, Query(max_length=200), NoNul] = "",
     sort: registry.AdapterSort = registry.DEFAULT_SORT,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=max(PER_PAGE_CHOICES))] = PER_PAGE_CHOICES[0],
 ):
     with request.app.state.runtime.sessions() as session:

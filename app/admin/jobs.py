@@ -6,7 +6,7 @@ from fastapi import Query, Request
 
 from app import jobs
 from app.admin.pages import not_found, page_router, render
-from app.admin.paging import PER_PAGE_CHOICES, Pager
+from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
 from app.api.train_jobs import job_out
 from worker.training import TrainConfig
 
@@ -17,7 +17,7 @@ router = page_router()
 def job_list(
     request: Request,
     status: Literal[(*jobs.STATUSES, "")] = "",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=max(PER_PAGE_CHOICES))] = PER_PAGE_CHOICES[0],
 ):
     with request.app.state.runtime.sessions() as session:

@@ -5,7 +5,11 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 
+from app.db import MAX_OFFSET
+
 PER_PAGE_CHOICES = (20, 50, 100)
+# The last page whose rows start within the databases' OFFSET at the largest page size.
+MAX_PAGE = MAX_OFFSET // max(PER_PAGE_CHOICES) + 1
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from fastapi import Query, Request
 
 from app import registry
 from app.admin.pages import page_router, render
+from app.schemas import NoNul
 
 router = page_router()
 # Adapters offered in the picker at first; its search box asks the API for the rest.
@@ -13,7 +14,7 @@ PICKER_SIZE = 100
 
 
 @router.get("/playground")
-def playground(request: Request, adapter: Annotated[str | None, Query(max_length=64)] = None):
+def playground(request: Request, adapter: Annotated[str | None, Query(max_length=64), NoNul] = None):
     with request.app.state.runtime.sessions() as session:
         choices, total = registry.list_adapters(session, limit=PICKER_SIZE)
         chosen = registry.get_adapter(session, adapter) if adapter else None

@@ -10,14 +10,15 @@ from app import adapter_files, registry
 from app.api.deps import AdapterId, RuntimeDep, SessionDep
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
+from app.db import MAX_OFFSET
 from app.models import Adapter
-from app.schemas import AdapterOut, AdapterPage
+from app.schemas import AdapterOut, AdapterPage, NoNul
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
 class AdapterUploadForm(BaseModel):
-    name: Annotated[str, Field(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"])]
+    name: Annotated[str, Field(min_length=1, max_length=200, description="Display name", examples=["sst2-sentiment"]), NoNul]
     config: Annotated[FileField | None, Field(description="adapter_config.json")] = None
     weights: Annotated[FileField | None, Field(description="adapter_model.safetensors")] = None
     archive: Annotated[FileField | None, Field(description="A zip holding both files instead")] = None
@@ -81,10 +82,10 @@ async def upload_adapter(
 @router.get("", response_model=AdapterPage)
 def list_adapters(
     session: SessionDep,
-    name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="Case-insensitive substring of the name"), NoNul] = None,
     sort: Annotated[registry.AdapterSort, Query(description='A column; a leading "-" sorts descending')] = registry.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> AdapterPage:
     items, total = registry.list_adapters(session, name=name, sort=sort, limit=limit, offset=offset)
     return AdapterPage(items=items, total=total, limit=limit, offset=offset)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sqlalchemy import select
 
 from app.api.deps import RuntimeDep, SessionDep, invalid
+from app.api.errors import validation_errors
 from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.streaming import merge, sse_response
 from app.engine.engine import RequestStream
@@ -28,6 +29,7 @@ from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.text_stream import TextDeltas
 from app.models import Adapter
 from app.runtime import Runtime
+from app.schemas import NoNul, valid_unicode
 
 OWNER = "softserve"
 
@@ -46,12 +48,13 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
+    # allow_inf_nan: json reads NaN and Infinity; no field here means them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra={"examples": [{
         "model": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_tokens": 4,
         "temperature": 0, "stop": ["\n"],
     }]})
 
-    model: str = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+    model: Annotated[str, NoNul] = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts: one choice each, generated in the same batch"
     )
@@ -70,6 +73,8 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = 0
     frequency_penalty: float = 0
     logit_bias: dict[str, float] | None = None
+
+    _valid_unicode = field_validator("model", "prompt", "stop", mode="before")(valid_unicode)
 
     @field_validator(*NEUTRAL)
     @classmethod
@@ -155,7 +160,7 @@ class OpenAIErrorRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return _error(422, list(exc.errors()))
+                return _error(422, validation_errors(exc))
             except HTTPException as exc:
                 return _error(exc.status_code, exc.detail, exc.headers)
 

@@ -11,8 +11,9 @@ from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
+from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id, utcnow
-from app.schemas import JobEventOut, TrainJobOut, TrainJobPage
+from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from worker.training import TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
@@ -49,7 +50,7 @@ class TrainJobForm(BaseModel):
     file: Annotated[FileField, Field(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
     validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
-                                      examples=["sst2-sentiment"])] = None
+                                      examples=["sst2-sentiment"]), NoNul] = None
     num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
     init: Literal["labels", "text", "vocab", "random"] = TrainConfig.init
     init_text: Annotated[str | None, Field(max_length=2000)] = None
@@ -61,7 +62,9 @@ class TrainJobForm(BaseModel):
     eval_every: Annotated[int, Field(ge=1)] = TrainConfig.eval_every
     early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] = TrainConfig.early_stopping_patience
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = TrainConfig.seed
-    template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"')] = TrainConfig.template
+    # The template becomes the adapter's: NUL would fail its registration after training, on PostgreSQL.
+    template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
+                        NoNul] = TrainConfig.template
     gradient_checkpointing: Annotated[bool | None, Field(description="Default: on for batches of 512+ tokens")] = None
 
 
@@ -123,7 +126,7 @@ def list_train_jobs(
     session: SessionDep,
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TrainJobPage:
     items, total = jobs.list_jobs(session, status=status, limit=limit, offset=offset)
     return TrainJobPage(items=[job_out(j) for j in items], total=total, limit=limit, offset=offset)
@@ -144,7 +147,7 @@ def get_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
 @router.get("/{job_id}/events", response_model=list[JobEventOut], responses={404: {"description": "Unknown job"}})
 def get_train_job_events(
     job_id: JobId, session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INTEGER, description="Only events with a larger id (for polling)")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ):
     """Loss curve points (`train`), evaluation results (`eval`) and messages, oldest first."""

@@ -1,0 +1,39 @@
+"""Validation errors as strict JSON, whatever input they echo.
+
+FastAPI's 422 repeats each offending input, and Python's json reads what JSON cannot carry back:
+the NaN and Infinity literals, and lone surrogate escapes ("\\ud800") that UTF-8 cannot encode;
+a body that is not JSON is echoed as bytes, which need not be UTF-8. Echoed as they are, the error
+response itself would fail with a 500.
+"""
+
+import math
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.schemas import SURROGATE
+
+
+def _json_safe(value):
+    """`value` (jsonable) with non-finite floats as strings and lone surrogates as U+FFFD."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict]:
+    """FastAPI's list of errors, safe to send as JSON."""
+    return _json_safe(jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")}))
+
+
+async def request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's default 422 answer, made safe to encode."""
+    return JSONResponse({"detail": validation_errors(exc)}, 422)
