@@ -8,10 +8,13 @@
 """
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
+from functools import partial
 
 from app.config import get_settings
 from app.engine.loader import default_model_dir, fingerprint
@@ -40,10 +43,31 @@ def serve_api(host: str, port: int) -> None:
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with(parent: int) -> None:
+    """Runs in the worker child between fork and exec (Linux): the kernel kills it when its parent
+    dies, however it dies (kill -9 too), and Celery's pool process dies with it (Celery sets the
+    same for its children). A job it was running stops there, rather than training on for hours
+    beside no API; its heartbeat stops, so the reaper requeues it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(host: str, port: int) -> None:
     """Serve the API with one Celery training worker as a child process; stop both together."""
+    # uvicorn shuts down on SIGTERM, then raises the signal again: with the default action the
+    # process would die there, before the `finally` below stops the worker.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1", "--loglevel=INFO"]
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1", "--loglevel=INFO"],
+        preexec_fn=partial(_end_with, os.getpid()) if sys.platform == "linux" else None,
     )
     try:
         serve_api(host, port)

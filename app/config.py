@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     job_stale_after_s: float = Field(60.0, gt=0)  # no heartbeat for this long: worker presumed lost
     job_max_attempts: int = Field(2, ge=1)  # a lost job is retried once, then failed
+    # A queued job whose message was sent this long ago and that no worker has claimed gets its
+    # message sent again (the broker may have lost it); only one delivery can claim a job.
+    job_resend_after_s: float = Field(1800.0, gt=0)
     job_time_limit_s: int = Field(6 * 3600, ge=60)
 
     @model_validator(mode="after")

@@ -3,18 +3,29 @@
 The database is the source of truth for job state. Every state change is a conditional
 update (`WHERE status = <expected>`), so two workers, a duplicate delivery or a racing cancel
 can never both win.
+
+Each claim is a run with a fresh token (fencing): everything a run writes (heartbeat, progress,
+events, finish and its adapter) is conditional on the job still running under that token. A run
+whose worker stalled past the stale timeout, so that the job was requeued and maybe claimed again,
+gets StaleRun or False and writes nothing.
 """
 
+import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import get_by_id, paginate
-from app.models import JobEvent, TrainJob, utcnow
+from app.models import Adapter, JobEvent, TrainJob, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", *TERMINAL)
+ERROR_MESSAGE_MAX = TrainJob.__table__.c.error_message.type.length
+
+
+class StaleRun(Exception):
+    """The run no longer holds its job: the job was requeued, claimed by another run, or ended."""
 
 
 def create_job(session: Session, *, job_id: str, name: str, params: dict, dataset_path: str,
@@ -64,49 +75,76 @@ def add_event(session: Session, job_id: str, kind: str, step: int = 0, **data) -
     session.add(JobEvent(job_id=job_id, kind=kind, step=step, data=data))
 
 
-def claim(session: Session, job_id: str, worker: str) -> bool:
-    """queued -> running. False when someone else has it, or it was cancelled or finished."""
-    now = utcnow()
-    won = _transition(session, job_id, "queued", status="running", worker=worker, started_at=now,
+def claim(session: Session, job_id: str, worker: str) -> str | None:
+    """queued -> running as a new run. Returns the run's token, or None when someone else has
+    the job, or it was cancelled or finished."""
+    now, token = utcnow(), secrets.token_hex(16)
+    won = _transition(session, job_id, "queued", status="running", run_token=token, worker=worker, started_at=now,
                       heartbeat_at=now, attempts=TrainJob.attempts + 1)
     if won:
         add_event(session, job_id, "message", message=f"started on {worker}")
     session.commit()
-    return won
+    return token if won else None
 
 
-def heartbeat(session: Session, job_id: str) -> bool:
-    """Refresh the heartbeat; return whether a cancel was requested."""
-    session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == "running").values(heartbeat_at=utcnow()))
+def _update_run(session: Session, job_id: str, token: str, **values) -> None:
+    """Update the job only while this run holds it; otherwise roll back and raise StaleRun."""
+    held = session.execute(update(TrainJob).where(
+        TrainJob.id == job_id, TrainJob.run_token == token, TrainJob.status == "running").values(**values))
+    if held.rowcount != 1:
+        session.rollback()
+        raise StaleRun(job_id)
+
+
+def heartbeat(session: Session, job_id: str, token: str) -> bool:
+    """Refresh the run's heartbeat; return whether a cancel was requested."""
+    _update_run(session, job_id, token, heartbeat_at=utcnow())
     session.commit()
     return bool(session.scalar(select(TrainJob.cancel_requested).where(TrainJob.id == job_id)))
 
 
-def record_step(session: Session, job_id: str, step: int, total: int, epoch: float, loss: float) -> None:
-    session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == "running").values(
-        step=step, total_steps=total, epoch=epoch, train_loss=loss, heartbeat_at=utcnow()))
+def record_step(session: Session, job_id: str, token: str, step: int, total: int, epoch: float, loss: float) -> None:
+    _update_run(session, job_id, token, step=step, total_steps=total, epoch=epoch, train_loss=loss, heartbeat_at=utcnow())
     add_event(session, job_id, "train", step, loss=loss, epoch=epoch)
     session.commit()
 
 
-def record_eval(session: Session, job_id: str, step: int, loss: float, accuracy: float) -> None:
-    session.execute(update(TrainJob).where(TrainJob.id == job_id).values(eval_loss=loss, eval_accuracy=accuracy))
+def record_eval(session: Session, job_id: str, token: str, step: int, loss: float, accuracy: float) -> None:
+    _update_run(session, job_id, token, eval_loss=loss, eval_accuracy=accuracy)
     add_event(session, job_id, "eval", step, loss=loss, accuracy=accuracy)
     session.commit()
 
 
-def finish(session: Session, job_id: str, status: str, *, message: str, adapter_id: str | None = None,
+def storable(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
+    """The message as its column can hold it on every backend: no NUL (PostgreSQL refuses it in
+    text) and at most `limit` characters, keeping the head (what failed) and the tail (where)."""
+    message = message.replace("\x00", "\ufffd")
+    if len(message) <= limit:
+        return message
+    marker = " [...] "
+    head = (limit - len(marker)) // 2
+    return message[:head] + marker + message[len(message) - (limit - len(marker) - head):]
+
+
+def finish(session: Session, job_id: str, token: str, status: str, *, message: str, adapter: Adapter | None = None,
            error_code: str | None = None, eval_loss: float | None = None, eval_accuracy: float | None = None) -> bool:
-    """running -> succeeded | failed | cancelled."""
-    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter_id, error_code=error_code,
-                  error_message=message if status == "failed" else None)
+    """The run's end: running -> succeeded | failed | cancelled, with the adapter it made (its
+    files already written) registered in the same transaction. False, and nothing written, when
+    the run no longer holds the job."""
+    message = storable(message)
+    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None,
+                  error_code=error_code, error_message=message if status == "failed" else None)
     if eval_loss is not None:  # the kept (best) prompt's figures, not the last evaluation's
         values |= dict(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
-    done = _transition(session, job_id, "running", **values)
-    if done:
-        add_event(session, job_id, "message", message=message)
+    try:
+        _update_run(session, job_id, token, **values)
+    except StaleRun:
+        return False
+    if adapter is not None:
+        session.add(adapter)
+    add_event(session, job_id, "message", message=message)
     session.commit()
-    return done
+    return True
 
 
 def cancel(session: Session, job_id: str) -> str:
@@ -122,23 +160,57 @@ def cancel(session: Session, job_id: str) -> str:
     return session.scalar(select(TrainJob.status).where(TrainJob.id == job_id))
 
 
+def _reap(session: Session, job_id: str, cutoff: datetime, **values) -> bool:
+    """Change a stale running job, unless its run has beaten its heartbeat since it was found stale."""
+    result = session.execute(update(TrainJob).where(
+        TrainJob.id == job_id, TrainJob.status == "running", TrainJob.heartbeat_at < cutoff).values(**values))
+    return result.rowcount == 1
+
+
 def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -> list[str]:
-    """Jobs whose worker stopped heartbeating: requeue once more (returned, for re-dispatch)
-    or fail them with the reason. Never leaves a job `running` forever."""
+    """Jobs whose worker stopped heartbeating: requeue once more (returned; `unsent` then lists
+    them for a new message) or fail them with the reason. Never leaves a job `running` forever.
+    The stalled run, should it wake, can write nothing more (its token no longer matches)."""
     cutoff: datetime = utcnow() - stale_after
-    stale = session.scalars(select(TrainJob).where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff)).all()
+    stale = session.execute(select(TrainJob.id, TrainJob.worker, TrainJob.attempts, TrainJob.cancel_requested)
+                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff)).all()
     requeued = []
-    for job in stale:
-        if job.attempts < max_attempts and not job.cancel_requested:
-            if _transition(session, job.id, "running", status="queued", worker=None):
-                add_event(session, job.id, "message", message=f"worker {job.worker} stopped responding; retrying")
-                requeued.append(job.id)
+    for job_id, worker, attempts, cancel_requested in stale:
+        if attempts < max_attempts and not cancel_requested:
+            if _reap(session, job_id, cutoff, status="queued", worker=None, sent_at=None):
+                add_event(session, job_id, "message", message=f"worker {worker} stopped responding; retrying")
+                requeued.append(job_id)
         else:
-            reason = "cancelled; its worker stopped responding" if job.cancel_requested else (
-                f"worker {job.worker} stopped responding (attempt {job.attempts} of {max_attempts})")
-            status = "cancelled" if job.cancel_requested else "failed"
-            if _transition(session, job.id, "running", status=status, finished_at=utcnow(), error_code=None
-                           if job.cancel_requested else "worker_lost", error_message=None if job.cancel_requested else reason):
-                add_event(session, job.id, "message", message=reason)
+            reason = "cancelled; its worker stopped responding" if cancel_requested else (
+                f"worker {worker} stopped responding (attempt {attempts} of {max_attempts})")
+            status = "cancelled" if cancel_requested else "failed"
+            if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(),
+                     error_code=None if cancel_requested else "worker_lost",
+                     error_message=None if cancel_requested else reason):
+                add_event(session, job_id, "message", message=reason)
     session.commit()
     return requeued
+
+
+def mark_sent(session: Session, job_id: str) -> None:
+    """The job's message reached the broker."""
+    session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == "queued").values(sent_at=utcnow()))
+    session.commit()
+
+
+def unsent(session: Session, *, unsent_after: timedelta, resend_after: timedelta) -> list[str]:
+    """Queued jobs that need a message: none reached the broker `unsent_after` after the job was
+    made (the broker failed, or the process stopped, between the commit and the send; a requeue
+    whose send failed qualifies at once), or the last one was sent `resend_after` ago and no
+    worker has claimed the job since (a message the broker lost). A message more than needed is
+    harmless: only one delivery can claim the job."""
+    now = utcnow()
+    never_sent = and_(TrainJob.sent_at.is_(None), TrainJob.created_at < now - unsent_after)
+    query = select(TrainJob.id).where(TrainJob.status == "queued", or_(never_sent, TrainJob.sent_at < now - resend_after))
+    return list(session.scalars(query.order_by(TrainJob.created_at)))
+
+
+def ended_datasets(session: Session, dataset_paths: list[str]) -> list[str]:
+    """Those of these dataset paths whose job has ended: nothing reads them again."""
+    ended = select(TrainJob.dataset_path).where(TrainJob.dataset_path.in_(dataset_paths), TrainJob.status.in_(TERMINAL))
+    return list(session.scalars(ended))

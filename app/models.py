@@ -67,10 +67,13 @@ class TrainJob(Base):
     error_message: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     adapter_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    run_token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the current claim's (fencing)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the last message for the queued job reached the broker; NULL: none has since it was queued.
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class JobEvent(Base):

@@ -21,8 +21,7 @@ def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
     return adapters_dir / adapter_id
 
 
-def register_adapter(
-    session: Session,
+def new_adapter(
     *,
     adapters_dir: Path,
     name: str,
@@ -33,11 +32,12 @@ def register_adapter(
     metrics: dict | None = None,
     template: str | None = None,
 ) -> Adapter:
-    """Write the adapter's files, then add and commit its row."""
+    """Write the adapter's files; return its row, not yet in any session. Whoever adds the row
+    removes the files (remove_files) if it is not committed."""
     adapter_id = new_id()
-    directory = adapter_dir(adapters_dir, adapter_id)
-    sha256, size = adapter_files.write_adapter(directory, prompt_embeddings, base_fingerprint, base_model_name)
-    adapter = Adapter(
+    sha256, size = adapter_files.write_adapter(
+        adapter_dir(adapters_dir, adapter_id), prompt_embeddings, base_fingerprint, base_model_name)
+    return Adapter(
         id=adapter_id,
         name=name,
         base_fingerprint=base_fingerprint,
@@ -48,12 +48,21 @@ def register_adapter(
         metrics=metrics or {},
         template=template,
     )
+
+
+def remove_files(adapters_dir: Path, adapter_id: str) -> None:
+    shutil.rmtree(adapter_dir(adapters_dir, adapter_id), ignore_errors=True)
+
+
+def register_adapter(session: Session, *, adapters_dir: Path, **fields) -> Adapter:
+    """Write the adapter's files, then add and commit its row."""
+    adapter = new_adapter(adapters_dir=adapters_dir, **fields)
     try:
         session.add(adapter)
         session.commit()
     except BaseException:
         session.rollback()
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_files(adapters_dir, adapter.id)
         raise
     return adapter
 
@@ -108,4 +117,4 @@ def delete_adapter(session: Session, *, adapters_dir: Path, adapter: Adapter) ->
     """Delete the row, then the files: a stale folder is harmless, a row without a file is not."""
     session.delete(adapter)
     session.commit()
-    shutil.rmtree(adapter_dir(adapters_dir, adapter.id), ignore_errors=True)
+    remove_files(adapters_dir, adapter.id)

@@ -3,6 +3,7 @@ adapter cache and the engine. Built once in the app's lifespan."""
 
 import asyncio
 import logging
+import shutil
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -65,12 +66,15 @@ class Runtime:
         )
 
     def enqueue_training(self, job_id: str) -> None:
+        """Send the job's message to the broker, then record that it was sent."""
         from worker.celery_app import TRAIN_TASK
 
         self.celery.send_task(TRAIN_TASK, args=[job_id])
+        with self.sessions() as session:
+            jobs.mark_sent(session, job_id)
 
     def reap_stale_jobs(self) -> list[str]:
-        """Requeue or fail jobs whose worker stopped heartbeating."""
+        """Requeue or fail jobs whose worker stopped heartbeating; send_unsent_jobs sends the requeued."""
         settings = self.settings
         with self.sessions() as session:
             requeued = jobs.reap_stale(
@@ -78,16 +82,40 @@ class Runtime:
             )
         for job_id in requeued:
             log.warning("job %s lost its worker; queued again", job_id)
-            self.enqueue_training(job_id)
         return requeued
 
+    def send_unsent_jobs(self) -> list[str]:
+        """Send a message for each queued job that has none in the broker (see jobs.unsent)."""
+        settings = self.settings
+        with self.sessions() as session:
+            due = jobs.unsent(session, unsent_after=timedelta(seconds=settings.job_stale_after_s),
+                              resend_after=timedelta(seconds=settings.job_resend_after_s))
+        for job_id in due:  # a broker still down raises here; the next pass tries again
+            self.enqueue_training(job_id)
+            log.warning("job %s was queued with no message in the broker; sent", job_id)
+        return due
+
+    def delete_ended_datasets(self) -> list[str]:
+        """Delete the uploaded datasets of jobs that have ended: only a run reads them."""
+        data_dir, folder = self.settings.data_dir, self.settings.datasets_dir
+        stored = [path.relative_to(data_dir).as_posix() for path in folder.iterdir()] if folder.is_dir() else []
+        if not stored:
+            return []
+        with self.sessions() as session:
+            ended = jobs.ended_datasets(session, stored)
+        for relative in ended:
+            shutil.rmtree(data_dir / relative, ignore_errors=True)
+        return ended
+
     async def reap_forever(self) -> None:
+        chores = (self.reap_stale_jobs, self.send_unsent_jobs, self.delete_ended_datasets)
         while True:
             await asyncio.sleep(self.settings.job_stale_after_s / 4)
-            try:
-                await asyncio.to_thread(self.reap_stale_jobs)
-            except Exception:
-                log.exception("reaping stale jobs failed")
+            for chore in chores:  # each on its own: a broker outage must not stop the others
+                try:
+                    await asyncio.to_thread(chore)
+                except Exception:
+                    log.exception("job reaper: %s failed", chore.__name__)
 
     def _lookup(self, adapter_id: str) -> tuple[str, str, str | None] | None:
         with self.sessions() as session:

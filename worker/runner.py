@@ -20,21 +20,29 @@ log = logging.getLogger(__name__)
 
 
 class _Heartbeat:
-    """Background thread: refreshes the job's heartbeat and notices cancel requests."""
+    """Background thread: refreshes the run's heartbeat, notices cancel requests, and notices
+    when the run has lost its job (then training stops: nothing it would write is accepted)."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, interval: float):
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, token: str, interval: float):
         self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(sessions, job_id, interval), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(sessions, job_id, token, interval), daemon=True)
 
-    def _run(self, sessions, job_id, interval):
+    def _run(self, sessions, job_id, token, interval):
         while not self._stop.wait(interval):
             try:
                 with sessions() as session:
-                    if jobs.heartbeat(session, job_id):
+                    if jobs.heartbeat(session, job_id, token):
                         self.cancel_requested.set()
+            except jobs.StaleRun:
+                self.lost.set()
+                return
             except Exception:  # a missed beat is not fatal; the next one may succeed
                 log.exception("heartbeat for job %s failed", job_id)
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested.is_set() or self.lost.is_set()
 
     def __enter__(self):
         self._thread.start()
@@ -59,9 +67,11 @@ def _metrics(result: TrainResult) -> dict:
 
 
 def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session], get_base: Callable[[], BaseModel]) -> str:
-    """Returns the job's final status, or "skipped" when this delivery did not win the claim."""
+    """Returns the job's final status; "skipped" when this delivery did not win the claim, "lost"
+    when the run lost the job midway (its worker stalled and the job went to another run)."""
     with sessions() as session:
-        if not jobs.claim(session, job_id, f"{socket.gethostname()}:{os.getpid()}"):
+        token = jobs.claim(session, job_id, f"{socket.gethostname()}:{os.getpid()}")
+        if token is None:
             log.info("job %s not claimable (duplicate delivery, cancelled or finished); skipping", job_id)
             return "skipped"
         job = jobs.get_job(session, job_id)
@@ -69,39 +79,53 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
 
     def on_step(step, total, epoch, loss):
         with sessions() as session:
-            jobs.record_step(session, job_id, step, total, epoch, loss)
+            jobs.record_step(session, job_id, token, step, total, epoch, loss)
 
     def on_eval(step, loss, accuracy):
         with sessions() as session:
-            jobs.record_eval(session, job_id, step, loss, accuracy)
+            jobs.record_eval(session, job_id, token, step, loss, accuracy)
 
-    with _Heartbeat(sessions, job_id, settings.heartbeat_interval_s) as beat:
+    def end(status: str, **fields) -> str:
+        with sessions() as session:
+            return status if jobs.finish(session, job_id, token, status, **fields) else _lost(job_id)
+
+    with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s) as beat:
         try:
             base = get_base()
             validation_file = Path(dataset_dir) / "validation.jsonl"
             result = train_prompt(
                 base, TrainConfig(**params), read_jsonl(Path(dataset_dir) / "train.jsonl"),
                 read_jsonl(validation_file) if validation_file.exists() else None,
-                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.cancel_requested.is_set),
+                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop),
             )
+        except jobs.StaleRun:
+            return _lost(job_id)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            with sessions() as session:
-                jobs.finish(session, job_id, "failed", message=f"training failed: {type(exc).__name__}: {exc}",
-                            error_code="training_error")
-            return "failed"
+            return end("failed", message=f"training failed: {type(exc).__name__}: {exc}", error_code="training_error")
 
-    with sessions() as session:
-        if result.cancelled:
-            jobs.finish(session, job_id, "cancelled", message=f"cancelled at step {result.steps}")
-            return "cancelled"
-        # The adapter's files are complete before its row exists, and the row before the job says succeeded.
-        adapter = registry.register_adapter(
-            session, adapters_dir=settings.adapters_dir, name=name, prompt_embeddings=result.prompt_embeddings,
-            base_fingerprint=base.fingerprint, base_model_name=base.name, source="trained",
-            metrics=_metrics(result), template=params.get("template"),
-        )
-        jobs.finish(session, job_id, "succeeded", adapter_id=adapter.id, eval_loss=result.eval_loss,
-                    eval_accuracy=result.eval_accuracy,
-                    message=f"adapter {adapter.id} registered (eval accuracy {result.eval_accuracy})")
-    return "succeeded"
+    if beat.lost.is_set():
+        return _lost(job_id)
+    if result.cancelled:
+        return end("cancelled", message=f"cancelled at step {result.steps}")
+    # The adapter's files are complete before its row exists; the row is committed with the
+    # job's success, by this run only, or not at all.
+    adapter = registry.new_adapter(
+        adapters_dir=settings.adapters_dir, name=name, prompt_embeddings=result.prompt_embeddings,
+        base_fingerprint=base.fingerprint, base_model_name=base.name, source="trained",
+        metrics=_metrics(result), template=params.get("template"),
+    )
+    status = "lost"
+    try:
+        status = end("succeeded", adapter=adapter, eval_loss=result.eval_loss, eval_accuracy=result.eval_accuracy,
+                     message=f"adapter {adapter.id} registered (eval accuracy {result.eval_accuracy})")
+    finally:
+        if status != "succeeded":
+            registry.remove_files(settings.adapters_dir, adapter.id)
+    return status
+
+
+def _lost(job_id: str) -> str:
+    log.warning("job %s is no longer this run's (its heartbeat went stale and the job was requeued or ended); "
+                "stopping without writing anything", job_id)
+    return "lost"

@@ -193,7 +193,7 @@ def test_job_form_shows_errors_starts_a_job_and_follows_it_live(make_live_server
     page.click("#cancel-job")
     expect(page.locator("h1 [data-field=status]")).to_have_text("running · cancelling")
     with server.runtime.sessions() as session:
-        jobs.finish(session, job_id, "cancelled", message="cancelled at step 30")
+        jobs.finish(session, job_id, jobs.get_job(session, job_id).run_token, "cancelled", message="cancelled at step 30")
     expect(page.locator("h1 [data-field=status]")).to_have_text("cancelled")
     expect(page.locator("#cancel-job")).to_be_hidden()
     expect(page.locator("#events tbody")).to_contain_text("cancelled at step 30")

@@ -123,6 +123,8 @@ def test_reaper_requeues_a_lost_job_once_then_fails_it(env):
     with sessions() as session:
         job = jobs.get_job(session, job_id)
         assert job.error_code == "worker_lost" and "worker-2 stopped responding" in job.error_message
+        messages = [e.data["message"] for e in jobs.list_events(session, job_id) if e.kind == "message"]
+    assert "worker worker-1 stopped responding; retrying" in messages  # the lost worker named, not None
 
 
 def test_reaper_leaves_live_jobs_alone(env):
