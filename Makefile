@@ -1,5 +1,6 @@
 # softserve: `make run` serves on embedded defaults, `make test` runs the whole suite.
-# Both create .venv at the repo root when missing and install everything into it.
+# Both create .venv at the repo root when missing and install everything into it; `make test`
+# also installs the browser its admin UI tests drive.
 
 PYTHON ?= python3
 VENV := .venv
@@ -36,7 +37,17 @@ run: model migrate
 worker: model migrate
 	$(BIN)/celery -A worker.celery_app worker --concurrency=1 --loglevel=INFO
 
-test: model
+# The admin UI's browser tests drive Debian's chromium through Playwright: install it when missing
+# (apt-get as root, through sudo otherwise). PostgreSQL and Redis need no setup: the tests use this
+# machine's servers when they answer and start embedded ones otherwise (tests/services.py).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+test: model $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 bench: model

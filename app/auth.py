@@ -3,33 +3,42 @@
 Two roles: an `inference` key may generate and read; an `admin` key may also manage adapters
 and jobs. Keys look like `ssk_<id>_<secret>`; only their SHA-256 is stored, and it is compared
 in constant time. The admin pages log in once with an admin key and then ride a signed session
-cookie; a request authenticated by that cookie must also carry the session's CSRF token.
+cookie naming a server-side session (logout deletes it); a request authenticated by that cookie
+must also carry the session's CSRF token. Failed logins are throttled per client address.
 With no keys at all the service is open, which it allows only when bound to localhost.
 """
 
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import secrets
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.db import get_by_id
-from app.models import ApiKey, new_id
+from app.models import AdminSession, ApiKey, new_id, utcnow
 
 Role = Literal["inference", "admin"]
 ROLES: tuple[Role, ...] = ("inference", "admin")
 KEY_PREFIX = "ssk"
-SESSION_KEY_ID = "admin_key_id"
+SESSION_COOKIE = "softserve_session"
+SESSION_MAX_AGE_S = 12 * 3600
+SESSION_TOKEN = "admin_session"
 SESSION_CSRF = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -92,6 +101,85 @@ def session_secret(settings: Settings) -> str:
             return secret
         time.sleep(0.1)  # another process created it a moment ago and is writing it
     raise RuntimeError(f"{path} holds no usable secret; delete it to make a new one")
+
+
+def start_admin_session(session: Session, key: ApiKey) -> str:
+    """Record a login; the returned token goes into the signed cookie."""
+    now = utcnow()
+    session.execute(delete(AdminSession).where(AdminSession.expires_at <= now))  # housekeeping
+    token = secrets.token_urlsafe(32)
+    session.add(AdminSession(token_sha256=_digest(token), key_id=key.id, created_at=now,
+                             expires_at=now + timedelta(seconds=SESSION_MAX_AGE_S)))
+    session.commit()
+    return token
+
+
+def end_admin_session(session: Session, token: str) -> None:
+    session.execute(delete(AdminSession).where(AdminSession.token_sha256 == _digest(token)))
+    session.commit()
+
+
+def admin_session_key(session: Session, token: str) -> ApiKey | None:
+    """The key a live (not logged out, not expired) admin session was opened with."""
+    row = session.get(AdminSession, _digest(token))
+    if row is None or row.expires_at <= utcnow():
+        return None
+    return session.get(ApiKey, row.key_id)
+
+
+class SessionCookies:
+    """Starlette's signed-cookie sessions, with the cookie marked `Secure` when the request came
+    over HTTPS. Behind a TLS proxy the scheme is the proxy's X-Forwarded-Proto, which uvicorn
+    applies only for proxies it trusts (FORWARDED_ALLOW_IPS, 127.0.0.1 by default)."""
+
+    def __init__(self, app: ASGIApp, secret_key: str) -> None:
+        options = dict(secret_key=secret_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S, same_site="lax")
+        self.plain = SessionMiddleware(app, **options)
+        self.secure = SessionMiddleware(app, https_only=True, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sessions = self.secure if scope.get("scheme") in ("https", "wss") else self.plain
+        await sessions(scope, receive, send)
+
+
+class LoginThrottle:
+    """Failed admin logins per client address: after `max_failures` within `window_s`, every login
+    from that address is refused until the oldest of them leaves the window. Kept in memory, per
+    API process. Keys carry 256 random bits, so this stops scripted guessing from flooding the
+    server and its logs rather than protecting a weak secret."""
+
+    def __init__(self, max_failures: int, window_s: float, clock=time.monotonic) -> None:
+        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()  # login runs in the threadpool
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        failures = self._failures.get(client, deque())
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        return failures
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        with self._lock:
+            now = self.clock()
+            failures = self._recent(client, now)
+            if len(failures) < self.max_failures:
+                return 0
+            return max(1, math.ceil(failures[-self.max_failures] + self.window_s - now))
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            now = self.clock()
+            failures = self._failures[client] = self._recent(client, now)
+            failures.append(now)
+            if len(self._failures) > 10_000:  # many addresses: forget those with no recent failure
+                for other in [c for c, times in self._failures.items() if not self._recent(c, now)]:
+                    del self._failures[other]
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
 
 
 def csrf_token(request: Request) -> str:
@@ -163,8 +251,8 @@ def authenticate(request: Request) -> Caller:
                 raise _unauthorized("this server has no API keys, so it serves only local clients that address it "
                                     "as localhost; create keys with `python -m app.cli create-key`")
             return Caller("admin", "open")
-        key_id = request.session.get(SESSION_KEY_ID)
-        key = session.get(ApiKey, key_id) if key_id else None
+        token = request.session.get(SESSION_TOKEN)
+        key = admin_session_key(session, token) if isinstance(token, str) else None
         if key is not None and key.role == "admin":
             if unsafe and not valid_csrf(request, request.headers.get(CSRF_HEADER)):
                 raise HTTPException(403, detail=f"missing or wrong {CSRF_HEADER} header for this admin session")

@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     # Signs admin session cookies; default: a random key kept in DATA_DIR/secret_key.
     secret_key: str | None = None
+    # Admin logins: after this many failures from one client address within the window, that
+    # address gets 429 (with Retry-After) until the oldest failure leaves the window.
+    login_max_failures: int = Field(10, ge=1)
+    login_failure_window_s: float = Field(300.0, gt=0)
 
     # Storage: SQLite file and adapter tensors live under DATA_DIR by default.
     data_dir: Path = Path("data")

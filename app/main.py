@@ -6,7 +6,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from starlette.middleware.sessions import SessionMiddleware
 
 from app import admin, auth
 from app.api import adapters, errors, generate, health, openai_compat, train_jobs
@@ -63,10 +62,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         },
         default=DEFAULT_BODY_LIMIT,
     )
-    app.add_middleware(
-        SessionMiddleware, secret_key=auth.session_secret(settings), session_cookie="softserve_session",
-        max_age=12 * 3600, same_site="lax",
-    )
+    app.add_middleware(auth.SessionCookies, secret_key=auth.session_secret(settings))
+    app.state.login_throttle = auth.LoginThrottle(settings.login_max_failures, settings.login_failure_window_s)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")

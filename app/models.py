@@ -99,3 +99,15 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(16))  # "inference" or "admin"
     key_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AdminSession(Base):
+    """A logged-in admin browser. Its signed cookie carries a random token and only the token's
+    SHA-256 is stored: logout (or revoking the key) deletes the row, so a copied cookie dies with it."""
+
+    __tablename__ = "admin_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

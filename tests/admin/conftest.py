@@ -18,10 +18,10 @@ TEMPLATE = "Review: {input}\nSentiment:"
 
 @pytest.fixture
 def browser():
-    # Fail loudly rather than skip: CI installs chromium (.ci/run), and a silent skip would hide the UI going untested.
+    # Fail loudly rather than skip: `make test` installs chromium, and a silent skip would hide the UI going untested.
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: the admin browser tests need Debian's chromium "
-                    "(apt-get install -y chromium; .ci/run installs it)")
+                    "(apt-get install -y chromium; `make test` installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

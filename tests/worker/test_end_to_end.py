@@ -1,4 +1,4 @@
-"""A real Celery worker process, a real broker (local Redis, or the embedded SQLite one) and
+"""A real Celery worker process, a real broker (Redis, or the embedded SQLite one) and
 the API: upload a dataset, watch the job, serve the adapter it makes."""
 
 import os
@@ -12,7 +12,6 @@ import redis
 
 from tests.conftest import DATASETS, REPO
 
-REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SST2_TEMPLATE = "Review: {input}\nSentiment:"
 
 
@@ -65,9 +64,9 @@ def tiny_env(tiny_model_dir):
 
 
 @pytest.mark.real_model
-def test_redis_worker_trains_real_model_and_adapter_serves_a_label(make_client, real_base, start_worker):
-    redis.Redis.from_url(REDIS_TEST_URL).flushdb()
-    client = make_client(real_base, redis_url=REDIS_TEST_URL)
+def test_redis_worker_trains_real_model_and_adapter_serves_a_label(make_client, real_base, start_worker, redis_url):
+    redis.Redis.from_url(redis_url).flushdb()
+    client = make_client(real_base, redis_url=redis_url)
     start_worker(client.app.state.runtime.settings)
     response = client.post(
         "/train-jobs",
@@ -104,6 +103,17 @@ def test_embedded_broker_worker_runs_a_job_to_success(make_client, tiny_base, ti
     assert job["progress"]["step"] == 10 and job["attempts"] == 1
     served = client.post("/generate", json={"adapter_id": job["adapter_id"], "prompt": "a fine film", "max_new_tokens": 3})
     assert served.status_code == 200 and served.json()["adapter_id"] == job["adapter_id"]
+
+
+def test_redis_broker_worker_runs_a_job_to_success(make_client, tiny_base, tiny_model_dir, start_worker, redis_url):
+    """Redis as the broker on the tiny model: the real-model run above takes minutes, this seconds."""
+    redis.Redis.from_url(redis_url).flushdb()
+    client = make_client(tiny_base, redis_url=redis_url)
+    start_worker(client.app.state.runtime.settings, **tiny_env(tiny_model_dir))
+    response = client.post("/train-jobs", files={"file": ("t.jsonl", sst2_slice("train", 40))},
+                           data={"max_steps": "10", "eval_every": "5", "num_virtual_tokens": "4"})
+    job = wait_for(client, response.json()["id"], lambda j: j["status"] == "succeeded", timeout=300)
+    assert job["progress"]["step"] == 10 and job["attempts"] == 1 and job["adapter_id"]
 
 
 def test_cancel_while_running_through_the_worker(make_client, tiny_base, tiny_model_dir, start_worker):
