@@ -3,7 +3,6 @@ more than needed (a late original, a re-send) runs the job once. Real Redis, rea
 
 import base64
 import json
-import os
 from datetime import timedelta
 
 import kombu.exceptions
@@ -15,15 +14,13 @@ from app.models import utcnow
 from tests.worker.test_runner import queue_job
 from worker.runner import run_job
 
-# A database of its own on the local Redis: these tests read the broker's queue.
-BROKER_URL = os.environ.get("TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/14")
 UNREACHABLE_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 LONG_AGO = timedelta(hours=2)
 
 
 @pytest.fixture
-def broker():
-    client = redis.Redis.from_url(BROKER_URL)
+def broker(redis_url):  # these tests read the broker's queue: it starts and ends empty
+    client = redis.Redis.from_url(redis_url)
     client.flushdb()
     yield client
     client.flushdb()
@@ -56,8 +53,9 @@ def api(make_client, tiny_base, broker_url, database_url=None):
     return runtime, runtime.settings, runtime.sessions
 
 
-def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, tiny_base, broker, database_url):
-    runtime, settings, sessions = api(make_client, tiny_base, BROKER_URL, database_url)
+def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, tiny_base, broker, redis_url,
+                                                                    database_url):
+    runtime, settings, sessions = api(make_client, tiny_base, redis_url, database_url)
     lost = queue_job(settings, sessions, "lostmessage")  # committed; the process died before the send
     age(sessions, lost, created_at=LONG_AGO)
     fresh = queue_job(settings, sessions, "beingsent")  # committed just now; its API call is sending it
@@ -78,10 +76,10 @@ def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, 
     assert runtime.send_unsent_jobs() == []
 
 
-def test_a_requeue_whose_send_failed_is_sent_once_the_broker_answers(make_client, tiny_base, broker):
+def test_a_requeue_whose_send_failed_is_sent_once_the_broker_answers(make_client, tiny_base, broker, redis_url):
     # Two API processes on one registry; the first one's broker is down when its reaper requeues.
     down, settings, sessions = api(make_client, tiny_base, UNREACHABLE_BROKER_URL)
-    up = api(make_client, tiny_base, BROKER_URL)[0]
+    up = api(make_client, tiny_base, redis_url)[0]
     job_id = queue_job(settings, sessions)
     with sessions() as session:
         assert jobs.claim(session, job_id, "worker-that-dies")
