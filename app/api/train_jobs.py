@@ -14,7 +14,7 @@ from app.auth import AdminAuth
 from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id, utcnow
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
-from worker.training import TrainConfig
+from app.train_config import InitMode, TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
@@ -52,7 +52,7 @@ class TrainJobForm(BaseModel):
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
     num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
-    init: Literal["labels", "text", "vocab", "random"] = TrainConfig.init
+    init: InitMode = TrainConfig.init
     init_text: Annotated[str | None, Field(max_length=2000)] = None
     learning_rate: Annotated[float, Field(gt=0, le=10)] = TrainConfig.learning_rate
     max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
