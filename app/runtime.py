@@ -19,6 +19,7 @@ from app.engine.core import EngineCore
 from app.engine.engine import Engine
 from app.engine.loader import BaseModel
 from app.engine.requests import SoftPrompt
+from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session]) -> "Runtime":
-        from worker.celery_app import make_celery  # the API only sends tasks to the workers
-
+        make_data_dir(settings)  # before the broker's first use: the embedded one is a file there
         return cls(
             celery=make_celery(settings),
             settings=settings,
@@ -67,8 +67,6 @@ class Runtime:
 
     def enqueue_training(self, job_id: str) -> None:
         """Send the job's message to the broker, then record that it was sent."""
-        from worker.celery_app import TRAIN_TASK
-
         self.celery.send_task(TRAIN_TASK, args=[job_id])
         with self.sessions() as session:
             jobs.mark_sent(session, job_id)

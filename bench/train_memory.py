@@ -19,7 +19,8 @@ import torch
 
 from app.config import Settings
 from app.engine.loader import load_base_model
-from worker.training import TrainConfig, batch_loss, gradient_checkpointing, init_prompt, wants_checkpointing
+from app.train_config import TrainConfig
+from worker.training import batch_loss, gradient_checkpointing, init_prompt, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning

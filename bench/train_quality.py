@@ -1,6 +1,6 @@
 """How much prompt tuning buys: zero-shot vs tuned exact-match accuracy on a real task.
 
-Trains with the job's own loop and default hyperparameters (worker.training.TrainConfig) on
+Trains with the job's own loop and default hyperparameters (app.train_config.TrainConfig) on
 ../shared/datasets/TASK/train.jsonl, within a time budget, choosing the best prompt on a
 held-out slice of train. Then evaluates the base model zero-shot (choosing the likeliest label) and the tuned prompt (its
 greedy generation must equal the label) on the validation file (or --eval-file), which
@@ -18,7 +18,8 @@ from pathlib import Path
 from app.config import Settings
 from app.datasets import read_jsonl
 from app.engine.loader import load_base_model
-from worker.training import Hooks, TrainConfig, exact_match_accuracy, label_choice_accuracy, train_prompt
+from app.train_config import TrainConfig
+from worker.training import Hooks, exact_match_accuracy, label_choice_accuracy, train_prompt
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TEMPLATES = {

@@ -14,7 +14,8 @@ from app import jobs, registry
 from app.config import Settings
 from app.datasets import read_jsonl
 from app.engine.loader import BaseModel
-from worker.training import Hooks, TrainConfig, TrainResult, train_prompt
+from app.train_config import TrainConfig
+from worker.training import Hooks, TrainResult, train_prompt
 
 log = logging.getLogger(__name__)
 

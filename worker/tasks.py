@@ -6,7 +6,8 @@ from functools import cache
 from app.config import get_settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
-from worker.celery_app import TRAIN_TASK, app
+from app.job_queue import TRAIN_TASK
+from worker.celery_app import app
 from worker.runner import run_job
 
 

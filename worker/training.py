@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,44 +20,10 @@ from app.datasets import Example, render
 from app.engine.generation import generate_batch
 from app.engine.requests import GenerationRequest
 from app.engine.loader import BaseModel
+from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
 
-INIT_MODES = ("labels", "text", "vocab", "random")
-DEFAULT_TEMPLATE = "{input}"
 # Eval on more examples than this gets slow on CPU without changing the picture much.
 MAX_EVAL_EXAMPLES = 200
-CHECKPOINT_MIN_TOKENS = 512
-
-
-@dataclass
-class TrainConfig:
-    num_virtual_tokens: int = 20
-    init: str = "labels"  # Lester et al.: class-label init helps small models most
-    init_text: str | None = None
-    learning_rate: float = 0.3  # Adafactor, as in Lester et al.
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    max_length: int = 128  # tokens of template + output, soft prompt excluded
-    eval_every: int = 100
-    early_stopping_patience: int = 4  # evaluations without improvement
-    seed: int = 0
-    template: str = DEFAULT_TEMPLATE
-    # None = auto: recompute activations only for batches of CHECKPOINT_MIN_TOKENS or more, where
-    # storing them would dominate memory (8 x 128: 1.24x inference memory instead of ~1.6x). Small
-    # batches keep them, since recomputing costs ~80% more time per step on CPU there.
-    gradient_checkpointing: bool | None = None
-    default_max_steps: int = 300  # when neither max_steps nor epochs is given
-    time_budget_s: float | None = None  # stop (keeping the best prompt so far) after this long
-
-    def total_steps(self, train_examples: int) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * train_examples / self.batch_size))
-        return self.default_max_steps
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -7,8 +7,8 @@ from fastapi import Query, Request
 from app import jobs
 from app.admin.pages import not_found, page_router, render
 from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
-from app.api.train_jobs import job_out
-from worker.training import TrainConfig
+from app.api.job_view import job_out
+from app.train_config import TrainConfig
 
 router = page_router()
 

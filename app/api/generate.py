@@ -2,44 +2,19 @@
 
 from contextlib import aclosing
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 
+from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, invalid
-from app.api.disconnect import unless_disconnected
 from app.api.streaming import sse_response
-from app.engine.core import EngineOverloaded, RequestTooLarge
-from app.engine.engine import Completion, QueueFull, RequestStream, TooMuchWork
-from app.engine.requests import GenerationRequest, SoftPrompt
-from app.engine.text_stream import TextDeltas
-from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
 from app.datasets import render
+from app.engine.engine import RequestStream
+from app.engine.requests import GenerationRequest
+from app.engine.text_stream import TextDeltas
+from app.runtime import Runtime
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"])
-
-
-def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
-    if value > runtime.settings.max_new_tokens_limit:
-        raise invalid(field, f"must be at most {runtime.settings.max_new_tokens_limit}")
-
-
-async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[SoftPrompt | None, str | None]:
-    """The adapter's soft prompt and template; (None, None) for the base model."""
-    if adapter_id is None:
-        return None, None
-    try:
-        return await runtime.soft_prompt(adapter_id)
-    except AdapterNotFound:
-        raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
-    except AdapterBaseMismatch as exc:
-        raise HTTPException(409, detail=str(exc)) from None
-
-
-def encode_prompt(runtime: Runtime, prompt: str) -> list[int]:
-    prompt_ids = runtime.base.tokenizer(prompt).input_ids
-    if len(prompt_ids) > runtime.settings.max_prompt_tokens:
-        raise invalid("prompt", f"is {len(prompt_ids)} tokens, the limit is {runtime.settings.max_prompt_tokens}")
-    return prompt_ids
 
 
 async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRequest:
@@ -59,47 +34,6 @@ async def build_request(runtime: Runtime, body: GenerateRequest) -> GenerationRe
         stop=body.stop,
         seed=body.seed,
     )
-
-
-def _busy(detail: str = "server busy: generation queue is full") -> HTTPException:
-    return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
-
-
-def _too_large(exc: RequestTooLarge, field: str) -> HTTPException:
-    return invalid(field, f"{exc}: shorten the prompt or ask for fewer tokens")
-
-
-async def run_all(
-    runtime: Runtime, http_request: Request, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
-) -> list[Completion]:
-    """Queue `requests` together and wait for them; a client that hangs up frees their rows."""
-    try:
-        submitted = runtime.engine.submit_all(requests, timeout=runtime.settings.request_timeout_s)
-        return await unless_disconnected(http_request, submitted)
-    except QueueFull:
-        raise _busy() from None
-    except RequestTooLarge as exc:
-        raise _too_large(exc, tokens_field) from None
-    except TooMuchWork as exc:
-        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
-    except EngineOverloaded as exc:
-        raise _busy(str(exc)) from None
-    except TimeoutError:
-        raise HTTPException(504, detail="generation did not finish before the request deadline") from None
-
-
-def start_streams(
-    runtime: Runtime, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
-) -> list[RequestStream]:
-    """Queue streaming requests together; a full queue is still a plain 503, before any event is sent."""
-    try:
-        return runtime.engine.stream_all(requests, timeout=runtime.settings.request_timeout_s)
-    except QueueFull:
-        raise _busy() from None
-    except RequestTooLarge as exc:
-        raise _too_large(exc, tokens_field) from None
-    except TooMuchWork as exc:
-        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
 
 
 async def _generate_events(updates: RequestStream, request: GenerationRequest, adapter_id: str | None):

@@ -20,9 +20,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from sqlalchemy import select
 
+from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
 from app.api.errors import validation_errors
-from app.api.generate import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.streaming import merge, sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult

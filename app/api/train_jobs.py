@@ -9,31 +9,15 @@ from pydantic import BaseModel, Field
 
 from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
+from app.api.job_view import job_out
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.db import MAX_INTEGER, MAX_OFFSET
-from app.models import TrainJob, new_id, utcnow
+from app.models import TrainJob, new_id
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
-from worker.training import TrainConfig
+from app.train_config import InitMode, TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
-
-
-def job_out(job: TrainJob) -> TrainJobOut:
-    estimated = None
-    if job.status == "running" and job.step > 0 and job.started_at:
-        elapsed = utcnow() - job.started_at
-        estimated = job.started_at + elapsed * (job.total_steps / job.step)
-    return TrainJobOut(
-        id=job.id, name=job.name, status=job.status,
-        progress={"step": job.step, "total_steps": job.total_steps, "epoch": round(job.epoch, 3)},
-        train_loss=job.train_loss, eval_loss=job.eval_loss, eval_accuracy=job.eval_accuracy,
-        estimated_finish=estimated, adapter_id=job.adapter_id,
-        error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        params=job.params, train_examples=job.train_examples, validation_examples=job.validation_examples,
-        attempts=job.attempts, cancel_requested=job.cancel_requested,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-    )
 
 
 async def _parse_upload(upload: UploadedFile, field: str, max_examples: int) -> list[datasets.Example]:
@@ -52,7 +36,7 @@ class TrainJobForm(BaseModel):
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
     num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
-    init: Literal["labels", "text", "vocab", "random"] = TrainConfig.init
+    init: InitMode = TrainConfig.init
     init_text: Annotated[str | None, Field(max_length=2000)] = None
     learning_rate: Annotated[float, Field(gt=0, le=10)] = TrainConfig.learning_rate
     max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None

@@ -8,8 +8,8 @@ import pytest
 
 from app import jobs, registry
 from app.models import new_id
+from app.train_config import TrainConfig
 from tests.conftest import REPO, random_soft_prompt
-from worker.training import TrainConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "test-output" / "screenshots"

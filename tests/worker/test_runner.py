@@ -10,9 +10,9 @@ from app import jobs, registry
 from app.datasets import Example, write_jsonl
 from app.db import make_engine, make_session_factory
 from app.models import utcnow
+from app.train_config import TrainConfig
 from tests.conftest import make_settings
 from worker.runner import run_job
-from worker.training import TrainConfig
 
 EXAMPLES = [Example(f"review {i} was {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2]) for i in range(24)]
 

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from app.datasets import Example
-from worker.training import Hooks, TrainConfig, batch_loss, encode_example, init_prompt, train_prompt
+from app.train_config import TrainConfig
+from worker.training import Hooks, batch_loss, encode_example, init_prompt, train_prompt
 
 LABELS = ["positive", "negative"]
 EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", LABELS[i % 2]) for i in range(40)]

@@ -1,0 +1,77 @@
+"""The steps of a completion that /generate and /v1/completions share: the adapter's soft prompt,
+the request's limits, and queueing on the engine, whose refusals become HTTP errors. A service
+module, so neither router imports the other."""
+
+from fastapi import HTTPException, Request
+
+from app.api.deps import invalid
+from app.api.disconnect import unless_disconnected
+from app.engine.core import EngineOverloaded, RequestTooLarge
+from app.engine.engine import Completion, QueueFull, RequestStream, TooMuchWork
+from app.engine.requests import GenerationRequest, SoftPrompt
+from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
+
+
+def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
+    if value > runtime.settings.max_new_tokens_limit:
+        raise invalid(field, f"must be at most {runtime.settings.max_new_tokens_limit}")
+
+
+async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[SoftPrompt | None, str | None]:
+    """The adapter's soft prompt and template; (None, None) for the base model."""
+    if adapter_id is None:
+        return None, None
+    try:
+        return await runtime.soft_prompt(adapter_id)
+    except AdapterNotFound:
+        raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
+    except AdapterBaseMismatch as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+
+
+def encode_prompt(runtime: Runtime, prompt: str) -> list[int]:
+    prompt_ids = runtime.base.tokenizer(prompt).input_ids
+    if len(prompt_ids) > runtime.settings.max_prompt_tokens:
+        raise invalid("prompt", f"is {len(prompt_ids)} tokens, the limit is {runtime.settings.max_prompt_tokens}")
+    return prompt_ids
+
+
+def _busy(detail: str = "server busy: generation queue is full") -> HTTPException:
+    return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
+
+
+def _too_large(exc: RequestTooLarge, field: str) -> HTTPException:
+    return invalid(field, f"{exc}: shorten the prompt or ask for fewer tokens")
+
+
+async def run_all(
+    runtime: Runtime, http_request: Request, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
+) -> list[Completion]:
+    """Queue `requests` together and wait for them; a client that hangs up frees their rows."""
+    try:
+        submitted = runtime.engine.submit_all(requests, timeout=runtime.settings.request_timeout_s)
+        return await unless_disconnected(http_request, submitted)
+    except QueueFull:
+        raise _busy() from None
+    except RequestTooLarge as exc:
+        raise _too_large(exc, tokens_field) from None
+    except TooMuchWork as exc:
+        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
+    except EngineOverloaded as exc:
+        raise _busy(str(exc)) from None
+    except TimeoutError:
+        raise HTTPException(504, detail="generation did not finish before the request deadline") from None
+
+
+def start_streams(
+    runtime: Runtime, requests: list[GenerationRequest], tokens_field: str = "max_new_tokens"
+) -> list[RequestStream]:
+    """Queue streaming requests together; a full queue is still a plain 503, before any event is sent."""
+    try:
+        return runtime.engine.stream_all(requests, timeout=runtime.settings.request_timeout_s)
+    except QueueFull:
+        raise _busy() from None
+    except RequestTooLarge as exc:
+        raise _too_large(exc, tokens_field) from None
+    except TooMuchWork as exc:
+        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
