@@ -12,13 +12,21 @@ and is memory-bound at small batches; `Int8Head` stores it as int8 rows with one
 faster than bf16 at batch 1-32 on AVX-512 VNNI. Its backward (soft-prompt training)
 is the straight-through one bitsandbytes uses too: gradients flow as through the dequantized
 weights.
+
+`torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
+AMD EPYC) it is ~40x slower than float32. There the int8 values are also kept as float32 and
+multiplied in float32, in slices of K short enough that every partial sum is an integer below
+2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant).
 """
 
+import functools
+import time
 import types
 
 import torch
 
 _INV_127 = 1.0 / 127.0
+_EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this long are exact
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,11 +36,44 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale.unsqueeze(-1)).round_().to(torch.int8), scale
 
 
+@functools.cache
+def int_mm_is_fast() -> bool:
+    """Whether torch._int_mm beats a float32 product of the same shape here (a decode-sized one)."""
+    a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
+    af, bf = a.float(), b.float()
+
+    def seconds(product) -> float:
+        product()
+        start = time.perf_counter()
+        for _ in range(3):
+            product()
+        return time.perf_counter() - start
+
+    return seconds(lambda: torch._int_mm(a, b.t())) <= 2 * seconds(lambda: af @ bf.t())
+
+
+def product_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What the integer products read: the int8 weight, or its values as float32 where _int_mm is slow."""
+    return weight if int_mm_is_fast() else weight.float()
+
+
+def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """quantized [M, K] x weight[N, K]^T in int32, from int8 values held as float32: exact."""
+    x = quantized.float()
+    out = None
+    for start in range(0, x.shape[1], _EXACT_K):
+        part = (x[:, start : start + _EXACT_K] @ weight[:, start : start + _EXACT_K].t()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int) -> torch.Tensor:
-    """quantized [M, K] x weight[N, K]^T in int32. torch._int_mm has a fast path for one row
+    """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight). torch._int_mm has a fast path for one row
     (straight over the weight rows); for 2..`split_up_to` rows, one-row products beat oneDNN's
     small-M kernel (measured: a decode step at batch 2 25 -> 21 ms). Integer products are exact,
     so how rows are grouped never changes a result."""
+    if weight.dtype == torch.float32:
+        return _float_int_mm(quantized, weight)
     if 1 < quantized.shape[0] <= split_up_to:
         return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(quantized.shape[0])])
     return torch._int_mm(quantized, weight.t())
@@ -51,7 +92,7 @@ def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     integer matmul in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return type(self).forward(self, x)
-    out = _int8_matmul(x, self.state.CB, self.dequantize_scale, split_up_to=3)
+    out = _int8_matmul(x, self.product_weight, self.dequantize_scale, split_up_to=3)
     if self.bias is not None:
         out = out + self.bias
     return out.to(x.dtype)
@@ -68,6 +109,7 @@ def speed_up_int8_layers(model: torch.nn.Module) -> int:
     layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
+        layer.product_weight = product_weight(layer.state.CB)
         layer.forward = types.MethodType(fast_int8_forward, layer)
     return len(layers)
 
@@ -95,7 +137,7 @@ class Int8Head(torch.nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        self.register_buffer("weight", quantized)
+        self.register_buffer("weight", product_weight(quantized))
         self.register_buffer("scale", scale.clamp(min=1e-12))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
     torch.manual_seed(0)
     weight = torch.randn(5000, 64) * 0.05
     head = Int8Head(weight)
-    assert head.weight.dtype == torch.int8 and head.scale.shape == (5000,)
+    # int8 values (held as float32 where the int8 kernel is slow: see product_weight)
+    assert torch.equal(head.weight.to(torch.int8).to(head.weight.dtype), head.weight) and head.scale.shape == (5000,)
     hidden = torch.randn(7, 64, requires_grad=True)
     exact = hidden @ weight.t()
     logits = head(hidden)
@@ -75,3 +76,26 @@ def test_splitting_rows_never_changes_an_integer_product(rows):
     weight = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
     quantized = torch.randint(-127, 128, (rows, 64), dtype=torch.int8)
     assert torch.equal(_int_mm(quantized, weight, split_up_to=3), torch._int_mm(quantized, weight.t()))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows):
+    from app.engine.int8 import _int_mm
+
+    torch.manual_seed(rows)
+    weight = torch.randint(-127, 128, (64, 2048), dtype=torch.int8)
+    weight[0] = 127  # worst case: sums far past 2**24 over the whole K
+    quantized = torch.randint(-127, 128, (rows, 2048), dtype=torch.int8)
+    quantized[0] = 127
+    expected = torch._int_mm(torch.cat([quantized, quantized[:1].expand(17 - rows, -1)])[:max(rows, 17)], weight.t())
+    got = _int_mm(quantized, weight.float(), split_up_to=3)
+    assert got.dtype == torch.int32 and torch.equal(got, expected[:rows])
+    assert got[0, 0] == 2048 * 127 * 127  # 33,032,192: not representable in float32 as one sum
+
+
+def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
+    from app.engine.int8 import int_mm_is_fast
+
+    dtype = torch.int8 if int_mm_is_fast() else torch.float32
+    assert all(layer.product_weight.dtype == dtype for layer in int8_layers(int8_base))
+    assert int8_base.model.get_output_embeddings().weight.dtype == dtype
