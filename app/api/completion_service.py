@@ -40,8 +40,13 @@ def _busy(detail: str = "server busy: generation queue is full") -> HTTPExceptio
     return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
 
 
-def _too_large(exc: RequestTooLarge, field: str) -> HTTPException:
-    return invalid(field, f"{exc}: shorten the prompt or ask for fewer tokens")
+def _not_queued(exc: QueueFull | RequestTooLarge | TooMuchWork, tokens_field: str) -> HTTPException:
+    """The answer to requests the engine would not queue: 422 if they never could be, else 503."""
+    if isinstance(exc, RequestTooLarge):
+        return invalid(tokens_field, f"{exc}: shorten the prompt or ask for fewer tokens")
+    if isinstance(exc, TooMuchWork):
+        return invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens")
+    return _busy()
 
 
 async def run_all(
@@ -51,12 +56,8 @@ async def run_all(
     try:
         submitted = runtime.engine.submit_all(requests, timeout=runtime.settings.request_timeout_s)
         return await unless_disconnected(http_request, submitted)
-    except QueueFull:
-        raise _busy() from None
-    except RequestTooLarge as exc:
-        raise _too_large(exc, tokens_field) from None
-    except TooMuchWork as exc:
-        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
+    except (QueueFull, RequestTooLarge, TooMuchWork) as exc:
+        raise _not_queued(exc, tokens_field) from None
     except EngineOverloaded as exc:
         raise _busy(str(exc)) from None
     except TimeoutError:
@@ -69,9 +70,5 @@ def start_streams(
     """Queue streaming requests together; a full queue is still a plain 503, before any event is sent."""
     try:
         return runtime.engine.stream_all(requests, timeout=runtime.settings.request_timeout_s)
-    except QueueFull:
-        raise _busy() from None
-    except RequestTooLarge as exc:
-        raise _too_large(exc, tokens_field) from None
-    except TooMuchWork as exc:
-        raise invalid("prompt", f"{exc}: send fewer or shorter prompts, or ask for fewer tokens") from None
+    except (QueueFull, RequestTooLarge, TooMuchWork) as exc:
+        raise _not_queued(exc, tokens_field) from None

@@ -5,8 +5,9 @@ Requests join the running batch at the next step and leave it the step they fini
 request is answered after its own few steps, whatever else is running. Admission is bounded: a
 request waits while the KV cache is full, and only a full waiting queue refuses new work (503).
 The queue is bounded in requests and in the KV positions they may need, so one call carrying many
-long prompts cannot fill it alone. A client that goes away (closed stream, cancelled wait, deadline) sets its request's cancel
-flag, and its row leaves at the next step. Events cross to the event loop once per step.
+long prompts cannot fill it alone. A client that goes away (closed stream, cancelled wait,
+deadline) sets its request's cancel flag, and its row leaves at the next step. Events cross to
+the event loop once per step.
 """
 
 import asyncio
@@ -83,7 +84,6 @@ class Engine:
         # Requests not yet admitted and still wanted, with the KV positions each may need: a client
         # that gave up frees its place at once.
         self._waiting: dict[_Pending, int] = {}
-        self._waiting_tokens = 0
         self._inbox: deque[_Pending] = deque()
         self._dropped_adapters: deque[str] = deque()
         self._wake = threading.Event()
@@ -100,11 +100,15 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(self._waiting.values())
+
     def recent_tokens_per_second(self) -> float:
         return self.core.recent_tokens_per_second()
 
     def stats(self) -> dict:
-        return self.core.stats() | {"queue_depth": self.queue_depth, "queued_tokens": self._waiting_tokens,
+        return self.core.stats() | {"queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
                                     "requests_cancelled": self.requests_cancelled}
 
     def recent_latency(self) -> dict[str, dict[str, float] | None]:
@@ -154,21 +158,20 @@ class Engine:
                 f"at most {self._max_queued_tokens} may wait at once"
             )
         if (len(self._waiting) + len(requests) > self._max_queue_size
-                or self._waiting_tokens + sum(work) > self._max_queued_tokens):
+                or self.queued_tokens + sum(work) > self._max_queued_tokens):
             raise QueueFull
         loop = asyncio.get_running_loop()
         pendings = [_Pending(request, loop.create_future(), asyncio.Queue() if streaming else None)
                     for request in requests]
         for pending, positions in zip(pendings, work):
             self._waiting[pending] = positions
-            self._waiting_tokens += positions
             pending.future.add_done_callback(lambda future, pending=pending: self._done(pending))
         self._inbox.extend(pendings)
         self._wake.set()
         return pendings
 
     def _leave_queue(self, pending: _Pending) -> None:
-        self._waiting_tokens -= self._waiting.pop(pending, 0)
+        self._waiting.pop(pending, None)
 
     def _done(self, pending: _Pending) -> None:
         self._leave_queue(pending)
