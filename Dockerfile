@@ -33,4 +33,6 @@ RUN python -m app.cli prepare-model
 EXPOSE 8000
 # Listening beyond localhost, the API refuses to start until an admin key exists:
 #   docker compose run --rm api python -m app.cli create-key --role admin
-CMD ["python", "-m", "app.cli", "api"]
+# The default shape: one node serves and trains on one model copy (`python -m worker.node train`
+# for a training-only node, `python -m app.cli api` for an API that does not train).
+CMD ["python", "-m", "worker.node", "serve"]

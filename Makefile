@@ -29,13 +29,15 @@ model: install
 migrate: install
 	$(BIN)/alembic upgrade head
 
-# The API and one training worker (embedded SQLite broker unless REDIS_URL is set).
+# One node that serves the API and trains jobs on the same resident model (embedded SQLite
+# broker unless REDIS_URL is set).
 run: model migrate
-	$(BIN)/python -m app.cli run --host $(HOST) --port $(PORT)
+	$(BIN)/python -m worker.node serve --host $(HOST) --port $(PORT)
 
-# One more training worker, for scale-out (set REDIS_URL and DATABASE_URL to shared servers).
+# A node that only trains (no HTTP), one model copy too; for scale-out set REDIS_URL and
+# DATABASE_URL to shared servers.
 worker: model migrate
-	$(BIN)/celery -A worker.celery_app worker --concurrency=1 --loglevel=INFO
+	$(BIN)/python -m worker.node train
 
 # The admin UI's browser tests drive Debian's chromium through Playwright: install it when missing
 # (apt-get as root, through sudo otherwise). PostgreSQL and Redis need no setup: the tests use this

@@ -1,20 +1,15 @@
 """Command line.
 
     python -m app.cli prepare-model                      convert and cache the base model once
-    python -m app.cli run [--host H --port P]            the API plus one training worker beside it
-    python -m app.cli api [--host H --port P]            the API alone (containers, scale-out)
+    python -m app.cli api [--host H --port P]            the API alone, no training (scale-out)
+    (a node that serves AND trains on one model: python -m worker.node serve)
     python -m app.cli create-key --role admin|inference  make an API key (printed once)
     python -m app.cli list-keys / revoke-key ID          see and revoke keys
 """
 
 import argparse
-import ctypes
 import logging
 import os
-import signal
-import subprocess
-import sys
-from functools import partial
 
 from app.config import get_settings
 from app.engine.loader import default_model_dir, fingerprint
@@ -33,50 +28,14 @@ def prepare_model() -> None:
     print(f"base model ready: {folder} ({fingerprint(folder, name)})")
 
 
-def serve_api(host: str, port: int) -> None:
+def serve_api(host: str, port: int, factory: str = "app.main:create_app") -> None:
     import uvicorn
 
     # The app reads HOST to decide whether it may run without keys, so both must agree.
     os.environ["HOST"], os.environ["PORT"] = host, str(port)
     get_settings.cache_clear()
     print(f"softserve on http://{host}:{port}  (admin: /admin, API docs: /docs)", flush=True)
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _end_with(parent: int) -> None:
-    """Runs in the worker child between fork and exec (Linux): the kernel kills it when its parent
-    dies, however it dies (kill -9 too), and Celery's pool process dies with it (Celery sets the
-    same for its children). A job it was running stops there, rather than training on for hours
-    beside no API; its heartbeat stops, so the reaper requeues it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _exit_on_sigterm(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def run(host: str, port: int) -> None:
-    """Serve the API with one Celery training worker as a child process; stop both together."""
-    # uvicorn shuts down on SIGTERM, then raises the signal again: with the default action the
-    # process would die there, before the `finally` below stops the worker.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1", "--loglevel=INFO"],
-        preexec_fn=partial(_end_with, os.getpid()) if sys.platform == "linux" else None,
-    )
-    try:
-        serve_api(host, port)
-    finally:
-        worker.terminate()  # a warm shutdown waits for a running job; do not wait forever
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    uvicorn.run(factory, factory=True, host=host, port=port)
 
 
 def _sessions():
@@ -121,10 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="softserve")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare-model", help="convert and cache the default base model (once)")
-    for name, help_text in (("run", "serve the API and one training worker"), ("api", "serve the API only")):
-        serve = commands.add_parser(name, help=help_text)
-        serve.add_argument("--host", default=settings.host)
-        serve.add_argument("--port", type=int, default=settings.port)
+    serve = commands.add_parser("api", help="serve the API only (no training)")
+    serve.add_argument("--host", default=settings.host)
+    serve.add_argument("--port", type=int, default=settings.port)
     create = commands.add_parser("create-key", help="create an API key and print it once")
     create.add_argument("--role", choices=["inference", "admin"], required=True)
     create.add_argument("--name", default="")
@@ -134,8 +92,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "prepare-model":
         prepare_model()
-    elif args.command == "run":
-        run(args.host, args.port)
     elif args.command == "api":
         serve_api(args.host, args.port)
     elif args.command == "create-key":

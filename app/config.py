@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # message sent again (the broker may have lost it); only one delivery can claim a job.
     job_resend_after_s: float = Field(1800.0, gt=0)
     job_time_limit_s: int = Field(6 * 3600, ge=60)
+    # Training shares the node's model with serving: the longest it may hold the model while a
+    # request waits (one stretch between its pause points; micro-batches shrink to fit).
+    train_step_budget_ms: float = Field(250.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":

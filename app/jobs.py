@@ -147,6 +147,19 @@ def finish(session: Session, job_id: str, token: str, status: str, *, message: s
     return True
 
 
+def release(session: Session, job_id: str, token: str, reason: str) -> bool:
+    """The run gives its job back unfinished (its node is stopping): queued again at once, with no
+    attempt spent and no message in the broker yet (`unsent` lists it). False if the run no longer held it."""
+    try:
+        _update_run(session, job_id, token, status="queued", worker=None, run_token=None, sent_at=None,
+                    attempts=TrainJob.attempts - 1)
+    except StaleRun:
+        return False
+    add_event(session, job_id, "message", message=storable(reason))
+    session.commit()
+    return True
+
+
 def cancel(session: Session, job_id: str) -> str:
     """Cancel at once if queued; ask a running job to stop. Returns the resulting status."""
     if _transition(session, job_id, "queued", status="cancelled", finished_at=utcnow()):

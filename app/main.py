@@ -1,7 +1,7 @@
 """App factory and lifespan: the base model is loaded once per process, before serving."""
 
-import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,10 +11,8 @@ from app import admin, auth
 from app.api import adapters, errors, generate, health, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
-from app.db import make_engine, make_session_factory
-from app.engine.loader import BaseModel, load_base_model
-from app.engine.threads import in_own_thread
-from app.runtime import Runtime
+from app.engine.loader import BaseModel
+from app.runtime import NodeService, Runtime, running, serving
 
 log = logging.getLogger(__name__)
 
@@ -22,30 +20,19 @@ log = logging.getLogger(__name__)
 DEFAULT_BODY_LIMIT = 1024 * 1024
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
-    """Build the app. Tests may pass a preloaded `base` so many apps share one model."""
+def create_app(settings: Settings | None = None, base: BaseModel | None = None,
+               services: Sequence[NodeService] = ()) -> FastAPI:
+    """Build the app. Tests may pass a preloaded `base` so many apps share one model; `services`
+    run beside the engine (worker.node passes the training consumer)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = base or in_own_thread(
-            load_base_model,
-            settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-            settings.llm_int8_threshold,
-        )
-        log.info("serving %s (%s) on %s", model.fingerprint, model.quantization, model.device)
-        engine = make_engine(settings.database_url)
-        runtime = Runtime.build(settings, model, make_session_factory(engine))
-        check_open_mode(runtime)
-        runtime.engine.start()
-        reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
-        app.state.runtime = runtime
-        try:
-            yield
-        finally:
-            reaper.cancel()
-            await runtime.engine.stop()
-            engine.dispose()
+        async with running(settings, base) as runtime:
+            check_open_mode(runtime)
+            async with serving(runtime, services):
+                app.state.runtime = runtime
+                yield
 
     app = FastAPI(
         title="softserve",

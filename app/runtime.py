@@ -1,9 +1,11 @@
-"""What one API process holds: settings, the resident model, the registry's sessions, the
-adapter cache and the engine. Built once in the app's lifespan."""
+"""What one node holds: settings, the resident model, the registry's sessions, the adapter cache
+and the engine that owns the model. Built once per process, by `running`."""
 
 import asyncio
 import logging
 import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -14,11 +16,13 @@ from celery import Celery
 
 from app import adapter_files, jobs, registry
 from app.config import Settings
+from app.db import make_engine, make_session_factory
 from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
-from app.engine.loader import BaseModel
+from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
+from app.engine.threads import in_own_thread
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class Runtime:
                 max_queue_size=settings.max_queue_size,
                 max_queued_tokens=settings.max_queued_tokens,
                 threads=settings.engine_threads,
+                train_step_budget_s=settings.train_step_budget_ms / 1000,
             ),
         )
 
@@ -144,3 +149,38 @@ class Runtime:
         """After a delete: drop its weights and its cached prefixes."""
         self.cache.evict(adapter_id)
         self.engine.drop_adapter(adapter_id)
+
+
+# What a node runs beside its engine (the training consumer): started once the engine runs,
+# stopped before it stops.
+NodeService = Callable[[Runtime], AbstractAsyncContextManager]
+
+
+@asynccontextmanager
+async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIterator[Runtime]:
+    """A node's lifetime: load the model once (unless given), start its engine and the job
+    reaper; stop them in reverse order."""
+    model = base or in_own_thread(
+        load_base_model, settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
+        settings.llm_int8_threshold,
+    )
+    log.info("model %s (%s) on %s", model.fingerprint, model.quantization, model.device)
+    db_engine = make_engine(settings.database_url)
+    runtime = Runtime.build(settings, model, make_session_factory(db_engine))
+    runtime.engine.start()
+    reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
+    try:
+        yield runtime
+    finally:
+        reaper.cancel()
+        await runtime.engine.stop()
+        db_engine.dispose()
+
+
+@asynccontextmanager
+async def serving(runtime: Runtime, services: Sequence[NodeService]) -> AsyncIterator[None]:
+    """Run `services` beside the runtime's engine; stop them (in reverse order) before it stops."""
+    async with AsyncExitStack() as stack:
+        for service in services:
+            await stack.enter_async_context(service(runtime))
+        yield

@@ -1,11 +1,11 @@
 """Run one training job end to end: claim it, train with progress, heartbeat and cancel,
-write and register the adapter, finish the job. No Celery here: tasks.py only calls run_job."""
+write and register the adapter, finish the job. No Celery here: the consumer only calls run_job."""
 
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+import time
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import jobs, registry
 from app.config import Settings
 from app.datasets import read_jsonl
+from app.engine.device import Device, InlineDevice
 from app.engine.loader import BaseModel
 from app.train_config import TrainConfig
 from worker.training import Hooks, TrainResult, train_prompt
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 
 class _Heartbeat:
     """Background thread: refreshes the run's heartbeat, notices cancel requests, and notices
-    when the run has lost its job (then training stops: nothing it would write is accepted)."""
+    when the run has lost its job (then training stops: nothing it would write is accepted).
+    Training also stops when the job runs out of time or its node is stopping."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, token: str, interval: float):
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, token: str, interval: float,
+                 time_limit_s: float, node_stopping: threading.Event):
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
+        self.node_stopping = node_stopping
+        self._deadline = time.monotonic() + time_limit_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(sessions, job_id, token, interval), daemon=True)
 
@@ -42,8 +47,12 @@ class _Heartbeat:
             except Exception:  # a missed beat is not fatal; the next one may succeed
                 log.exception("heartbeat for job %s failed", job_id)
 
+    def out_of_time(self) -> bool:
+        return time.monotonic() >= self._deadline
+
     def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lost.is_set()
+        return (self.cancel_requested.is_set() or self.lost.is_set() or self.node_stopping.is_set()
+                or self.out_of_time())
 
     def __enter__(self):
         self._thread.start()
@@ -67,9 +76,14 @@ def _metrics(result: TrainResult) -> dict:
     }
 
 
-def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session], get_base: Callable[[], BaseModel]) -> str:
-    """Returns the job's final status; "skipped" when this delivery did not win the claim, "lost"
-    when the run lost the job midway (its worker stalled and the job went to another run)."""
+def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session], base: BaseModel,
+            device: Device = InlineDevice(),
+            node_stopping: threading.Event | None = None) -> str:
+    """Train on `base`, computing through `device`. Returns the job's final status; "skipped" when
+    this delivery did not win the claim, "lost" when the run lost the job midway (its worker
+    stalled and the job went to another run), "released" when the node stopped first (the job is
+    queued again for any node)."""
+    node_stopping = node_stopping or threading.Event()
     with sessions() as session:
         token = jobs.claim(session, job_id, f"{socket.gethostname()}:{os.getpid()}")
         if token is None:
@@ -90,14 +104,14 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
         with sessions() as session:
             return status if jobs.finish(session, job_id, token, status, **fields) else _lost(job_id)
 
-    with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s) as beat:
+    with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s, settings.job_time_limit_s,
+                    node_stopping) as beat:
         try:
-            base = get_base()
             validation_file = Path(dataset_dir) / "validation.jsonl"
             result = train_prompt(
                 base, TrainConfig(**params), read_jsonl(Path(dataset_dir) / "train.jsonl"),
                 read_jsonl(validation_file) if validation_file.exists() else None,
-                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop),
+                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop), device,
             )
         except jobs.StaleRun:
             return _lost(job_id)
@@ -107,6 +121,13 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
 
     if beat.lost.is_set():
         return _lost(job_id)
+    if result.cancelled and not beat.cancel_requested.is_set():
+        if beat.out_of_time():
+            return end("failed", error_code="time_limit",
+                       message=f"stopped at step {result.steps}: over the job time limit ({settings.job_time_limit_s} s)")
+        with sessions() as session:
+            released = jobs.release(session, job_id, token, f"its node stopped at step {result.steps}; queued again")
+        return "released" if released else _lost(job_id)
     if result.cancelled:
         return end("cancelled", message=f"cancelled at step {result.steps}")
     # The adapter's files are complete before its row exists; the row is committed with the

@@ -3,24 +3,35 @@
 The base model stays frozen; only the soft prompt `[num_virtual_tokens, hidden]` learns. The
 loss covers the output tokens only, and logits are computed only at the positions that predict
 them: with a 262k vocabulary, full logits would dominate memory.
+
+Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
+node that serves, the engine runs it on its own thread between serving steps, and the model is
+called through a view (worker.model_view) that pauses for serving between layers. Where the
+device bounds how long training may hold it, a step's batch is split into micro-batches whose
+gradients add up to the whole batch's (gradient accumulation), sized so that one stretch between
+pause points stays within the bound.
 """
 
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from app.datasets import Example, render
+from app.engine.device import Device, InlineDevice
 from app.engine.generation import generate_batch
-from app.engine.requests import GenerationRequest
 from app.engine.loader import BaseModel
+from app.engine.requests import GenerationRequest
 from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
+from worker.model_view import training_view
+
+Batch = list[tuple[list[int], list[int]]]
 
 # Eval on more examples than this gets slow on CPU without changing the picture much.
 MAX_EVAL_EXAMPLES = 200
@@ -105,8 +116,10 @@ def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row."""
+def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
+                  model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row.
+    `model`: the base model or a training view of it (the default: the model itself)."""
     embed = base.model.get_input_embeddings()
     n_virtual = 0 if prompt is None else prompt.shape[0]
     rows = [p + t for p, t in batch]
@@ -118,7 +131,7 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: list[tupl
     if prompt is not None:
         soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
         inputs = torch.cat([soft, inputs], dim=1)
-    hidden = base.model.model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = (model or base.model).model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: gather only the positions before each target token.
     row_index, positions, targets = [], [], []
     for r, (p, t) in enumerate(batch):
@@ -130,7 +143,7 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: list[tupl
     return F.cross_entropy(_output_logits(base, picked), torch.tensor(targets, device=base.device), reduction="none")
 
 
-def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy of the target tokens, with `prompt` prepended to every row."""
     return target_losses(base, prompt, batch).mean()
 
@@ -154,54 +167,90 @@ def label_choice_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples
     return sum(labels[int(c)] == e.output for c, e in zip(chosen, examples)) / len(examples)
 
 
-def wants_checkpointing(setting: bool | None, batch: list[tuple[list[int], list[int]]], num_virtual_tokens: int) -> bool:
+def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: int, device: Device) -> bool:
+    """The job's setting, else on where activations would dominate memory, and always where
+    training shares the device with serving: recomputation is what gives backward its pause points."""
     if setting is not None:
         return setting
+    if device.step_budget_s is not None:
+        return True
     return len(batch) * (num_virtual_tokens + max(len(p) + len(t) for p, t in batch)) >= CHECKPOINT_MIN_TOKENS
 
 
-@contextmanager
-def gradient_checkpointing(base: BaseModel, enabled: bool) -> Iterator[None]:
-    """Recompute layer activations in backward instead of storing them: memory stays close to
-    inference at ~30% more compute. transformers only checkpoints in train mode; Gemma has no
-    dropout, so train mode changes nothing else."""
-    if not enabled:
-        yield
-        return
-    base.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    base.model.train()
-    try:
-        yield
-    finally:
-        base.model.activation_checkpointing_disable()
-        base.model.eval()
+class MicroBatches:
+    """How many rows of a batch one work item takes. With no bound on the device: all of them.
+    Otherwise sizes are tried from one row up, doubling, and the largest whose stretches between
+    pause points stay within the budget is kept. Part of a stretch does not shrink with fewer
+    rows (the LM head reads all its weights for one row as for eight): where even one row
+    overruns the budget, the largest size no more than 10% slower than the fastest is kept,
+    since smaller ones would only make training slower."""
+
+    def __init__(self, device: Device, batch_size: int):
+        self.device, self.limit = device, batch_size
+        self.rows = batch_size if device.step_budget_s is None else 1
+        self.longest: dict[int, float] = {}  # rows -> longest stretch (moving average)
+
+    def split(self, batch: Batch) -> list[Batch]:
+        return [batch[i : i + self.rows] for i in range(0, len(batch), self.rows)]
+
+    def observe(self) -> None:
+        """After each work item: choose the next size from its longest stretch."""
+        budget, seen = self.device.step_budget_s, self.device.last_longest_piece_s
+        if budget is None:
+            return
+        before = self.longest.get(self.rows)
+        self.longest[self.rows] = seen if before is None else 0.7 * before + 0.3 * seen
+        bound = max(budget, 1.1 * min(self.longest.values()))
+        best = max(rows for rows, longest in self.longest.items() if longest <= bound)
+        if best == max(self.longest) and best < self.limit:  # the largest tried is fine: try more
+            best = min(self.limit, best * 2)
+        self.rows = best
+
+
+def _accumulate(base: BaseModel, model: torch.nn.Module, prompt: torch.Tensor, rows: Batch, targets: int) -> float:
+    """One micro-batch's share of the batch's mean loss, backpropagated into prompt.grad: the
+    shares of a batch's micro-batches add up to the whole batch's gradient. Returns the loss sum."""
+    losses = target_losses(base, prompt, rows, model)
+    (losses.sum() / targets).backward()
+    return float(losses.detach().sum())
 
 
 @torch.no_grad()
 def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
-                         max_length: int) -> float:
+                         max_length: int, device: Device = InlineDevice()) -> float:
     """Share of examples whose greedy generation, up to a newline, equals the output."""
     encoded = [encode_example(base, e, template, max_length) for e in examples]
     longest = max(len(t) for _, t in encoded)
     soft = None if prompt is None else prompt.to(base.device, base.embed_dtype)
     requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
+    # Beside serving, each generation step is a work item of its own: keep them decode-sized.
+    step_tokens = 512 if device.step_budget_s is None else 64
     correct = 0
     for start in range(0, len(requests), 32):
-        results = generate_batch(base, requests[start : start + 32])
+        results = generate_batch(base, requests[start : start + 32], device, max_step_tokens=step_tokens)
         correct += sum(r.text.strip() == e.output.strip() for r, e in zip(results, examples[start : start + 32]))
     return correct / len(examples)
 
 
-@torch.no_grad()
-def evaluate(base: BaseModel, prompt: torch.Tensor, examples: list[Example], config: TrainConfig) -> tuple[float, float]:
-    """(mean loss, exact-match accuracy) on `examples`."""
+def evaluate(base: BaseModel, prompt: torch.Tensor, examples: list[Example], config: TrainConfig,
+             device: Device = InlineDevice(), sizes: MicroBatches | None = None) -> tuple[float, float]:
+    """(mean loss per target token, exact-match accuracy) on `examples`."""
+    sizes = sizes or MicroBatches(device, config.batch_size)
+    view = training_view(base.model, checkpointed=False)
+
+    @torch.no_grad()
+    def loss_sum(rows: Batch) -> tuple[float, int]:
+        return float(target_losses(base, prompt, rows, view).sum()), sum(len(t) for _, t in rows)
+
     encoded = [encode_example(base, e, config.template, config.max_length) for e in examples]
-    losses = []
+    total, tokens = 0.0, 0
     for start in range(0, len(encoded), config.batch_size):
-        chunk = encoded[start : start + config.batch_size]
-        losses.append(float(batch_loss(base, prompt, chunk)) * len(chunk))
-    accuracy = exact_match_accuracy(base, prompt, examples, config.template, config.max_length)
-    return sum(losses) / len(encoded), accuracy
+        for rows in sizes.split(encoded[start : start + config.batch_size]):
+            rows_loss, rows_tokens = device.run(partial(loss_sum, rows))
+            total, tokens = total + rows_loss, tokens + rows_tokens
+            sizes.observe()
+    accuracy = exact_match_accuracy(base, prompt, examples, config.template, config.max_length, device)
+    return total / tokens, accuracy
 
 
 def split_eval(examples: list[Example], validation: list[Example] | None, seed: int) -> tuple[list[Example], list[Example]]:
@@ -216,15 +265,21 @@ def split_eval(examples: list[Example], validation: list[Example] | None, seed: 
 
 def train_prompt(
     base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
-    hooks: Hooks | None = None,
+    hooks: Hooks | None = None, device: Device = InlineDevice(),
 ) -> TrainResult:
     hooks = hooks or Hooks()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
-    prompt = torch.nn.Parameter(init_prompt(base, config, train).to(base.device))
+    prompt = device.run(lambda: torch.nn.Parameter(init_prompt(base, config, train).to(base.device)))
     optimizer = Adafactor([prompt], lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    train_sizes, eval_sizes = MicroBatches(device, config.batch_size), MicroBatches(device, config.batch_size)
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     total = config.total_steps(len(encoded))
     order_rng = random.Random(config.seed)
     order: list[int] = []
@@ -233,23 +288,25 @@ def train_prompt(
     evals_without_gain, stopped_early, step = 0, False, 0
     try:
         for step in range(1, total + 1):
-            if hooks.should_cancel():
-                raise Cancelled
             if len(order) < config.batch_size:
                 fresh = list(range(len(encoded)))
                 order_rng.shuffle(fresh)
                 order += fresh
             indices, order = order[: config.batch_size], order[config.batch_size :]
-            optimizer.zero_grad(set_to_none=True)
             batch = [encoded[i] for i in indices]
-            with gradient_checkpointing(base, wants_checkpointing(config.gradient_checkpointing, batch, len(prompt))):
-                loss = batch_loss(base, prompt, batch)
-                loss.backward()
-            optimizer.step()
-            hooks.on_step(step, total, step * config.batch_size / len(encoded), loss.item())
+            targets = sum(len(t) for _, t in batch)
+            loss_sum = 0.0
+            for rows in train_sizes.split(batch):
+                if hooks.should_cancel():  # the step's gradient so far is dropped with it
+                    raise Cancelled
+                view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows, len(prompt), device))
+                loss_sum += device.run(partial(_accumulate, base, view, prompt, rows, targets))
+                train_sizes.observe()
+            device.run(optimizer_step)
+            hooks.on_step(step, total, step * config.batch_size / len(encoded), loss_sum / targets)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s
             if step % config.eval_every == 0 or step == total or out_of_time:
-                eval_loss, accuracy = evaluate(base, prompt.detach(), held_out, config)
+                eval_loss, accuracy = evaluate(base, prompt.detach(), held_out, config, device, eval_sizes)
                 hooks.on_eval(step, eval_loss, accuracy)
                 if (accuracy, -eval_loss) > best:
                     best = (accuracy, -eval_loss)

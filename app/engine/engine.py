@@ -8,6 +8,13 @@ The queue is bounded in requests and in the KV positions they may need, so one c
 long prompts cannot fill it alone. A client that goes away (closed stream, cancelled wait,
 deadline) sets its request's cancel flag, and its row leaves at the next step. Events cross to
 the event loop once per step.
+
+The engine's thread is the only one that computes on the model, so training on the node's model
+runs here too (`run`, the `Device` of app.engine.device): a training work item starts only when no
+inference work is left, and inside it, at each pause point (between decoder layers), waiting
+inference runs first, until none is left. A request arriving during training waits for the
+current piece of training only (one layer's forward, or its recomputation and backward), never a
+whole step.
 """
 
 import asyncio
@@ -19,14 +26,21 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 
 from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore, Row
+from app.engine.device import run_with_pauses
 from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.threads import default_threads, take_cores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineStopped(RuntimeError):
+    pass
 
 
 class QueueFull(Exception):
@@ -44,6 +58,7 @@ class Completion:
     first_token_seconds: float  # from arrival until its first token
     inference_seconds: float  # from admission until its last token
     batch_size: float  # rows per engine step, on average, while it ran
+    training_pieces_waited: int = 0  # pieces of training work begun between its arrival and first token
 
 
 @dataclass
@@ -58,23 +73,34 @@ class _Pending:
     future: asyncio.Future
     updates: asyncio.Queue | None = None  # streaming requests: StreamUpdate, or the exception that ended it
     arrived_at: float = field(default_factory=time.perf_counter)
+    training_pieces_at_arrival: int = 0
+    training_pieces_at_first_token: int | None = None
+
+
+@dataclass(eq=False)
+class _TrainingItem:
+    work: Callable[[], object]
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: tuple[bool, object] | None = None  # (True, result) or (False, exception)
 
 
 def _completion(row: Row) -> Completion:
-    start = row.enqueued_at
+    start, pending = row.enqueued_at, row.handle
     admitted = row.admitted_at or row.finished_at
+    first_token_pieces = pending.training_pieces_at_first_token
     return Completion(
         result=row.result,
         queue_seconds=admitted - start,
         first_token_seconds=(row.first_token_at or row.finished_at) - start,
         inference_seconds=row.finished_at - admitted,
         batch_size=row.step_rows / row.steps if row.steps else 0.0,
+        training_pieces_waited=0 if first_token_pieces is None else first_token_pieces - pending.training_pieces_at_arrival,
     )
 
 
 class Engine:
     def __init__(self, build_core: Callable[[], EngineCore], max_queue_size: int, max_queued_tokens: int,
-                 threads: int | None = None):
+                 threads: int | None = None, train_step_budget_s: float | None = None):
         # The core (its KV cache included) is built on the engine's own thread: see threads.py.
         self._build_core = build_core
         self.core: EngineCore | None = None
@@ -93,6 +119,14 @@ class Engine:
         self._loop_thread: int | None = None
         self.requests_cancelled = 0
         self._recent: deque[tuple[float, Completion]] = deque()  # finished in the last minute
+        # Training work (Device): items wait here for the engine's thread.
+        self.step_budget_s = train_step_budget_s
+        self.last_longest_piece_s = 0.0
+        self._training: deque[_TrainingItem] = deque()
+        # The engine's own accounting: what the model is computing now, and how much training ran.
+        self.activity: str | None = None  # "inference", "training" or None
+        self.training_items = 0
+        self.training_pieces = 0  # stretches of training between pause points, begun so far
 
     # -- event loop side ------------------------------------------------------------------------
 
@@ -109,7 +143,8 @@ class Engine:
 
     def stats(self) -> dict:
         return self.core.stats() | {"queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
-                                    "requests_cancelled": self.requests_cancelled}
+                                    "requests_cancelled": self.requests_cancelled,
+                                    "training_items": self.training_items, "training_active": self.activity == "training"}
 
     def recent_latency(self) -> dict[str, dict[str, float] | None]:
         """Median and 90th percentile, over requests finished in the last minute, of the time each
@@ -141,6 +176,33 @@ class Engine:
             self._stopping = True
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
+        while self._training:  # never to run: their callers stop waiting
+            self._settle(self._training.popleft(), (False, EngineStopped("the engine stopped")))
+
+    # -- training threads' side (Device) -------------------------------------------------------
+
+    def run(self, work: Callable[[], T]) -> T:
+        """Run training work on the engine's thread, when no inference waits, and return its
+        result (or raise its exception). Blocks the calling thread, which must not be the event
+        loop's (it would stop serving) nor the engine's own."""
+        if threading.get_ident() in (self._loop_thread, self._thread.ident):
+            raise RuntimeError("training work must be handed to the engine from a thread of its own")
+        item = _TrainingItem(work)
+        self._training.append(item)
+        self._wake.set()
+        if self._stopping and item in self._training:
+            self._training.remove(item)
+            self._settle(item, (False, EngineStopped("the engine stopped")))
+        item.done.wait()
+        ok, value = item.outcome
+        if not ok:
+            raise value
+        return value
+
+    @staticmethod
+    def _settle(item: _TrainingItem, outcome: tuple[bool, object]) -> None:
+        item.outcome = outcome
+        item.done.set()
 
     def drop_adapter(self, adapter_id: str) -> None:
         """Free the adapter's cached prefixes (before the engine's next step)."""
@@ -161,8 +223,8 @@ class Engine:
                 or self.queued_tokens + sum(work) > self._max_queued_tokens):
             raise QueueFull
         loop = asyncio.get_running_loop()
-        pendings = [_Pending(request, loop.create_future(), asyncio.Queue() if streaming else None)
-                    for request in requests]
+        pendings = [_Pending(request, loop.create_future(), asyncio.Queue() if streaming else None,
+                             training_pieces_at_arrival=self.training_pieces) for request in requests]
         for pending, positions in zip(pendings, work):
             self._waiting[pending] = positions
             pending.future.add_done_callback(lambda future, pending=pending: self._done(pending))
@@ -262,13 +324,15 @@ class Engine:
             self._wake.clear()
             if self._stopping:
                 return
-            try:
-                self._iterate()
-            except Exception as exc:  # a bug in the engine itself: fail what it holds, keep serving
-                log.exception("engine step failed")
-                self._post([("failed", row.handle, exc) for _, row in self.core.fail_all(exc)])
+            self._take_new_work()
+            if self.core.has_work():  # inference first
+                self._serve_step()
+            elif self._training:
+                self._train(self._training.popleft())
+            if self.core.has_work() or self._training:
+                self._wake.set()  # more to do
 
-    def _iterate(self) -> None:
+    def _take_new_work(self) -> None:
         while self._dropped_adapters:
             self.core.drop_adapter(self._dropped_adapters.popleft())
         refused = []
@@ -279,17 +343,56 @@ class Engine:
             except Exception as exc:  # this request alone cannot run
                 refused.append(("failed", pending, exc))
         self._post(refused)
-        if self.core.has_work():
-            self._post(self._events(self.core.admit()))  # before the pass, which may take a while
+
+    def _serve_step(self) -> None:
+        paused = self.activity
+        self.activity = "inference"
+        try:
+            with torch.no_grad():
+                self._post(self._events(self.core.admit()))  # before the pass, which may take a while
             with torch.inference_mode():
                 self._post(self._events(self.core.run()))
-            self._wake.set()  # more steps to run
+        except Exception as exc:  # a bug in the engine itself: fail what it holds, keep serving
+            log.exception("engine step failed")
+            self._post([("failed", row.handle, exc) for _, row in self.core.fail_all(exc)])
+        finally:
+            self.activity = paused
+
+    def _train(self, item: _TrainingItem) -> None:
+        """Run one training work item, serving whatever inference arrives at its pause points."""
+        self.training_items += 1
+        self.training_pieces += 1
+        self.last_longest_piece_s = 0.0
+        piece_started = time.perf_counter()
+
+        def pause() -> None:
+            nonlocal piece_started
+            self.last_longest_piece_s = max(self.last_longest_piece_s, time.perf_counter() - piece_started)
+            self._take_new_work()
+            while self.core.has_work() and not self._stopping:
+                self._serve_step()
+            self.training_pieces += 1
+            piece_started = time.perf_counter()
+
+        self.activity = "training"
+        try:
+            with torch.enable_grad():
+                outcome = (True, run_with_pauses(item.work, pause))
+        except BaseException as exc:  # the work's own failure: its caller gets it
+            outcome = (False, exc)
+        finally:
+            self.activity = None
+        self.last_longest_piece_s = max(self.last_longest_piece_s, time.perf_counter() - piece_started)
+        self._settle(item, outcome)
 
     def _post(self, events: list[tuple[str, _Pending, object]]) -> None:
         if events:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
     def _events(self, rows: list[tuple[str, Row]]) -> list[tuple[str, _Pending, object]]:
+        for kind, row in rows:
+            if kind in ("token", "finished") and row.handle.training_pieces_at_first_token is None:
+                row.handle.training_pieces_at_first_token = self.training_pieces
         return [(kind, row.handle, self._payload(kind, row)) for kind, row in rows
                 if kind != "token" or row.handle.updates is not None]
 

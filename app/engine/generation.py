@@ -6,23 +6,37 @@ from collections.abc import Sequence
 import torch
 
 from app.engine.core import EngineCore
+from app.engine.device import Device, InlineDevice
 from app.engine.loader import BaseModel
 from app.engine.requests import GenerationRequest, GenerationResult
 
 
-def _engine_for(base: BaseModel, requests: Sequence[GenerationRequest]):
+def _engine_for(base: BaseModel, requests: Sequence[GenerationRequest], max_step_tokens: int = 512):
     # A pool that holds every row at once, so the whole batch runs together.
     tokens = sum(r.virtual_tokens + len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    return EngineCore(base, kv_tokens=tokens + 16 * len(requests), max_rows=max(len(requests), 1))
+    return EngineCore(base, kv_tokens=tokens + 16 * len(requests), max_rows=max(len(requests), 1),
+                      max_step_tokens=max_step_tokens)
 
 
-@torch.inference_mode()
-def generate_batch(base: BaseModel, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Run `requests` through an engine of their own until all have finished."""
-    core = _engine_for(base, requests)
-    rows = [core.add(request) for request in requests]
-    while core.has_work():
-        core.step()
+def generate_batch(base: BaseModel, requests: Sequence[GenerationRequest], device: Device = InlineDevice(),
+                   max_step_tokens: int = 512) -> list[GenerationResult]:
+    """Run `requests` through an engine of their own until all have finished: each of its steps
+    is a work item for `device`."""
+
+    @torch.inference_mode()
+    def start():
+        core = _engine_for(base, requests, max_step_tokens)
+        return core, [core.add(request) for request in requests]
+
+    @torch.inference_mode()
+    def step():
+        if core.has_work():
+            core.step()
+        return core.has_work()
+
+    core, rows = device.run(start)
+    while device.run(step):
+        pass
     for row in rows:
         if row.error is not None:
             raise row.error

@@ -3,8 +3,11 @@
 bitsandbytes' LLM.int8 on the CPU (threshold 0) quantizes each input row to int8, multiplies with
 `torch._int_mm` and rescales. The arithmetic is cheap; its dispatch is not: an autograd Function,
 four custom ops, fp16 casts and unfused rescaling cost 2-3x the matmul itself, ~10 ms of a 35 ms
-decode step. At inference `fast_int8_forward` does the same quantization and integer matmul in a
-handful of fused ops; with gradients needed (training) the layer runs bitsandbytes' own path.
+decode step. `fast_int8_forward` does the same quantization and integer matmul in a handful of
+fused ops, for serving and training alike (so a soft prompt trains on the very outputs it is
+served with); its backward is the straight-through one bitsandbytes uses: gradients flow as
+through the dequantized weights, here in float32 (bitsandbytes' runs in bf16, slow without
+AVX-512 BF16: a training step on Gemma 3 270M took 2-3x as long).
 
 The LM head (the tied 262k x 640 embedding matrix for Gemma 3) is the largest matmul per token
 and is memory-bound at small batches; `Int8Head` stores it as int8 rows with one scale each
@@ -87,12 +90,41 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def _dequantized_product(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad [M, N] x (weight [N, K] * scale [N])  -> float32 [M, K], in slices of N so that an
+    int8 weight is never dequantized whole."""
+    scaled = (grad * scale).float()
+    if weight.dtype == torch.float32:
+        return scaled @ weight
+    out = torch.zeros(scaled.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
+    for start in range(0, weight.shape[0], 1 << 14):
+        out.addmm_(scaled[:, start : start + (1 << 14)], weight[start : start + (1 << 14)].float())
+    return out
+
+
+class _Int8MatmulFunction(torch.autograd.Function):
+    """x times an int8 weight, with the straight-through backward; the weight is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, split_up_to):
+        ctx.save_for_backward(weight, scale)
+        ctx.x_dtype = x.dtype
+        return _int8_matmul(x, weight, scale, split_up_to)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad = _dequantized_product(grad_out.reshape(-1, weight.shape[0]), weight, scale)
+        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
+
+
 def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Linear8bitLt.forward for inference on the CPU (threshold 0): the same quantization and
-    integer matmul in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
+    """Linear8bitLt.forward on the CPU (threshold 0): the same quantization and integer matmul
+    in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return type(self).forward(self, x)
-    out = _int8_matmul(x, self.product_weight, self.dequantize_scale, split_up_to=3)
+        out = _Int8MatmulFunction.apply(x, self.product_weight, self.dequantize_scale, 3)
+    else:
+        out = _int8_matmul(x, self.product_weight, self.dequantize_scale, split_up_to=3)
     if self.bias is not None:
         out = out + self.bias
     return out.to(x.dtype)
@@ -114,23 +146,6 @@ def speed_up_int8_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-class _Int8HeadFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, scale):
-        ctx.save_for_backward(weight, scale)
-        # The head's 168 MB never stay in cache, so only two rows gain from being split.
-        return _int8_matmul(hidden, weight, scale, split_up_to=2)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, scale = ctx.saved_tensors
-        scaled = (grad_out * scale).reshape(-1, weight.shape[0])
-        grad = torch.zeros(scaled.shape[0], weight.shape[1], dtype=torch.float32, device=grad_out.device)
-        for start in range(0, weight.shape[0], 1 << 14):  # the dequantized matrix never exists whole
-            grad.addmm_(scaled[:, start : start + (1 << 14)].float(), weight[start : start + (1 << 14)].float())
-        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype), None, None
-
-
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
 
@@ -141,4 +156,5 @@ class Int8Head(torch.nn.Module):
         self.register_buffer("scale", scale.clamp(min=1e-12))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _Int8HeadFunction.apply(hidden, self.weight, self.scale).to(hidden.dtype)
+        # The head's 168 MB never stay in cache, so only two rows gain from being split.
+        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, 2).to(hidden.dtype)

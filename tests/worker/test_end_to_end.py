@@ -1,5 +1,6 @@
-"""A real Celery worker process, a real broker (Redis, or the embedded SQLite one) and
-the API: upload a dataset, watch the job, serve the adapter it makes."""
+"""A real training node process (`python -m worker.node train`: its own model copy, a Celery
+consumer, its engine), a real broker (Redis, or the embedded SQLite one) and the API: upload a
+dataset, watch the job, serve the adapter it makes."""
 
 import os
 import signal
@@ -21,7 +22,7 @@ def sst2_slice(split: str, count: int) -> bytes:
 
 @pytest.fixture
 def start_worker(tmp_path):
-    """Start `celery -A worker.celery_app worker` with the same settings as the API under test."""
+    """Start `python -m worker.node train` with the same settings as the API under test."""
     workers = []
 
     def _start(settings, **env) -> subprocess.Popen:
@@ -34,9 +35,7 @@ def start_worker(tmp_path):
             environment["REDIS_URL"] = settings.redis_url
         log = open(tmp_path / f"worker-{len(workers)}.log", "w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency=1",
-             "--loglevel=INFO", f"--hostname=test{len(workers)}@%h"],
-            cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "worker.node", "train"], cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         workers.append(process)
         return process

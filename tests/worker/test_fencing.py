@@ -16,6 +16,7 @@ import pytest
 
 from app import jobs, registry
 from app.db import make_engine, make_session_factory
+from app.engine.device import InlineDevice
 from app.models import utcnow
 from tests.conftest import REPO, make_settings, random_soft_prompt
 from tests.worker.test_runner import queue_job
@@ -27,17 +28,25 @@ import os, signal, sys
 from pathlib import Path
 from app.config import Settings
 from app.db import make_engine, make_session_factory
+from app.engine.device import InlineDevice
 from app.engine.loader import load_base_model
 from worker.runner import run_job
 
 data_dir, database_url, model_dir, job_id = sys.argv[1:]
 settings = Settings(data_dir=data_dir, database_url=database_url, heartbeat_interval_s=0.2, job_stale_after_s=1.0)
+base = load_base_model(Path(model_dir), Path("unused"), quantization="fp32", device="cpu")
 
-def stall_then_load():  # called right after the claim
-    os.kill(os.getpid(), signal.SIGSTOP)
-    return load_base_model(Path(model_dir), Path("unused"), quantization="fp32", device="cpu")
+class StallFirst(InlineDevice):  # its first work comes right after the claim
+    stalled = False
 
-print(run_job(job_id, settings=settings, sessions=make_session_factory(make_engine(database_url)), get_base=stall_then_load))
+    def run(self, work):
+        if not self.stalled:
+            self.stalled = True
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return work()
+
+print(run_job(job_id, settings=settings, sessions=make_session_factory(make_engine(database_url)), base=base,
+              device=StallFirst()))
 """
 
 
@@ -62,7 +71,7 @@ def reap_until_requeued(settings, sessions, job_id):
 def finish_with_b_then_resume_a(settings, sessions, job_id, tiny_base, resume_a) -> list:
     """Runner B takes the requeued job and succeeds; then A resumes. Returns the events as B left them."""
     reap_until_requeued(settings, sessions, job_id)
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "succeeded"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
     with sessions() as session:
         events = [(e.id, e.kind, e.step, e.data) for e in jobs.list_events(session, job_id)]
     resume_a()
@@ -87,12 +96,13 @@ def test_two_runners_on_one_job_register_one_adapter(env, tiny_base):
     frozen_a = make_settings(settings.data_dir.parent, settings.database_url, heartbeat_interval_s=100, job_stale_after_s=300)
     resume, outcome = threading.Event(), []
 
-    def stalled_base():
-        resume.wait()
-        return tiny_base
+    class Stalled(InlineDevice):
+        def run(self, work):
+            resume.wait()
+            return work()
 
     runner_a = threading.Thread(target=lambda: outcome.append(
-        run_job(job_id, settings=frozen_a, sessions=sessions, get_base=stalled_base)))
+        run_job(job_id, settings=frozen_a, sessions=sessions, base=tiny_base, device=Stalled())))
     runner_a.start()
     try:
         events = finish_with_b_then_resume_a(settings, sessions, job_id, tiny_base, resume.set)

@@ -20,7 +20,7 @@ def test_a_huge_training_error_is_clipped_to_fit_and_the_job_fails_cleanly(tmp_p
     # A corrupt line on disk: the TypeError names the unexpected key, 10,000 characters of it, and a NUL.
     key = "HEAD" + "x" * 10_000 + "\x00TAIL"
     (settings.data_dir / "datasets" / job_id / "train.jsonl").write_text(json.dumps({"input": "a", "output": "b", key: 1}) + "\n")
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "failed"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "failed"
     with sessions() as session:
         job = jobs.get_job(session, job_id)
         last_event = jobs.list_events(session, job_id)[-1].data["message"]
@@ -48,9 +48,9 @@ def test_a_jobs_dataset_is_deleted_once_the_job_has_ended(make_client, tiny_base
     settings = runtime.settings
     cancelled, succeeded, failed, running, queued = (post_job(client, name=n) for n in ("c", "s", "f", "r", "q"))
     client.post(f"/train-jobs/{cancelled}/cancel")
-    assert run_job(succeeded, settings=settings, sessions=runtime.sessions, get_base=lambda: tiny_base) == "succeeded"
+    assert run_job(succeeded, settings=settings, sessions=runtime.sessions, base=tiny_base) == "succeeded"
     (settings.datasets_dir / failed / "train.jsonl").write_text('{"input": "x"}\n')
-    assert run_job(failed, settings=settings, sessions=runtime.sessions, get_base=lambda: tiny_base) == "failed"
+    assert run_job(failed, settings=settings, sessions=runtime.sessions, base=tiny_base) == "failed"
     with runtime.sessions() as session:
         assert jobs.claim(session, running, "busy-worker")
 

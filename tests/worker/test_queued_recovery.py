@@ -67,7 +67,7 @@ def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, 
     age(sessions, lost, sent_at=timedelta(seconds=settings.job_resend_after_s + 1))
     assert runtime.send_unsent_jobs() == [lost]
     # Both messages are delivered: the job runs once.
-    outcomes = [run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base)
+    outcomes = [run_job(job_id, settings=settings, sessions=sessions, base=tiny_base)
                 for job_id in queued_messages(broker)]
     assert outcomes == ["succeeded", "skipped"]
     with sessions() as session:
@@ -93,5 +93,5 @@ def test_a_requeue_whose_send_failed_is_sent_once_the_broker_answers(make_client
         assert (job.status, job.sent_at) == ("queued", None)
     assert up.send_unsent_jobs() == [job_id]
     assert queued_messages(broker) == [job_id]
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "succeeded"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
 

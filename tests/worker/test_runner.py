@@ -37,7 +37,7 @@ def queue_job(settings, sessions, job_id="job1", **config) -> str:
 def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
     settings, sessions = env
     job_id = queue_job(settings, sessions)
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "succeeded"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
     with sessions() as session:
         job = jobs.get_job(session, job_id)
         assert (job.status, job.step, job.total_steps, job.attempts) == ("succeeded", 6, 6, 1)
@@ -54,14 +54,14 @@ def test_duplicate_delivery_trains_once(env, tiny_base):
     job_id = queue_job(settings, sessions)
     outcomes = []
     threads = [threading.Thread(target=lambda: outcomes.append(
-        run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base))) for _ in range(2)]
+        run_job(job_id, settings=settings, sessions=sessions, base=tiny_base))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["skipped", "succeeded"]
     # A late redelivery after success does nothing either.
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "skipped"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "skipped"
     with sessions() as session:
         assert registry.list_adapters(session)[1] == 1
 
@@ -71,7 +71,7 @@ def test_cancel_while_running_stops_within_a_few_steps(env, tiny_base):
     job_id = queue_job(settings, sessions, max_steps=100_000, eval_every=100_000)
     result = {}
     thread = threading.Thread(target=lambda: result.update(
-        status=run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base)))
+        status=run_job(job_id, settings=settings, sessions=sessions, base=tiny_base)))
     thread.start()
     while True:
         with sessions() as session:
@@ -92,14 +92,14 @@ def test_cancel_queued_job_is_immediate_and_the_task_then_skips(env, tiny_base):
     job_id = queue_job(settings, sessions)
     with sessions() as session:
         assert jobs.cancel(session, job_id) == "cancelled"
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "skipped"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "skipped"
 
 
 def test_training_error_fails_the_job_with_a_readable_message(env, tiny_base):
     settings, sessions = env
     job_id = queue_job(settings, sessions)
     (settings.data_dir / "datasets" / job_id / "train.jsonl").write_text('{"input": "x"}\n')  # corrupt on disk
-    assert run_job(job_id, settings=settings, sessions=sessions, get_base=lambda: tiny_base) == "failed"
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "failed"
     with sessions() as session:
         job = jobs.get_job(session, job_id)
     assert job.error_code == "training_error" and "training failed: TypeError" in job.error_message

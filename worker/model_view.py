@@ -1,0 +1,67 @@
+"""The model as training calls it, without touching the model that serves.
+
+Serving and training share ONE copy of the weights, so training may not flip flags on modules
+serving uses (train mode, `gradient_checkpointing_enable()`, hooks). Instead it calls the model
+through a view: a copy of the module objects on the path from the root down to the list of
+decoder layers, whose layers are wrapped in `_TrainingLayer`. Every weight, buffer and every other
+module is the model's own object; only the view's wrappers differ. Each wrapped layer
+  - marks a pause point before it runs (app.engine.device): waiting inference runs there, and
+  - optionally runs through `torch.utils.checkpoint`: its activations are recomputed in backward
+    instead of kept, and the recomputation passes the same pause point, so backward pauses too.
+"""
+
+import copy
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from app.engine.device import let_serving_run
+
+
+class _TrainingLayer(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, checkpointed: bool):
+        super().__init__()
+        self.layer = layer
+        self.checkpointed = checkpointed
+
+    def forward(self, *args, **kwargs):
+        if self.checkpointed:
+            return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
+        let_serving_run()
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model's forward reads off its layers (e.g. attention_type)
+            return getattr(super().__getattr__("layer"), name)
+
+
+def decoder_layers_path(model: torch.nn.Module) -> list[str]:
+    """Attribute names from the root to the model's list of decoder layers."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name.split(".")
+    raise ValueError(f"{type(model).__name__}: no list of {count} decoder layers found")
+
+
+@functools.cache
+def training_view(model: torch.nn.Module, checkpointed: bool) -> torch.nn.Module:
+    """`model` with its decoder layers wrapped (see the module's doc); nothing of `model` changes."""
+    *parents, layers_name = decoder_layers_path(model)
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    node = view
+    for name in parents:
+        child = copy.copy(node._modules[name])
+        child._modules = dict(child._modules)
+        node._modules[name] = child
+        node = child
+    node._modules[layers_name] = torch.nn.ModuleList(
+        _TrainingLayer(layer, checkpointed) for layer in node._modules[layers_name])
+    return view
