@@ -53,6 +53,7 @@ class TrainingConsumer:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("the training consumer did not stop within %s s", timeout)
+        worker_state.should_stop = None  # Celery's flag is process-wide: a later consumer must start clean
 
 
 @asynccontextmanager
