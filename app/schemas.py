@@ -181,7 +181,7 @@ class HealthOut(BaseModel):
         "quantization": "int8", "device": "cpu", "queue_depth": 0,
         "engine": {
             "running": 5, "waiting": 0, "steps": 1840, "tokens_generated": 21093, "rows_shed": 0,
-            "queue_depth": 0, "requests_cancelled": 2,
+            "queue_depth": 0, "requests_cancelled": 2, "training_items": 412, "training_active": False,
             "kv_cache": {"capacity_tokens": 16384, "used_tokens": 1024, "reserved_tokens": 608, "usage": 0.1,
                          "block_size": 16, "bytes_per_token": 36864, "capacity_bytes": 603979776},
             "prefix_cache": {"entries": 3, "tokens": 126, "capacity_tokens": 4096, "bytes": 4644864, "hits": 37,

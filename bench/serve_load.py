@@ -157,14 +157,17 @@ class Server:
         self.log.close()
 
 
-def start_softserve(name: str, work: Path, port: int, prefix_cache: bool, embeddings: Embeddings) -> tuple[Server, list[str]]:
+def start_softserve(name: str, work: Path, port: int, prefix_cache: bool, embeddings: Embeddings,
+                    module: tuple[str, ...] = ("app.cli", "api")) -> tuple[Server, list[str]]:
+    """`python -m <module> --port P` (the API alone by default) with its own data folder, and the
+    benchmark's adapters registered."""
     data = work / name
     data.mkdir()
     env = {"DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{data / 'softserve.db'}",
            "PREFIX_CACHE_TOKENS": "4096" if prefix_cache else "0", "MAX_QUEUE_SIZE": "1024"}
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], env=os.environ | env, cwd=REPO,
                    check=True, capture_output=True)
-    server = Server(name, [sys.executable, "-m", "app.cli", "api", "--port", str(port)], env, port, work / f"{name}.log")
+    server = Server(name, [sys.executable, "-m", *module, "--port", str(port)], env, port, work / f"{name}.log")
     server.wait_ready(600)
     from safetensors.torch import save
 

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.engine.device import InlineDevice
 from app.engine.loader import load_base_model
 from app.train_config import TrainConfig
-from worker.training import batch_loss, gradient_checkpointing, init_prompt, wants_checkpointing
+from worker.model_view import training_view
+from worker.training import init_prompt, target_losses, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
@@ -61,9 +63,7 @@ def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool) -> di
         prompt = torch.nn.Parameter(prompt)
         optimizer = torch.optim.SGD([prompt], lr=0.1)  # the optimizer state of one small tensor is noise
         started = time.perf_counter()
-        with gradient_checkpointing(base, checkpointing):
-            loss = batch_loss(base, prompt, batch)
-            loss.backward()
+        target_losses(base, prompt, batch, training_view(base.model, checkpointing)).mean().backward()
         optimizer.step()
         seconds = time.perf_counter() - started
     else:
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     setting = {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]
     checkpointing = wants_checkpointing(setting, [([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
-                                        NUM_VIRTUAL_TOKENS)
+                                        NUM_VIRTUAL_TOKENS, InlineDevice())
     if args.measure:  # child process: one side only
         print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing)))
         return
