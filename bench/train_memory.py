@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
-from app.engine.device import InlineDevice
 from app.engine.loader import load_base_model
 from app.train_config import TrainConfig
 from worker.model_view import training_view
@@ -88,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     setting = {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]
     checkpointing = wants_checkpointing(setting, [([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
-                                        NUM_VIRTUAL_TOKENS, InlineDevice())
+                                        NUM_VIRTUAL_TOKENS)
     if args.measure:  # child process: one side only
         print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing)))
         return

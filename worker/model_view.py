@@ -5,9 +5,11 @@ serving uses (train mode, `gradient_checkpointing_enable()`, hooks). Instead it 
 through a view: a copy of the module objects on the path from the root down to the list of
 decoder layers, whose layers are wrapped in `_TrainingLayer`. Every weight, buffer and every other
 module is the model's own object; only the view's wrappers differ. Each wrapped layer
-  - marks a pause point before it runs (app.engine.device): waiting inference runs there, and
+  - marks a pause point (app.engine.device) before it runs, and another in backward, where the
+    gradient reaches its output (a hook on that tensor, which is training's own): waiting
+    inference runs there, so serving waits for one layer at most, forward or backward;
   - optionally runs through `torch.utils.checkpoint`: its activations are recomputed in backward
-    instead of kept, and the recomputation passes the same pause point, so backward pauses too.
+    instead of kept.
 """
 
 import copy
@@ -26,13 +28,13 @@ class _TrainingLayer(torch.nn.Module):
         self.checkpointed = checkpointed
 
     def forward(self, *args, **kwargs):
-        if self.checkpointed:
-            return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
-        return self._run(*args, **kwargs)
-
-    def _run(self, *args, **kwargs):
         let_serving_run()
-        return self.layer(*args, **kwargs)
+        if self.checkpointed:
+            out = checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+        else:
+            out = self.layer(*args, **kwargs)
+        pause_in_backward(out[0] if isinstance(out, tuple) else out)
+        return out
 
     def __getattr__(self, name: str):
         try:
@@ -48,6 +50,16 @@ def decoder_layers_path(model: torch.nn.Module) -> list[str]:
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return name.split(".")
     raise ValueError(f"{type(model).__name__}: no list of {count} decoder layers found")
+
+
+def pause_in_backward(tensor: torch.Tensor) -> None:
+    """A pause point in backward, where the gradient with respect to `tensor` has been computed."""
+    if tensor.requires_grad:
+        tensor.register_hook(_pause)
+
+
+def _pause(grad: torch.Tensor) -> None:
+    let_serving_run()  # the gradient passes on unchanged
 
 
 @functools.cache

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from app.datasets import Example, render
-from app.engine.device import Device, InlineDevice
+from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
 from app.engine.requests import GenerationRequest
 from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
-from worker.model_view import training_view
+from worker.model_view import pause_in_backward, training_view
 
 Batch = list[tuple[list[int], list[int]]]
 
@@ -140,7 +140,12 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
         positions += range(start, start + len(t))
         targets += t
     picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
-    return F.cross_entropy(_output_logits(base, picked), torch.tensor(targets, device=base.device), reduction="none")
+    # The LM head reads all its weights whatever the rows: pause points around it (a no-op where
+    # nothing serves) keep its forward and its backward apart from the layers'.
+    let_serving_run()
+    logits = _output_logits(base, picked)
+    pause_in_backward(logits)
+    return F.cross_entropy(logits, torch.tensor(targets, device=base.device), reduction="none")
 
 
 def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -167,13 +172,10 @@ def label_choice_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples
     return sum(labels[int(c)] == e.output for c, e in zip(chosen, examples)) / len(examples)
 
 
-def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: int, device: Device) -> bool:
-    """The job's setting, else on where activations would dominate memory, and always where
-    training shares the device with serving: recomputation is what gives backward its pause points."""
+def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: int) -> bool:
+    """The job's setting, else on where activations would dominate memory."""
     if setting is not None:
         return setting
-    if device.step_budget_s is not None:
-        return True
     return len(batch) * (num_virtual_tokens + max(len(p) + len(t) for p, t in batch)) >= CHECKPOINT_MIN_TOKENS
 
 
@@ -299,7 +301,7 @@ def train_prompt(
             for rows in train_sizes.split(batch):
                 if hooks.should_cancel():  # the step's gradient so far is dropped with it
                     raise Cancelled
-                view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows, len(prompt), device))
+                view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows, len(prompt)))
                 loss_sum += device.run(partial(_accumulate, base, view, prompt, rows, targets))
                 train_sizes.observe()
             device.run(optimizer_step)

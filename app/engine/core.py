@@ -166,6 +166,9 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def awaiting_first_token(self) -> bool:
+        return bool(self.waiting) or any(row.first_token_at is None for row in self.running)
+
     def drop_adapter(self, adapter_id: str) -> None:
         self.prefix.drop_adapter(adapter_id)
 

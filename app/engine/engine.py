@@ -10,11 +10,13 @@ deadline) sets its request's cancel flag, and its row leaves at the next step. E
 the event loop once per step.
 
 The engine's thread is the only one that computes on the model, so training on the node's model
-runs here too (`run`, the `Device` of app.engine.device): a training work item starts only when no
-inference work is left, and inside it, at each pause point (between decoder layers), waiting
-inference runs first, until none is left. A request arriving during training waits for the
-current piece of training only (one layer's forward, or its recomputation and backward), never a
-whole step.
+runs here too (`run`, the `Device` of app.engine.device). Inference has priority: a training work
+item starts when no inference work is left, and inside it, at each pause point (between decoder
+layers, forward and backward), waiting inference runs first, until none is left. A request
+arriving during training waits for the current stretch of training only, never a whole step.
+Under sustained load training still progresses: once serving has run SERVING_SHARE times the
+training budget since training last ran, and no request waits for its first token, training gets
+one stretch (so at most a fifth of the model's time goes to training while serving is busy).
 """
 
 import asyncio
@@ -37,6 +39,7 @@ from app.engine.threads import default_threads, take_cores
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SERVING_SHARE = 4
 
 
 class EngineStopped(RuntimeError):
@@ -125,6 +128,7 @@ class Engine:
         self._training: deque[_TrainingItem] = deque()
         # The engine's own accounting: what the model is computing now, and how much training ran.
         self.activity: str | None = None  # "inference", "training" or None
+        self._training_ran_at = 0.0  # when the last stretch of training ended
         self.training_items = 0
         self.training_pieces = 0  # stretches of training between pause points, begun so far
 
@@ -325,10 +329,10 @@ class Engine:
             if self._stopping:
                 return
             self._take_new_work()
-            if self.core.has_work():  # inference first
-                self._serve_step()
-            elif self._training:
+            if self._training and (not self.core.has_work() or self._training_due()):
                 self._train(self._training.popleft())
+            elif self.core.has_work():
+                self._serve_step()
             if self.core.has_work() or self._training:
                 self._wake.set()  # more to do
 
@@ -358,6 +362,14 @@ class Engine:
         finally:
             self.activity = paused
 
+    def _training_due(self) -> bool:
+        """Whether training, while inference has work, gets its turn: serving has had the model for
+        SERVING_SHARE budgets since training last ran, and no request waits for its first token."""
+        if self.step_budget_s is None:
+            return False
+        served_for = time.perf_counter() - self._training_ran_at
+        return served_for >= SERVING_SHARE * self.step_budget_s and not self.core.awaiting_first_token()
+
     def _train(self, item: _TrainingItem) -> None:
         """Run one training work item, serving whatever inference arrives at its pause points."""
         self.training_items += 1
@@ -367,9 +379,12 @@ class Engine:
 
         def pause() -> None:
             nonlocal piece_started
-            self.last_longest_piece_s = max(self.last_longest_piece_s, time.perf_counter() - piece_started)
-            self._take_new_work()
-            while self.core.has_work() and not self._stopping:
+            self._training_ran_at = time.perf_counter()
+            self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
+            while not self._stopping:
+                self._take_new_work()
+                if not self.core.has_work() or self._training_due():
+                    break
                 self._serve_step()
             self.training_pieces += 1
             piece_started = time.perf_counter()
@@ -382,7 +397,8 @@ class Engine:
             outcome = (False, exc)
         finally:
             self.activity = None
-        self.last_longest_piece_s = max(self.last_longest_piece_s, time.perf_counter() - piece_started)
+        self._training_ran_at = time.perf_counter()
+        self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
         self._settle(item, outcome)
 
     def _post(self, events: list[tuple[str, _Pending, object]]) -> None:

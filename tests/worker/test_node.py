@@ -188,3 +188,44 @@ def test_a_node_trains_on_the_model_it_serves_with(node, tiny_base, monkeypatch)
     job = httpx.get(f"{url}/train-jobs/{job_id}").json()
     served = httpx.post(f"{url}/generate", json={"adapter_id": job["adapter_id"], "prompt": "a fine film", "max_new_tokens": 3})
     assert served.status_code == 200, served.text
+
+
+def test_under_sustained_load_training_still_gets_turns_and_arrivals_are_not_held_back(tiny_base):
+    async def scenario():
+        engine = Engine(partial(EngineCore, base, kv_tokens=8192, max_rows=16), 64, 1 << 20, train_step_budget_s=0.002)
+        engine.start()
+        started_under_load = []
+
+        class Counting(ItemWatch):
+            def run(self, work):
+                def counted():
+                    started_under_load.append(engine.core.has_work())
+                    return work()
+                return super().run(counted)
+
+        try:
+            watch = Counting(engine)
+            busy = [asyncio.create_task(engine.submit(long_request(i), 300)) for i in range(4)]
+            while not engine.core.running:
+                await asyncio.sleep(0.001)
+            config = TrainConfig(num_virtual_tokens=4, max_steps=2, batch_size=4, eval_every=1000, template="{input} =>")
+            training = asyncio.create_task(asyncio.to_thread(train_prompt, base, config, EXAMPLES, None, Hooks(), watch))
+            while not watch.open:
+                await asyncio.sleep(0.001)
+            short = await engine.submit(GenerationRequest(prompt_ids=[2, 7, 8], soft_prompt=None, max_new_tokens=4), 300)
+            assert not all(task.done() for task in busy)  # a short request is not held behind the long ones
+            await training
+            assert not all(task.done() for task in busy), "the load ended before training did"
+            await asyncio.gather(*busy)
+            return short, started_under_load
+        finally:
+            await engine.stop()
+
+    base = tiny_base
+
+    def long_request(i):
+        return GenerationRequest(prompt_ids=[2, 5 + i, 9], soft_prompt=random_soft_prompt(base, 3, i), max_new_tokens=480)
+
+    short, started_under_load = asyncio.run(scenario())
+    assert short.result.finish_reason == "length" and len(short.result.token_ids) == 4
+    assert sum(started_under_load) >= 3  # training items began while every step had rows to serve

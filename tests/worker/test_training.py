@@ -1,12 +1,9 @@
 """The prompt-tuning loop on the tiny model: loss, masking, eval, early stop, cancel."""
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
 from app.datasets import Example
-from app.engine.device import InlineDevice
 from app.train_config import TrainConfig
 from worker.training import Hooks, batch_loss, encode_example, init_prompt, train_prompt
 
@@ -90,15 +87,11 @@ def test_label_choice_accuracy_picks_the_likeliest_label(tiny_base):
     assert got == correct / len(examples)
 
 
-def test_checkpointing_is_automatic_for_large_batches_only_unless_training_shares_the_device():
+def test_checkpointing_is_automatic_for_large_batches_only():
     from worker.training import wants_checkpointing
 
     short = [([1] * 20, [2, 3])] * 8  # 8 x (20 + 22) = 336 tokens
     long = [([1] * 100, [2, 3])] * 8  # 8 x (20 + 102) = 976 tokens
-    alone = InlineDevice()
-    assert not wants_checkpointing(None, short, 20, alone)
-    assert wants_checkpointing(None, long, 20, alone)
-    assert wants_checkpointing(True, short, 20, alone) and not wants_checkpointing(False, long, 20, alone)
-    beside_serving = SimpleNamespace(step_budget_s=0.25)  # backward pauses only where it recomputes
-    assert wants_checkpointing(None, short, 20, beside_serving)
-    assert not wants_checkpointing(False, short, 20, beside_serving)
+    assert not wants_checkpointing(None, short, 20)
+    assert wants_checkpointing(None, long, 20)
+    assert wants_checkpointing(True, short, 20) and not wants_checkpointing(False, long, 20)
