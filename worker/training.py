@@ -182,15 +182,19 @@ def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: 
 class MicroBatches:
     """How many rows of a batch one work item takes. With no bound on the device: all of them.
     Otherwise sizes are tried from one row up, doubling, and the largest whose stretches between
-    pause points stay within the budget is kept. Part of a stretch does not shrink with fewer
-    rows (the LM head reads all its weights for one row as for eight): where even one row
-    overruns the budget, the largest size no more than 10% slower than the fastest is kept,
-    since smaller ones would only make training slower."""
+    pause points stay within the budget is kept; a larger size that once overran is tried again
+    every RETRY_EVERY items (one slow stretch may have been noise). Part of a stretch does not
+    shrink with fewer rows (the LM head reads all its weights for one row as for eight): where
+    even one row overruns the budget, the largest size no more than 10% slower than the fastest is
+    kept, since smaller ones would only make training slower."""
+
+    RETRY_EVERY = 20
 
     def __init__(self, device: Device, batch_size: int):
         self.device, self.limit = device, batch_size
         self.rows = batch_size if device.step_budget_s is None else 1
         self.longest: dict[int, float] = {}  # rows -> longest stretch (moving average)
+        self._since_retry = 0
 
     def split(self, batch: Batch) -> list[Batch]:
         return [batch[i : i + self.rows] for i in range(0, len(batch), self.rows)]
@@ -204,8 +208,11 @@ class MicroBatches:
         self.longest[self.rows] = seen if before is None else 0.7 * before + 0.3 * seen
         bound = max(budget, 1.1 * min(self.longest.values()))
         best = max(rows for rows, longest in self.longest.items() if longest <= bound)
-        if best == max(self.longest) and best < self.limit:  # the largest tried is fine: try more
-            best = min(self.limit, best * 2)
+        bigger = min(self.limit, best * 2)
+        self._since_retry += 1
+        if bigger > best and (bigger not in self.longest or self._since_retry >= self.RETRY_EVERY):
+            self.longest.pop(bigger, None)  # measured afresh
+            best, self._since_retry = bigger, 0
         self.rows = best
 
 

@@ -143,6 +143,9 @@ def test_micro_batches_shrink_to_the_budget_and_never_below_what_helps():
     assert sizes.rows == 1 and [len(rows) for rows in sizes.split(list(range(8)))] == [1] * 8
     # Stretches grow with rows: 1, 2 and 4 rows fit the budget, 8 overrun it, so 4 it stays.
     assert after_items(sizes, [0.02, 0.04, 0.08, 0.16, 0.08, 0.08]) == [2, 4, 8, 4, 4, 4]
+    # Every RETRY_EVERY items the size that overran is tried again: one slow stretch may be noise.
+    assert after_items(sizes, [0.08] * (MicroBatches.RETRY_EVERY - 3)) == [4] * (MicroBatches.RETRY_EVERY - 4) + [8]
+    assert after_items(sizes, [0.05]) == [8]
     # A part that does not shrink with rows (one row already overruns): fewer rows would only be slower.
     assert after_items(MicroBatches(device, batch_size=8), [0.25, 0.26, 0.25, 0.27, 0.26]) == [2, 4, 8, 8, 8]
     assert MicroBatches(SimpleNamespace(step_budget_s=None), 8).rows == 8  # nothing to share the device with
