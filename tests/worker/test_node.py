@@ -232,3 +232,21 @@ def test_under_sustained_load_training_still_gets_turns_and_arrivals_are_not_hel
     short, started_under_load = asyncio.run(scenario())
     assert short.result.finish_reason == "length" and len(short.result.token_ids) == 4
     assert sum(started_under_load) >= 3  # training items began while every step had rows to serve
+
+
+def test_cancel_through_the_engine_stops_within_a_step(tiny_base):
+    async def scenario():
+        engine = Engine(partial(EngineCore, tiny_base, kv_tokens=4096, max_rows=8), 64, 65_536, train_step_budget_s=1e-4)
+        engine.start()
+        try:
+            steps = []
+            config = TrainConfig(num_virtual_tokens=4, max_steps=100, batch_size=4, eval_every=1000)
+            hooks = Hooks(on_step=lambda s, *_: steps.append(s), should_cancel=lambda: len(steps) >= 3)
+            result = await asyncio.to_thread(train_prompt, tiny_base, config, EXAMPLES, None, hooks, engine)
+            return result, steps, engine.training_items
+        finally:
+            await engine.stop()
+
+    result, steps, items = asyncio.run(scenario())
+    assert result.cancelled and result.steps == 3 and steps == [1, 2, 3]
+    assert items >= 1 + 3 * 2  # the initial prompt, then per step: its micro-batches and the update

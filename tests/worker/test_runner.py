@@ -134,3 +134,27 @@ def test_reaper_leaves_live_jobs_alone(env):
         jobs.claim(session, job_id, "alive")
         assert jobs.reap_stale(session, stale_after=timedelta(seconds=60), max_attempts=2) == []
         assert jobs.get_job(session, job_id).status == "running"
+
+
+def test_a_stopping_node_gives_its_job_back_without_spending_an_attempt(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, max_steps=100_000, eval_every=100_000)
+    stopping = threading.Event()
+    threading.Timer(1.0, stopping.set).start()  # the node is told to stop while the job trains
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base, node_stopping=stopping) == "released"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert (job.status, job.attempts, job.sent_at, job.run_token, job.adapter_id) == ("queued", 0, None, None, None)
+        assert "its node stopped" in jobs.list_events(session, job_id)[-1].data["message"]
+        assert jobs.unsent(session, unsent_after=timedelta(0), resend_after=timedelta(hours=1)) == [job_id]
+        assert jobs.claim(session, job_id, "another node") is not None  # any node takes it again
+
+
+def test_a_job_over_its_time_limit_fails_and_says_so(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, max_steps=100_000, eval_every=100_000)
+    no_time = settings.model_copy(update={"job_time_limit_s": 0})  # below the setting's floor of 60 s
+    assert run_job(job_id, settings=no_time, sessions=sessions, base=tiny_base) == "failed"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert job.error_code == "time_limit" and "over the job time limit" in job.error_message
