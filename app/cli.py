@@ -8,11 +8,11 @@
 """
 
 import argparse
-import logging
 import os
 
 from app.config import get_settings
 from app.engine.loader import default_model_dir, fingerprint
+from app.observability import configure_logging
 
 
 def prepare_model() -> None:
@@ -35,7 +35,8 @@ def serve_api(host: str, port: int, factory: str = "app.main:create_app") -> Non
     os.environ["HOST"], os.environ["PORT"] = host, str(port)
     get_settings.cache_clear()
     print(f"softserve on http://{host}:{port}  (admin: /admin, API docs: /docs)", flush=True)
-    uvicorn.run(factory, factory=True, host=host, port=port)
+    # Logging is ours (configure_logging): one line per request comes from RequestObserver.
+    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, access_log=False)
 
 
 def _sessions():
@@ -75,8 +76,8 @@ def revoke_key(key_id: str) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
+    configure_logging(settings.log_format)
     parser = argparse.ArgumentParser(prog="softserve")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare-model", help="convert and cache the default base model (once)")

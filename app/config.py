@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # request waits (one stretch between its pause points; micro-batches shrink to fit).
     train_step_budget_ms: float = Field(250.0, gt=0)
 
+    # Operations: "json" makes every log line a JSON object (requests with id, route, status, timings).
+    log_format: Literal["text", "json"] = "text"
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         if self.database_url is None:

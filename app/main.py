@@ -8,10 +8,11 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from app import admin, auth
-from app.api import adapters, errors, generate, health, openai_compat, train_jobs
+from app.api import adapters, errors, generate, health, metrics, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.engine.loader import BaseModel
+from app.observability import RequestObserver
 from app.runtime import NodeService, Runtime, running, serving
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
         default=DEFAULT_BODY_LIMIT,
     )
     app.add_middleware(auth.SessionCookies, secret_key=auth.session_secret(settings))
+    app.add_middleware(RequestObserver)  # outermost: it sees every answer, refusals included
     app.state.login_throttle = auth.LoginThrottle(settings.login_max_failures, settings.login_failure_window_s)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")
-    for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router):
+    for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router, metrics.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
 

@@ -23,6 +23,7 @@ from app.engine.engine import Engine
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
+from app.observability import Metrics, runtime_families
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,15 @@ class Runtime:
     sessions: sessionmaker[Session]
     cache: AdapterCache
     engine: Engine
+    metrics: Metrics
     celery: Celery | None = field(default=None)
 
     @classmethod
     def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session]) -> "Runtime":
         make_data_dir(settings)  # before the broker's first use: the embedded one is a file there
-        return cls(
+        runtime = cls(
             celery=make_celery(settings),
+            metrics=Metrics(),
             settings=settings,
             base=base,
             sessions=sessions,
@@ -69,6 +72,14 @@ class Runtime:
                 train_step_budget_s=settings.train_step_budget_ms / 1000,
             ),
         )
+        runtime.metrics.watch(runtime._figures)
+        return runtime
+
+    def _figures(self):
+        """What /metrics reads at scrape time: the engine, the adapter cache, the registry's jobs."""
+        with self.sessions() as session:
+            job_counts = jobs.count_by_status(session)
+        return runtime_families(self.engine.stats(), self.cache.stats(), job_counts)
 
     def enqueue_training(self, job_id: str) -> None:
         """Send the job's message to the broker, then record that it was sent."""

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,9 +34,11 @@ class TrainingConsumer:
         self._thread = threading.Thread(target=self._worker.start, name="training-consumer", daemon=True)
 
     def train(self, job_id: str) -> str:
-        runtime = self.runtime
+        runtime, started = self.runtime, time.perf_counter()
         status = run_job(job_id, settings=runtime.settings, sessions=runtime.sessions, base=runtime.base,
                          device=runtime.engine, node_stopping=self.stopping)
+        if status in ("succeeded", "failed", "cancelled"):
+            runtime.metrics.job_duration.labels(status).observe(time.perf_counter() - started)
         if status == "released":
             try:  # so that another node takes it now, not at the next reaper pass
                 runtime.enqueue_training(job_id)

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app.cli import serve_api
 from app.config import get_settings
 from app.main import create_app
+from app.observability import configure_logging
 from app.runtime import running, serving
 from worker.consumer import training_consumer
 
@@ -38,8 +39,8 @@ async def train_only() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
+    configure_logging(settings.log_format)
     parser = argparse.ArgumentParser(prog="python -m worker.node", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = parser.add_subparsers(dest="shape", required=True)

@@ -9,6 +9,7 @@ from app.api.disconnect import unless_disconnected
 from app.engine.core import EngineOverloaded, RequestTooLarge
 from app.engine.engine import Completion, QueueFull, RequestStream, TooMuchWork
 from app.engine.requests import GenerationRequest, SoftPrompt
+from app.observability import note_adapter
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
 
 
@@ -19,6 +20,7 @@ def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
 
 async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple[SoftPrompt | None, str | None]:
     """The adapter's soft prompt and template; (None, None) for the base model."""
+    note_adapter(adapter_id)
     if adapter_id is None:
         return None, None
     try:

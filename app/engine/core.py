@@ -119,6 +119,7 @@ class EngineCore:
         self.steps = 0
         self.requests_admitted = 0
         self.tokens_generated = 0
+        self.rows_stepped = 0  # rows summed over steps: over `steps`, the mean batch size
         self.rows_shed = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
 
@@ -200,6 +201,7 @@ class EngineCore:
             self._fail_step(work, exc, events)
             return events
         self.steps += 1
+        self.rows_stepped += len(work)
         for item in work:
             item.row.computed += item.count
             item.row.steps += 1
@@ -463,6 +465,7 @@ class EngineCore:
             "steps": self.steps,
             "requests_admitted": self.requests_admitted,
             "tokens_generated": self.tokens_generated,
+            "rows_stepped": self.rows_stepped,
             "rows_shed": self.rows_shed,
             "kv_cache": self.kv.stats(),
             "prefix_cache": self.prefix.stats(),

@@ -191,6 +191,8 @@ def test_a_node_trains_on_the_model_it_serves_with(node, tiny_base, monkeypatch)
     job = httpx.get(f"{url}/train-jobs/{job_id}").json()
     served = httpx.post(f"{url}/generate", json={"adapter_id": job["adapter_id"], "prompt": "a fine film", "max_new_tokens": 3})
     assert served.status_code == 200, served.text
+    metrics = httpx.get(f"{url}/metrics").text  # the run's duration, on the node that ran it
+    assert 'softserve_job_duration_seconds_count{status="succeeded"} 1.0' in metrics
 
 
 def test_under_sustained_load_training_still_gets_turns_and_arrivals_are_not_held_back(tiny_base):
