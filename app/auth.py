@@ -12,26 +12,26 @@ import hashlib
 import hmac
 import ipaddress
 import math
-import os
 import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
-from app.db import get_by_id
-from app.models import AdminSession, ApiKey, new_id, utcnow
+from app.db import get_by_id, make_engine, make_session_factory
+from app.models import AdminSession, ApiKey, ClusterSecret, new_id, utcnow
 
 Role = Literal["inference", "admin"]
 ROLES: tuple[Role, ...] = ("inference", "admin")
@@ -84,23 +84,34 @@ def is_loopback(host: str) -> bool:
 
 
 def session_secret(settings: Settings) -> str:
-    """SECRET_KEY, or a random one kept under DATA_DIR so sessions survive restarts."""
+    """SECRET_KEY, or a random one kept in the registry's database: every node sharing the
+    database signs and reads the same admin cookies. An install that kept one under DATA_DIR
+    (before 0006) keeps it: the first node to need a secret adopts that file's."""
     if settings.secret_key:
         return settings.secret_key
-    path: Path = settings.data_dir / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # made by exactly one process, readable by its owner only
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secrets.token_urlsafe(48))
-    except FileExistsError:
-        pass
-    for _ in range(50):
-        secret = path.read_text().strip()
-        if len(secret) >= 32:
-            return secret
-        time.sleep(0.1)  # another process created it a moment ago and is writing it
-    raise RuntimeError(f"{path} holds no usable secret; delete it to make a new one")
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return shared_secret(session, "session", lambda: _legacy_secret(settings) or secrets.token_urlsafe(48))
+    finally:
+        engine.dispose()
+
+
+def shared_secret(session: Session, name: str, make: Callable[[], str]) -> str:
+    """The secret called `name`, made by `make` if no node has made it yet."""
+    if session.get(ClusterSecret, name) is None:
+        session.add(ClusterSecret(name=name, value=make()))
+        try:
+            session.commit()
+        except IntegrityError:  # another node made it first: theirs it is
+            session.rollback()
+    return session.get(ClusterSecret, name).value
+
+
+def _legacy_secret(settings: Settings) -> str | None:
+    path = settings.data_dir / "secret_key"
+    secret = path.read_text().strip() if path.is_file() else ""
+    return secret if len(secret) >= 32 else None
 
 
 def start_admin_session(session: Session, key: ApiKey) -> str:

@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     # Where the API listens. With no API keys configured it serves openly only on a loopback address.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # Signs admin session cookies; default: a random key kept in DATA_DIR/secret_key.
+    # Signs admin session cookies; default: a random key kept in the database, shared by every node.
     secret_key: str | None = None
     # Admin logins: after this many failures from one client address within the window, that
     # address gets 429 (with Retry-After) until the oldest failure leaves the window.

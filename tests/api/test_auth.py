@@ -4,6 +4,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
@@ -169,14 +170,28 @@ def test_open_mode_serves_only_local_clients_addressing_localhost(make_client, t
         assert response.status_code == 401, (method, path, response.text)
 
 
-def test_a_session_secret_file_is_made_once_and_reused(tmp_path):
-    settings = make_settings(tmp_path, "sqlite://")
-    first = auth.session_secret(settings)
-    assert len(first) >= 32 and auth.session_secret(settings) == first
-    assert (settings.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
-    (settings.data_dir / "secret_key").write_text("")
-    with pytest.raises(RuntimeError, match="no usable secret"):
-        auth.session_secret(settings)
+@pytest.mark.parametrize("database", ["sqlite_url", "postgres_url"])
+def test_nodes_sharing_a_database_share_the_session_secret(tmp_path, database, request):
+    url = request.getfixturevalue(database)
+    nodes = [make_settings(tmp_path / name, url) for name in ("a", "b", "c", "d")]  # each its own DATA_DIR
+    made = []
+    threads = [threading.Thread(target=lambda s=s: made.append(auth.session_secret(s))) for s in nodes]
+    for thread in threads:  # at once: one of them makes it, all get that one
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 4 and len(set(made)) == 1 and len(made[0]) >= 32
+    assert not any((s.data_dir / "secret_key").exists() for s in nodes)  # nothing on a node's disk
+    assert auth.session_secret(nodes[0].model_copy(update={"secret_key": "x" * 40})) == "x" * 40
+
+
+def test_an_install_keeps_the_secret_it_kept_under_data_dir(tmp_path, sqlite_url):
+    settings = make_settings(tmp_path, sqlite_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "secret_key").write_text("s" * 64)  # as nodes before 0006 kept it
+    assert auth.session_secret(settings) == "s" * 64
+    other = make_settings(tmp_path / "other", sqlite_url)
+    assert auth.session_secret(other) == "s" * 64  # now in the database, for every node
 
 
 def test_a_non_ascii_csrf_token_is_refused_not_a_crash(keyed_client):
