@@ -126,3 +126,4 @@ def test_the_overview_shows_the_engine_its_caches_and_recent_latency(make_client
     assert held > 0 and f"{held} positions held, 0 promised, of 2,048" in page
     assert "1 cached" in page and "of 256 positions" in page  # the base model's prefix
     assert "median" in page and "2 requests, last minute" in page  # queue, first token, engine time
+    assert "idle" in page and "0 training work items run on this model" in page
