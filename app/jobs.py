@@ -185,8 +185,10 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -
     them for a new message) or fail them with the reason. Never leaves a job `running` forever.
     The stalled run, should it wake, can write nothing more (its token no longer matches)."""
     cutoff: datetime = utcnow() - stale_after
+    # In id order, so reapers running at once on several nodes lock rows in the same order (no deadlock).
     stale = session.execute(select(TrainJob.id, TrainJob.worker, TrainJob.attempts, TrainJob.cancel_requested)
-                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff)).all()
+                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff)
+                            .order_by(TrainJob.id)).all()
     requeued = []
     for job_id, worker, attempts, cancel_requested in stale:
         if attempts < max_attempts and not cancel_requested:
