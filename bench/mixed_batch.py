@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peft-requests", type=int, default=None, help="requests timed for (c) (default: all)")
     parser.add_argument("--peft-cached-rows", type=int, default=2, help="requests checked with PEFT use_cache=True")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a Hugging Face model folder (default: BASE_MODEL, else the bundled Gemma 3 270M)")
     return parser.parse_args()
 
 
@@ -137,7 +139,8 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     load_before = os.getloadavg()[0]  # other work on the machine skews every rate below
-    base = load_base_model(None, Settings().model_cache_dir, "int8", "cpu")
+    settings = Settings()
+    base = load_base_model(args.model or settings.base_model, settings.model_cache_dir, "int8", "cpu")
     prompts = load_prompts(base, args.requests)
     soft_prompts = random_soft_prompts(base, args.requests, args.seed)
     log(f"loaded {base.name}; prompt lengths {[len(p) for p in prompts]}; "
