@@ -219,9 +219,9 @@ class MicroBatches:
 def _accumulate(base: BaseModel, model: torch.nn.Module, prompt: torch.Tensor, rows: Batch, targets: int) -> float:
     """One micro-batch's share of the batch's mean loss, backpropagated into prompt.grad: the
     shares of a batch's micro-batches add up to the whole batch's gradient. Returns the loss sum."""
-    losses = target_losses(base, prompt, rows, model)
-    (losses.sum() / targets).backward()
-    return float(losses.detach().sum())
+    loss_sum = target_losses(base, prompt, rows, model).sum()
+    (loss_sum / targets).backward()
+    return float(loss_sum.detach())
 
 
 @torch.no_grad()
