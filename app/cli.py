@@ -1,6 +1,7 @@
 """Command line.
 
     python -m app.cli prepare-model                      convert and cache the base model once
+                                                         (BASE_MODEL: a folder, or a packaged model's name)
     python -m app.cli api [--host H --port P]            the API alone, no training (scale-out)
     (a node that serves AND trains on one model: python -m worker.node serve)
     python -m app.cli create-key --role admin|inference  make an API key (printed once)
@@ -11,20 +12,17 @@ import argparse
 import os
 
 from app.config import get_settings
-from app.engine.loader import default_model_dir, fingerprint
+from app.engine.loader import PACKAGED_MODELS, fingerprint, model_dir_and_name
 from app.observability import configure_logging
 
 
 def prepare_model() -> None:
     settings = get_settings()
-    if settings.base_model is not None:
-        folder = settings.base_model
-        if not (folder / "config.json").exists():
-            raise SystemExit(f"BASE_MODEL {folder} is not a Hugging Face model folder (no config.json)")
-        name = folder.resolve().name
-    else:
-        folder = default_model_dir(settings.model_cache_dir)  # shows conversion progress bars
-        name = folder.name
+    # A packaged model (the default one, or BASE_MODEL naming one) is converted here, with progress bars.
+    folder, name = model_dir_and_name(settings.base_model, settings.model_cache_dir)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"BASE_MODEL {folder} is not a Hugging Face model folder (no config.json)"
+                         f" nor one of the packaged models {sorted(PACKAGED_MODELS)}")
     print(f"base model ready: {folder} ({fingerprint(folder, name)})")
 
 

@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peft-cached-rows", type=int, default=2, help="requests checked with PEFT use_cache=True")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, default=None,
-                        help="a Hugging Face model folder (default: BASE_MODEL, else the bundled Gemma 3 270M)")
+                        help="a Hugging Face model folder or a packaged model name (default: BASE_MODEL, else Gemma 3 270M)")
     return parser.parse_args()
 
 

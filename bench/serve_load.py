@@ -40,7 +40,7 @@ import torch
 
 from app.adapter_files import peft_config
 from app.config import Settings
-from app.engine.loader import default_model_dir
+from app.engine.loader import model_dir_and_name
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO / "examples" / "sst2" / "validation.jsonl"
@@ -348,7 +348,7 @@ def main() -> None:
     servers = args.servers.split(",")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     settings = Settings()
-    model_dir = settings.base_model or default_model_dir(settings.model_cache_dir)
+    model_dir = model_dir_and_name(settings.base_model, settings.model_cache_dir)[0]
     scenarios = build_scenarios(rates, args.seed)
     embeddings = Embeddings(model_dir, args.seed)
     results: dict[str, dict[str, dict]] = {}

@@ -85,10 +85,10 @@ def main() -> None:
         run_bare_loop(args.bare_loop)
         return
     from app.config import Settings
-    from app.engine.loader import default_model_dir
+    from app.engine.loader import model_dir_and_name
 
     settings = Settings()
-    model_dir = settings.base_model or default_model_dir(settings.model_cache_dir)
+    model_dir = model_dir_and_name(settings.base_model, settings.model_cache_dir)[0]
     jobs = build_scenarios([RATE], args.seed)[f"rate_{RATE:g}"]
     embeddings = Embeddings(model_dir, args.seed)
     log(f"the bare training loop, {args.bare_steps} steps...")

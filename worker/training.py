@@ -109,8 +109,10 @@ def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -
 
 
 def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
+    """What the model's own forward makes of final hidden states: its LM head, then its final-logit
+    softcapping where the config has one (Gemma 2 and 3)."""
     logits = base.model.get_output_embeddings()(hidden).float()
-    cap = getattr(base.model.config, "final_logit_softcapping", None)
+    cap = getattr(base.model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -131,7 +133,10 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
     if prompt is not None:
         soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
         inputs = torch.cat([soft, inputs], dim=1)
-    hidden = (model or base.model).model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    # `base_model` is the body of any transformers causal LM (Llama's `model`, GPT-2's `transformer`,
+    # GPT-NeoX's `gpt_neox`): its last hidden state is after the final norm, ready for the head.
+    body = (model or base.model).base_model
+    hidden = body(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: gather only the positions before each target token.
     row_index, positions, targets = [], [], []
     for r, (p, t) in enumerate(batch):

@@ -27,10 +27,9 @@ _current: ContextVar["StepAttention | None"] = ContextVar("softserve_step", defa
 
 @dataclass
 class RowGroup:
-    """Rows that attend together, padded to `queries` new tokens and `keys` cached positions."""
+    """Rows that attend together: `queries` new tokens each, keys padded to `keys` positions."""
 
-    tokens: torch.Tensor  # [rows * queries] index of each (row, query) in the flat sequence; padding repeats 0
-    valid: torch.Tensor | None  # [rows * queries] bool, None when nothing is padding
+    tokens: torch.Tensor  # [rows * queries] index of each (row, query) in the flat sequence
     slots: torch.Tensor  # [rows * keys] cache slot of each (row, key position); padding points at slot 0
     query_positions: torch.Tensor  # [rows, queries]
     key_lengths: torch.Tensor  # [rows] positions each row attends to (its past plus its new tokens)
@@ -41,14 +40,13 @@ class RowGroup:
 
     def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """[rows, queries, keys]: 0 where a query sees a key (causal, in its row, inside the
-        window), -inf elsewhere. Padded queries see key 0 so their softmax stays finite."""
+        window), -inf elsewhere."""
         if window not in self._bias:
             keys = torch.arange(self.keys, device=self.slots.device)
             positions = self.query_positions[:, :, None]
             visible = (keys <= positions) & (keys < self.key_lengths[:, None, None])
             if window is not None:  # transformers' sliding window: key > query - window
                 visible &= keys > positions - window
-            visible[..., 0] |= ~visible.any(-1)
             bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
             self._bias[window] = bias.masked_fill_(~visible, float("-inf"))
         return self._bias[window]
@@ -108,10 +106,7 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
         v = cache_v.index_select(0, group.slots).view(group.rows, group.keys, *cache_v.shape[1:])
         attended = _attend(q, k, v, group.bias(sliding_window, torch.float32), scaling, softcap)
         attended = attended.transpose(1, 2).reshape(group.rows * group.queries, heads, dim)
-        if group.valid is None:
-            out.index_copy_(0, group.tokens, attended.to(out.dtype))
-        else:
-            out.index_copy_(0, group.tokens[group.valid], attended[group.valid].to(out.dtype))
+        out.index_copy_(0, group.tokens, attended.to(out.dtype))
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return
 
 

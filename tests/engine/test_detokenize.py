@@ -38,8 +38,8 @@ def test_special_tokens_are_skipped(tiny_base):
 
 
 @pytest.mark.real_model
-def test_pieces_add_up_on_the_real_tokenizer(real_base):
-    tokenizer = real_base.tokenizer
+def test_pieces_add_up_on_the_real_tokenizer(each_real_base):
+    tokenizer = each_real_base.tokenizer
     for text in TEXTS + [" leading space", "Sentiment: positive\nReview:"]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         detokenizer = IncrementalDetokenizer(tokenizer)

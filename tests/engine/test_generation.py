@@ -59,31 +59,30 @@ def test_adapter_changes_output_and_none_means_base(tiny_base):
 
 
 @pytest.mark.real_model
-def test_real_int8_greedy_matches_reference(real_base):
-    requests = mixed_requests(real_base, 8, max_new_tokens=12)
-    results = generate_batch(real_base, requests)
+def test_real_int8_greedy_matches_reference(each_real_base):
+    requests = mixed_requests(each_real_base, 8, max_new_tokens=12)
+    results = generate_batch(each_real_base, requests)
     checks = [
-        check_against_reference(real_base, r.soft_prompt, r.prompt_ids, res.token_ids, 12, INT8_TIE_TOLERANCE)
+        check_against_reference(each_real_base, r.soft_prompt, r.prompt_ids, res.token_ids, 12, INT8_TIE_TOLERANCE)
         for r, res in zip(requests, results)
     ]
+    # Every row matches the reference up to its first near tie (int8 noise: a few-ulp difference
+    # in attention flips an activation's int8 rounding; how often depends on the CPU's kernels, so
+    # no count of exact rows is asserted). A wrong position, adapter or cache entry parts far from
+    # any tie. Token-for-token equality is checked in float32 on tiny models of ten families.
     assert all(c.agrees for c in checks), checks
-    # int8 noise: about 60% of rows stay exact over 24 tokens (measured 18 of 32); the rest part
-    # at a near tie, which `agrees` allows
-    assert sum(c.exact for c in checks) >= 4, checks
 
 
 @pytest.mark.real_model
-def test_real_int8_mixed_batch_equals_alone(real_base):
-    requests = mixed_requests(real_base, 8, max_new_tokens=12)
-    batched = generate_batch(real_base, requests)
-    alone = [generate_batch(real_base, [r])[0] for r in requests]
-    same = [b.token_ids == a.token_ids for b, a in zip(batched, alone)]
-    assert sum(same) >= 4, (batched, alone)
-    for request, b, a in zip(requests, batched, alone):
-        if b.token_ids != a.token_ids:  # only a near tie may separate them: both agree with the reference
-            for tokens in (b.token_ids, a.token_ids):
-                check = check_against_reference(real_base, request.soft_prompt, request.prompt_ids, tokens, 12, INT8_TIE_TOLERANCE)
-                assert check.agrees, check
+def test_real_int8_mixed_batch_equals_alone(each_real_base):
+    """Isolation, bit for bit: int8 rounding amplifies any difference in how a row's attention
+    sums, so this holds only because a row's attention never depends on its batch (core._groups)."""
+    requests = mixed_requests(each_real_base, 8, max_new_tokens=12)
+    batched = [r.token_ids for r in generate_batch(each_real_base, requests)]
+    alone = [generate_batch(each_real_base, [r])[0].token_ids for r in requests]
+    other_mix = [r.token_ids for r in generate_batch(each_real_base, requests[::-2])][::-1]
+    assert batched == alone
+    assert other_mix == alone[1::2]
 
 
 def test_stop_string_truncates_and_reports_stop(tiny_base):

@@ -45,7 +45,10 @@ def test_with_gradients_the_layer_runs_bitsandbytes_path_and_gradients_flow(int8
     layer(x).sum().backward()
     expected = x.detach().clone().requires_grad_()
     Linear8bitLt.forward(layer, expected).sum().backward()
-    assert x.grad is not None and torch.equal(x.grad, expected.grad)
+    # The same products summed in another order where the weights are int8 (CPUs with a fast
+    # torch._int_mm): equal to float32 rounding.
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, expected.grad)
 
 
 def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
