@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
 from app.main import create_app
+from app.storage import DatabaseStorage, DirectoryStorage, Storage
 from tests import services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +208,14 @@ def sessions(request):
     engine = make_engine(url)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture(params=["database", "directory"])
+def storage(request, sessions, tmp_path) -> Storage:
+    """Shared storage on each backend: blobs in the `sessions` database, then files in a folder."""
+    if request.param == "database":
+        return DatabaseStorage(sessions)
+    return DirectoryStorage(tmp_path / "shared")
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:
