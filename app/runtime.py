@@ -24,6 +24,7 @@ from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
 from app.observability import Metrics, runtime_families
 from app.storage import DATASETS, NotStored, Storage, adapter_key, make_storage
+from app.storage_move import unmoved_folders
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
     log.info("model %s (%s) on %s", model.fingerprint, model.quantization, model.device)
     db_engine = make_engine(settings.database_url)
     runtime = Runtime.build(settings, model, make_session_factory(db_engine))
+    if settings.storage == "database" and (unmoved := unmoved_folders(settings.data_dir)):
+        log.warning("%d adapter or dataset folders under %s are not in the database: run `python -m app.cli "
+                    "move-files-to-database` once (or set STORAGE=directory to read them there); it lists those it "
+                    "leaves, which no adapter or job names", unmoved, settings.data_dir)
     runtime.engine.start()
     reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
     try:

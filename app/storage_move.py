@@ -30,6 +30,11 @@ def _folders(parent: Path) -> list[Path]:
     return sorted(path for path in parent.iterdir() if path.is_dir()) if parent.is_dir() else []
 
 
+def unmoved_folders(data_dir: Path) -> int:
+    """How many adapter and dataset folders an install left under DATA_DIR (0 once moved)."""
+    return len(_folders(data_dir / ADAPTERS)) + len(_folders(data_dir / DATASETS))
+
+
 def _move(storage: DatabaseStorage, key: str, folder: Path) -> None:
     files = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
     with storage.sessions() as session, storage.deleting(session, key), storage.storing(session, key, files):

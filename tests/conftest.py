@@ -147,12 +147,16 @@ def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Ten
         return base.model.get_input_embeddings()(ids.to(base.device)).float().cpu()
 
 
-def migrate(database_url: str) -> None:
+def alembic_config(database_url: str) -> Config:
     config = Config(str(REPO / "alembic.ini"))
     config.set_main_option("script_location", str(REPO / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))  # configparser interpolates %
     config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
 
 
 @pytest.fixture
