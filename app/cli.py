@@ -81,16 +81,17 @@ def revoke_key(key_id: str) -> None:
 def move_files_to_database() -> None:
     from sqlalchemy import inspect
 
+    from app.db import make_engine, make_session_factory
     from app.storage_move import move_files_to_database as move
 
     settings = get_settings()
     if settings.storage == "directory":
         raise SystemExit("STORAGE=directory: nodes read files from STORAGE_DIR, so moving them into the database "
                          "would hide them. Unset STORAGE (database is the default) first.")
-    sessions = _sessions()
-    if not inspect(sessions.kw["bind"]).has_table("stored_files"):
+    engine = make_engine(settings.database_url)
+    if not inspect(engine).has_table("stored_files"):
         raise SystemExit("the database has no stored_files table: run `alembic upgrade head` first")
-    report = move(data_dir=settings.data_dir, sessions=sessions)
+    report = move(data_dir=settings.data_dir, sessions=make_session_factory(engine))
     print(f"moved {report.adapters} adapters and {report.datasets} datasets of queued or running jobs from "
           f"{settings.data_dir} into the database; deleted {report.ended_datasets} datasets of ended jobs")
     for folder in report.left:

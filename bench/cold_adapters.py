@@ -101,9 +101,12 @@ async def _resolve(runtime: Runtime, ids: list[str], samples: int) -> dict:
         await runtime.soft_prompt(adapter_id)
         warm.append(time.perf_counter() - started)
         assert runtime.cache.misses == misses + 1
-    ms = lambda seconds: round(seconds * 1000, 3)  # noqa: E731
-    return {"cold_p50_ms": ms(statistics.median(cold)), "cold_p99_ms": ms(_percentile(cold, 0.99)),
-            "warm_p50_ms": ms(statistics.median(warm)), "warm_p99_ms": ms(_percentile(warm, 0.99))}
+    return {"cold_p50_ms": _ms(statistics.median(cold)), "cold_p99_ms": _ms(_percentile(cold, 0.99)),
+            "warm_p50_ms": _ms(statistics.median(warm)), "warm_p99_ms": _ms(_percentile(warm, 0.99))}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 def measure(url: str, base: BaseModel, adapters: int, samples: int, folder: Path) -> dict:
@@ -123,7 +126,8 @@ def measure(url: str, base: BaseModel, adapters: int, samples: int, folder: Path
 
 @contextmanager
 def _postgres_server() -> Iterator[str]:
-    from tests import services  # the tests' choice of server: the local one, else embedded
+    # The tests' choice of server: the local one when it answers, else embedded.
+    from tests import services
 
     if services.local_postgres():
         yield services.LOCAL_POSTGRES_URL

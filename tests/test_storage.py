@@ -6,8 +6,16 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.models import Adapter
-from app.storage import (ADAPTERS, DATASETS, DatabaseStorage, DirectoryStorage, NotStored, adapter_key, dataset_key,
-                         make_storage)
+from app.storage import (
+    ADAPTERS,
+    DATASETS,
+    DatabaseStorage,
+    DirectoryStorage,
+    NotStored,
+    adapter_key,
+    dataset_key,
+    make_storage,
+)
 
 FILES = {"train.jsonl": b'{"input": "a", "output": "b"}\n', "validation.jsonl": b"\x00\xff binary is fine"}
 
