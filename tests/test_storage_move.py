@@ -14,7 +14,7 @@ from app.datasets import Example, to_jsonl
 from app.db import make_engine, make_session_factory
 from app.models import Adapter
 from app.storage import ADAPTERS, DATASETS, DatabaseStorage, adapter_key
-from app.storage_move import move_files_to_database
+from app.storage_move import move_files_to_database, unmoved_folders
 from app.train_config import TrainConfig
 from tests.conftest import REPO, alembic_config, random_soft_prompt
 
@@ -61,6 +61,7 @@ def test_an_install_with_files_is_migrated_and_serves_the_same_outputs(tmp_path,
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     prompts = install_the_old_way(data_dir, sessions, tiny_base)
+    assert unmoved_folders(data_dir) == 6  # what a node's startup warns about
     command.upgrade(alembic_config(url), "head")
 
     # With STORAGE=directory on DATA_DIR the files serve where they are, no move needed.
@@ -78,7 +79,7 @@ def test_an_install_with_files_is_migrated_and_serves_the_same_outputs(tmp_path,
     assert f"left {data_dir / 'adapters' / 'orphan'}" in moved.stdout
 
     # The files are gone, the blobs are there, and a second run has nothing left to do.
-    assert [p.name for p in (data_dir / "adapters").iterdir()] == ["orphan"]
+    assert [p.name for p in (data_dir / "adapters").iterdir()] == ["orphan"] and unmoved_folders(data_dir) == 1
     assert list((data_dir / "datasets").iterdir()) == []
     assert sorted(storage.keys(ADAPTERS)) == sorted(adapter_key(i) for i in prompts)
     assert storage.keys(DATASETS) == ["datasets/queuedjob"]
