@@ -1,4 +1,4 @@
-"""Soft-prompt adapters in PEFT's on-disk format: parse and validate uploads, write and read files.
+"""Soft-prompt adapters in PEFT's file format: parse and validate uploads, encode and read files.
 
 An adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus `adapter_model.safetensors`
 holding one tensor, `prompt_embeddings` [num_virtual_tokens, hidden]. We record the base-model
@@ -9,10 +9,7 @@ Only safetensors is ever parsed: nothing uploaded goes near pickle.
 import hashlib
 import io
 import json
-import os
-import shutil
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -199,40 +196,31 @@ def peft_config(num_virtual_tokens: int, hidden_size: int, base_model_name: str)
     }
 
 
-def write_adapter(directory: Path, prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str) -> tuple[str, int]:
-    """Write an adapter folder atomically; return (content sha256, total bytes).
-
-    The sha256 covers the float32 prompt embeddings and their shape, not the file: safetensors
-    writes metadata keys in no fixed order, so equal adapters may differ byte for byte."""
+def encode_adapter(prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str) -> dict[str, bytes]:
+    """The adapter's two files, by name, as PEFT writes them (float32 weights)."""
     prompt = prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
     weights = save_safetensors({TENSOR_NAME: prompt}, metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
     config = json.dumps(peft_config(prompt.shape[0], prompt.shape[1], base_model_name), indent=2).encode()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
-    try:
-        (staging / WEIGHTS_NAME).write_bytes(weights)
-        (staging / CONFIG_NAME).write_bytes(config)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return content_sha256(prompt), len(weights) + len(config)
+    return {CONFIG_NAME: config, WEIGHTS_NAME: weights}
 
 
 def content_sha256(prompt_embeddings: torch.Tensor) -> str:
+    """The hash of the float32 prompt embeddings and their shape, not of the files: safetensors
+    writes metadata keys in no fixed order, so equal adapters may differ byte for byte."""
     prompt = prompt_embeddings.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(json.dumps(list(prompt.shape)).encode())
     digest.update(prompt.numpy().tobytes())
     return digest.hexdigest()
 
 
-def read_prompt_embeddings(directory: Path) -> torch.Tensor:
-    return load_safetensors((directory / WEIGHTS_NAME).read_bytes())[TENSOR_NAME]
+def read_prompt_embeddings(weights: bytes) -> torch.Tensor:
+    """The tensor of a stored adapter_model.safetensors (safetensors only, never pickle)."""
+    return load_safetensors(weights)[TENSOR_NAME]
 
 
-def zip_adapter(directory: Path) -> bytes:
+def zip_adapter(files: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            archive.write(directory / name, arcname=name)
+            archive.writestr(name, files[name])
     return buffer.getvalue()

@@ -6,6 +6,9 @@
     (a node that serves AND trains on one model: python -m worker.node serve)
     python -m app.cli create-key --role admin|inference  make an API key (printed once)
     python -m app.cli list-keys / revoke-key ID          see and revoke keys
+    python -m app.cli move-files-to-database             once, after `alembic upgrade head` (0007): move the
+                                                         adapters and datasets kept under DATA_DIR into the
+                                                         database (shared storage); safe to run again
 """
 
 import argparse
@@ -73,6 +76,26 @@ def revoke_key(key_id: str) -> None:
     print(f"revoked key {key_id}")
 
 
+def move_files_to_database() -> None:
+    from sqlalchemy import inspect
+
+    from app.db import make_engine, make_session_factory
+    from app.storage_move import move_files_to_database as move
+
+    settings = get_settings()
+    if settings.storage == "directory":
+        raise SystemExit("STORAGE=directory: nodes read files from STORAGE_DIR, so moving them into the database "
+                         "would hide them. Unset STORAGE (database is the default) first.")
+    engine = make_engine(settings.database_url)
+    if not inspect(engine).has_table("stored_files"):
+        raise SystemExit("the database has no stored_files table: run `alembic upgrade head` first")
+    report = move(data_dir=settings.data_dir, sessions=make_session_factory(engine))
+    print(f"moved {report.adapters} adapters and {report.datasets} datasets of queued or running jobs from "
+          f"{settings.data_dir} into the database; deleted {report.ended_datasets} datasets of ended jobs")
+    for folder in report.left:
+        print(f"left {folder}: no adapter or job in the registry has it")
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_format)
@@ -88,6 +111,7 @@ def main() -> None:
     commands.add_parser("list-keys", help="list API keys (ids and roles, never the keys)")
     revoke = commands.add_parser("revoke-key", help="delete an API key")
     revoke.add_argument("key_id")
+    commands.add_parser("move-files-to-database", help="move adapters and datasets kept under DATA_DIR into the database")
     args = parser.parse_args()
     if args.command == "prepare-model":
         prepare_model()
@@ -97,6 +121,8 @@ def main() -> None:
         create_key(args.role, args.name or f"{args.role} key")
     elif args.command == "list-keys":
         list_keys()
+    elif args.command == "move-files-to-database":
+        move_files_to_database()
     else:
         revoke_key(args.key_id)
 

@@ -21,10 +21,14 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(10, ge=1)
     login_failure_window_s: float = Field(300.0, gt=0)
 
-    # Storage: SQLite file and adapter tensors live under DATA_DIR by default.
+    # This node's own folder: the default SQLite registry, the embedded broker. No other node reads it.
     data_dir: Path = Path("data")
     database_url: str | None = None  # default: sqlite:///{data_dir}/softserve.db
     redis_url: str | None = None
+    # Where adapter weights and uploaded datasets live, shared by every node (app.storage): in the
+    # database, or in a folder every node mounts (STORAGE_DIR, default DATA_DIR).
+    storage: Literal["database", "directory"] = "database"
+    storage_dir: Path | None = None
 
     # Base model: a local Hugging Face folder, or unset for the bundled Gemma 3 270M.
     base_model: Path | None = None
@@ -78,6 +82,8 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> "Settings":
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'softserve.db'}"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir
         if self.job_stale_after_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("JOB_STALE_AFTER_S must be more than twice HEARTBEAT_INTERVAL_S")
         return self
@@ -87,14 +93,6 @@ class Settings(BaseSettings):
         """Redis when configured; otherwise kombu's SQLAlchemy transport on a SQLite file, a real
         broker that needs no server."""
         return self.redis_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
 
 
 @lru_cache

@@ -1,7 +1,7 @@
 """Training datasets: parse and validate uploads (JSONL or CSV of input/output pairs).
 
 Every problem is reported with its line number, so a user can fix the file in one go.
-Stored datasets are normalised JSONL written by the server.
+Stored datasets are normalised JSONL written by the server (to_jsonl), kept in shared storage.
 """
 
 import csv
@@ -141,13 +141,15 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
     return examples
 
 
-def write_jsonl(path: Path, examples: list[Example]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for example in examples:
-            out.write(json.dumps({"input": example.input, "output": example.output}, ensure_ascii=False) + "\n")
+def to_jsonl(examples: list[Example]) -> bytes:
+    """The normalised form datasets are stored in."""
+    return "".join(json.dumps({"input": e.input, "output": e.output}, ensure_ascii=False) + "\n" for e in examples).encode()
+
+
+def from_jsonl(data: bytes) -> list[Example]:
+    """Examples stored by to_jsonl (already validated), or a bundled sample file's."""
+    return [Example(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[Example]:
-    with path.open(encoding="utf-8") as lines:
-        return [Example(**json.loads(line)) for line in lines if line.strip()]
+    return from_jsonl(path.read_bytes())

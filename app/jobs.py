@@ -128,8 +128,8 @@ def storable(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
 
 def finish(session: Session, job_id: str, token: str, status: str, *, message: str, adapter: Adapter | None = None,
            error_code: str | None = None, eval_loss: float | None = None, eval_accuracy: float | None = None) -> bool:
-    """The run's end: running -> succeeded | failed | cancelled, with the adapter it made (its
-    files already written) registered in the same transaction. False, and nothing written, when
+    """The run's end: running -> succeeded | failed | cancelled, with the adapter it made registered
+    in the same transaction (its files stored in it too, or written before it: app.storage). False, and nothing written, when
     the run no longer holds the job."""
     message = storable(message)
     values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None,

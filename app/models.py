@@ -3,7 +3,8 @@
 import secrets
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, TypeDecorator
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String,
+                        TypeDecorator)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
@@ -52,7 +53,7 @@ class TrainJob(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     params: Mapped[dict] = mapped_column(JSON)  # validated hyperparameters and template
-    dataset_path: Mapped[str] = mapped_column(String(500))  # server-made, under DATA_DIR
+    dataset_path: Mapped[str] = mapped_column(String(500))  # its storage key (app.storage), server-made
     train_examples: Mapped[int] = mapped_column(Integer)
     validation_examples: Mapped[int] = mapped_column(Integer, default=0)
     step: Mapped[int] = mapped_column(Integer, default=0)
@@ -121,4 +122,16 @@ class ClusterSecret(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StoredFile(Base):
+    """One file in shared storage's database backend (app.storage): an adapter's weights or config,
+    or an uploaded dataset, under a server-made key such as "adapters/<id>"."""
+
+    __tablename__ = "stored_files"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

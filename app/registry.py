@@ -1,11 +1,9 @@
-"""The adapter registry: database rows plus their files under the data folder.
+"""The adapter registry: database rows, their files in shared storage (app.storage).
 
-Paths are always made by the server from the adapter id; nothing a client sends becomes a path.
-A row exists only once its file is fully written, and a failed insert removes the file.
+Storage keys are always made by the server from the adapter id; nothing a client sends becomes
+one. A row exists only once its files are stored: both are committed together, or neither is.
 """
 
-import shutil
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,15 +13,11 @@ from sqlalchemy.orm import Session
 from app import adapter_files
 from app.db import get_by_id, paginate
 from app.models import Adapter, new_id
-
-
-def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
-    return adapters_dir / adapter_id
+from app.storage import Storage, adapter_key
 
 
 def new_adapter(
     *,
-    adapters_dir: Path,
     name: str,
     prompt_embeddings: torch.Tensor,
     base_fingerprint: str,
@@ -31,39 +25,30 @@ def new_adapter(
     source: str,
     metrics: dict | None = None,
     template: str | None = None,
-) -> Adapter:
-    """Write the adapter's files; return its row, not yet in any session. Whoever adds the row
-    removes the files (remove_files) if it is not committed."""
-    adapter_id = new_id()
-    sha256, size = adapter_files.write_adapter(
-        adapter_dir(adapters_dir, adapter_id), prompt_embeddings, base_fingerprint, base_model_name)
-    return Adapter(
-        id=adapter_id,
+) -> tuple[Adapter, dict[str, bytes]]:
+    """A new adapter's row (not yet in any session) and its files, to store with
+    `storage.storing(session, adapter_key(row.id), files)` in the transaction that adds the row."""
+    files = adapter_files.encode_adapter(prompt_embeddings, base_fingerprint, base_model_name)
+    adapter = Adapter(
+        id=new_id(),
         name=name,
         base_fingerprint=base_fingerprint,
         num_virtual_tokens=int(prompt_embeddings.shape[0]),
-        sha256=sha256,
-        size_bytes=size,
+        sha256=adapter_files.content_sha256(prompt_embeddings),
+        size_bytes=sum(len(data) for data in files.values()),
         source=source,
         metrics=metrics or {},
         template=template,
     )
+    return adapter, files
 
 
-def remove_files(adapters_dir: Path, adapter_id: str) -> None:
-    shutil.rmtree(adapter_dir(adapters_dir, adapter_id), ignore_errors=True)
-
-
-def register_adapter(session: Session, *, adapters_dir: Path, **fields) -> Adapter:
-    """Write the adapter's files, then add and commit its row."""
-    adapter = new_adapter(adapters_dir=adapters_dir, **fields)
-    try:
+def register_adapter(session: Session, *, storage: Storage, **fields) -> Adapter:
+    """Store the adapter's files and commit its row, together."""
+    adapter, files = new_adapter(**fields)
+    with storage.storing(session, adapter_key(adapter.id), files):
         session.add(adapter)
         session.commit()
-    except BaseException:
-        session.rollback()
-        remove_files(adapters_dir, adapter.id)
-        raise
     return adapter
 
 
@@ -113,8 +98,8 @@ def count_by_source(session: Session) -> dict[str, int]:
     return dict(session.execute(select(Adapter.source, func.count()).group_by(Adapter.source)).all())
 
 
-def delete_adapter(session: Session, *, adapters_dir: Path, adapter: Adapter) -> None:
-    """Delete the row, then the files: a stale folder is harmless, a row without a file is not."""
-    session.delete(adapter)
-    session.commit()
-    remove_files(adapters_dir, adapter.id)
+def delete_adapter(session: Session, *, storage: Storage, adapter: Adapter) -> None:
+    """Delete the row and its files, together (a directory's files just after the row)."""
+    with storage.deleting(session, adapter_key(adapter.id)):
+        session.delete(adapter)
+        session.commit()

@@ -3,7 +3,6 @@ and the engine that owns the model. Built once per process, by `running`."""
 
 import asyncio
 import logging
-import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
 from app.observability import Metrics, runtime_families
+from app.storage import DATASETS, NotStored, Storage, adapter_key, make_storage
+from app.storage_move import unmoved_folders
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Runtime:
     settings: Settings
     base: BaseModel
     sessions: sessionmaker[Session]
+    storage: Storage
     cache: AdapterCache
     engine: Engine
     metrics: Metrics
@@ -56,6 +58,7 @@ class Runtime:
             settings=settings,
             base=base,
             sessions=sessions,
+            storage=make_storage(settings, sessions),
             cache=AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype),
             engine=Engine(
                 partial(
@@ -111,14 +114,13 @@ class Runtime:
 
     def delete_ended_datasets(self) -> list[str]:
         """Delete the uploaded datasets of jobs that have ended: only a run reads them."""
-        data_dir, folder = self.settings.data_dir, self.settings.datasets_dir
-        stored = [path.relative_to(data_dir).as_posix() for path in folder.iterdir()] if folder.is_dir() else []
+        stored = self.storage.keys(DATASETS)
         if not stored:
             return []
         with self.sessions() as session:
             ended = jobs.ended_datasets(session, stored)
-        for relative in ended:
-            shutil.rmtree(data_dir / relative, ignore_errors=True)
+        for key in ended:
+            self.storage.delete(key)
         return ended
 
     async def reap_forever(self) -> None:
@@ -148,13 +150,15 @@ class Runtime:
             raise AdapterBaseMismatch(
                 f"adapter {adapter_id} was made for base model {fingerprint}, this server runs {self.base.fingerprint}"
             )
-        directory = registry.adapter_dir(self.settings.adapters_dir, adapter_id)
-        load = partial(adapter_files.read_prompt_embeddings, directory)
         try:
-            soft_prompt = await self.cache.get((adapter_id, sha256), load)
-        except FileNotFoundError:  # deleted between the lookup and the load
+            soft_prompt = await self.cache.get((adapter_id, sha256), partial(self._read_prompt, adapter_id))
+        except NotStored:  # deleted between the lookup and the load
             raise AdapterNotFound(adapter_id) from None
         return soft_prompt, template
+
+    def _read_prompt(self, adapter_id: str):
+        weights = self.storage.read(adapter_key(adapter_id), adapter_files.WEIGHTS_NAME)
+        return adapter_files.read_prompt_embeddings(weights)
 
     def forget_adapter(self, adapter_id: str) -> None:
         """After a delete: drop its weights and its cached prefixes."""
@@ -178,6 +182,10 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
     log.info("model %s (%s) on %s", model.fingerprint, model.quantization, model.device)
     db_engine = make_engine(settings.database_url)
     runtime = Runtime.build(settings, model, make_session_factory(db_engine))
+    if settings.storage == "database" and (unmoved := unmoved_folders(settings.data_dir)):
+        log.warning("%d adapter or dataset folders under %s are not in the database: run `python -m app.cli "
+                    "move-files-to-database` once (or set STORAGE=directory to read them there); it lists those it "
+                    "leaves, which no adapter or job names", unmoved, settings.data_dir)
     runtime.engine.start()
     reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
     try:

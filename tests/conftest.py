@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
 from app.main import create_app
+from app.storage import DatabaseStorage, DirectoryStorage, Storage
 from tests import services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,12 +164,16 @@ def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Ten
         return base.model.get_input_embeddings()(ids.to(base.device)).float().cpu()
 
 
-def migrate(database_url: str) -> None:
+def alembic_config(database_url: str) -> Config:
     config = Config(str(REPO / "alembic.ini"))
     config.set_main_option("script_location", str(REPO / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))  # configparser interpolates %
     config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
 
 
 @pytest.fixture
@@ -224,6 +229,14 @@ def sessions(request):
     engine = make_engine(url)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture(params=["database", "directory"])
+def storage(request, sessions, tmp_path) -> Storage:
+    """Shared storage on each backend: blobs in the `sessions` database, then files in a folder."""
+    if request.param == "database":
+        return DatabaseStorage(sessions)
+    return DirectoryStorage(tmp_path / "shared")
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:

@@ -1,20 +1,20 @@
-"""Run one training job end to end: claim it, train with progress, heartbeat and cancel,
-write and register the adapter, finish the job. No Celery here: the consumer only calls run_job."""
+"""Run one training job end to end: claim it, read its dataset from shared storage, train with
+progress, heartbeat and cancel, store and register the adapter, finish the job. No Celery here: the consumer only calls run_job."""
 
 import logging
 import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import jobs, registry
 from app.config import Settings
-from app.datasets import read_jsonl
+from app.datasets import from_jsonl
 from app.engine.device import Device, InlineDevice
 from app.engine.loader import BaseModel
+from app.storage import adapter_key, make_storage
 from app.train_config import TrainConfig
 from worker.training import Hooks, TrainResult, train_prompt
 
@@ -90,7 +90,8 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
             log.info("job %s not claimable (duplicate delivery, cancelled or finished); skipping", job_id)
             return "skipped"
         job = jobs.get_job(session, job_id)
-        name, params, dataset_dir = job.name, dict(job.params), settings.data_dir / job.dataset_path
+        name, params, dataset_key = job.name, dict(job.params), job.dataset_path
+    storage = make_storage(settings, sessions)  # shared: the dataset may have been uploaded to any node
 
     def on_step(step, total, epoch, loss):
         with sessions() as session:
@@ -107,10 +108,11 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s, settings.job_time_limit_s,
                     node_stopping) as beat:
         try:
-            validation_file = Path(dataset_dir) / "validation.jsonl"
+            dataset = storage.read_all(dataset_key)
+            validation = dataset.get("validation.jsonl")
             result = train_prompt(
-                base, TrainConfig(**params), read_jsonl(Path(dataset_dir) / "train.jsonl"),
-                read_jsonl(validation_file) if validation_file.exists() else None,
+                base, TrainConfig(**params), from_jsonl(dataset["train.jsonl"]),
+                from_jsonl(validation) if validation is not None else None,
                 Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop), device,
             )
         except jobs.StaleRun:
@@ -130,21 +132,21 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
         return "released" if released else _lost(job_id)
     if result.cancelled:
         return end("cancelled", message=f"cancelled at step {result.steps}")
-    # The adapter's files are complete before its row exists; the row is committed with the
-    # job's success, by this run only, or not at all.
-    adapter = registry.new_adapter(
-        adapters_dir=settings.adapters_dir, name=name, prompt_embeddings=result.prompt_embeddings,
-        base_fingerprint=base.fingerprint, base_model_name=base.name, source="trained",
-        metrics=_metrics(result), template=params.get("template"),
+    # The adapter's files are stored with its row, and the row is committed with the job's
+    # success, by this run only, or not at all.
+    adapter, files = registry.new_adapter(
+        name=name, prompt_embeddings=result.prompt_embeddings, base_fingerprint=base.fingerprint,
+        base_model_name=base.name, source="trained", metrics=_metrics(result), template=params.get("template"),
     )
-    status = "lost"
     try:
-        status = end("succeeded", adapter=adapter, eval_loss=result.eval_loss, eval_accuracy=result.eval_accuracy,
-                     message=f"adapter {adapter.id} registered (eval accuracy {result.eval_accuracy})")
-    finally:
-        if status != "succeeded":
-            registry.remove_files(settings.adapters_dir, adapter.id)
-    return status
+        with sessions() as session, storage.storing(session, adapter_key(adapter.id), files):
+            if not jobs.finish(session, job_id, token, "succeeded", adapter=adapter, eval_loss=result.eval_loss,
+                               eval_accuracy=result.eval_accuracy,
+                               message=f"adapter {adapter.id} registered (eval accuracy {result.eval_accuracy})"):
+                raise jobs.StaleRun(job_id)  # nothing was committed: the files go too
+    except jobs.StaleRun:
+        return _lost(job_id)
+    return "succeeded"
 
 
 def _lost(job_id: str) -> str:

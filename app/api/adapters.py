@@ -13,6 +13,7 @@ from app.auth import AdminAuth
 from app.db import MAX_OFFSET
 from app.models import Adapter
 from app.schemas import AdapterOut, AdapterPage, NoNul
+from app.storage import NotStored, adapter_key
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -70,7 +71,7 @@ async def upload_adapter(
     return await asyncio.to_thread(
         registry.register_adapter,
         session,
-        adapters_dir=settings.adapters_dir,
+        storage=runtime.storage,
         name=form.name,
         prompt_embeddings=parsed.prompt_embeddings,
         base_fingerprint=parsed.base_fingerprint,
@@ -104,7 +105,11 @@ def get_adapter(adapter_id: AdapterId, session: SessionDep) -> Adapter:
 def download_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> Response:
     """The adapter as a PEFT-format zip (`adapter_config.json` + `adapter_model.safetensors`)."""
     adapter = _get_or_404(session, adapter_id)
-    data = adapter_files.zip_adapter(registry.adapter_dir(runtime.settings.adapters_dir, adapter.id))
+    try:
+        files = runtime.storage.read_all(adapter_key(adapter.id))
+    except NotStored:  # deleted since the lookup, by another request or node
+        raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
+    data = adapter_files.zip_adapter(files)
     return Response(
         data,
         media_type="application/zip",
@@ -118,5 +123,5 @@ def download_adapter(adapter_id: AdapterId, session: SessionDep, runtime: Runtim
 )
 def delete_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> None:
     adapter = _get_or_404(session, adapter_id)
-    registry.delete_adapter(session, adapters_dir=runtime.settings.adapters_dir, adapter=adapter)
+    registry.delete_adapter(session, storage=runtime.storage, adapter=adapter)
     runtime.forget_adapter(adapter_id)

@@ -1,7 +1,6 @@
 """Training jobs: upload a dataset to start one, watch it, read its events, cancel it."""
 
 import asyncio
-import shutil
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -15,6 +14,7 @@ from app.auth import AdminAuth
 from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
+from app.storage import dataset_key
 from app.train_config import InitMode, TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
@@ -83,24 +83,19 @@ async def create_train_job(
 
     config = TrainConfig(**form.model_dump(exclude={"file", "validation_file", "name"}))
     job_id = new_id()
-    relative = f"datasets/{job_id}"  # server-made; the client's filename is never a path
-    folder = settings.data_dir / relative
-    try:
-        datasets.write_jsonl(folder / "train.jsonl", train)
-        if validation:
-            datasets.write_jsonl(folder / "validation.jsonl", validation)
+    key = dataset_key(job_id)  # server-made; the client's filename is never a key
+    files = {"train.jsonl": datasets.to_jsonl(train)} | (
+        {"validation.jsonl": datasets.to_jsonl(validation)} if validation else {})
+    storage = runtime.storage
+    with storage.storing(session, key, files):
         job = jobs.create_job(session, job_id=job_id, name=form.name or f"adapter-{job_id}", params=config.to_dict(),
-                              dataset_path=relative, train_examples=len(train),
-                              validation_examples=len(validation or []))
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+                              dataset_path=key, train_examples=len(train), validation_examples=len(validation or []))
     try:
         await asyncio.to_thread(runtime.enqueue_training, job_id)
     except Exception as exc:  # broker down: take the job back, so nothing half-made remains
-        session.delete(job)
-        session.commit()
-        shutil.rmtree(folder, ignore_errors=True)
+        with storage.deleting(session, key):
+            session.delete(job)
+            session.commit()
         raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "5"}) from None
     return job_out(job)
 

@@ -60,7 +60,7 @@ def add_adapter(runtime, name: str, *, tokens: int = 8, seed: int = 0, template:
                 metrics: dict | None = None, source: str = "trained"):
     with runtime.sessions() as session:
         return registry.register_adapter(
-            session, adapters_dir=runtime.settings.adapters_dir, name=name,
+            session, storage=runtime.storage, name=name,
             prompt_embeddings=random_soft_prompt(runtime.base, tokens, seed), base_fingerprint=runtime.base.fingerprint,
             base_model_name=runtime.base.name, source=source, metrics=metrics, template=template,
         )

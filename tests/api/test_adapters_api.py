@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 
+from app.storage import ADAPTERS
 from tests.conftest import adapter_file_bytes, random_soft_prompt, upload_adapter
 
 
@@ -18,10 +19,8 @@ def client(make_client, tiny_base):
 
 
 def stored_state(client):
-    """Every adapter row and folder, to prove failed uploads leave nothing behind."""
-    runtime = client.app.state.runtime
-    folders = sorted(p.name for p in runtime.settings.adapters_dir.glob("*")) if runtime.settings.adapters_dir.exists() else []
-    return client.get("/adapters").json()["total"], folders
+    """Every adapter row and stored key, to prove failed uploads leave nothing behind."""
+    return client.get("/adapters").json()["total"], sorted(client.app.state.runtime.storage.keys(ADAPTERS))
 
 
 def post_files(client, files, name="x"):

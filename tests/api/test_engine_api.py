@@ -1,11 +1,11 @@
 """The engine as the API shows it: KV and prefix cache figures, requests too large for the KV
 cache, timing headers, and adapters that are deleted or change under the same id."""
 
-import shutil
 import time
 
-from app import adapter_files, registry
+from app import adapter_files
 from app.models import Adapter
+from app.storage import adapter_key
 from tests.api.test_generate_api import PROMPTS, expected_text
 from tests.conftest import random_soft_prompt, upload_adapter
 
@@ -69,11 +69,12 @@ def test_an_adapter_whose_content_changes_under_the_same_id_is_never_served_stal
     adapter_id = upload_adapter(client, old)["id"]
     body = {"adapter_id": adapter_id, "prompt": PROMPTS[0], "max_new_tokens": 8}
     assert client.post("/generate", json=body).json()["text"] == expected_text(tiny_base, old, PROMPTS[0], 8)
-    directory = registry.adapter_dir(runtime.settings.adapters_dir, adapter_id)
-    shutil.rmtree(directory)
-    sha256, _ = adapter_files.write_adapter(directory, new, tiny_base.fingerprint, tiny_base.name)
-    with runtime.sessions() as session, session.begin():
-        session.get(Adapter, adapter_id).sha256 = sha256
+    key = adapter_key(adapter_id)
+    runtime.storage.delete(key)
+    files = adapter_files.encode_adapter(new, tiny_base.fingerprint, tiny_base.name)
+    with runtime.sessions() as session, runtime.storage.storing(session, key, files):
+        session.get(Adapter, adapter_id).sha256 = adapter_files.content_sha256(new)
+        session.commit()
     expected = expected_text(tiny_base, new, PROMPTS[0], 8)
     assert expected != expected_text(tiny_base, old, PROMPTS[0], 8)
     assert client.post("/generate", json=body).json()["text"] == expected

@@ -114,7 +114,7 @@ def test_apply_template_lays_the_prompt_out_with_the_adapters_template(client, t
     prompt = random_soft_prompt(tiny_base, 4, seed=9)
     with runtime.sessions() as session:
         adapter = registry.register_adapter(
-            session, adapters_dir=runtime.settings.adapters_dir, name="templated", prompt_embeddings=prompt,
+            session, storage=runtime.storage, name="templated", prompt_embeddings=prompt,
             base_fingerprint=tiny_base.fingerprint, base_model_name="tiny", source="trained", template="Review: {input}\nSentiment:",
         )
     body = {"adapter_id": adapter.id, "prompt": "a fine film", "max_new_tokens": 6}

@@ -5,6 +5,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
+from app import storage
 from app.models import JobEvent
 from tests.conftest import DATASETS
 
@@ -17,9 +18,8 @@ def client(make_client, tiny_base):
 
 
 def stored(client):
-    runtime = client.app.state.runtime
-    folder = runtime.settings.datasets_dir
-    return client.get("/train-jobs").json()["total"], sorted(p.name for p in folder.glob("*")) if folder.exists() else []
+    keys = client.app.state.runtime.storage.keys(storage.DATASETS)
+    return client.get("/train-jobs").json()["total"], sorted(key.removeprefix(f"{storage.DATASETS}/") for key in keys)
 
 
 def post(client, data=GOOD, filename="train.jsonl", **fields):

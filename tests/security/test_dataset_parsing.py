@@ -6,6 +6,7 @@ import json
 import pytest
 
 from app import datasets
+from app.storage import dataset_key
 
 GOOD_LINE = b'{"input": "fine", "output": "yes"}\n'
 
@@ -22,8 +23,8 @@ def refused(client, data: bytes, filename: str = "train.jsonl") -> list[dict]:
 
 
 def stored_examples(client, job: dict) -> list[datasets.Example]:
-    settings = client.app.state.runtime.settings
-    return datasets.read_jsonl(settings.datasets_dir / job["id"] / "train.jsonl")
+    storage = client.app.state.runtime.storage
+    return datasets.from_jsonl(storage.read(dataset_key(job["id"]), "train.jsonl"))
 
 
 def test_a_line_nested_100k_deep(client):

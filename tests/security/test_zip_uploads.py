@@ -12,6 +12,7 @@ import pytest
 
 from app import adapter_files
 from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError
+from app.storage import ADAPTERS
 from tests.conftest import adapter_file_bytes, random_soft_prompt
 
 CAP = 1024 * 1024  # the per-file upload cap the tests run with
@@ -63,8 +64,8 @@ def post_archive(client, data: bytes):
 
 
 def stored_nothing(client) -> bool:
-    adapters_dir = client.app.state.runtime.settings.adapters_dir
-    return client.get("/adapters").json()["total"] == 0 and not any(adapters_dir.glob("*"))
+    storage = client.app.state.runtime.storage
+    return client.get("/adapters").json()["total"] == 0 and storage.keys(ADAPTERS) == []
 
 
 def test_a_member_inflating_far_past_its_declared_size_is_refused_without_inflating_it(client, tiny_base):

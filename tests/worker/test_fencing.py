@@ -18,6 +18,7 @@ from app import jobs, registry
 from app.db import make_engine, make_session_factory
 from app.engine.device import InlineDevice
 from app.models import utcnow
+from app.storage import ADAPTERS, adapter_key, make_storage
 from tests.conftest import REPO, make_settings, random_soft_prompt
 from tests.worker.test_runner import queue_job
 from worker.runner import run_job
@@ -86,7 +87,7 @@ def assert_only_b_wrote(settings, sessions, job_id, events_after_b):
         assert [(e.id, e.kind, e.step, e.data) for e in jobs.list_events(session, job_id)] == events_after_b
         assert (job.status, job.step, job.attempts) == ("succeeded", 6, 2)
         assert events_after_b[-1][3]["message"].startswith(f"adapter {job.adapter_id} registered")
-    assert [p.name for p in settings.adapters_dir.iterdir()] == [job.adapter_id]  # nor any adapter file
+    assert make_storage(settings, sessions).keys(ADAPTERS) == [adapter_key(job.adapter_id)]  # nor any adapter file
 
 
 def test_two_runners_on_one_job_register_one_adapter(env, tiny_base):
@@ -161,8 +162,8 @@ def test_every_write_of_a_run_that_lost_its_claim_is_refused(env, tiny_base):
                             lambda: jobs.record_eval(session, job_id, run_a, 2, 9.0, 0.0)):
             with pytest.raises(jobs.StaleRun):
                 stale_write()
-        adapter = registry.new_adapter(
-            adapters_dir=settings.adapters_dir, name="from-a", prompt_embeddings=random_soft_prompt(tiny_base, 4, 0),
+        adapter, _ = registry.new_adapter(
+            name="from-a", prompt_embeddings=random_soft_prompt(tiny_base, 4, 0),
             base_fingerprint=tiny_base.fingerprint, base_model_name=tiny_base.name, source="trained")
         assert not jobs.finish(session, job_id, run_a, "succeeded", adapter=adapter, message="A done")
         assert not jobs.finish(session, job_id, run_a, "failed", message="A failed", error_code="training_error")

@@ -6,9 +6,10 @@ import time
 
 from app import jobs
 from app.db import make_engine, make_session_factory
+from app.storage import DATASETS
 from tests.api.test_train_jobs_api import GOOD
 from tests.conftest import make_settings
-from tests.worker.test_runner import queue_job
+from tests.worker.test_runner import queue_job, replace_dataset
 from worker.runner import run_job
 
 
@@ -17,9 +18,9 @@ def test_a_huge_training_error_is_clipped_to_fit_and_the_job_fails_cleanly(tmp_p
     engine = make_engine(postgres_url)
     sessions = make_session_factory(engine)
     job_id = queue_job(settings, sessions)
-    # A corrupt line on disk: the TypeError names the unexpected key, 10,000 characters of it, and a NUL.
+    # A corrupt line in storage: the TypeError names the unexpected key, 10,000 characters of it, and a NUL.
     key = "HEAD" + "x" * 10_000 + "\x00TAIL"
-    (settings.data_dir / "datasets" / job_id / "train.jsonl").write_text(json.dumps({"input": "a", "output": "b", key: 1}) + "\n")
+    replace_dataset(settings, sessions, job_id, json.dumps({"input": "a", "output": "b", key: 1}) + "\n")
     assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "failed"
     with sessions() as session:
         job = jobs.get_job(session, job_id)
@@ -38,8 +39,8 @@ def post_job(client, **fields):
     return response.json()["id"]
 
 
-def dataset_folders(settings):
-    return sorted(path.name for path in settings.datasets_dir.iterdir())
+def stored_datasets(runtime):
+    return sorted(key.removeprefix(f"{DATASETS}/") for key in runtime.storage.keys(DATASETS))
 
 
 def test_a_jobs_dataset_is_deleted_once_the_job_has_ended(make_client, tiny_base):
@@ -49,13 +50,13 @@ def test_a_jobs_dataset_is_deleted_once_the_job_has_ended(make_client, tiny_base
     cancelled, succeeded, failed, running, queued = (post_job(client, name=n) for n in ("c", "s", "f", "r", "q"))
     client.post(f"/train-jobs/{cancelled}/cancel")
     assert run_job(succeeded, settings=settings, sessions=runtime.sessions, base=tiny_base) == "succeeded"
-    (settings.datasets_dir / failed / "train.jsonl").write_text('{"input": "x"}\n')
+    replace_dataset(settings, runtime.sessions, failed, '{"input": "x"}\n')
     assert run_job(failed, settings=settings, sessions=runtime.sessions, base=tiny_base) == "failed"
     with runtime.sessions() as session:
         assert jobs.claim(session, running, "busy-worker")
 
     assert sorted(runtime.delete_ended_datasets()) == sorted(f"datasets/{j}" for j in (cancelled, succeeded, failed))
-    assert dataset_folders(settings) == sorted([running, queued])  # the runs to come still need theirs
+    assert stored_datasets(runtime) == sorted([running, queued])  # the runs to come still need theirs
     assert runtime.delete_ended_datasets() == []
     # The job pages and the adapter do not need it.
     assert client.get(f"/train-jobs/{succeeded}").json()["status"] == "succeeded"
@@ -71,8 +72,8 @@ def test_the_reaper_deletes_datasets_even_while_the_broker_is_down(make_client, 
     ended, waiting = queue_job(runtime.settings, runtime.sessions, "ended"), queue_job(runtime.settings, runtime.sessions, "waiting")
     client.post(f"/train-jobs/{ended}/cancel")
     for _ in range(600):  # the reaper's loop, not this test, deletes it
-        if dataset_folders(runtime.settings) == [waiting]:
+        if stored_datasets(runtime) == [waiting]:
             break
         time.sleep(0.05)
-    assert dataset_folders(runtime.settings) == [waiting]
+    assert stored_datasets(runtime) == [waiting]
     assert client.get(f"/train-jobs/{waiting}").json()["status"] == "queued"

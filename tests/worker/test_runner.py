@@ -7,9 +7,11 @@ from datetime import timedelta
 import pytest
 
 from app import jobs, registry
-from app.datasets import Example, write_jsonl
+from app.adapter_files import read_prompt_embeddings
+from app.datasets import Example, to_jsonl
 from app.db import make_engine, make_session_factory
 from app.models import utcnow
+from app.storage import adapter_key, dataset_key, make_storage
 from app.train_config import TrainConfig
 from tests.conftest import make_settings
 from worker.runner import run_job
@@ -26,12 +28,21 @@ def env(tmp_path, sqlite_url):
 
 
 def queue_job(settings, sessions, job_id="job1", **config) -> str:
-    write_jsonl(settings.data_dir / "datasets" / job_id / "train.jsonl", EXAMPLES)
+    """A queued job with its dataset in the storage `settings` choose, as POST /train-jobs leaves it."""
     params = TrainConfig(**({"num_virtual_tokens": 4, "max_steps": 6, "eval_every": 3, "template": "{input} =>"} | config)).to_dict()
-    with sessions() as session:
-        jobs.create_job(session, job_id=job_id, name="tiny-job", params=params, dataset_path=f"datasets/{job_id}",
+    key = dataset_key(job_id)
+    with sessions() as session, make_storage(settings, sessions).storing(session, key, {"train.jsonl": to_jsonl(EXAMPLES)}):
+        jobs.create_job(session, job_id=job_id, name="tiny-job", params=params, dataset_path=key,
                         train_examples=len(EXAMPLES), validation_examples=0)
     return job_id
+
+
+def replace_dataset(settings, sessions, job_id: str, train_jsonl: str) -> None:
+    """Store other content as the job's training file (a corrupt one, say)."""
+    storage, key = make_storage(settings, sessions), dataset_key(job_id)
+    storage.delete(key)
+    with sessions() as session, storage.storing(session, key, {"train.jsonl": train_jsonl.encode()}):
+        session.commit()
 
 
 def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
@@ -46,7 +57,8 @@ def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
         assert adapter.metrics["steps"] == 6 and adapter.metrics["eval_accuracy"] == job.eval_accuracy
         kinds = [e.kind for e in jobs.list_events(session, job_id)]
     assert kinds.count("train") == 6 and kinds.count("eval") == 2
-    assert (settings.adapters_dir / adapter.id / "adapter_model.safetensors").exists()
+    stored = make_storage(settings, sessions).read(adapter_key(adapter.id), "adapter_model.safetensors")
+    assert read_prompt_embeddings(stored).shape == (4, tiny_base.hidden_size)
 
 
 def test_duplicate_delivery_trains_once(env, tiny_base):
@@ -98,7 +110,7 @@ def test_cancel_queued_job_is_immediate_and_the_task_then_skips(env, tiny_base):
 def test_training_error_fails_the_job_with_a_readable_message(env, tiny_base):
     settings, sessions = env
     job_id = queue_job(settings, sessions)
-    (settings.data_dir / "datasets" / job_id / "train.jsonl").write_text('{"input": "x"}\n')  # corrupt on disk
+    replace_dataset(settings, sessions, job_id, '{"input": "x"}\n')  # corrupt in storage
     assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "failed"
     with sessions() as session:
         job = jobs.get_job(session, job_id)
