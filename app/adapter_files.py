@@ -4,6 +4,13 @@ An adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus `adapter_mode
 holding one tensor, `prompt_embeddings` [num_virtual_tokens, hidden]. We record the base-model
 fingerprint in the safetensors metadata, which PEFT ignores, so files move freely both ways.
 Only safetensors is ever parsed: nothing uploaded goes near pickle.
+
+PEFT's other soft-prompt kinds that serve as a fixed soft prompt are imported too, and keep their
+own files for download beside the soft prompt served (SOFT_PROMPT_NAME):
+- P_TUNING: PEFT saves the prompt encoder's output, not the encoder, as `prompt_embeddings`
+  (its inference mode reads that tensor as is): the soft prompt itself.
+- MULTITASK_PROMPT_TUNING: a shared prompt and low-rank task factors; task t's prompt is
+  `prompt_embeddings * (prefix_task_cols[t] @ prefix_task_rows[t])`, made once at import.
 """
 
 import hashlib
@@ -23,6 +30,9 @@ from safetensors.torch import save as save_safetensors
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
+SOFT_PROMPT_NAME = "soft_prompt.safetensors"  # the prompt served, beside another kind's own files
+PROMPT_TUNING, P_TUNING, MULTITASK = "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"
+TASK_TENSORS = ("prefix_task_cols", "prefix_task_rows")
 FINGERPRINT_KEY = "softserve_base_fingerprint"
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
 
@@ -37,9 +47,10 @@ class BaseModelMismatch(ValueError):
 
 @dataclass
 class ParsedAdapter:
-    prompt_embeddings: torch.Tensor  # float32, [num_virtual_tokens, hidden]
+    prompt_embeddings: torch.Tensor  # float32, [num_virtual_tokens, hidden]: what is served
     base_fingerprint: str
     base_model_name: str
+    original_files: dict[str, bytes] | None = None  # another kind's own files, kept for download
 
 
 # An adapter zip holds two files, perhaps in a folder with a README; far more is an attack.
@@ -128,9 +139,11 @@ def _config_int(text: str) -> int:
 
 
 def parse_adapter(
-    config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str
+    config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str,
+    task_id: int | None = None,
 ) -> ParsedAdapter:
-    """Validate an uploaded adapter against the resident base model."""
+    """Validate an uploaded adapter against the resident base model. `task_id`: which task's
+    prompt a MULTITASK_PROMPT_TUNING adapter serves (default 0)."""
     try:
         config = json.loads(config_bytes.decode("utf-8"), parse_int=_config_int)
     except RecursionError:
@@ -139,8 +152,12 @@ def parse_adapter(
         raise AdapterFormatError(f"{CONFIG_NAME}: not valid UTF-8 JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME}: must be a JSON object")
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise AdapterFormatError(f"{CONFIG_NAME}: peft_type must be PROMPT_TUNING, got {config.get('peft_type')!r}")
+    kind = config.get("peft_type")
+    if kind not in (PROMPT_TUNING, P_TUNING, MULTITASK):
+        raise AdapterFormatError(
+            f"{CONFIG_NAME}: peft_type must be {PROMPT_TUNING}, {P_TUNING} or {MULTITASK}, got {kind!r}")
+    if task_id is not None and kind != MULTITASK:
+        raise AdapterFormatError(f"task_id applies to {MULTITASK} adapters only, this one is {kind}")
     n_tokens = config.get("num_virtual_tokens")
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 1 <= n_tokens <= max_virtual_tokens:
         raise AdapterFormatError(f"{CONFIG_NAME}: num_virtual_tokens must be an integer in 1..{max_virtual_tokens}")
@@ -155,15 +172,20 @@ def parse_adapter(
         metadata = _safetensors_metadata(weights_bytes)
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{WEIGHTS_NAME}: not a valid safetensors file ({exc})") from None
-    if set(tensors) != {TENSOR_NAME}:
-        raise AdapterFormatError(f"{WEIGHTS_NAME}: must hold exactly one tensor {TENSOR_NAME!r}, found {sorted(tensors)}")
-    prompt = tensors[TENSOR_NAME]
-    if prompt.dtype not in FLOAT_DTYPES:
-        raise AdapterFormatError(f"{WEIGHTS_NAME}: {TENSOR_NAME} must be float16, bfloat16 or float32, not {prompt.dtype}")
+    expected = {TENSOR_NAME, *TASK_TENSORS} if kind == MULTITASK else {TENSOR_NAME}
+    if set(tensors) != expected:
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: a {kind} adapter holds exactly the tensors {sorted(expected)},"
+                                 f" found {sorted(tensors)}")
+    for name, tensor in tensors.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise AdapterFormatError(f"{WEIGHTS_NAME}: {name} must be float16, bfloat16 or float32, not {tensor.dtype}")
+    prompt = tensors[TENSOR_NAME].float()
     if tuple(prompt.shape) != (n_tokens, hidden_size):
         raise AdapterFormatError(
             f"{WEIGHTS_NAME}: {TENSOR_NAME} has shape {list(prompt.shape)}, expected [{n_tokens}, {hidden_size}]"
         )
+    if kind == MULTITASK:
+        prompt = prompt * _task_factor(tensors, config, task_id or 0, n_tokens, hidden_size)
     if not torch.isfinite(prompt).all():
         raise AdapterFormatError(f"{WEIGHTS_NAME}: {TENSOR_NAME} contains NaN or infinite values")
 
@@ -171,10 +193,26 @@ def parse_adapter(
     if recorded is not None and recorded != base_fingerprint:
         raise BaseModelMismatch(f"adapter was made for base model {recorded}, this server runs {base_fingerprint}")
     return ParsedAdapter(
-        prompt_embeddings=prompt.float(),
+        prompt_embeddings=prompt,
         base_fingerprint=base_fingerprint,
         base_model_name=str(config.get("base_model_name_or_path") or ""),
+        original_files=None if kind == PROMPT_TUNING else {CONFIG_NAME: config_bytes, WEIGHTS_NAME: weights_bytes},
     )
+
+
+def _task_factor(tensors: dict, config: dict, task_id: int, n_tokens: int, hidden_size: int) -> torch.Tensor:
+    """[n_tokens, hidden] that scales the shared prompt into task `task_id`'s (PEFT's MPT)."""
+    tasks, ranks = config.get("num_tasks"), config.get("num_ranks")
+    cols, rows = (tensors[name].float() for name in TASK_TENSORS)
+    if not isinstance(tasks, int) or not isinstance(ranks, int) or isinstance(tasks, bool) or isinstance(ranks, bool):
+        raise AdapterFormatError(f"{CONFIG_NAME}: num_tasks and num_ranks must be integers")
+    if tuple(cols.shape) != (tasks, n_tokens, ranks) or tuple(rows.shape) != (tasks, ranks, hidden_size):
+        raise AdapterFormatError(
+            f"{WEIGHTS_NAME}: prefix_task_cols {list(cols.shape)} and prefix_task_rows {list(rows.shape)} must be"
+            f" [{tasks}, {n_tokens}, {ranks}] and [{tasks}, {ranks}, {hidden_size}]")
+    if not 0 <= task_id < tasks:
+        raise AdapterFormatError(f"task_id must be in 0..{tasks - 1} for this adapter ({tasks} tasks), got {task_id}")
+    return cols[task_id] @ rows[task_id]
 
 
 def _safetensors_metadata(data: bytes) -> dict:
@@ -213,9 +251,17 @@ def content_sha256(prompt_embeddings: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def read_prompt_embeddings(weights: bytes) -> torch.Tensor:
-    """The tensor of a stored adapter_model.safetensors (safetensors only, never pickle)."""
-    return load_safetensors(weights)[TENSOR_NAME]
+def stored_files(prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str,
+                 original_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """What an adapter stores: its PEFT files, with the prompt served beside them when those are
+    another kind's own (P_TUNING, MULTITASK_PROMPT_TUNING)."""
+    files = encode_adapter(prompt_embeddings, base_fingerprint, base_model_name)
+    return files if original_files is None else original_files | {SOFT_PROMPT_NAME: files[WEIGHTS_NAME]}
+
+
+def read_prompt_embeddings(files: dict[str, bytes]) -> torch.Tensor:
+    """The soft prompt a stored adapter serves (safetensors only, never pickle)."""
+    return load_safetensors(files.get(SOFT_PROMPT_NAME) or files[WEIGHTS_NAME])[TENSOR_NAME]
 
 
 def zip_adapter(files: dict[str, bytes]) -> bytes:

@@ -25,10 +25,12 @@ def new_adapter(
     source: str,
     metrics: dict | None = None,
     template: str | None = None,
+    original_files: dict[str, bytes] | None = None,
 ) -> tuple[Adapter, dict[str, bytes]]:
     """A new adapter's row (not yet in any session) and its files, to store with
-    `storage.storing(session, adapter_key(row.id), files)` in the transaction that adds the row."""
-    files = adapter_files.encode_adapter(prompt_embeddings, base_fingerprint, base_model_name)
+    `storage.storing(session, adapter_key(row.id), files)` in the transaction that adds the row.
+    `original_files`: an imported P_TUNING or MULTITASK_PROMPT_TUNING adapter's own, kept for download."""
+    files = adapter_files.stored_files(prompt_embeddings, base_fingerprint, base_model_name, original_files)
     adapter = Adapter(
         id=new_id(),
         name=name,

@@ -157,8 +157,7 @@ class Runtime:
         return soft_prompt, template
 
     def _read_prompt(self, adapter_id: str):
-        weights = self.storage.read(adapter_key(adapter_id), adapter_files.WEIGHTS_NAME)
-        return adapter_files.read_prompt_embeddings(weights)
+        return adapter_files.read_prompt_embeddings(self.storage.read_all(adapter_key(adapter_id)))
 
     def forget_adapter(self, adapter_id: str) -> None:
         """After a delete: drop its weights and its cached prefixes."""

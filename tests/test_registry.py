@@ -34,7 +34,7 @@ def test_register_get_list_delete(sessions, storage):
         got = registry.get_adapter(session, first.id)
         assert got.metrics == {"eval_accuracy": 0.9} and got.num_virtual_tokens == 3
         assert got.created_at.tzinfo is not None
-        assert read_prompt_embeddings(storage.read(adapter_key(first.id), WEIGHTS_NAME)).shape == (3, 8)
+        assert read_prompt_embeddings(storage.read_all(adapter_key(first.id))).shape == (3, 8)
         assert got.size_bytes == sum(len(data) for data in storage.read_all(adapter_key(first.id)).values())
         items, total = registry.list_adapters(session, name="SST2", limit=1, offset=0)
         assert total == 2 and [a.name for a in items] == ["sst2-b"]

@@ -23,6 +23,8 @@ class AdapterUploadForm(BaseModel):
     config: Annotated[FileField | None, Field(description="adapter_config.json")] = None
     weights: Annotated[FileField | None, Field(description="adapter_model.safetensors")] = None
     archive: Annotated[FileField | None, Field(description="A zip holding both files instead")] = None
+    task_id: Annotated[int | None, Field(ge=0, le=1_000_000, description=(
+        "MULTITASK_PROMPT_TUNING only: which task's prompt to serve (default 0)"))] = None
 
 
 def _data(upload: UploadedFile | None, field: str) -> bytes | None:
@@ -53,7 +55,9 @@ async def upload_adapter(
     session: SessionDep,
     form: Annotated[AdapterUploadForm, Depends(admin_form(AdapterUploadForm, lambda s: s.max_adapter_upload_bytes))],
 ) -> Adapter:
-    """Import a PEFT prompt-tuning adapter: `config` + `weights`, or one zip as `archive`."""
+    """Import a PEFT soft-prompt adapter (`PROMPT_TUNING`, `P_TUNING` or `MULTITASK_PROMPT_TUNING`):
+    `config` + `weights`, or one zip as `archive`. Another kind than prompt tuning is served as the
+    fixed soft prompt it amounts to and downloads as uploaded."""
     settings, base = runtime.settings, runtime.base
     config, weights, archive = _data(form.config, "config"), _data(form.weights, "weights"), _data(form.archive, "archive")
     try:  # off the event loop: a zip's directory and members take real work to read
@@ -62,7 +66,7 @@ async def upload_adapter(
         )
         parsed = await asyncio.to_thread(
             adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
-            settings.max_virtual_tokens, base.fingerprint,
+            settings.max_virtual_tokens, base.fingerprint, form.task_id,
         )
     except adapter_files.AdapterFormatError as exc:
         raise HTTPException(422, detail=str(exc)) from None
@@ -77,6 +81,7 @@ async def upload_adapter(
         base_fingerprint=parsed.base_fingerprint,
         base_model_name=parsed.base_model_name or base.name,
         source="imported",
+        original_files=parsed.original_files,
     )
 
 

@@ -88,11 +88,11 @@ def replace(files, key, content):
     "case, expected",
     [
         ("config_not_json", "adapter_config.json: not valid UTF-8 JSON"),
-        ("wrong_peft_type", "peft_type must be PROMPT_TUNING"),
+        ("wrong_peft_type", "peft_type must be PROMPT_TUNING, P_TUNING or MULTITASK_PROMPT_TUNING, got 'LORA'"),
         ("bad_virtual_tokens", "num_virtual_tokens must be an integer"),
         ("wrong_width", "token_dim 32 does not match the base model's 64"),
         ("pickle_weights", "not a valid safetensors file"),
-        ("two_tensors", "must hold exactly one tensor"),
+        ("two_tensors", "a PROMPT_TUNING adapter holds exactly the tensors ['prompt_embeddings']"),
         ("int_dtype", "must be float16, bfloat16 or float32"),
         ("shape_mismatch", "has shape [3, 32], expected [3, 64]"),
         ("nan_values", "contains NaN or infinite values"),

@@ -57,7 +57,7 @@ def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
         assert adapter.metrics["steps"] == 6 and adapter.metrics["eval_accuracy"] == job.eval_accuracy
         kinds = [e.kind for e in jobs.list_events(session, job_id)]
     assert kinds.count("train") == 6 and kinds.count("eval") == 2
-    stored = make_storage(settings, sessions).read(adapter_key(adapter.id), "adapter_model.safetensors")
+    stored = make_storage(settings, sessions).read_all(adapter_key(adapter.id))
     assert read_prompt_embeddings(stored).shape == (4, tiny_base.hidden_size)
 
 
