@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import adapter_files, jobs, registry
 from app.config import Settings
@@ -22,10 +21,10 @@ from app.engine.engine import Engine
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
+from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 from app.observability import Metrics, runtime_families
 from app.storage import DATASETS, NotStored, Storage, adapter_key, make_storage
 from app.storage_move import unmoved_folders
-from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 
 log = logging.getLogger(__name__)
 

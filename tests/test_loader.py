@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, fingerprint, load_base_model, model_dir_and_name
+from app.engine.loader import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    fingerprint,
+    load_base_model,
+    model_dir_and_name,
+)
 from tests.conftest import SECOND_REAL_MODEL
 
 

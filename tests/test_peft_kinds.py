@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import MultitaskPromptTuningConfig, PeftModel, PromptEncoderConfig, get_peft_model
+from peft import (
+    MultitaskPromptTuningConfig,
+    PeftModel,
+    PromptEncoderConfig,
+    get_peft_model,
+)
 from transformers import AutoModelForCausalLM
 
 from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME

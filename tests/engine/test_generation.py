@@ -3,8 +3,8 @@
 import pytest
 
 from app.engine.generation import generate_batch
-from app.engine.requests import GenerationRequest
 from app.engine.reference import check_against_reference, reference_greedy_decode
+from app.engine.requests import GenerationRequest
 from tests.conftest import INT8_TIE_TOLERANCE, random_soft_prompt
 
 SST2_PROMPTS = [
