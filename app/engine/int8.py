@@ -55,6 +55,24 @@ def int_mm_is_fast() -> bool:
     return seconds(lambda: torch._int_mm(a, b.t())) <= 2 * seconds(lambda: af @ bf.t())
 
 
+@functools.cache
+def one_row_products_win() -> bool:
+    """Whether two one-row torch._int_mm products beat one two-row product here (a decode-sized
+    layer). With AVX-512 VNNI and no AMX they did (a decode step at batch 2: 25 -> 21 ms); on a
+    Sapphire Rapids (AMX) they take 2-3x as long."""
+    a, w = torch.ones(2, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
+
+    def seconds(product) -> float:
+        product()
+        start = time.perf_counter()
+        for _ in range(20):
+            product()
+        return time.perf_counter() - start
+
+    return seconds(lambda: (torch._int_mm(a[:1], w.t()), torch._int_mm(a[1:], w.t()))) < seconds(
+        lambda: torch._int_mm(a, w.t()))
+
+
 def product_weight(weight: torch.Tensor) -> torch.Tensor:
     """What the integer products read: the int8 weight, or its values as float32 where _int_mm is slow."""
     return weight if int_mm_is_fast() else weight.float()
@@ -72,12 +90,12 @@ def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int) -> torch.Tensor:
     """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight). torch._int_mm has a fast path for one row
-    (straight over the weight rows); for 2..`split_up_to` rows, one-row products beat oneDNN's
-    small-M kernel (measured: a decode step at batch 2 25 -> 21 ms). Integer products are exact,
-    so how rows are grouped never changes a result."""
+    (straight over the weight rows); on some CPUs, for 2..`split_up_to` rows, one-row products
+    beat oneDNN's small-M kernel (see one_row_products_win). Integer products are exact, so how
+    rows are grouped never changes a result."""
     if weight.dtype == torch.float32:
         return _float_int_mm(quantized, weight)
-    if 1 < quantized.shape[0] <= split_up_to:
+    if 1 < quantized.shape[0] <= split_up_to and one_row_products_win():
         return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(quantized.shape[0])])
     return torch._int_mm(quantized, weight.t())
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from app.engine.sampling import RowSampling, sample
+from app.engine.sampling import RowSampling, greedy_tokens, sample
 
 CPU = torch.device("cpu")
 
@@ -53,3 +53,15 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     sampler = row(1.0, top_p=0.75, seed=9)  # keeps 0.5 and 0.3: 0.5 alone falls short of 0.75
     draws = {sample(logits, [sampler])[0][0] for _ in range(300)}
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("vocab", [262144, 49152 + 77, 100])
+def test_greedy_tokens_are_argmax_exactly(vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab)
+    logits[1, vocab // 3] = float("nan")  # NaN counts as the largest value, as in argmax
+    logits[2, [7, vocab - 1]] = 50.0  # ties: the first index wins
+    logits[3, vocab - 1] = 60.0  # the maximum in a short last slice
+    logits[4] = -float("inf")
+    assert torch.equal(greedy_tokens(logits, width=64), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
