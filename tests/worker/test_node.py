@@ -56,17 +56,33 @@ def module_flags(model: torch.nn.Module) -> dict:
 
 
 async def serve_during_training(base, requests, config, examples, budget_s=0.25):
-    """Serve `requests` once idle, then again while a job trains (each batch sent while a training
-    item is open). Returns (idle completions, completions during training, what the engine saw)."""
+    """Serve `requests` once idle, then again while a job trains: sent from inside a training
+    item's forward, with pause points still ahead of it. Returns (idle completions, completions
+    during training, what the engine saw)."""
     engine = Engine(partial(EngineCore, base, kv_tokens=4096, max_rows=16), 64, 65_536, train_step_budget_s=budget_s)
     engine.start()
     watch = ItemWatch(engine)
     seen = SimpleNamespace(layer_calls=[], nested_steps=0, flags_ok=True)
     flags = module_flags(base.model)
     engine_thread = engine._thread.ident
+    loop = asyncio.get_running_loop()
+    queued = threading.Event()
+    sent = []
+
+    async def send():
+        task = asyncio.ensure_future(engine.submit_all(requests, 120))
+        await asyncio.sleep(0)  # the task has queued the requests
+        queued.set()
+        return await task
 
     def record_layer(module, args):  # every decoder layer call: who computes, in which mode
         seen.layer_calls.append((threading.get_ident() == engine_thread, engine.activity, torch.is_grad_enabled()))
+        if engine.activity == "training" and torch.is_grad_enabled() and not sent:
+            # The first layer of a training micro-batch's forward: the next layer's pause point and
+            # backward's are still ahead. Send the requests and wait until they are queued: polling
+            # for an open item from outside could catch one in its last moment.
+            sent.append(asyncio.run_coroutine_threadsafe(send(), loop))
+            assert queued.wait(30)
 
     def record_step(rows, logits):
         if watch.open:
@@ -79,18 +95,10 @@ async def serve_during_training(base, requests, config, examples, budget_s=0.25)
         handle = first_layer.register_forward_pre_hook(record_layer)
         engine.core.logits_hook = record_step
         flags = module_flags(base.model)  # with the test's own hook
-        training = asyncio.create_task(asyncio.to_thread(train_prompt, base, config, examples, None, Hooks(), watch))
-        during = []
-        while not training.done():
-            if watch.open:
-                items_before = engine.training_items
-                during = await engine.submit_all(requests, 120)
-                assert engine.training_items >= items_before
-                break
-            await asyncio.sleep(0.005)
-        await training
+        await asyncio.to_thread(train_prompt, base, config, examples, None, Hooks(), watch)
         handle.remove()
         engine.core.logits_hook = None
+        during = await asyncio.wrap_future(sent[0]) if sent else []
         return idle, during, seen
     finally:
         await engine.stop()
