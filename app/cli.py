@@ -15,17 +15,16 @@ import argparse
 import os
 
 from app.config import get_settings
-from app.engine.loader import PACKAGED_MODELS, fingerprint, model_dir_and_name
+from app.engine.loader import fingerprint, model_dir_and_name
 from app.observability import configure_logging
 
 
 def prepare_model() -> None:
     settings = get_settings()
-    # A packaged model (the default one, or BASE_MODEL naming one) is converted here, with progress bars.
-    folder, name = model_dir_and_name(settings.base_model, settings.model_cache_dir)
-    if not (folder / "config.json").exists():
-        raise SystemExit(f"BASE_MODEL {folder} is not a Hugging Face model folder (no config.json)"
-                         f" nor one of the packaged models {sorted(PACKAGED_MODELS)}")
+    try:  # a packaged model (the default one, or BASE_MODEL naming one) is converted here, with progress bars
+        folder, name = model_dir_and_name(settings.base_model, settings.model_cache_dir)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
     print(f"base model ready: {folder} ({fingerprint(folder, name)})")
 
 

@@ -9,10 +9,10 @@ import pytest
 from app.config import Settings
 from app.engine.loader import (
     DEFAULT_MODEL_NAME,
-    default_model_dir,
     fingerprint,
     load_base_model,
     model_dir_and_name,
+    packaged_model_dir,
 )
 from tests.conftest import SECOND_REAL_MODEL
 
@@ -49,7 +49,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_default_model_is_cached_and_int8(real_base):
     from bitsandbytes.nn import Linear8bitLt
 
-    folder = default_model_dir(Settings().model_cache_dir)
+    folder = packaged_model_dir(DEFAULT_MODEL_NAME, Settings().model_cache_dir)
     assert folder.name == DEFAULT_MODEL_NAME and (folder / "model.safetensors").exists()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert real_base.hidden_size == 640 and real_base.quantization == "int8"
@@ -63,10 +63,15 @@ def test_base_model_is_a_folder_or_a_packaged_models_name(tmp_path, monkeypatch)
     (converted / "config.json").write_text("{}")  # already converted: nothing is fetched
     assert model_dir_and_name(Path("smollm2-135m"), tmp_path / "cache") == (converted, "smollm2-135m")
     folder = tmp_path / "my-model"
+    with pytest.raises(FileNotFoundError, match="nor one of the packaged models"):
+        model_dir_and_name(folder, tmp_path / "cache")
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
     assert model_dir_and_name(folder, tmp_path / "cache") == (folder, "my-model")
     # A folder that happens to carry a packaged model's name is still the folder.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / "config.json").write_text("{}")
     assert model_dir_and_name(Path("smollm2-135m"), tmp_path / "cache") == (Path("smollm2-135m"), "smollm2-135m")
 
 

@@ -39,20 +39,21 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale.unsqueeze(-1)).round_().to(torch.int8), scale
 
 
+def _seconds(product, repeats: int) -> float:
+    """How long `repeats` calls of `product` take, after one to warm up."""
+    product()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        product()
+    return time.perf_counter() - start
+
+
 @functools.cache
 def int_mm_is_fast() -> bool:
     """Whether torch._int_mm beats a float32 product of the same shape here (a decode-sized one)."""
     a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     af, bf = a.float(), b.float()
-
-    def seconds(product) -> float:
-        product()
-        start = time.perf_counter()
-        for _ in range(3):
-            product()
-        return time.perf_counter() - start
-
-    return seconds(lambda: torch._int_mm(a, b.t())) <= 2 * seconds(lambda: af @ bf.t())
+    return _seconds(lambda: torch._int_mm(a, b.t()), 3) <= 2 * _seconds(lambda: af @ bf.t(), 3)
 
 
 @functools.cache
@@ -61,16 +62,8 @@ def one_row_products_win() -> bool:
     layer). With AVX-512 VNNI and no AMX they did (a decode step at batch 2: 25 -> 21 ms); on a
     Sapphire Rapids (AMX) they take 2-3x as long."""
     a, w = torch.ones(2, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
-
-    def seconds(product) -> float:
-        product()
-        start = time.perf_counter()
-        for _ in range(20):
-            product()
-        return time.perf_counter() - start
-
-    return seconds(lambda: (torch._int_mm(a[:1], w.t()), torch._int_mm(a[1:], w.t()))) < seconds(
-        lambda: torch._int_mm(a, w.t()))
+    one_row_each = _seconds(lambda: (torch._int_mm(a[:1], w.t()), torch._int_mm(a[1:], w.t())), 20)
+    return one_row_each < _seconds(lambda: torch._int_mm(a, w.t()), 20)
 
 
 def product_weight(weight: torch.Tensor) -> torch.Tensor:

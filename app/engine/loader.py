@@ -111,16 +111,16 @@ def packaged_model_dir(name: str, cache_dir: Path) -> Path:
     return target
 
 
-def default_model_dir(cache_dir: Path) -> Path:
-    return packaged_model_dir(DEFAULT_MODEL_NAME, cache_dir)
-
-
 def model_dir_and_name(base_model: Path | None, cache_dir: Path) -> tuple[Path, str]:
     """Where BASE_MODEL's folder is and the model's name: a folder as given, a packaged model by
-    its name (converted on first use), the default one when unset."""
+    its name (converted on first use), the default one when unset. FileNotFoundError if it is none
+    of these."""
     if base_model is None or (str(base_model) in PACKAGED_MODELS and not Path(base_model).exists()):
         name = DEFAULT_MODEL_NAME if base_model is None else str(base_model)
         return packaged_model_dir(name, cache_dir), name
+    if not (Path(base_model) / "config.json").exists():
+        raise FileNotFoundError(f"BASE_MODEL {base_model} is not a Hugging Face model folder (no config.json)"
+                                f" nor one of the packaged models {sorted(PACKAGED_MODELS)}")
     return Path(base_model), Path(base_model).resolve().name
 
 
@@ -200,9 +200,6 @@ def load_base_model(
 ) -> BaseModel:
     keep_freed_memory()
     model_dir, name = model_dir_and_name(base_model, cache_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"BASE_MODEL {model_dir} is not a Hugging Face model folder (no config.json)"
-                                f" nor one of the packaged models {sorted(PACKAGED_MODELS)}")
     dev = resolve_device(device)
     AutoConfig.from_pretrained(model_dir)  # fail early with transformers' own message
     model = AutoModelForCausalLM.from_pretrained(
