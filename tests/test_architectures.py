@@ -27,7 +27,6 @@ from transformers import (
     Qwen3Config,
 )
 
-from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from app.datasets import Example
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel, load_base_model
@@ -35,7 +34,13 @@ from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationRequest
 from app.train_config import TrainConfig
 from tests.conftest import build_tiny_model, random_soft_prompt, upload_adapter
-from tests.test_peft_interop import FP32, PROMPTS, assert_serves_peft_logits, download
+from tests.test_peft_interop import (
+    FP32,
+    PROMPTS,
+    assert_serves_peft_logits,
+    download,
+    upload_peft_folder,
+)
 from worker.training import batch_loss, encode_example, init_prompt, train_prompt
 
 SPECIAL = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
@@ -128,8 +133,6 @@ def test_peft_interop_both_ways(family, make_client, tmp_path):
     theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
                             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     theirs.save_pretrained(tmp_path / "theirs")
-    files = {name: (filename, (tmp_path / "theirs" / filename).read_bytes())
-             for name, filename in (("config", CONFIG_NAME), ("weights", WEIGHTS_NAME))}
-    response = client.post("/adapters", data={"name": "from-peft"}, files=files)
+    response = upload_peft_folder(client, tmp_path / "theirs", "from-peft")
     assert response.status_code == 201, response.text
     assert_serves_peft_logits(client, response.json()["id"], theirs.eval(), **FP32)

@@ -20,19 +20,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from app.engine.generation import first_step_logits
-from app.engine.requests import GenerationRequest
 from app.engine.reference import reference_greedy_decode
+from app.engine.requests import GenerationRequest
 from tests.conftest import random_soft_prompt, upload_adapter
 
 PROMPTS = ["a gripping , funny film with a great cast", "Hello"]  # different lengths: row 2 is left-padded
 FP32 = {"atol": 1e-4, "rtol": 1e-4}
 
 
-def peft_logits(peft_model: PeftModel, prompt_ids: list[int]) -> torch.Tensor:
-    """PEFT's next-token logits for one unpadded row; PEFT prepends the virtual tokens itself."""
+def peft_logits(peft_model: PeftModel, prompt_ids: list[int], **task) -> torch.Tensor:
+    """PEFT's next-token logits for one unpadded row; PEFT prepends the virtual tokens itself.
+    `task`: `task_ids` for a multitask adapter."""
     input_ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
-        out = peft_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        out = peft_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **task)
     return out.logits[0, -1].float()
 
 
@@ -56,6 +57,13 @@ def assert_serves_peft_logits(client, adapter_id: str, peft_model: PeftModel, **
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Distance between the next-token distributions two logit vectors give (0 same, 1 disjoint)."""
     return 0.5 * float((a.softmax(-1) - b.softmax(-1)).abs().sum())
+
+
+def upload_peft_folder(client, folder: Path, name: str, **form):
+    """POST /adapters with the two files PEFT's save_pretrained wrote in `folder`."""
+    files = {"config": (CONFIG_NAME, (folder / CONFIG_NAME).read_bytes()),
+             "weights": (WEIGHTS_NAME, (folder / WEIGHTS_NAME).read_bytes())}
+    return client.post("/adapters", data={"name": name, **form}, files=files)
 
 
 def download(client, adapter_id: str, folder: Path) -> Path:
@@ -104,9 +112,7 @@ def test_adapter_trained_with_peft_uploads_and_serves_the_same_logits(make_clien
     folder = tmp_path / "peft-adapter"
     peft_model = train_with_peft(tiny_model_dir, folder)
     client = make_client(tiny_base)
-    files = {"config": (CONFIG_NAME, (folder / CONFIG_NAME).read_bytes()),
-             "weights": (WEIGHTS_NAME, (folder / WEIGHTS_NAME).read_bytes())}
-    response = client.post("/adapters", data={"name": "peft-trained"}, files=files)
+    response = upload_peft_folder(client, folder, "peft-trained")
     assert response.status_code == 201, response.text
     adapter = response.json()
     assert adapter["num_virtual_tokens"] == 5

@@ -24,7 +24,13 @@ from app.engine.generation import first_step_logits
 from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationRequest
 from tests.conftest import random_soft_prompt, upload_adapter
-from tests.test_peft_interop import FP32, PROMPTS
+from tests.test_peft_interop import (
+    FP32,
+    PROMPTS,
+    download,
+    peft_logits,
+    upload_peft_folder,
+)
 
 TASKS = 3
 
@@ -44,17 +50,6 @@ def trained_with_peft(model_dir: Path, folder: Path, config) -> PeftModel:
     return model.eval()
 
 
-def peft_first_logits(model: PeftModel, prompt_ids: list[int], **task) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([prompt_ids]), use_cache=False, **task).logits[0, -1].float()
-
-
-def upload_files(client, folder: Path, name: str, **form):
-    files = {"config": (CONFIG_NAME, (folder / CONFIG_NAME).read_bytes()),
-             "weights": (WEIGHTS_NAME, (folder / WEIGHTS_NAME).read_bytes())}
-    return client.post("/adapters", data={"name": name, **form}, files=files)
-
-
 @pytest.fixture
 def kinds(tiny_model_dir, tmp_path):
     """(PEFT model, saved folder, task kwargs for PEFT, form fields for the upload) per kind."""
@@ -72,7 +67,7 @@ def test_every_kind_serves_peft_logits_side_by_side_and_downloads_as_uploaded(ma
     plain = random_soft_prompt(tiny_base, 4, seed=3)
     ids = {"PROMPT_TUNING": upload_adapter(client, plain)["id"]}
     for kind, (_, folder, _, form) in kinds.items():
-        response = upload_files(client, folder, kind.lower(), **form)
+        response = upload_peft_folder(client, folder, kind.lower(), **form)
         assert response.status_code == 201, response.text
         ids[kind] = response.json()["id"]
     runtime = client.app.state.runtime
@@ -89,7 +84,7 @@ def test_every_kind_serves_peft_logits_side_by_side_and_downloads_as_uploaded(ma
                 expected = first_step_logits(tiny_base, [GenerationRequest(p, plain, max_new_tokens=1)])[0]
             else:
                 model, _, task, _ = kinds[kind]
-                expected = peft_first_logits(model, p, **task)
+                expected = peft_logits(model, p, **task)
             torch.testing.assert_close(served, expected, **FP32)
 
     for kind in kinds:
@@ -98,10 +93,10 @@ def test_every_kind_serves_peft_logits_side_by_side_and_downloads_as_uploaded(ma
         expected = reference_greedy_decode(tiny_base, soft[kind], prompt_ids[0], 8)
         assert response.json()["text"] == tiny_base.tokenizer.decode(expected, skip_special_tokens=True)
 
-        download = client.get(f"/adapters/{ids[kind]}/download")
-        assert download.status_code == 200
+        zipped = client.get(f"/adapters/{ids[kind]}/download")
+        assert zipped.status_code == 200
         folder = kinds[kind][1]
-        with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as archive:
             assert {n: archive.read(n) for n in archive.namelist()} == {
                 name: (folder / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
 
@@ -111,26 +106,24 @@ def test_each_task_of_a_multitask_adapter_is_its_own_prompt(make_client, tiny_ba
     model, folder, _, _ = kinds["MULTITASK_PROMPT_TUNING"]
     served = {}
     for task in (0, 2):
-        response = upload_files(client, folder, f"task-{task}", task_id=str(task))
+        response = upload_peft_folder(client, folder, f"task-{task}", task_id=str(task))
         assert response.status_code == 201, response.text
         served[task] = response.json()
         soft, _ = client.portal.call(client.app.state.runtime.soft_prompt, served[task]["id"])
         ids = tiny_base.tokenizer(PROMPTS[0]).input_ids
         logits = first_step_logits(tiny_base, [GenerationRequest(ids, soft, max_new_tokens=1)])[0]
-        torch.testing.assert_close(logits, peft_first_logits(model, ids, task_ids=torch.tensor([task])), **FP32)
+        torch.testing.assert_close(logits, peft_logits(model, ids, task_ids=torch.tensor([task])), **FP32)
     assert served[0]["sha256"] != served[2]["sha256"]  # two prompts, two cache keys
     # The download loads in PEFT again.
-    download = client.get(f"/adapters/{served[2]['id']}/download")
-    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
-        archive.extractall(folder.parent / "downloaded")
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder.parent / "downloaded")
+    downloaded = download(client, served[2]["id"], folder.parent / "downloaded")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), downloaded)
 
 
 def test_bad_task_ids_are_refused_by_name(make_client, tiny_base, kinds):
     client = make_client(tiny_base)
     folder = kinds["MULTITASK_PROMPT_TUNING"][1]
-    response = upload_files(client, folder, "too-far", task_id=str(TASKS))
+    response = upload_peft_folder(client, folder, "too-far", task_id=str(TASKS))
     assert response.status_code == 422 and f"task_id must be in 0..{TASKS - 1}" in response.text
-    response = upload_files(client, kinds["P_TUNING"][1], "not-multitask", task_id="0")
+    response = upload_peft_folder(client, kinds["P_TUNING"][1], "not-multitask", task_id="0")
     assert response.status_code == 422 and "task_id applies to MULTITASK_PROMPT_TUNING adapters only" in response.text
     assert client.get("/adapters").json()["total"] == 0
