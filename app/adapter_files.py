@@ -11,6 +11,11 @@ own files for download beside the soft prompt served (SOFT_PROMPT_NAME):
   (its inference mode reads that tensor as is): the soft prompt itself.
 - MULTITASK_PROMPT_TUNING: a shared prompt and low-rank task factors; task t's prompt is
   `prompt_embeddings * (prefix_task_cols[t] @ prefix_task_rows[t])`, made once at import.
+
+PREFIX_TUNING adapters give every layer keys and values instead of input embeddings: PEFT saves
+them (its reparameterization MLP already applied) as `prompt_embeddings`
+[num_virtual_tokens, layers * 2 * kv_heads * head_dim]. That tensor is served as it is stored
+(app.engine.prefix_kv reads its layout), so such an adapter's files are its own.
 """
 
 import hashlib
@@ -27,11 +32,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from app.engine import prefix_kv
+from app.engine.kv_cache import KVShape
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TENSOR_NAME = "prompt_embeddings"
 SOFT_PROMPT_NAME = "soft_prompt.safetensors"  # the prompt served, beside another kind's own files
 PROMPT_TUNING, P_TUNING, MULTITASK = "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"
+PREFIX_TUNING = "PREFIX_TUNING"
+PEFT_TYPES = (PROMPT_TUNING, P_TUNING, MULTITASK, PREFIX_TUNING)
 TASK_TENSORS = ("prefix_task_cols", "prefix_task_rows")
 FINGERPRINT_KEY = "softserve_base_fingerprint"
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32}
@@ -47,7 +57,9 @@ class BaseModelMismatch(ValueError):
 
 @dataclass
 class ParsedAdapter:
-    prompt_embeddings: torch.Tensor  # float32, [num_virtual_tokens, hidden]: what is served
+    # float32, what is served: [num_virtual_tokens, hidden] (a soft prompt) or, for PREFIX_TUNING,
+    # [num_virtual_tokens, layers * 2 * kv_heads * head_dim] (keys and values)
+    prompt_embeddings: torch.Tensor
     base_fingerprint: str
     base_model_name: str
     original_files: dict[str, bytes] | None = None  # another kind's own files, kept for download
@@ -140,10 +152,11 @@ def _config_int(text: str) -> int:
 
 def parse_adapter(
     config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str,
-    task_id: int | None = None,
+    task_id: int | None = None, kv_shape: KVShape | None = None,
 ) -> ParsedAdapter:
     """Validate an uploaded adapter against the resident base model. `task_id`: which task's
-    prompt a MULTITASK_PROMPT_TUNING adapter serves (default 0)."""
+    prompt a MULTITASK_PROMPT_TUNING adapter serves (default 0). `kv_shape`: the base model's
+    keys and values, which a PREFIX_TUNING adapter must match (none are accepted without it)."""
     try:
         config = json.loads(config_bytes.decode("utf-8"), parse_int=_config_int)
     except RecursionError:
@@ -153,17 +166,22 @@ def parse_adapter(
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME}: must be a JSON object")
     kind = config.get("peft_type")
-    if kind not in (PROMPT_TUNING, P_TUNING, MULTITASK):
-        raise AdapterFormatError(
-            f"{CONFIG_NAME}: peft_type must be {PROMPT_TUNING}, {P_TUNING} or {MULTITASK}, got {kind!r}")
+    accepted = PEFT_TYPES if kv_shape is not None else PEFT_TYPES[:-1]
+    if kind not in accepted:
+        raise AdapterFormatError(f"{CONFIG_NAME}: peft_type must be one of {', '.join(accepted)}, got {kind!r}")
     if task_id is not None and kind != MULTITASK:
         raise AdapterFormatError(f"task_id applies to {MULTITASK} adapters only, this one is {kind}")
     n_tokens = config.get("num_virtual_tokens")
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 1 <= n_tokens <= max_virtual_tokens:
         raise AdapterFormatError(f"{CONFIG_NAME}: num_virtual_tokens must be an integer in 1..{max_virtual_tokens}")
-    token_dim = config.get("token_dim", hidden_size)
-    if token_dim != hidden_size:
-        raise AdapterFormatError(f"{CONFIG_NAME}: token_dim {token_dim} does not match the base model's {hidden_size}")
+    width = hidden_size
+    if kind == PREFIX_TUNING:
+        _check_prefix_config(config, kv_shape)
+        width = prefix_kv.flat_width(kv_shape)
+    else:
+        token_dim = config.get("token_dim", hidden_size)
+        if token_dim != hidden_size:
+            raise AdapterFormatError(f"{CONFIG_NAME}: token_dim {token_dim} does not match the base model's {hidden_size}")
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterFormatError(f"{CONFIG_NAME}: num_transformer_submodules must be 1 for a decoder-only model")
 
@@ -180,9 +198,9 @@ def parse_adapter(
         if tensor.dtype not in FLOAT_DTYPES:
             raise AdapterFormatError(f"{WEIGHTS_NAME}: {name} must be float16, bfloat16 or float32, not {tensor.dtype}")
     prompt = tensors[TENSOR_NAME].float()
-    if tuple(prompt.shape) != (n_tokens, hidden_size):
+    if tuple(prompt.shape) != (n_tokens, width):
         raise AdapterFormatError(
-            f"{WEIGHTS_NAME}: {TENSOR_NAME} has shape {list(prompt.shape)}, expected [{n_tokens}, {hidden_size}]"
+            f"{WEIGHTS_NAME}: {TENSOR_NAME} has shape {list(prompt.shape)}, expected [{n_tokens}, {width}]"
         )
     if kind == MULTITASK:
         prompt = prompt * _task_factor(tensors, config, task_id or 0, n_tokens, hidden_size)
@@ -198,6 +216,18 @@ def parse_adapter(
         base_model_name=str(config.get("base_model_name_or_path") or ""),
         original_files=None if kind == PROMPT_TUNING else {CONFIG_NAME: config_bytes, WEIGHTS_NAME: weights_bytes},
     )
+
+
+def _check_prefix_config(config: dict, shape: KVShape) -> None:
+    """PEFT sizes a prefix by the model's layers, key/value heads and their width (token_dim is
+    kv_heads * head_dim); all must be this base model's."""
+    expected = {"num_layers": shape.layers, "num_attention_heads": shape.kv_heads,
+                "token_dim": shape.kv_heads * shape.head_dim}
+    for name, value in expected.items():
+        if config.get(name) != value:
+            raise AdapterFormatError(f"{CONFIG_NAME}: {name} is {config.get(name)!r}; this base model's prefix needs "
+                                     f"{value} (layers {shape.layers}, key/value heads {shape.kv_heads}, head size "
+                                     f"{shape.head_dim})")
 
 
 def _task_factor(tensors: dict, config: dict, task_id: int, n_tokens: int, hidden_size: int) -> torch.Tensor:
@@ -251,17 +281,54 @@ def content_sha256(prompt_embeddings: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def prefix_peft_config(num_virtual_tokens: int, shape: KVShape, base_model_name: str,
+                       encoder_hidden_size: int | None = None) -> dict:
+    """A PEFT PrefixTuningConfig as PEFT writes it for this base model (`encoder_hidden_size`: the
+    width of the reparameterization MLP it was trained with, if any)."""
+    return {
+        "peft_type": PREFIX_TUNING,
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": shape.kv_heads * shape.head_dim,
+        "num_attention_heads": shape.kv_heads,
+        "num_layers": shape.layers,
+        "num_transformer_submodules": 1,
+        "prefix_projection": encoder_hidden_size is not None,
+        "encoder_hidden_size": encoder_hidden_size,
+        "base_model_name_or_path": base_model_name,
+        "inference_mode": True,
+    }
+
+
+def encode_prefix_adapter(flat: torch.Tensor, shape: KVShape, base_fingerprint: str, base_model_name: str,
+                          encoder_hidden_size: int | None = None) -> dict[str, bytes]:
+    """A PREFIX_TUNING adapter's two files as PEFT writes them: `flat` is
+    [num_virtual_tokens, layers * 2 * kv_heads * head_dim] (app.engine.prefix_kv.to_flat)."""
+    prefix = flat.detach().to("cpu", torch.float32).contiguous()
+    weights = save_safetensors({TENSOR_NAME: prefix}, metadata={"format": "pt", FINGERPRINT_KEY: base_fingerprint})
+    config = prefix_peft_config(prefix.shape[0], shape, base_model_name, encoder_hidden_size)
+    return {CONFIG_NAME: json.dumps(config, indent=2).encode(), WEIGHTS_NAME: weights}
+
+
+def is_prefix_tuning(files: dict[str, bytes]) -> bool:
+    return SOFT_PROMPT_NAME not in files and json.loads(files[CONFIG_NAME]).get("peft_type") == PREFIX_TUNING
+
+
 def stored_files(prompt_embeddings: torch.Tensor, base_fingerprint: str, base_model_name: str,
                  original_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """What an adapter stores: its PEFT files, with the prompt served beside them when those are
-    another kind's own (P_TUNING, MULTITASK_PROMPT_TUNING)."""
+    another kind's own (P_TUNING, MULTITASK_PROMPT_TUNING). A PREFIX_TUNING adapter's own files
+    hold what is served."""
+    if original_files is not None and is_prefix_tuning(original_files):
+        return original_files
     files = encode_adapter(prompt_embeddings, base_fingerprint, base_model_name)
     return files if original_files is None else original_files | {SOFT_PROMPT_NAME: files[WEIGHTS_NAME]}
 
 
-def read_prompt_embeddings(files: dict[str, bytes]) -> torch.Tensor:
-    """The soft prompt a stored adapter serves (safetensors only, never pickle)."""
-    return load_safetensors(files.get(SOFT_PROMPT_NAME) or files[WEIGHTS_NAME])[TENSOR_NAME]
+def read_served(files: dict[str, bytes]) -> tuple[torch.Tensor, bool]:
+    """What a stored adapter serves (safetensors only, never pickle), and whether it is prefix
+    tuning's keys and values rather than a soft prompt."""
+    return load_safetensors(files.get(SOFT_PROMPT_NAME) or files[WEIGHTS_NAME])[TENSOR_NAME], is_prefix_tuning(files)
 
 
 def zip_adapter(files: dict[str, bytes]) -> bytes:

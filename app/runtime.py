@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import adapter_files, jobs, registry
 from app.config import Settings
 from app.db import make_engine, make_session_factory
+from app.engine import prefix_kv
 from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
@@ -155,8 +156,11 @@ class Runtime:
             raise AdapterNotFound(adapter_id) from None
         return soft_prompt, template
 
-    def _read_prompt(self, adapter_id: str):
-        return adapter_files.read_prompt_embeddings(self.storage.read_all(adapter_key(adapter_id)))
+    def _read_prompt(self, adapter_id: str) -> SoftPrompt:
+        served, is_prefix = adapter_files.read_served(self.storage.read_all(adapter_key(adapter_id)))
+        if is_prefix:
+            return SoftPrompt.prefix(prefix_kv.from_flat(served, self.base.kv_shape), adapter_id)
+        return SoftPrompt(served, adapter_id)
 
     def forget_adapter(self, adapter_id: str) -> None:
         """After a delete: drop its weights and its cached prefixes."""

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.engine.loader import BaseModel, load_base_model
+from app.engine.requests import SoftPrompt
 from app.main import create_app
 from app.storage import DatabaseStorage, DirectoryStorage, Storage
 from tests import services
@@ -71,7 +72,14 @@ def tiny_gemma2_config():
 def build_tiny_model(folder: Path, config=None, pad_token: bool = True) -> Path:
     """A 2-layer random model (Gemma 3 unless `config` says otherwise) with a small byte-level
     BPE tokenizer trained on SST-2 text; `pad_token=False` declares none (as GPT-2's tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     corpus = (DATASETS / "sst2" / "train.jsonl").read_text().splitlines()
@@ -162,6 +170,15 @@ def random_soft_prompt(base: BaseModel, num_tokens: int, seed: int) -> torch.Ten
     ids = torch.randint(0, base.model.config.vocab_size, (num_tokens,), generator=generator)
     with torch.inference_mode():
         return base.model.get_input_embeddings()(ids.to(base.device)).float().cpu()
+
+
+def random_prefix_kv(base: BaseModel, num_tokens: int, seed: int) -> SoftPrompt:
+    """A prefix-tuned adapter's keys and values [layers, 2, n, kv_heads, head_dim], drawn like
+    PEFT's initial prefix (a standard normal embedding)."""
+    shape = base.kv_shape
+    generator = torch.Generator().manual_seed(seed)
+    kv = torch.randn((shape.layers, 2, num_tokens, shape.kv_heads, shape.head_dim), generator=generator)
+    return SoftPrompt.prefix(kv, adapter_id=f"prefix-{seed}")
 
 
 def alembic_config(database_url: str) -> Config:

@@ -3,7 +3,8 @@
 For each: the engine's greedy output for a mixed batch of 8 adapters equals the no-cache
 reference; the training loss is the masked cross-entropy of the model's own full forward (its own
 head and final-logit processing), and one training step lowers it; PEFT interop both ways gives
-PEFT's first-step logits. The families differ where soft prompts are fragile: absolute positions
+PEFT's first-step logits, for prompt tuning and prefix tuning (per-layer keys and values) alike.
+The families differ where soft prompts are fragile: absolute positions
 (GPT-2, OPT's offset learned ones) or rotary, tied or untied heads, no pad token, logit softcapping.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, PromptTuningConfig, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -136,3 +137,23 @@ def test_peft_interop_both_ways(family, make_client, tmp_path):
     response = upload_peft_folder(client, tmp_path / "theirs", "from-peft")
     assert response.status_code == 201, response.text
     assert_serves_peft_logits(client, response.json()["id"], theirs.eval(), **FP32)
+
+
+def test_prefix_tuning_from_peft_serves_its_logits_and_mixes_with_soft_prompts(family, make_client, tmp_path):
+    folder, base = family
+    client = make_client(base)
+    torch.manual_seed(2)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    theirs.save_pretrained(tmp_path / "prefix")
+    response = upload_peft_folder(client, tmp_path / "prefix", "prefix")
+    assert response.status_code == 201, response.text
+    adapter_id = response.json()["id"]
+    assert_serves_peft_logits(client, adapter_id, theirs.eval(), **FP32)
+
+    prefix, _ = client.portal.call(client.app.state.runtime.soft_prompt, adapter_id)
+    prompts = [base.tokenizer(text).input_ids for text in ("a gripping , funny film", "Hello", PROMPTS[0], "ok")]
+    requests = [GenerationRequest(prompts[i], prefix if i % 2 else random_soft_prompt(base, 3 + i, seed=i), 8)
+                for i in range(4)]
+    for request, result in zip(requests, generate_batch(base, requests)):
+        assert result.token_ids == reference_greedy_decode(base, request.soft_prompt, request.prompt_ids, 8)

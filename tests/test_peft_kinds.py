@@ -1,11 +1,12 @@
 """PEFT's other soft-prompt kinds, imported and served beside prompt tuning, checked against PEFT.
 
-P_TUNING and MULTITASK_PROMPT_TUNING adapters are made and trained by PEFT itself, uploaded as
-PEFT saved them, served in one batch with a prompt-tuning adapter (first-step logits equal PEFT's,
+P_TUNING, MULTITASK_PROMPT_TUNING and PREFIX_TUNING adapters are made and trained by PEFT itself,
+uploaded as PEFT saved them, served in one batch with a prompt-tuning adapter (first-step logits equal PEFT's,
 greedy output equal to the no-cache reference), and download as the very files uploaded.
 """
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from peft import (
     MultitaskPromptTuningConfig,
     PeftModel,
+    PrefixTuningConfig,
     PromptEncoderConfig,
     get_peft_model,
 )
@@ -55,10 +57,13 @@ def kinds(tiny_model_dir, tmp_path):
     """(PEFT model, saved folder, task kwargs for PEFT, form fields for the upload) per kind."""
     p_tuning = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=32)
     multitask = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, num_tasks=TASKS, num_ranks=2)
+    # with PEFT's reparameterization: it saves the MLP's output, the keys and values served
+    prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, prefix_projection=True, encoder_hidden_size=16)
     return {
         "P_TUNING": (trained_with_peft(tiny_model_dir, tmp_path / "pt", p_tuning), tmp_path / "pt", {}, {}),
         "MULTITASK_PROMPT_TUNING": (trained_with_peft(tiny_model_dir, tmp_path / "mpt", multitask), tmp_path / "mpt",
                                     {"task_ids": torch.tensor([1])}, {"task_id": "1"}),
+        "PREFIX_TUNING": (trained_with_peft(tiny_model_dir, tmp_path / "prefix", prefix), tmp_path / "prefix", {}, {}),
     }
 
 
@@ -74,7 +79,7 @@ def test_every_kind_serves_peft_logits_side_by_side_and_downloads_as_uploaded(ma
     prompt_ids = [tiny_base.tokenizer(p).input_ids for p in PROMPTS]
     soft = {kind: client.portal.call(runtime.soft_prompt, adapter_id)[0] for kind, adapter_id in ids.items()}
 
-    # One batch mixes the three kinds, each row with its own prompt.
+    # One batch mixes the four kinds, each row with its own prompt.
     requests = [GenerationRequest(p, soft[kind], max_new_tokens=1) for kind in ids for p in prompt_ids]
     logits = iter(first_step_logits(tiny_base, requests))
     for kind in ids:
@@ -126,4 +131,16 @@ def test_bad_task_ids_are_refused_by_name(make_client, tiny_base, kinds):
     assert response.status_code == 422 and f"task_id must be in 0..{TASKS - 1}" in response.text
     response = upload_peft_folder(client, kinds["P_TUNING"][1], "not-multitask", task_id="0")
     assert response.status_code == 422 and "task_id applies to MULTITASK_PROMPT_TUNING adapters only" in response.text
+    assert client.get("/adapters").json()["total"] == 0
+
+
+def test_a_prefix_made_for_another_model_shape_is_refused_by_name(make_client, tiny_base, kinds, tmp_path):
+    client = make_client(tiny_base)
+    folder = kinds["PREFIX_TUNING"][1]
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    layers = tiny_base.kv_shape.layers
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config | {"num_layers": layers + 1}))
+    (tmp_path / WEIGHTS_NAME).write_bytes((folder / WEIGHTS_NAME).read_bytes())
+    response = upload_peft_folder(client, tmp_path, "other-shape")
+    assert response.status_code == 422 and f"num_layers is {layers + 1}; this base model's prefix needs {layers}" in response.text
     assert client.get("/adapters").json()["total"] == 0

@@ -55,9 +55,10 @@ async def upload_adapter(
     session: SessionDep,
     form: Annotated[AdapterUploadForm, Depends(admin_form(AdapterUploadForm, lambda s: s.max_adapter_upload_bytes))],
 ) -> Adapter:
-    """Import a PEFT soft-prompt adapter (`PROMPT_TUNING`, `P_TUNING` or `MULTITASK_PROMPT_TUNING`):
-    `config` + `weights`, or one zip as `archive`. Another kind than prompt tuning is served as the
-    fixed soft prompt it amounts to and downloads as uploaded."""
+    """Import a PEFT soft-prompt adapter (`PROMPT_TUNING`, `P_TUNING`, `MULTITASK_PROMPT_TUNING` or
+    `PREFIX_TUNING`): `config` + `weights`, or one zip as `archive`. P-tuning and multitask adapters
+    are served as the fixed soft prompt they amount to, prefix tuning as its per-layer keys and
+    values; every kind downloads as uploaded."""
     settings, base = runtime.settings, runtime.base
     config, weights, archive = _data(form.config, "config"), _data(form.weights, "weights"), _data(form.archive, "archive")
     try:  # off the event loop: a zip's directory and members take real work to read
@@ -66,7 +67,7 @@ async def upload_adapter(
         )
         parsed = await asyncio.to_thread(
             adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
-            settings.max_virtual_tokens, base.fingerprint, form.task_id,
+            settings.max_virtual_tokens, base.fingerprint, form.task_id, base.kv_shape,
         )
     except adapter_files.AdapterFormatError as exc:
         raise HTTPException(422, detail=str(exc)) from None

@@ -7,8 +7,8 @@ thread so the event loop keeps serving.
 
 import asyncio
 from collections import OrderedDict
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 
 import torch
 
@@ -33,10 +33,10 @@ class AdapterCache:
     def __contains__(self, key: Key) -> bool:
         return key in self._entries
 
-    def _load(self, key: Key, load: Callable[[], torch.Tensor]) -> SoftPrompt:
-        return SoftPrompt(load().to(self.device, self.dtype), adapter_id=key[0])
+    def _load(self, load: Callable[[], SoftPrompt]) -> SoftPrompt:
+        return load().to(self.device, self.dtype)
 
-    async def get(self, key: Key, load: Callable[[], torch.Tensor]) -> SoftPrompt:
+    async def get(self, key: Key, load: Callable[[], SoftPrompt]) -> SoftPrompt:
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
@@ -50,7 +50,7 @@ class AdapterCache:
         future = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            soft_prompt = await asyncio.to_thread(self._load, key, load)
+            soft_prompt = await asyncio.to_thread(self._load, load)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to

@@ -9,7 +9,8 @@ then samples a token for every row whose known positions are all computed. A row
 moment its last token is chosen, and its slots go back to the pool at once.
 
 A row starts from the longest cached prefix of its adapter (soft prompt, then prompt tokens) and
-computes only the rest; when it has computed its prompt, its slots are offered to the prefix
+computes only the rest (a prefix-tuned adapter's positions 0..n-1 are its keys and values, written
+into the cache, never computed); when it has computed its prompt, its slots are offered to the prefix
 cache. Failures stay with their rows: a request that cannot be prepared is refused alone, a row
 whose logits are unusable fails alone, and an out-of-memory sheds the newest row and retries.
 
@@ -27,7 +28,7 @@ import torch
 
 from app.engine.attention import RowGroup, StepAttention
 from app.engine.detokenize import IncrementalDetokenizer
-from app.engine.kv_cache import BLOCK_SIZE, KVCache, KVShape
+from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
 from app.engine.prefix_cache import PrefixCache, PrefixKey
 from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
@@ -107,7 +108,7 @@ class EngineCore:
         self.base = base
         self.runner = ModelRunner(base)
         self.device = base.device
-        self.kv = KVCache(KVShape.of(base.model.config, base.embed_dtype), kv_tokens, base.device)
+        self.kv = KVCache(base.kv_shape, kv_tokens, base.device)
         self.prefix = PrefixCache(self.kv, kv_tokens if prefix_cache_tokens is None else prefix_cache_tokens)
         self.max_rows = max_rows
         self.max_step_tokens = max(max_step_tokens, max_rows)  # every decoding row fits every step
@@ -145,7 +146,14 @@ class EngineCore:
         ValueError (RequestTooLarge included) if it can never run."""
         self.check_fits(request)
         soft = request.soft_prompt
-        if soft is not None and (soft.embeddings.ndim != 2 or soft.embeddings.shape[1] != self.base.hidden_size):
+        if soft is not None and soft.prefix_kv is not None:
+            shape = self.kv.shape
+            if tuple(soft.prefix_kv.shape) != (shape.layers, 2, len(soft), shape.kv_heads, shape.head_dim):
+                raise ValueError(f"prefix keys and values must be [{shape.layers}, 2, virtual tokens, "
+                                 f"{shape.kv_heads}, {shape.head_dim}]")
+            if not request.prompt_ids:
+                raise ValueError("a prefix-tuned adapter needs a prompt: its prefix gives keys and values, no input")
+        elif soft is not None and (soft.embeddings.ndim != 2 or soft.embeddings.shape[1] != self.base.hidden_size):
             raise ValueError(f"soft prompt must be [virtual tokens, {self.base.hidden_size}]")
         if any(not 0 <= t < self.runner.vocab_size for t in request.prompt_ids):
             raise ValueError("prompt has token ids outside the vocabulary")
@@ -232,6 +240,19 @@ class EngineCore:
             events.append(("admitted", row))
             self._ensure_table_width(self.positions_needed(row.request) + 1)
             self.table[row.lane, : row.shared] = prefix_slots
+            if row.computed < row.virtual and row.request.soft_prompt.prefix_kv is not None:
+                self._write_prefix_kv(row)
+
+    def _write_prefix_kv(self, row: Row) -> None:
+        """A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not computed:
+        write them into the row's own slots (a later row of that adapter reads them from the
+        prefix cache once this row has offered its prompt)."""
+        slots = torch.tensor(self._slots(row, 0, row.virtual), device=self.device)
+        kv = row.request.soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
+        self.kv.keys[:, slots] = kv[:, 0].to(self.kv.keys.dtype)
+        self.kv.values[:, slots] = kv[:, 1].to(self.kv.values.dtype)
+        self.table[row.lane, : row.virtual] = slots
+        row.computed = row.virtual
 
     def _reserve(self, row: Row) -> torch.Tensor | None:
         """Reserve the row's worst-case blocks, reading what it can from a prefix entry, and

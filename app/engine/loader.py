@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from app.engine.int8 import Int8Head, speed_up_int8_layers
+from app.engine.kv_cache import KVShape
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class BaseModel:
     @property
     def embed_dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def kv_shape(self) -> KVShape:
+        """Each layer's keys and values, as the engine caches them."""
+        return KVShape.of(self.model.config, self.embed_dtype)
 
 
 def _gemma_from_its_package(work: Path) -> Path:

@@ -1,7 +1,8 @@
 """A slow, obviously-correct greedy decode to check the engine against.
 
 Every step re-runs the full forward pass over `[soft prompt ; prompt ; generated so far]`
-with no KV cache. Tests and benchmarks compare the engine's tokens with it.
+with no KV cache (a prefix-tuned adapter's keys and values given as the model's past, as PEFT
+gives them). Tests and benchmarks compare the engine's tokens with it.
 """
 
 from dataclasses import dataclass
@@ -9,13 +10,17 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.loader import BaseModel
+from app.engine.prefix_kv import model_cache
 from app.engine.requests import SoftPrompt, row_embeddings, stop_token_ids
 
 
 @torch.inference_mode()
 def _next_token_logits(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
     embeds = row_embeddings(base, soft_prompt, ids)[None]
-    return base.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    prefix = soft_prompt.prefix_kv if isinstance(soft_prompt, SoftPrompt) else None
+    past = None if prefix is None else model_cache(prefix.to(base.device, embeds.dtype), base.model.config)
+    out = base.model(inputs_embeds=embeds, cache=past, use_cache=past is not None, logits_to_keep=1)
+    return out.logits[0, -1].float()
 
 
 def reference_greedy_decode(

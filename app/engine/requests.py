@@ -17,20 +17,40 @@ from app.engine.loader import BaseModel
 
 @dataclass(frozen=True, eq=False)
 class SoftPrompt:
-    """An adapter's prompt embeddings [num_virtual_tokens, hidden] and what identifies their
-    content: the prefix KV cache is keyed by adapter id AND digest, never by id alone."""
+    """What an adapter puts at positions 0..n-1, and what identifies its content: the prefix KV
+    cache is keyed by adapter id AND digest, never by id alone. Either input embeddings
+    [n, hidden] (prompt tuning and the kinds that reduce to it), or, for prefix tuning, each
+    layer's keys and values `prefix_kv` [layers, 2, n, kv_heads, head_dim], which the engine
+    writes straight into the KV cache."""
 
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | None
     adapter_id: str = ""
     digest: str = ""
+    prefix_kv: torch.Tensor | None = None
 
     def __post_init__(self):
+        if (self.embeddings is None) == (self.prefix_kv is None):
+            raise ValueError("a soft prompt has either embeddings or prefix_kv")
         if not self.digest:
-            values = self.embeddings.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+            values = self.values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
             object.__setattr__(self, "digest", hashlib.sha256(values).hexdigest())
 
+    @classmethod
+    def prefix(cls, prefix_kv: torch.Tensor, adapter_id: str = "", digest: str = "") -> "SoftPrompt":
+        return cls(None, adapter_id, digest, prefix_kv)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.embeddings if self.prefix_kv is None else self.prefix_kv
+
+    def to(self, device, dtype: torch.dtype) -> "SoftPrompt":
+        moved = self.values.to(device, dtype)
+        if self.prefix_kv is None:
+            return SoftPrompt(moved, self.adapter_id, self.digest)
+        return SoftPrompt.prefix(moved, self.adapter_id, self.digest)
+
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        return self.embeddings.shape[0] if self.prefix_kv is None else self.prefix_kv.shape[2]
 
 
 @dataclass
@@ -71,9 +91,11 @@ def stop_token_ids(base: BaseModel) -> set[int]:
 
 
 def row_embeddings(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
-    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]."""
+    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]; a prefix-tuned
+    adapter adds keys and values, not inputs, so its rows' inputs are their tokens alone."""
     tokens = base.model.get_input_embeddings()(torch.tensor(ids, device=base.device, dtype=torch.long))
+    if isinstance(soft_prompt, SoftPrompt):
+        soft_prompt = soft_prompt.embeddings
     if soft_prompt is None:
         return tokens
-    soft = soft_prompt.embeddings if isinstance(soft_prompt, SoftPrompt) else soft_prompt
-    return torch.cat([soft.to(device=tokens.device, dtype=tokens.dtype), tokens])
+    return torch.cat([soft_prompt.to(device=tokens.device, dtype=tokens.dtype), tokens])

@@ -10,7 +10,7 @@ from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.prefix_cache import PrefixKey
 from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationRequest, SoftPrompt, row_embeddings
-from tests.conftest import random_soft_prompt
+from tests.conftest import random_prefix_kv, random_soft_prompt
 from tests.engine.test_generation import SST2_PROMPTS
 
 
@@ -79,6 +79,40 @@ def test_rows_joining_and_leaving_match_the_reference(tiny_base, prefix_cache_to
     assert core.kv.stats()["reserved_tokens"] == 0
 
 
+@pytest.mark.parametrize("prefix_cache_tokens", [0, 4096])
+def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_base, prefix_cache_tokens):
+    core = make_core(tiny_base, max_rows=4, max_step_tokens=24, prefix_cache_tokens=prefix_cache_tokens)
+    adapters = [random_prefix_kv(tiny_base, 5, seed=1), SoftPrompt(random_soft_prompt(tiny_base, 4, seed=2), adapter_id="pt"),
+                random_prefix_kv(tiny_base, 9, seed=3)]
+    requests, rows = [], []
+    for i in range(9):  # rows join while others decode, the two kinds side by side
+        req = request(tiny_base, SST2_PROMPTS[i % 3], adapters[i % 3], 3 + 3 * (i % 4))
+        requests.append(req)
+        rows.append(core.add(req))
+        if i % 2:
+            core.step()
+    run_until_idle(core)
+    outputs = [row.result.token_ids for row in rows]
+    assert outputs == [reference(tiny_base, req) for req in requests]
+    assert outputs[0] != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], None, 3))  # the prefix steers
+    later = [row for row, req in zip(rows, requests) if req.soft_prompt is adapters[0]][1:]
+    # With the cache, a later row of a prefix adapter reads the prefix (and its prompt) from it.
+    assert all(row.shared >= 5 for row in later) if prefix_cache_tokens else all(row.shared == 0 for row in later)
+    assert core.kv.stats()["reserved_tokens"] == 0
+
+
+def test_a_prefix_adapter_replaced_under_the_same_id_never_reads_the_old_keys(tiny_base):
+    core = make_core(tiny_base)
+    old, new = (SoftPrompt.prefix(random_prefix_kv(tiny_base, 6, seed=s).prefix_kv, "same-id") for s in (4, 5))
+    core.add(request(tiny_base, SST2_PROMPTS[0], old, 5))
+    run_until_idle(core)
+    req = request(tiny_base, SST2_PROMPTS[0], new, 5)
+    row = core.add(req)
+    run_until_idle(core)
+    assert row.shared == 0
+    assert row.result.token_ids == reference(tiny_base, req) != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], old, 5))
+
+
 def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_base):
     assert tiny_base.model.config.sliding_window == 512
     words = " ".join(SST2_PROMPTS * 12)
@@ -86,10 +120,12 @@ def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_
     soft = random_soft_prompt(tiny_base, 5, seed=3)
     core = make_core(tiny_base, max_step_tokens=128)  # the prompt takes five chunks
     req = GenerationRequest(ids, soft, 12)
+    prefixed = GenerationRequest(ids, random_prefix_kv(tiny_base, 5, seed=3), 12)
     short = request(tiny_base, SST2_PROMPTS[0], None, 12)
-    row, other = core.add(req), core.add(short)
+    row, prefixed_row, other = core.add(req), core.add(prefixed), core.add(short)
     run_until_idle(core)
     assert row.result.token_ids == reference(tiny_base, req)
+    assert prefixed_row.result.token_ids == reference(tiny_base, prefixed)
     assert other.result.token_ids == reference(tiny_base, short)
     assert row.steps >= 5 + 11
 
