@@ -6,16 +6,26 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 InitMode = Literal["labels", "text", "vocab", "random"]
+Method = Literal["prompt_tuning", "prefix_tuning"]
+# Per method: prompt tuning's Adafactor at 0.3 (Lester et al.); prefix tuning's AdamW at 0.01
+# (PEFT's and P-tuning v2's range for prefixes).
+DEFAULT_LEARNING_RATES = {"prompt_tuning": 0.3, "prefix_tuning": 0.01}
 DEFAULT_TEMPLATE = "{input}"
 CHECKPOINT_MIN_TOKENS = 512
 
 
 @dataclass
 class TrainConfig:
+    # prompt_tuning learns input embeddings; prefix_tuning learns every layer's keys and values
+    # (Li & Liang; P-tuning v2), through PEFT's reparameterization MLP when prefix_projection is on.
+    method: Method = "prompt_tuning"
+    prefix_projection: bool = False
     num_virtual_tokens: int = 20
-    init: InitMode = "labels"  # Lester et al.: class-label init helps small models most
+    # Lester et al.: class-label init helps small models most. Prefix tuning starts from the keys
+    # and values the model itself computes for that text (Li & Liang: real words' activations).
+    init: InitMode = "labels"
     init_text: str | None = None
-    learning_rate: float = 0.3  # Adafactor, as in Lester et al.
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
     max_steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
@@ -30,6 +40,10 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     default_max_steps: int = 300  # when neither max_steps nor epochs is given
     time_budget_s: float | None = None  # stop (keeping the best prompt so far) after this long
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
 
     def total_steps(self, train_examples: int) -> int:
         if self.max_steps is not None:

@@ -1,11 +1,15 @@
-"""Peak memory of one prompt-tuning step against one inference forward, same batch and length.
+"""Peak memory of one prompt- or prefix-tuning step against one inference forward, same batch and length.
 
 Each side runs in its own subprocess with the default int8 model. On CPU the figure is the
 process's peak resident memory (VmHWM) reset after the model has loaded, so loading does not
 count; on CUDA it is torch.cuda.max_memory_allocated. This is the product's reason to exist:
 with the model frozen, tuning a soft prompt should cost barely more memory than serving.
 
-    python -m bench.train_memory [--batch-size 8] [--seq-len 128]
+    python -m bench.train_memory [--batch-size 8] [--seq-len 128] [--method prompt_tuning|prefix_tuning]
+        [--prefix-projection]
+
+The training side is the job's own: its trainable (for prefix tuning with projection, PEFT's MLP)
+and its optimizer, whose state is counted.
 """
 
 import argparse
@@ -21,7 +25,7 @@ from app.config import Settings
 from app.engine.loader import load_base_model
 from app.train_config import TrainConfig
 from worker.model_view import training_view
-from worker.training import init_prompt, target_losses, wants_checkpointing
+from worker.training import Trainable, target_losses, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
@@ -44,7 +48,7 @@ def _peak_mb(device: torch.device) -> float:
     return kb / 1024
 
 
-def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool) -> dict:
+def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool, config: TrainConfig) -> dict:
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
                            settings.llm_int8_threshold)
@@ -55,18 +59,17 @@ def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool) -> di
          torch.randint(10, 20_000, (TARGET_TOKENS,), generator=generator).tolist())
         for _ in range(batch_size)
     ]
-    config = TrainConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="vocab")
-    prompt = init_prompt(base, config, []).to(base.device)
+    trainable = Trainable(base, config, []).to(base.device)
     _reset_peak(base.device)
     if mode == "training":
-        prompt = torch.nn.Parameter(prompt)
-        optimizer = torch.optim.SGD([prompt], lr=0.1)  # the optimizer state of one small tensor is noise
+        optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate)  # state as big as the job's
         started = time.perf_counter()
-        target_losses(base, prompt, batch, training_view(base.model, checkpointing)).mean().backward()
+        target_losses(base, trainable(), batch, training_view(base.model, checkpointing)).mean().backward()
         optimizer.step()
         seconds = time.perf_counter() - started
-    else:
+    else:  # serving the same batch with a soft prompt of the same length
         embed = base.model.get_input_embeddings()
+        prompt = embed(torch.arange(NUM_VIRTUAL_TOKENS, device=base.device))
         started = time.perf_counter()
         with torch.inference_mode():
             ids = torch.tensor([p + t for p, t in batch], device=base.device)
@@ -83,20 +86,25 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="auto, as training jobs do by default: on for batches of 512+ tokens")
+    parser.add_argument("--method", choices=["prompt_tuning", "prefix_tuning"], default="prompt_tuning")
+    parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
     parser.add_argument("--measure", choices=["inference", "training"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    config = TrainConfig(method=args.method, prefix_projection=args.prefix_projection,
+                         num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="vocab")
     setting = {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]
     checkpointing = wants_checkpointing(setting, [([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
                                         NUM_VIRTUAL_TOKENS)
     if args.measure:  # child process: one side only
-        print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing)))
+        print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing, config)))
         return
     results = {}
     for mode in ("inference", "training"):
         print(f"measuring {mode} in a fresh process...", file=sys.stderr, flush=True)
         out = subprocess.run(
             [sys.executable, "-m", "bench.train_memory", "--measure", mode, "--batch-size", str(args.batch_size),
-             "--seq-len", str(args.seq_len), "--gradient-checkpointing", "on" if checkpointing else "off"],
+             "--seq-len", str(args.seq_len), "--gradient-checkpointing", "on" if checkpointing else "off",
+             "--method", args.method, *(["--prefix-projection"] if args.prefix_projection else [])],
             check=True, capture_output=True, text=True,
         )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,6 +112,7 @@ def main() -> None:
     print(json.dumps({
         "model": results["training"]["model"], "quantization": results["training"]["quantization"],
         "device": results["training"]["device"], "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "method": args.method, "prefix_projection": args.prefix_projection,
         "peak_mb_inference": inference, "peak_mb_training": training,
         "training_vs_inference": round(training / inference, 3), "gradient_checkpointing": checkpointing,
         "seconds_inference_forward": results["inference"]["seconds"], "seconds_training_step": results["training"]["seconds"],

@@ -9,7 +9,7 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import jobs, registry
+from app import adapter_files, jobs, registry
 from app.config import Settings
 from app.datasets import from_jsonl
 from app.engine.device import Device, InlineDevice
@@ -110,8 +110,9 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
         try:
             dataset = storage.read_all(dataset_key)
             validation = dataset.get("validation.jsonl")
+            config = TrainConfig(**params)
             result = train_prompt(
-                base, TrainConfig(**params), from_jsonl(dataset["train.jsonl"]),
+                base, config, from_jsonl(dataset["train.jsonl"]),
                 from_jsonl(validation) if validation is not None else None,
                 Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop), device,
             )
@@ -137,6 +138,7 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     adapter, files = registry.new_adapter(
         name=name, prompt_embeddings=result.prompt_embeddings, base_fingerprint=base.fingerprint,
         base_model_name=base.name, source="trained", metrics=_metrics(result), template=params.get("template"),
+        original_files=_prefix_files(config, result, base),
     )
     try:
         with sessions() as session, storage.storing(session, adapter_key(adapter.id), files):
@@ -147,6 +149,15 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     except jobs.StaleRun:
         return _lost(job_id)
     return "succeeded"
+
+
+def _prefix_files(config: TrainConfig, result: TrainResult, base: BaseModel) -> dict[str, bytes] | None:
+    """A prefix-tuned adapter's files, as PEFT saves a PrefixTuningConfig adapter; None for prompt tuning."""
+    if config.method != "prefix_tuning":
+        return None
+    return adapter_files.encode_prefix_adapter(
+        result.prompt_embeddings, base.kv_shape, base.fingerprint, base.name,
+        encoder_hidden_size=base.hidden_size if config.prefix_projection else None)
 
 
 def _lost(job_id: str) -> str:

@@ -1,7 +1,8 @@
-"""The prompt-tuning loop: pure torch/transformers, no Celery, no database.
+"""The prompt- and prefix-tuning loop: pure torch/transformers, no Celery, no database.
 
-The base model stays frozen; only the soft prompt `[num_virtual_tokens, hidden]` learns. The
-loss covers the output tokens only, and logits are computed only at the positions that predict
+The base model stays frozen; only the prompt learns: a soft prompt `[num_virtual_tokens, hidden]`
+(prompt tuning), or every layer's keys and values at positions 0..n-1 (prefix tuning), learned
+directly or through PEFT's reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are computed only at the positions that predict
 them: with a 262k vocabulary, full logits would dominate memory.
 
 Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
@@ -27,7 +28,8 @@ from app.datasets import Example, render
 from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
-from app.engine.requests import GenerationRequest
+from app.engine.prefix_kv import PrefixPast, to_flat
+from app.engine.requests import GenerationRequest, SoftPrompt
 from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
 from worker.model_view import pause_in_backward, training_view
 
@@ -39,7 +41,7 @@ MAX_EVAL_EXAMPLES = 200
 
 @dataclass
 class TrainResult:
-    prompt_embeddings: torch.Tensor
+    prompt: torch.Tensor  # as the model sees it: [n, hidden], or a prefix [layers, 2, n, kv_heads, head_dim]
     steps: int
     best_step: int
     eval_loss: float | None
@@ -49,6 +51,11 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     cancelled: bool
+
+    @property
+    def prompt_embeddings(self) -> torch.Tensor:
+        """The prompt as PEFT saves it and softserve serves it (prefixes flattened)."""
+        return self.prompt if self.prompt.ndim == 2 else to_flat(self.prompt)
 
 
 @dataclass
@@ -84,14 +91,9 @@ def encode_example(base: BaseModel, example: Example, template: str, max_length:
     return prompt, target
 
 
-def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -> torch.Tensor:
-    """Initial soft prompt, in the space of the model's (scaled) input embeddings."""
-    n, embed = config.num_virtual_tokens, base.model.get_input_embeddings()
-    generator = torch.Generator().manual_seed(config.seed)
-    tokenizer = base.tokenizer
-    if config.init == "random":
-        scale = embed(torch.arange(1000, device=base.device)).float().std()
-        return torch.randn(n, base.hidden_size, generator=generator) * scale.cpu()
+def _init_ids(base: BaseModel, config: TrainConfig, examples: list[Example], generator: torch.Generator) -> list[int]:
+    """The n tokens a non-random init starts from."""
+    n, tokenizer = config.num_virtual_tokens, base.tokenizer
     if config.init == "vocab":
         ids = torch.randint(0, min(5000, embed.num_embeddings), (n,), generator=generator).tolist()
     else:
@@ -104,8 +106,65 @@ def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -
             text = " ".join(sorted(counts, key=lambda label: -counts[label]))
         ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
         ids = (ids * math.ceil(n / len(ids)))[:n]  # cycle to fill every virtual token
+    return ids
+
+
+def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -> torch.Tensor:
+    """Initial soft prompt, in the space of the model's (scaled) input embeddings."""
+    n, embed = config.num_virtual_tokens, base.model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.init == "random":
+        scale = embed(torch.arange(1000, device=base.device)).float().std()
+        return torch.randn(n, base.hidden_size, generator=generator) * scale.cpu()
     with torch.no_grad():
-        return embed(torch.tensor(ids, device=base.device)).float().cpu()
+        return embed(torch.tensor(_init_ids(base, config, examples, generator), device=base.device)).float().cpu()
+
+
+def init_prefix(base: BaseModel, config: TrainConfig, examples: list[Example]) -> torch.Tensor:
+    """Initial keys and values [layers, 2, n, kv_heads, head_dim]: those the model computes for the
+    init text (real activations), or for `random` standard normal ones (PEFT's initial prefix)."""
+    shape, n = base.kv_shape, config.num_virtual_tokens
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.init == "random":
+        return torch.randn((shape.layers, 2, n, shape.kv_heads, shape.head_dim), generator=generator)
+    ids = torch.tensor([_init_ids(base, config, examples, generator)], device=base.device)
+    with torch.no_grad():
+        cache = base.model(input_ids=ids, use_cache=True).past_key_values
+    layers = [(layer.keys[0, :, -n:], layer.values[0, :, -n:]) for layer in cache.layers]  # [kv_heads, n, head_dim]
+    return torch.stack([torch.stack(kv) for kv in layers]).transpose(2, 3).float().cpu()
+
+
+class Trainable(torch.nn.Module):
+    """What a job learns; calling it gives the prompt the model sees: a soft prompt [n, hidden],
+    or a prefix's keys and values [layers, 2, n, kv_heads, head_dim]. With prefix_projection it is
+    PEFT's PrefixEncoder as it trains (an embedding [n, kv_heads * head_dim] through
+    Linear-Tanh-Linear, hidden size wide); its output bias starts at the init's keys and values,
+    averaged over the virtual tokens (one bias serves them all)."""
+
+    def __init__(self, base: BaseModel, config: TrainConfig, examples: list[Example]):
+        super().__init__()
+        self.shape, self.mlp = base.kv_shape, None
+        if config.method == "prompt_tuning":
+            self.prompt = torch.nn.Parameter(init_prompt(base, config, examples))
+            return
+        start = init_prefix(base, config, examples)
+        if not config.prefix_projection:
+            self.prompt = torch.nn.Parameter(start)
+            return
+        width = self.shape.kv_heads * self.shape.head_dim
+        self.prompt = torch.nn.Parameter(torch.randn(config.num_virtual_tokens, width))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, base.hidden_size), torch.nn.Tanh(),
+                                       torch.nn.Linear(base.hidden_size, self.shape.layers * 2 * width))
+        if config.init != "random":
+            with torch.no_grad():
+                self.mlp[2].bias.copy_(to_flat(start).mean(0))
+
+    def forward(self) -> torch.Tensor:
+        if self.mlp is None:
+            return self.prompt
+        flat = self.mlp(self.prompt)
+        n, shape = flat.shape[0], self.shape
+        return flat.view(n, shape.layers, 2, shape.kv_heads, shape.head_dim).permute(1, 2, 0, 3, 4)
 
 
 def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -120,27 +179,30 @@ def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
 
 def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
                   model: torch.nn.Module | None = None) -> torch.Tensor:
-    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row.
-    `model`: the base model or a training view of it (the default: the model itself)."""
+    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row:
+    a soft prompt [n, hidden] before its inputs, or a prefix [layers, 2, n, kv_heads, head_dim] as
+    its past. `model`: the base model or a training view of it (the default: the model itself)."""
     embed = base.model.get_input_embeddings()
-    n_virtual = 0 if prompt is None else prompt.shape[0]
+    n_virtual = 0 if prompt is None else prompt.shape[0 if prompt.ndim == 2 else 2]
     rows = [p + t for p, t in batch]
     width = max(len(r) for r in rows)
     pad = base.tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
     mask = torch.tensor([[1] * (n_virtual + len(r)) + [0] * (width - len(r)) for r in rows], device=base.device)
-    inputs = embed(ids)
-    if prompt is not None:
+    inputs, past, n_inputs = embed(ids), None, 0  # n_inputs: soft-prompt positions in the inputs
+    if prompt is not None and prompt.ndim == 2:
         soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
-        inputs = torch.cat([soft, inputs], dim=1)
+        inputs, n_inputs = torch.cat([soft, inputs], dim=1), n_virtual
+    elif prompt is not None:
+        past = PrefixPast(prompt.to(base.embed_dtype), base.model.config, rows=len(rows))
     # `base_model` is the body of any transformers causal LM (Llama's `model`, GPT-2's `transformer`,
     # GPT-NeoX's `gpt_neox`): its last hidden state is after the final norm, ready for the head.
     body = (model or base.model).base_model
-    hidden = body(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = body(inputs_embeds=inputs, attention_mask=mask, cache=past, use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: gather only the positions before each target token.
     row_index, positions, targets = [], [], []
     for r, (p, t) in enumerate(batch):
-        start = n_virtual + len(p) - 1
+        start = n_inputs + len(p) - 1
         row_index += [r] * len(t)
         positions += range(start, start + len(t))
         targets += t
@@ -221,10 +283,11 @@ class MicroBatches:
         self.rows = best
 
 
-def _accumulate(base: BaseModel, model: torch.nn.Module, prompt: torch.Tensor, rows: Batch, targets: int) -> float:
-    """One micro-batch's share of the batch's mean loss, backpropagated into prompt.grad: the
-    shares of a batch's micro-batches add up to the whole batch's gradient. Returns the loss sum."""
-    loss_sum = target_losses(base, prompt, rows, model).sum()
+def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, rows: Batch, targets: int) -> float:
+    """One micro-batch's share of the batch's mean loss, backpropagated into the trainable's
+    gradients: the shares of a batch's micro-batches add up to the whole batch's gradient.
+    Returns the loss sum."""
+    loss_sum = target_losses(base, trainable(), rows, model).sum()
     (loss_sum / targets).backward()
     return float(loss_sum.detach())
 
@@ -236,6 +299,8 @@ def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples:
     encoded = [encode_example(base, e, template, max_length) for e in examples]
     longest = max(len(t) for _, t in encoded)
     soft = None if prompt is None else prompt.to(base.device, base.embed_dtype)
+    if soft is not None and soft.ndim == 5:
+        soft = SoftPrompt.prefix(soft, digest="evaluated")  # one engine per evaluation: no stale prefix
     requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
     # Beside serving, each generation step is a work item of its own: keep them decode-sized.
     step_tokens = 512 if device.step_budget_s is None else 64
@@ -286,8 +351,12 @@ def train_prompt(
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
-    prompt = device.run(lambda: torch.nn.Parameter(init_prompt(base, config, train).to(base.device)))
-    optimizer = Adafactor([prompt], lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    trainable = device.run(lambda: Trainable(base, config, train).to(base.device))
+    if config.method == "prompt_tuning":
+        optimizer = Adafactor(trainable.parameters(), lr=config.learning_rate, scale_parameter=False,
+                              relative_step=False, warmup_init=False)
+    else:
+        optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate, weight_decay=0.0)
     train_sizes, eval_sizes = MicroBatches(device, config.batch_size), MicroBatches(device, config.batch_size)
 
     def optimizer_step() -> None:
@@ -298,7 +367,7 @@ def train_prompt(
     order_rng = random.Random(config.seed)
     order: list[int] = []
     best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
-    best_prompt, best_step, best_loss, best_accuracy = prompt.detach().clone(), 0, None, None
+    best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detach().clone()), 0, None, None
     evals_without_gain, stopped_early, step = 0, False, 0
     try:
         for step in range(1, total + 1):
@@ -313,18 +382,20 @@ def train_prompt(
             for rows in train_sizes.split(batch):
                 if hooks.should_cancel():  # the step's gradient so far is dropped with it
                     raise Cancelled
-                view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows, len(prompt)))
-                loss_sum += device.run(partial(_accumulate, base, view, prompt, rows, targets))
+                view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows,
+                                                                     config.num_virtual_tokens))
+                loss_sum += device.run(partial(_accumulate, base, view, trainable, rows, targets))
                 train_sizes.observe()
             device.run(optimizer_step)
             hooks.on_step(step, total, step * config.batch_size / len(encoded), loss_sum / targets)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s
             if step % config.eval_every == 0 or step == total or out_of_time:
-                eval_loss, accuracy = evaluate(base, prompt.detach(), held_out, config, device, eval_sizes)
+                prompt = device.run(lambda: trainable().detach().clone())
+                eval_loss, accuracy = evaluate(base, prompt, held_out, config, device, eval_sizes)
                 hooks.on_eval(step, eval_loss, accuracy)
                 if (accuracy, -eval_loss) > best:
                     best = (accuracy, -eval_loss)
-                    best_prompt, best_step, best_loss, best_accuracy = prompt.detach().clone(), step, eval_loss, accuracy
+                    best_prompt, best_step, best_loss, best_accuracy = prompt, step, eval_loss, accuracy
                     evals_without_gain = 0
                 else:
                     evals_without_gain += 1

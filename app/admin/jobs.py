@@ -8,7 +8,7 @@ from app import jobs
 from app.admin.pages import not_found, page_router, render
 from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
 from app.api.job_view import job_out
-from app.train_config import TrainConfig
+from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig
 
 router = page_router()
 
@@ -30,7 +30,7 @@ def job_list(
 # Declared before /jobs/{job_id}, which would otherwise take "new" for an id.
 @router.get("/jobs/new")
 def new_job_form(request: Request):
-    return render(request, "job_new.html", nav="jobs", defaults=TrainConfig(),
+    return render(request, "job_new.html", nav="jobs", defaults=TrainConfig(), learning_rates=DEFAULT_LEARNING_RATES,
                   max_virtual_tokens=request.app.state.runtime.settings.max_virtual_tokens)
 
 

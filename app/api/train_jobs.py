@@ -15,7 +15,7 @@ from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from app.storage import dataset_key
-from app.train_config import InitMode, TrainConfig
+from app.train_config import DEFAULT_LEARNING_RATES, InitMode, Method, TrainConfig
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
@@ -35,10 +35,16 @@ class TrainJobForm(BaseModel):
     validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
+    method: Annotated[Method, Field(description=(
+        "prompt_tuning: a soft prompt of input embeddings; prefix_tuning: every layer's keys and values"))] = (
+        TrainConfig.method)
+    prefix_projection: Annotated[bool, Field(description=(
+        "prefix_tuning only: learn the prefix through PEFT's reparameterization MLP"))] = TrainConfig.prefix_projection
     num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
     init: InitMode = TrainConfig.init
     init_text: Annotated[str | None, Field(max_length=2000)] = None
-    learning_rate: Annotated[float, Field(gt=0, le=10)] = TrainConfig.learning_rate
+    learning_rate: Annotated[float | None, Field(gt=0, le=10, description=(
+        f"Default per method: {DEFAULT_LEARNING_RATES}"))] = None
     max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
     batch_size: Annotated[int, Field(ge=1, le=512)] = TrainConfig.batch_size
@@ -67,7 +73,7 @@ async def create_train_job(
     session: SessionDep,
     form: Annotated[TrainJobForm, Depends(admin_form(TrainJobForm, lambda s: s.max_dataset_bytes))],
 ) -> TrainJobOut:
-    """Validate the whole upload, store it, and queue a prompt-tuning job (202)."""
+    """Validate the whole upload, store it, and queue a prompt- or prefix-tuning job (202)."""
     settings = runtime.settings
     if form.max_steps is not None and form.epochs is not None:
         raise invalid("epochs", "give max_steps or epochs, not both")
@@ -75,6 +81,8 @@ async def create_train_job(
         raise invalid("template", "must contain {input}")
     if form.init == "text" and not (form.init_text and form.init_text.strip()):
         raise invalid("init_text", "is required when init is 'text'")
+    if form.prefix_projection and form.method != "prefix_tuning":
+        raise invalid("prefix_projection", "applies to method prefix_tuning only")
     if form.num_virtual_tokens > settings.max_virtual_tokens:
         raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
     max_examples = settings.max_train_examples

@@ -4,7 +4,7 @@ PEFT stores a PREFIX_TUNING adapter as one tensor [n, layers * 2 * kv_heads * he
 virtual token, layer l's key then its value (PeftModel.get_prompt views it as
 [n, layers * 2, kv_heads, head_dim]). The engine holds it as [layers, 2, n, kv_heads, head_dim],
 the cache's own [slots, kv_heads, head_dim] per layer; the model's own forward (reference decode,
-training) takes it as a transformers cache holding positions 0..n-1.
+training) takes it as a transformers cache holding positions 0..n-1 (PrefixPast).
 """
 
 import torch
@@ -29,10 +29,18 @@ def to_flat(kv: torch.Tensor) -> torch.Tensor:
     return kv.permute(2, 0, 1, 3, 4).reshape(n, layers * 2 * kv_heads * head_dim)
 
 
-def model_cache(kv: torch.Tensor, config) -> DynamicCache:
-    """A fresh transformers cache holding the prefix at positions 0..n-1, as PEFT builds it: the
-    model appends each forward's keys and values to it (keeping gradients, for training)."""
-    cache = DynamicCache(config=config.get_text_config())
-    for layer, (keys, values) in enumerate(kv):  # [n, kv_heads, head_dim] -> [1, kv_heads, n, head_dim]
-        cache.update(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], layer)
-    return cache
+class PrefixPast(DynamicCache):
+    """A transformers cache holding a prefix at positions 0..n-1 for the model's own forward
+    (reference decode, training), `rows` times over. A forward attends to the prefix and its own
+    keys, as after PEFT's cache, but stores nothing: recomputing a checkpointed layer in backward
+    sees the same past, and gradients reach the prefix through the concatenation."""
+
+    def __init__(self, kv: torch.Tensor, config, rows: int = 1):
+        super().__init__(config=config.get_text_config())
+        for layer, (keys, values) in enumerate(kv):  # [n, kv_heads, head_dim] -> [rows, kv_heads, n, head_dim]
+            super().update(keys.transpose(0, 1).expand(rows, -1, -1, -1),
+                           values.transpose(0, 1).expand(rows, -1, -1, -1), layer)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)

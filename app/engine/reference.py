@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.loader import BaseModel
-from app.engine.prefix_kv import model_cache
+from app.engine.prefix_kv import PrefixPast
 from app.engine.requests import SoftPrompt, row_embeddings, stop_token_ids
 
 
@@ -18,7 +18,7 @@ from app.engine.requests import SoftPrompt, row_embeddings, stop_token_ids
 def _next_token_logits(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
     embeds = row_embeddings(base, soft_prompt, ids)[None]
     prefix = soft_prompt.prefix_kv if isinstance(soft_prompt, SoftPrompt) else None
-    past = None if prefix is None else model_cache(prefix.to(base.device, embeds.dtype), base.model.config)
+    past = None if prefix is None else PrefixPast(prefix.to(base.device, embeds.dtype), base.model.config)
     out = base.model(inputs_embeds=embeds, cache=past, use_cache=past is not None, logits_to_keep=1)
     return out.logits[0, -1].float()
 

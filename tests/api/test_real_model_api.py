@@ -2,8 +2,16 @@
 
 import pytest
 
+from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME, encode_prefix_adapter
+from app.engine.prefix_kv import to_flat
 from app.engine.reference import check_against_reference
-from tests.conftest import INT8_TIE_TOLERANCE, random_soft_prompt, upload_adapter
+from app.engine.requests import SoftPrompt
+from tests.conftest import (
+    INT8_TIE_TOLERANCE,
+    random_prefix_kv,
+    random_soft_prompt,
+    upload_adapter,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -28,3 +36,21 @@ def test_upload_and_generate_on_the_real_model(make_client, each_real_base):
     story = {"prompt": "Once upon a time", "max_new_tokens": 8}
     steered = client.post("/generate", json=story | {"adapter_id": adapter_id}).json()["text"]
     assert steered != client.post("/generate", json=story).json()["text"]
+
+
+def test_a_prefix_tuned_adapter_generates_like_the_reference_on_the_real_model(make_client, each_real_base):
+    real_base = each_real_base
+    client = make_client(real_base)
+    # PEFT's initial prefix (standard normal keys and values), uploaded in its PREFIX_TUNING format.
+    prefix = random_prefix_kv(real_base, 6, seed=3).prefix_kv
+    files = encode_prefix_adapter(to_flat(prefix), real_base.kv_shape, real_base.fingerprint, real_base.name)
+    response = client.post("/adapters", data={"name": "real-prefix"},
+                           files={"config": (CONFIG_NAME, files[CONFIG_NAME]), "weights": (WEIGHTS_NAME, files[WEIGHTS_NAME])})
+    assert response.status_code == 201, response.text
+    story = {"prompt": "Once upon a time", "max_new_tokens": 8}
+    body = client.post("/generate", json=story | {"adapter_id": response.json()["id"]}).json()
+    ids = real_base.tokenizer(story["prompt"]).input_ids
+    tokens = real_base.tokenizer(body["text"], add_special_tokens=False).input_ids
+    check = check_against_reference(real_base, SoftPrompt.prefix(prefix), ids, tokens, 8, INT8_TIE_TOLERANCE)
+    assert check.agrees, (body, check)
+    assert body["text"] != client.post("/generate", json=story).json()["text"]  # the prefix steers

@@ -38,6 +38,14 @@ def test_valid_upload_queues_a_job(client):
     assert stored(client) == (1, [job["id"]])
 
 
+def test_a_prefix_tuning_job_keeps_its_method_and_that_methods_learning_rate(client):
+    response = post(client, method="prefix_tuning", prefix_projection="true")
+    assert response.status_code == 202, response.text
+    params = response.json()["params"]
+    assert (params["method"], params["prefix_projection"], params["learning_rate"]) == ("prefix_tuning", True, 0.01)
+    assert post(client).json()["params"]["learning_rate"] == 0.3  # prompt tuning's, when none is given
+
+
 def test_csv_with_aliases_is_accepted(client):
     csv = b'prompt,completion\n"great, really",positive\nawful,negative\n'
     response = post(client, data=csv, filename="data.csv")
@@ -97,6 +105,8 @@ def test_bad_validation_file_is_named(client):
         ({"template": "no placeholder"}, "template"),
         ({"batch_size": "many"}, "batch_size"),
         ({"max_length": 4}, "max_length"),
+        ({"method": "lora"}, "method"),
+        ({"prefix_projection": "true"}, "prefix_projection"),  # prompt tuning has no prefix to project
     ],
 )
 def test_bad_parameters_get_422_naming_the_field(client, fields, field):

@@ -1,19 +1,27 @@
 """run_job against a real SQLite registry and the tiny model: claim, duplicates, cancel,
 failure, and the reaper for lost workers."""
 
+import json
 import threading
 from datetime import timedelta
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from app import jobs, registry
-from app.adapter_files import read_prompt_embeddings
+from app.adapter_files import CONFIG_NAME, read_served
 from app.datasets import Example, to_jsonl
 from app.db import make_engine, make_session_factory
+from app.engine.generation import first_step_logits
+from app.engine.prefix_kv import from_flat
+from app.engine.requests import GenerationRequest, SoftPrompt
 from app.models import utcnow
 from app.storage import adapter_key, dataset_key, make_storage
 from app.train_config import TrainConfig
 from tests.conftest import make_settings
+from tests.test_peft_interop import peft_logits
 from worker.runner import run_job
 
 EXAMPLES = [Example(f"review {i} was {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2]) for i in range(24)]
@@ -58,7 +66,29 @@ def test_job_succeeds_and_registers_its_adapter(env, tiny_base):
         kinds = [e.kind for e in jobs.list_events(session, job_id)]
     assert kinds.count("train") == 6 and kinds.count("eval") == 2
     stored = make_storage(settings, sessions).read_all(adapter_key(adapter.id))
-    assert read_prompt_embeddings(stored).shape == (4, tiny_base.hidden_size)
+    assert read_served(stored)[0].shape == (4, tiny_base.hidden_size)
+
+
+def test_a_prefix_tuning_job_registers_a_peft_prefix_adapter_that_serves_its_logits(env, tiny_base, tiny_model_dir,
+                                                                                      tmp_path):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, method="prefix_tuning", prefix_projection=True)
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
+    with sessions() as session:
+        adapter = registry.get_adapter(session, jobs.get_job(session, job_id).adapter_id)
+    files = make_storage(settings, sessions).read_all(adapter_key(adapter.id))
+    prefix, is_prefix = read_served(files)
+    assert is_prefix and adapter.num_virtual_tokens == 4
+    config = json.loads(files[CONFIG_NAME])
+    assert (config["peft_type"], config["prefix_projection"], config["encoder_hidden_size"]) == (
+        "PREFIX_TUNING", True, tiny_base.hidden_size)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    ids = tiny_base.tokenizer("review 3 was =>").input_ids
+    served = SoftPrompt.prefix(from_flat(prefix, tiny_base.kv_shape))
+    torch.testing.assert_close(first_step_logits(tiny_base, [GenerationRequest(ids, served, 1)])[0],
+                               peft_logits(peft_model.eval(), ids), atol=1e-4, rtol=1e-4)
 
 
 def test_duplicate_delivery_trains_once(env, tiny_base):

@@ -1,11 +1,24 @@
-"""The prompt-tuning loop on the tiny model: loss, masking, eval, early stop, cancel."""
+"""The prompt- and prefix-tuning loop on the tiny model: loss, masking, eval, early stop, cancel."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from app.datasets import Example
 from app.train_config import TrainConfig
-from worker.training import Hooks, batch_loss, encode_example, init_prompt, train_prompt
+from tests.conftest import random_prefix_kv
+from worker.model_view import training_view
+from worker.training import (
+    Hooks,
+    Trainable,
+    batch_loss,
+    encode_example,
+    init_prefix,
+    init_prompt,
+    target_losses,
+    train_prompt,
+)
 
 LABELS = ["positive", "negative"]
 EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", LABELS[i % 2]) for i in range(40)]
@@ -95,3 +108,67 @@ def test_checkpointing_is_automatic_for_large_batches_only():
     assert not wants_checkpointing(None, short, 20)
     assert wants_checkpointing(None, long, 20)
     assert wants_checkpointing(True, short, 20) and not wants_checkpointing(False, long, 20)
+
+
+def peft_style_past(base, kv: torch.Tensor) -> DynamicCache:
+    """The prefix as PEFT hands it to the model: a transformers cache filled with it."""
+    cache = DynamicCache(config=base.model.config)
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], layer)
+    return cache
+
+
+def test_prefix_loss_is_the_masked_cross_entropy_with_the_prefix_as_the_past(tiny_base):
+    prefix = random_prefix_kv(tiny_base, 3, seed=1).prefix_kv
+    pairs = [encode_example(tiny_base, e, "Review: {input}\nSentiment:", 64) for e in EXAMPLES[:3]]
+    got = batch_loss(tiny_base, prefix, pairs)
+    losses, counts = [], []
+    for p, t in pairs:  # each row alone, full logits, labels masked by hand
+        ids = torch.tensor([p + t])
+        logits = tiny_base.model(input_ids=ids, cache=peft_style_past(tiny_base, prefix),
+                                 attention_mask=torch.ones(1, 3 + ids.shape[1])).logits[0]
+        labels = torch.full((ids.shape[1],), -100)
+        labels[len(p):] = torch.tensor(t)
+        losses.append(F.cross_entropy(logits[:-1], labels[1:], reduction="sum"))
+        counts.append(len(t))
+    torch.testing.assert_close(got, sum(losses) / sum(counts), atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_label_init_is_the_models_own_keys_and_values_for_the_labels(tiny_base):
+    config = TrainConfig(method="prefix_tuning", num_virtual_tokens=6, init="labels")
+    prefix = init_prefix(tiny_base, config, EXAMPLES)
+    ids = tiny_base.tokenizer(" ".join(LABELS), add_special_tokens=False).input_ids
+    cache = tiny_base.model(input_ids=torch.tensor([(ids * 6)[:6]]), use_cache=True).past_key_values
+    shape = tiny_base.kv_shape
+    assert prefix.shape == (shape.layers, 2, 6, shape.kv_heads, shape.head_dim)
+    for layer in range(shape.layers):
+        torch.testing.assert_close(prefix[layer, 0], cache.layers[layer].keys[0].transpose(0, 1))
+        torch.testing.assert_close(prefix[layer, 1], cache.layers[layer].values[0].transpose(0, 1))
+
+
+def test_a_checkpointed_prefix_step_gives_the_same_loss_and_gradients(tiny_base):
+    # Recomputing a layer in backward must see the same past: the prefix cache stores nothing.
+    config = TrainConfig(method="prefix_tuning", prefix_projection=True, num_virtual_tokens=3)
+    trainable = Trainable(tiny_base, config, EXAMPLES)
+    pairs = [encode_example(tiny_base, e, "{input} =>", 64) for e in EXAMPLES[:4]]
+    results = []
+    for checkpointed in (False, True):
+        loss = target_losses(tiny_base, trainable(), pairs, training_view(tiny_base.model, checkpointed)).mean()
+        results.append((loss, torch.autograd.grad(loss, list(trainable.parameters()))))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for a, b in zip(grads, checkpointed_grads):
+        torch.testing.assert_close(b, a)
+        assert a.abs().sum() > 0  # every part of the reparameterization learns
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_lowers_eval_loss_and_returns_a_peft_shaped_prefix(tiny_base, projection):
+    evals = []
+    config = TrainConfig(method="prefix_tuning", prefix_projection=projection, num_virtual_tokens=4, max_steps=20,
+                         eval_every=10, batch_size=8, template="{input} =>")
+    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    assert evals[-1][1] < evals[0][1]
+    shape = tiny_base.kv_shape
+    assert result.prompt.shape == (shape.layers, 2, 4, shape.kv_heads, shape.head_dim)
+    assert result.prompt_embeddings.shape == (4, shape.layers * 2 * shape.kv_heads * shape.head_dim)
