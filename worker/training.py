@@ -95,7 +95,7 @@ def _init_ids(base: BaseModel, config: TrainConfig, examples: list[Example], gen
     """The n tokens a non-random init starts from."""
     n, tokenizer = config.num_virtual_tokens, base.tokenizer
     if config.init == "vocab":
-        ids = torch.randint(0, min(5000, embed.num_embeddings), (n,), generator=generator).tolist()
+        ids = torch.randint(0, min(5000, base.model.get_input_embeddings().num_embeddings), (n,), generator=generator).tolist()
     else:
         if config.init == "text":
             text = config.init_text or ""
@@ -114,7 +114,7 @@ def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -
     n, embed = config.num_virtual_tokens, base.model.get_input_embeddings()
     generator = torch.Generator().manual_seed(config.seed)
     if config.init == "random":
-        scale = embed(torch.arange(1000, device=base.device)).float().std()
+        scale = embed(torch.arange(min(1000, embed.num_embeddings), device=base.device)).float().std()
         return torch.randn(n, base.hidden_size, generator=generator) * scale.cpu()
     with torch.no_grad():
         return embed(torch.tensor(_init_ids(base, config, examples, generator), device=base.device)).float().cpu()

@@ -172,3 +172,18 @@ def test_prefix_tuning_lowers_eval_loss_and_returns_a_peft_shaped_prefix(tiny_ba
     shape = tiny_base.kv_shape
     assert result.prompt.shape == (shape.layers, 2, 4, shape.kv_heads, shape.head_dim)
     assert result.prompt_embeddings.shape == (4, shape.layers * 2 * shape.kv_heads * shape.head_dim)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_every_init_gives_a_prompt_of_the_methods_shape_and_the_seed_decides_it(tiny_base, method):
+    shape = tiny_base.kv_shape
+    expected = (5, 64) if method == "prompt_tuning" else (shape.layers, 2, 5, shape.kv_heads, shape.head_dim)
+    init = init_prompt if method == "prompt_tuning" else init_prefix
+    for mode in ("labels", "text", "vocab", "random"):
+        config = TrainConfig(method=method, num_virtual_tokens=5, init=mode, init_text="classify it")
+        prompt = init(tiny_base, config, EXAMPLES)
+        assert prompt.shape == expected and torch.isfinite(prompt).all()
+        torch.testing.assert_close(init(tiny_base, config, EXAMPLES), prompt)
+        if mode in ("vocab", "random"):
+            assert not torch.equal(init(tiny_base, TrainConfig(method=method, num_virtual_tokens=5, init=mode, seed=1),
+                                        EXAMPLES), prompt)
