@@ -6,7 +6,7 @@ import torch
 from sqlalchemy import inspect
 
 from app import registry
-from app.adapter_files import WEIGHTS_NAME, read_prompt_embeddings
+from app.adapter_files import WEIGHTS_NAME, read_served
 from app.storage import ADAPTERS, NotStored, adapter_key
 
 
@@ -34,7 +34,7 @@ def test_register_get_list_delete(sessions, storage):
         got = registry.get_adapter(session, first.id)
         assert got.metrics == {"eval_accuracy": 0.9} and got.num_virtual_tokens == 3
         assert got.created_at.tzinfo is not None
-        assert read_prompt_embeddings(storage.read_all(adapter_key(first.id))).shape == (3, 8)
+        assert read_served(storage.read_all(adapter_key(first.id)))[0].shape == (3, 8)
         assert got.size_bytes == sum(len(data) for data in storage.read_all(adapter_key(first.id)).values())
         items, total = registry.list_adapters(session, name="SST2", limit=1, offset=0)
         assert total == 2 and [a.name for a in items] == ["sst2-b"]
