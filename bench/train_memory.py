@@ -25,7 +25,7 @@ from app.config import Settings
 from app.engine.loader import load_base_model
 from app.train_config import TrainConfig
 from worker.model_view import training_view
-from worker.training import Trainable, target_losses, wants_checkpointing
+from worker.training import Trainable, make_optimizer, target_losses, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
@@ -62,7 +62,7 @@ def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool, confi
     trainable = Trainable(base, config, []).to(base.device)
     _reset_peak(base.device)
     if mode == "training":
-        optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate)  # state as big as the job's
+        optimizer = make_optimizer(trainable, config)
         started = time.perf_counter()
         target_losses(base, trainable(), batch, training_view(base.model, checkpointing)).mean().backward()
         optimizer.step()

@@ -342,6 +342,14 @@ def split_eval(examples: list[Example], validation: list[Example] | None, seed: 
     return (shuffled[held:], shuffled[:held]) if held else (shuffled, shuffled)
 
 
+def make_optimizer(trainable: Trainable, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adafactor for a soft prompt (Lester et al.), AdamW for a prefix (PEFT, P-tuning v2)."""
+    if config.method == "prompt_tuning":
+        return Adafactor(trainable.parameters(), lr=config.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    return torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate, weight_decay=0.0)
+
+
 def train_prompt(
     base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
     hooks: Hooks | None = None, device: Device = InlineDevice(),
@@ -352,11 +360,7 @@ def train_prompt(
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
     trainable = device.run(lambda: Trainable(base, config, train).to(base.device))
-    if config.method == "prompt_tuning":
-        optimizer = Adafactor(trainable.parameters(), lr=config.learning_rate, scale_parameter=False,
-                              relative_step=False, warmup_init=False)
-    else:
-        optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(trainable, config)
     train_sizes, eval_sizes = MicroBatches(device, config.batch_size), MicroBatches(device, config.batch_size)
 
     def optimizer_step() -> None:
