@@ -151,12 +151,12 @@ def _config_int(text: str) -> int:
 
 
 def parse_adapter(
-    config_bytes: bytes, weights_bytes: bytes, hidden_size: int, max_virtual_tokens: int, base_fingerprint: str,
-    task_id: int | None = None, kv_shape: KVShape | None = None,
+    config_bytes: bytes, weights_bytes: bytes, hidden_size: int, kv_shape: KVShape, max_virtual_tokens: int,
+    base_fingerprint: str, task_id: int | None = None,
 ) -> ParsedAdapter:
-    """Validate an uploaded adapter against the resident base model. `task_id`: which task's
-    prompt a MULTITASK_PROMPT_TUNING adapter serves (default 0). `kv_shape`: the base model's
-    keys and values, which a PREFIX_TUNING adapter must match (none are accepted without it)."""
+    """Validate an uploaded adapter against the resident base model (`kv_shape`: its keys and
+    values, which a PREFIX_TUNING adapter must match). `task_id`: which task's prompt a
+    MULTITASK_PROMPT_TUNING adapter serves (default 0)."""
     try:
         config = json.loads(config_bytes.decode("utf-8"), parse_int=_config_int)
     except RecursionError:
@@ -166,9 +166,8 @@ def parse_adapter(
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME}: must be a JSON object")
     kind = config.get("peft_type")
-    accepted = PEFT_TYPES if kv_shape is not None else PEFT_TYPES[:-1]
-    if kind not in accepted:
-        raise AdapterFormatError(f"{CONFIG_NAME}: peft_type must be one of {', '.join(accepted)}, got {kind!r}")
+    if kind not in PEFT_TYPES:
+        raise AdapterFormatError(f"{CONFIG_NAME}: peft_type must be one of {', '.join(PEFT_TYPES)}, got {kind!r}")
     if task_id is not None and kind != MULTITASK:
         raise AdapterFormatError(f"task_id applies to {MULTITASK} adapters only, this one is {kind}")
     n_tokens = config.get("num_virtual_tokens")
@@ -218,12 +217,15 @@ def parse_adapter(
     )
 
 
+def _prefix_sizes(shape: KVShape) -> dict[str, int]:
+    """How PEFT sizes a prefix for a model: its layers, key/value heads and their width."""
+    return {"num_layers": shape.layers, "num_attention_heads": shape.kv_heads,
+            "token_dim": shape.kv_heads * shape.head_dim}
+
+
 def _check_prefix_config(config: dict, shape: KVShape) -> None:
-    """PEFT sizes a prefix by the model's layers, key/value heads and their width (token_dim is
-    kv_heads * head_dim); all must be this base model's."""
-    expected = {"num_layers": shape.layers, "num_attention_heads": shape.kv_heads,
-                "token_dim": shape.kv_heads * shape.head_dim}
-    for name, value in expected.items():
+    """A prefix's sizes must be this base model's."""
+    for name, value in _prefix_sizes(shape).items():
         if config.get(name) != value:
             raise AdapterFormatError(f"{CONFIG_NAME}: {name} is {config.get(name)!r}; this base model's prefix needs "
                                      f"{value} (layers {shape.layers}, key/value heads {shape.kv_heads}, head size "
@@ -289,9 +291,7 @@ def prefix_peft_config(num_virtual_tokens: int, shape: KVShape, base_model_name:
         "peft_type": PREFIX_TUNING,
         "task_type": "CAUSAL_LM",
         "num_virtual_tokens": num_virtual_tokens,
-        "token_dim": shape.kv_heads * shape.head_dim,
-        "num_attention_heads": shape.kv_heads,
-        "num_layers": shape.layers,
+        **_prefix_sizes(shape),
         "num_transformer_submodules": 1,
         "prefix_projection": encoder_hidden_size is not None,
         "encoder_hidden_size": encoder_hidden_size,

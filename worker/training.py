@@ -28,7 +28,7 @@ from app.datasets import Example, render
 from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
-from app.engine.prefix_kv import PrefixPast, to_flat
+from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
 from app.engine.requests import GenerationRequest, SoftPrompt
 from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
 from worker.model_view import pause_in_backward, training_view
@@ -162,9 +162,7 @@ class Trainable(torch.nn.Module):
     def forward(self) -> torch.Tensor:
         if self.mlp is None:
             return self.prompt
-        flat = self.mlp(self.prompt)
-        n, shape = flat.shape[0], self.shape
-        return flat.view(n, shape.layers, 2, shape.kv_heads, shape.head_dim).permute(1, 2, 0, 3, 4)
+        return from_flat(self.mlp(self.prompt), self.shape)
 
 
 def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,8 @@ async def upload_adapter(
             adapter_files.split_upload, config, weights, archive, settings.max_adapter_upload_bytes
         )
         parsed = await asyncio.to_thread(
-            adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size,
-            settings.max_virtual_tokens, base.fingerprint, form.task_id, base.kv_shape,
+            adapter_files.parse_adapter, config_bytes, weights_bytes, base.hidden_size, base.kv_shape,
+            settings.max_virtual_tokens, base.fingerprint, form.task_id,
         )
     except adapter_files.AdapterFormatError as exc:
         raise HTTPException(422, detail=str(exc)) from None

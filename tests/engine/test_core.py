@@ -101,18 +101,6 @@ def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_bas
     assert core.kv.stats()["reserved_tokens"] == 0
 
 
-def test_a_prefix_adapter_replaced_under_the_same_id_never_reads_the_old_keys(tiny_base):
-    core = make_core(tiny_base)
-    old, new = (SoftPrompt.prefix(random_prefix_kv(tiny_base, 6, seed=s).prefix_kv, "same-id") for s in (4, 5))
-    core.add(request(tiny_base, SST2_PROMPTS[0], old, 5))
-    run_until_idle(core)
-    req = request(tiny_base, SST2_PROMPTS[0], new, 5)
-    row = core.add(req)
-    run_until_idle(core)
-    assert row.shared == 0
-    assert row.result.token_ids == reference(tiny_base, req) != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], old, 5))
-
-
 def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_base):
     assert tiny_base.model.config.sliding_window == 512
     words = " ".join(SST2_PROMPTS * 12)
@@ -178,10 +166,15 @@ def test_rows_of_one_adapter_read_its_soft_prompt_and_shared_text_from_the_cache
     assert core.prefix.stats()["hits"] == 2
 
 
-def test_an_adapter_replaced_under_the_same_id_never_reads_the_old_prefix(tiny_base):
+@pytest.mark.parametrize("kind", ["soft prompt", "prefix"])
+def test_an_adapter_replaced_under_the_same_id_never_reads_the_old_prefix(tiny_base, kind):
+    def adapter(seed: int) -> SoftPrompt:
+        if kind == "prefix":
+            return SoftPrompt.prefix(random_prefix_kv(tiny_base, 6, seed=seed).prefix_kv, "same-id")
+        return SoftPrompt(random_soft_prompt(tiny_base, 6, seed=seed), adapter_id="same-id")
+
     core = make_core(tiny_base)
-    old = SoftPrompt(random_soft_prompt(tiny_base, 6, seed=7), adapter_id="same-id")
-    new = SoftPrompt(random_soft_prompt(tiny_base, 6, seed=8), adapter_id="same-id")
+    old, new = adapter(7), adapter(8)
     assert old.digest != new.digest
     core.add(request(tiny_base, SST2_PROMPTS[0], old, 5))
     run_until_idle(core)
