@@ -7,6 +7,7 @@ from typing import Literal
 
 InitMode = Literal["labels", "text", "vocab", "random"]
 Method = Literal["prompt_tuning", "prefix_tuning"]
+Schedule = Literal["linear", "constant"]
 # Per method: prompt tuning's Adafactor at 0.3 (Lester et al.); prefix tuning's AdamW at 0.01
 # (PEFT's and P-tuning v2's range for prefixes).
 DEFAULT_LEARNING_RATES = {"prompt_tuning": 0.3, "prefix_tuning": 0.01}
@@ -26,6 +27,9 @@ class TrainConfig:
     init: InitMode = "labels"
     init_text: str | None = None
     learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
+    # linear: the rate falls to zero by the end of the run (its steps, or its time budget if that
+    # ends it sooner), so the last steps settle instead of bouncing around the optimum.
+    lr_schedule: Schedule = "constant"
     max_steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
@@ -51,6 +55,15 @@ class TrainConfig:
         if self.epochs is not None:
             return max(1, math.ceil(self.epochs * train_examples / self.batch_size))
         return self.default_max_steps
+
+    def learning_rate_at(self, step: int, total: int, elapsed_s: float) -> float:
+        """The rate for `step` (from 1) of `total`, `elapsed_s` seconds into the run."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        done = (step - 1) / total
+        if self.time_budget_s is not None:
+            done = max(done, elapsed_s / self.time_budget_s)
+        return self.learning_rate * max(0.0, 1.0 - done)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,7 @@ greedy generation must equal the label) on the validation file (or --eval-file),
 training never saw.
 
     python -m bench.train_quality --task sst2|agnews [--method prompt_tuning|prefix_tuning|both]
-        [--prefix-projection] [--minutes 15] [--eval-file PATH]
+        [--prefix-projection] [--lr-schedule constant|linear] [--minutes 15] [--eval-file PATH]
 """
 
 import argparse
@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TEMPLATES), required=True)
     parser.add_argument("--method", choices=["prompt_tuning", "prefix_tuning", "both"], default="prompt_tuning")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
+    parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=TrainConfig.lr_schedule,
+                        help="linear: the rate falls to zero by the end of the time budget")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget per method")
     parser.add_argument("--eval-file", type=Path, help="JSONL to evaluate on (default: the task's validation file)")
     parser.add_argument("--datasets", type=Path, default=DATASETS)
@@ -63,7 +65,8 @@ def main() -> None:
 
     def tune(method: str) -> dict:
         config = TrainConfig(method=method, prefix_projection=method == "prefix_tuning" and args.prefix_projection,
-                             template=template, max_steps=1_000_000, time_budget_s=args.minutes * 60)
+                             lr_schedule=args.lr_schedule, template=template, max_steps=1_000_000,
+                             time_budget_s=args.minutes * 60)
         log(f"{method}: training for up to {args.minutes} minutes...")
         started = time.perf_counter()
         hooks = Hooks(

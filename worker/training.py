@@ -388,6 +388,8 @@ def train_prompt(
                                                                      config.num_virtual_tokens))
                 loss_sum += device.run(partial(_accumulate, base, view, trainable, rows, targets))
                 train_sizes.observe()
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate_at(step, total, time.perf_counter() - started)
             device.run(optimizer_step)
             hooks.on_step(step, total, step * config.batch_size / len(encoded), loss_sum / targets)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s

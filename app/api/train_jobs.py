@@ -15,7 +15,13 @@ from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from app.storage import dataset_key
-from app.train_config import DEFAULT_LEARNING_RATES, InitMode, Method, TrainConfig
+from app.train_config import (
+    DEFAULT_LEARNING_RATES,
+    InitMode,
+    Method,
+    Schedule,
+    TrainConfig,
+)
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
@@ -45,6 +51,8 @@ class TrainJobForm(BaseModel):
     init_text: Annotated[str | None, Field(max_length=2000)] = None
     learning_rate: Annotated[float | None, Field(gt=0, le=10, description=(
         f"Default per method: {DEFAULT_LEARNING_RATES}"))] = None
+    lr_schedule: Annotated[Schedule, Field(description=(
+        "constant: the learning rate stays; linear: it falls to zero by the last step"))] = TrainConfig.lr_schedule
     max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
     batch_size: Annotated[int, Field(ge=1, le=512)] = TrainConfig.batch_size

@@ -46,6 +46,11 @@ def test_a_prefix_tuning_job_keeps_its_method_and_that_methods_learning_rate(cli
     assert post(client).json()["params"]["learning_rate"] == 0.3  # prompt tuning's, when none is given
 
 
+def test_the_learning_rate_schedule_is_constant_unless_asked_linear(client):
+    assert post(client).json()["params"]["lr_schedule"] == "constant"
+    assert post(client, lr_schedule="linear").json()["params"]["lr_schedule"] == "linear"
+
+
 def test_csv_with_aliases_is_accepted(client):
     csv = b'prompt,completion\n"great, really",positive\nawful,negative\n'
     response = post(client, data=csv, filename="data.csv")
@@ -106,6 +111,7 @@ def test_bad_validation_file_is_named(client):
         ({"batch_size": "many"}, "batch_size"),
         ({"max_length": 4}, "max_length"),
         ({"method": "lora"}, "method"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
         ({"prefix_projection": "true"}, "prefix_projection"),  # prompt tuning has no prefix to project
     ],
 )

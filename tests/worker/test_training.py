@@ -76,6 +76,32 @@ def test_early_stopping_after_patience(tiny_base):
     assert result.stopped_early and result.steps == 3 and result.best_step == 1
 
 
+@pytest.mark.parametrize("schedule, factors", [("linear", [1, 0.75, 0.5, 0.25]), ("constant", [1, 1, 1, 1])])
+def test_each_step_uses_the_schedules_learning_rate(tiny_base, monkeypatch, schedule, factors):
+    import worker.training
+
+    used, make = [], worker.training.make_optimizer
+
+    def recording(trainable, config):  # the job's own optimizer, noting the rate of every step
+        optimizer = make(trainable, config)
+        step = optimizer.step
+        optimizer.step = lambda: (used.append(optimizer.param_groups[0]["lr"]), step())
+        return optimizer
+
+    monkeypatch.setattr(worker.training, "make_optimizer", recording)
+    config = TrainConfig(num_virtual_tokens=4, max_steps=4, eval_every=1000, learning_rate=0.2, lr_schedule=schedule)
+    train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:4])
+    assert used == pytest.approx([0.2 * f for f in factors])
+
+
+def test_a_time_budget_ends_the_linear_decay_when_it_ends_the_run_sooner():
+    config = TrainConfig(learning_rate=1.0, lr_schedule="linear", time_budget_s=100)
+    assert config.learning_rate_at(1, 1000, elapsed_s=0) == 1.0
+    assert config.learning_rate_at(11, 1000, elapsed_s=50) == pytest.approx(0.5)  # time, not steps (1%)
+    assert config.learning_rate_at(901, 1000, elapsed_s=50) == pytest.approx(0.1)  # steps, ending sooner
+    assert config.learning_rate_at(20, 1000, elapsed_s=120) == 0.0  # past the budget: never negative
+
+
 def test_cancel_stops_within_a_step(tiny_base):
     steps = []
     config = TrainConfig(num_virtual_tokens=4, max_steps=100, eval_every=1000)
