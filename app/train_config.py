@@ -7,7 +7,7 @@ from typing import Literal
 
 InitMode = Literal["labels", "text", "vocab", "random"]
 Method = Literal["prompt_tuning", "prefix_tuning"]
-Schedule = Literal["linear", "constant"]
+Schedule = Literal["constant", "linear"]
 # Per method: prompt tuning's Adafactor at 0.3 (Lester et al.); prefix tuning's AdamW at 0.01
 # (PEFT's and P-tuning v2's range for prefixes).
 DEFAULT_LEARNING_RATES = {"prompt_tuning": 0.3, "prefix_tuning": 0.01}

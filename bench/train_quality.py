@@ -16,11 +16,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 from app.config import Settings
 from app.datasets import read_jsonl
 from app.engine.loader import load_base_model
-from app.train_config import TrainConfig
+from app.train_config import Schedule, TrainConfig
 from worker.training import (
     Hooks,
     exact_match_accuracy,
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TEMPLATES), required=True)
     parser.add_argument("--method", choices=["prompt_tuning", "prefix_tuning", "both"], default="prompt_tuning")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
-    parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=TrainConfig.lr_schedule,
+    parser.add_argument("--lr-schedule", choices=get_args(Schedule), default=TrainConfig.lr_schedule,
                         help="linear: the rate falls to zero by the end of the time budget")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget per method")
     parser.add_argument("--eval-file", type=Path, help="JSONL to evaluate on (default: the task's validation file)")
