@@ -16,6 +16,13 @@ faster than bf16 at batch 1-32 on AVX-512 VNNI. Its backward (soft-prompt traini
 is the straight-through one bitsandbytes uses too: gradients flow as through the dequantized
 weights.
 
+Past one row, torch._int_mm on a plain weight falls far from the memory bound: Gemma's head took
+9 ms at 2-4 rows against 4.4 ms at one. oneDNN's int8 linear on a weight packed once into its own
+layout (`PackedInt8`) stays near it (4.6 ms at 2 rows, 4.9 at 4; all 126 layer products at 4
+rows: 5.1 ms against 6.6), with the very same integer sums. Where it measures faster, the head
+and the layers use it for more than one row, at the cost of a second copy of their int8 weights
+(the backward, and one-row products, read the plain one).
+
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
 AMD EPYC) it is ~40x slower than float32. There the int8 values are also kept as float32 and
 multiplied in float32, in slices of K short enough that every partial sum is an integer below
@@ -81,23 +88,67 @@ def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int) -> torch.Tensor:
-    """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight). torch._int_mm has a fast path for one row
-    (straight over the weight rows); on some CPUs, for 2..`split_up_to` rows, one-row products
-    beat oneDNN's small-M kernel (see one_row_products_win). Integer products are exact, so how
-    rows are grouped never changes a result."""
+class PackedInt8:
+    """An int8 weight [N, K] packed once into oneDNN's layout for its u8 x s8 linear. Calling it
+    with int8 rows [M, K] gives their int32 products with the weight as float32: every scale is 1,
+    so these are the sums torch._int_mm gives, converted as `.float()` converts them."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        self.ones = torch.ones(weight.shape[0])
+        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+
+    def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
+        shifted = quantized.view(torch.uint8).bitwise_xor(0x80)  # v + 128 as uint8: zero point 128
+        return torch.ops.onednn.qlinear_pointwise(
+            shifted, 1.0, 128, self.packed, self.ones, self.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+
+
+@functools.cache
+def packed_products_win() -> bool:
+    """Whether oneDNN's int8 linear on a weight packed once beats torch._int_mm for a few rows here.
+    Four rows over an [8192, 640] weight: 85 vs 120 us with AVX-512 VNNI, 108 vs 191 with AVX-512
+    alone; with oneDNN capped to AVX2, 855 vs 361 (there the weights stay float32 anyway)."""
+    if not int_mm_is_fast():
+        return False
+    weight, rows = torch.ones(8192, 640, dtype=torch.int8), torch.ones(4, 640, dtype=torch.int8)
+    try:
+        packed = PackedInt8(weight)
+        return _seconds(lambda: packed(rows), 10) < _seconds(lambda: torch._int_mm(rows, weight.t()), 10)
+    except (RuntimeError, AttributeError):  # a torch without oneDNN's int8 linear
+        return False
+
+
+def pack(weight: torch.Tensor) -> PackedInt8 | None:
+    """`weight` (see product_weight) packed for oneDNN where that is faster here, else None."""
+    return PackedInt8(weight) if weight.dtype == torch.int8 and packed_products_win() else None
+
+
+def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int,
+            packed: PackedInt8 | None = None) -> torch.Tensor:
+    """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight), or those sums as
+    float32 from `packed`, the same weight packed for oneDNN. torch._int_mm has a fast path for one
+    row (straight over the weight rows); on some CPUs, for 2..`split_up_to` rows, one-row products
+    beat oneDNN's small-M kernel (see one_row_products_win); past that, the packed weight beats it
+    (see packed_products_win). Integer products are exact, so how rows are grouped never changes a
+    result."""
+    rows = quantized.shape[0]
     if weight.dtype == torch.float32:
         return _float_int_mm(quantized, weight)
-    if 1 < quantized.shape[0] <= split_up_to and one_row_products_win():
-        return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(quantized.shape[0])])
+    if 1 < rows <= split_up_to and one_row_products_win():
+        return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(rows)])
+    if rows > 1 and packed is not None:
+        return packed(quantized)
     return torch._int_mm(quantized, weight.t())
 
 
-def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, split_up_to: int) -> torch.Tensor:
+def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, split_up_to: int,
+                 packed: PackedInt8 | None = None) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
     quantized, scale = _quantize_rows(rows)
-    out = _int_mm(quantized, weight, split_up_to).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
+    out = _int_mm(quantized, weight, split_up_to, packed).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -117,25 +168,25 @@ class _Int8MatmulFunction(torch.autograd.Function):
     """x times an int8 weight, with the straight-through backward; the weight is frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, split_up_to):
+    def forward(ctx, x, weight, scale, split_up_to, packed):
         ctx.save_for_backward(weight, scale)
         ctx.x_dtype = x.dtype
-        return _int8_matmul(x, weight, scale, split_up_to)
+        return _int8_matmul(x, weight, scale, split_up_to, packed)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale = ctx.saved_tensors
         grad = _dequantized_product(grad_out.reshape(-1, weight.shape[0]), weight, scale)
-        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
+        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None
 
 
 def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Linear8bitLt.forward on the CPU (threshold 0): the same quantization and integer matmul
     in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
     if torch.is_grad_enabled() and x.requires_grad:
-        out = _Int8MatmulFunction.apply(x, self.product_weight, self.dequantize_scale, 3)
+        out = _Int8MatmulFunction.apply(x, self.product_weight, self.dequantize_scale, 3, self.packed_weight)
     else:
-        out = _int8_matmul(x, self.product_weight, self.dequantize_scale, split_up_to=3)
+        out = _int8_matmul(x, self.product_weight, self.dequantize_scale, 3, self.packed_weight)
     if self.bias is not None:
         out = out + self.bias
     return out.to(x.dtype)
@@ -153,6 +204,7 @@ def speed_up_int8_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
         layer.product_weight = product_weight(layer.state.CB)
+        layer.packed_weight = pack(layer.product_weight)
         layer.forward = types.MethodType(fast_int8_forward, layer)
     return len(layers)
 
@@ -165,7 +217,10 @@ class Int8Head(torch.nn.Module):
         quantized, scale = _quantize_rows(weight.detach().float())
         self.register_buffer("weight", product_weight(quantized))
         self.register_buffer("scale", scale.clamp(min=1e-12))
+        self.packed = pack(self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The head's 168 MB never stay in cache, so only two rows gain from being split.
-        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, 2).to(hidden.dtype)
+        # The head's 168 MB never stay in cache: two rows gain from being split, unless the packed
+        # weight is there (read once for both: 4.6 ms against 9.5).
+        split_up_to = 1 if self.packed is not None else 2
+        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, split_up_to, self.packed).to(hidden.dtype)

@@ -105,3 +105,73 @@ def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base
     dtype = torch.int8 if int_mm_is_fast() else torch.float32
     assert all(layer.product_weight.dtype == dtype for layer in int8_layers(int8_base))
     assert int8_base.model.get_output_embeddings().weight.dtype == dtype
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 40])
+@pytest.mark.parametrize("k", [64, 2048])
+def test_the_packed_product_gives_torch_int_mm_sums(rows, k):
+    from app.engine.int8 import PackedInt8, _int_mm
+
+    torch.manual_seed(rows + k)
+    weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
+    weight[0] = 127  # the largest sums (past 2**24 at k=2048: rounded as .float() rounds them)
+    quantized = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
+    quantized[0] = 127
+    quantized[-1] = -127
+    packed = PackedInt8(weight)
+    got = packed(quantized)
+    expected = torch._int_mm(quantized, weight.t()).float()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(_int_mm(quantized, weight, split_up_to=3, packed=packed).float(), expected)
+    assert torch.equal(packed(quantized[-1:]), expected[-1:])  # a row alone: the same bits
+
+
+def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(monkeypatch):
+    from app.engine import int8
+
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 64) * 0.05
+    monkeypatch.setattr(int8, "pack", lambda w: None)
+    plain = Int8Head(weight)
+    monkeypatch.setattr(int8, "pack", lambda w: int8.PackedInt8(w) if w.dtype == torch.int8 else None)
+    packed = Int8Head(weight)
+    if packed.packed is None:
+        pytest.skip("the int8 kernel is slow here: the head keeps float32 values, never packed")
+    for rows in (1, 2, 7):
+        hidden = torch.randn(rows, 64, requires_grad=True)
+        logits = packed(hidden)
+        assert torch.equal(logits, plain(hidden))
+        grad_out = torch.randn_like(logits)
+        (logits * grad_out).sum().backward()
+        expected = hidden.detach().clone().requires_grad_()
+        (plain(expected) * grad_out).sum().backward()
+        assert torch.equal(hidden.grad, expected.grad)
+
+
+def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
+    from app.engine.int8 import packed_products_win
+
+    packed = [layer.packed_weight is not None for layer in int8_layers(int8_base)]
+    packed.append(int8_base.model.get_output_embeddings().packed is not None)
+    assert set(packed) == {packed_products_win()}
+
+
+def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
+    from app.engine.int8 import PackedInt8
+
+    layer = int8_layers(int8_base)[0]
+    if layer.product_weight.dtype != torch.int8:
+        pytest.skip("the int8 kernel is slow here: the layers keep float32 values, never packed")
+    torch.manual_seed(1)
+    x = torch.randn(1, 9, layer.in_features) * 3
+    saved = layer.packed_weight
+    try:
+        layer.packed_weight = PackedInt8(layer.product_weight)
+        with torch.inference_mode():
+            packed = layer(x)
+        layer.packed_weight = None
+        with torch.inference_mode():
+            plain = layer(x)
+    finally:
+        layer.packed_weight = saved
+    assert torch.equal(packed, plain)
