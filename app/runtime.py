@@ -179,7 +179,7 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
     reaper; stop them in reverse order."""
     model = base or in_own_thread(
         load_base_model, settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-        settings.llm_int8_threshold,
+        settings.llm_int8_threshold, settings.int8_packed_weights,
     )
     log.info("model %s (%s) on %s", model.fingerprint, model.quantization, model.device)
     db_engine = make_engine(settings.database_url)

@@ -65,7 +65,7 @@ def run_bare_loop(steps: int) -> None:
 
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-                           settings.llm_int8_threshold)
+                           settings.llm_int8_threshold, settings.int8_packed_weights)
     times: list[float] = []
     config = TrainConfig(template=TEMPLATE, max_steps=steps + 1, eval_every=1_000_000)
     train_prompt(base, config, read_jsonl(SAMPLE), None, Hooks(on_step=lambda *_: times.append(time.perf_counter())))

@@ -51,7 +51,7 @@ def _peak_mb(device: torch.device) -> float:
 def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool, config: TrainConfig) -> dict:
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-                           settings.llm_int8_threshold)
+                           settings.llm_int8_threshold, settings.int8_packed_weights)
     generator = torch.Generator().manual_seed(0)
     text_len = seq_len - NUM_VIRTUAL_TOKENS  # the soft prompt counts towards the sequence length
     batch = [

@@ -53,7 +53,7 @@ def main() -> None:
     evaluation = read_jsonl(eval_file)
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-                           settings.llm_int8_threshold)
+                           settings.llm_int8_threshold, settings.int8_packed_weights)
     template, max_length = TEMPLATES[args.task], TrainConfig.max_length
 
     def log(message: str) -> None:

@@ -21,7 +21,7 @@ Past one row, torch._int_mm on a plain weight falls far from the memory bound: G
 layout (`PackedInt8`) stays near it (4.6 ms at 2 rows, 4.9 at 4; all 126 layer products at 4
 rows: 5.1 ms against 6.6), with the very same integer sums. Where it measures faster, the head
 and the layers use it for more than one row, at the cost of a second copy of their int8 weights
-(the backward, and one-row products, read the plain one).
+(the backward, and one-row products, read the plain one); INT8_PACKED_WEIGHTS=false keeps one.
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
 AMD EPYC) it is ~40x slower than float32. There the int8 values are also kept as float32 and
@@ -192,8 +192,9 @@ def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def speed_up_int8_layers(model: torch.nn.Module) -> int:
-    """Give every bitsandbytes int8 layer (threshold 0) the fast inference forward; returns how many."""
+def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
+    """Give every bitsandbytes int8 layer (threshold 0) the fast inference forward, with its weight
+    also packed for oneDNN if `packed` and that is faster here; returns how many."""
     from bitsandbytes.nn import Linear8bitLt
 
     layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
@@ -204,7 +205,7 @@ def speed_up_int8_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
         layer.product_weight = product_weight(layer.state.CB)
-        layer.packed_weight = pack(layer.product_weight)
+        layer.packed_weight = pack(layer.product_weight) if packed else None
         layer.forward = types.MethodType(fast_int8_forward, layer)
     return len(layers)
 
@@ -212,12 +213,12 @@ def speed_up_int8_layers(model: torch.nn.Module) -> int:
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
         self.register_buffer("weight", product_weight(quantized))
         self.register_buffer("scale", scale.clamp(min=1e-12))
-        self.packed = pack(self.weight)
+        self.packed = pack(self.weight) if packed else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The head's 168 MB never stay in cache: two rows gain from being split, unless the packed

@@ -145,13 +145,13 @@ def fingerprint(model_dir: Path, name: str) -> str:
     return f"{name}@{digest.hexdigest()[:16]}"
 
 
-def _serve_int8_on_cpu(model: torch.nn.Module) -> None:
+def _serve_int8_on_cpu(model: torch.nn.Module, packed: bool) -> None:
     """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
-    LM head in int8 too (see app.engine.int8)."""
-    speed_up_int8_layers(model)
+    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8)."""
+    speed_up_int8_layers(model, packed)
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and head.bias is None:
-        model.set_output_embeddings(Int8Head(head.weight))
+        model.set_output_embeddings(Int8Head(head.weight, packed))
         model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
 
 
@@ -203,6 +203,7 @@ def load_base_model(
     quantization: str = "int8",
     device: str | None = None,
     int8_threshold: float = 0.0,
+    int8_packed_weights: bool = True,
 ) -> BaseModel:
     keep_freed_memory()
     model_dir, name = model_dir_and_name(base_model, cache_dir)
@@ -212,7 +213,7 @@ def load_base_model(
         model_dir, device_map={"": str(dev)}, **_load_kwargs(quantization, dev, int8_threshold)
     )
     if quantization == "int8" and dev.type == "cpu":
-        _serve_int8_on_cpu(model)
+        _serve_int8_on_cpu(model, int8_packed_weights)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

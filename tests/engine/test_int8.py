@@ -131,9 +131,8 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(mo
 
     torch.manual_seed(0)
     weight = torch.randn(5000, 64) * 0.05
-    monkeypatch.setattr(int8, "pack", lambda w: None)
-    plain = Int8Head(weight)
-    monkeypatch.setattr(int8, "pack", lambda w: int8.PackedInt8(w) if w.dtype == torch.int8 else None)
+    plain = Int8Head(weight, packed=False)
+    monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
     packed = Int8Head(weight)
     if packed.packed is None:
         pytest.skip("the int8 kernel is slow here: the head keeps float32 values, never packed")
@@ -154,6 +153,12 @@ def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
     packed = [layer.packed_weight is not None for layer in int8_layers(int8_base)]
     packed.append(int8_base.model.get_output_embeddings().packed is not None)
     assert set(packed) == {packed_products_win()}
+
+
+def test_int8_packed_weights_false_keeps_one_copy(tiny_model_dir):
+    base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+    assert all(layer.packed_weight is None for layer in int8_layers(base))
+    assert base.model.get_output_embeddings().packed is None
 
 
 def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
