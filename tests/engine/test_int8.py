@@ -7,7 +7,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear8bitLt
 
-from app.engine.int8 import Int8Head, fast_int8_forward
+from app.engine.int8 import Int8Head, _int8_matmul, fast_int8_forward
 from app.engine.loader import load_base_model
 
 
@@ -147,24 +147,94 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(mo
         assert torch.equal(hidden.grad, expected.grad)
 
 
+def packed(layer) -> bool:
+    return (layer.packed_weight if layer.shared_input is None else layer.shared_input.packed) is not None
+
+
 def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
     from app.engine.int8 import packed_products_win
 
-    packed = [layer.packed_weight is not None for layer in int8_layers(int8_base)]
-    packed.append(int8_base.model.get_output_embeddings().packed is not None)
-    assert set(packed) == {packed_products_win()}
+    layers = int8_layers(int8_base)
+    assert {packed(layer) for layer in layers} | {int8_base.model.get_output_embeddings().packed is not None} == {
+        packed_products_win()}
+    # q, k, v and gate, up read the same input: one product each in both layers; o and down alone
+    assert sum(layer.shared_input is not None for layer in layers) == 2 * 5
+    attention = int8_base.model.model.layers[0].self_attn
+    assert attention.q_proj.shared_input is attention.v_proj.shared_input is not None
+    assert attention.o_proj.shared_input is None
 
 
 def test_int8_packed_weights_false_keeps_one_copy(tiny_model_dir):
     base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
-    assert all(layer.packed_weight is None for layer in int8_layers(base))
+    assert not any(packed(layer) or layer.shared_input is not None for layer in int8_layers(base))
     assert base.model.get_output_embeddings().packed is None
+
+
+def test_packed_and_shared_products_give_the_models_logits_bit_for_bit(int8_base, tiny_model_dir):
+    plain = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+    torch.manual_seed(2)
+    ids = torch.randint(0, plain.model.config.vocab_size, (5, 9))
+    with torch.inference_mode():
+        for rows in (1, 2, 5):  # one row, split rows, and packed products
+            assert torch.equal(int8_base.model(ids[:rows]).logits, plain.model(ids[:rows]).logits)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_a_shared_product_gives_each_layer_its_own_output(int8_base, rows, monkeypatch):
+    from app.engine import int8
+
+    attention = int8_base.model.model.layers[1].self_attn
+    mlp = int8_base.model.model.layers[1].mlp
+    torch.manual_seed(rows)
+    x = torch.randn(1, rows, attention.q_proj.in_features) * 3
+    with torch.inference_mode():
+        alone = {layer: _alone(layer, x)
+                 for layer in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)}
+        products = []
+        monkeypatch.setattr(int8, "_int8_matmul", lambda *args: products.append(args) or _int8_matmul(*args))
+        # in the model's order, in another order with a layer asked twice, and gate and up
+        for order, count in (([attention.q_proj, attention.k_proj, attention.v_proj], 1),
+                             ([attention.v_proj, attention.q_proj, attention.k_proj, attention.k_proj], 2),
+                             ([mlp.up_proj, mlp.gate_proj], 1)):
+            products.clear()
+            for layer in order:
+                assert torch.equal(layer(x), alone[layer])
+            assert len(products) == count  # the whole group's product once, then one for the repeat
+
+
+def _alone(layer, x):
+    """The layer's own product, as without a shared one."""
+    shared, layer.shared_input = layer.shared_input, None
+    try:
+        return layer(x)
+    finally:
+        layer.shared_input = shared
+
+
+def test_a_shared_product_never_hands_out_an_output_for_another_input(int8_base):
+    import threading
+
+    attention = int8_base.model.model.layers[0].self_attn
+    torch.manual_seed(3)
+    x, y = torch.randn(2, 1, 4, attention.q_proj.in_features)
+    with torch.inference_mode():
+        expected_x, expected_y = _alone(attention.k_proj, x), _alone(attention.k_proj, y)
+        attention.q_proj(x)
+        assert torch.equal(attention.k_proj(y), expected_y)  # another tensor
+        attention.q_proj(x)
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(attention.k_proj(y)))  # another thread's call
+        with torch.inference_mode():
+            worker.start()
+            worker.join()
+        assert torch.equal(seen[0], expected_y)
+        assert torch.equal(attention.k_proj(x), expected_x)
 
 
 def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
     from app.engine.int8 import PackedInt8
 
-    layer = int8_layers(int8_base)[0]
+    layer = int8_base.model.model.layers[0].self_attn.o_proj  # a layer with a product of its own
     if layer.product_weight.dtype != torch.int8:
         pytest.skip("the int8 kernel is slow here: the layers keep float32 values, never packed")
     torch.manual_seed(1)
