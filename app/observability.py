@@ -39,6 +39,11 @@ class RequestInfo:
 _current: ContextVar[RequestInfo | None] = ContextVar("softserve_request", default=None)
 
 
+def current_request_id() -> str | None:
+    info = _current.get()
+    return info.request_id if info is not None else None
+
+
 def note_adapter(adapter_id: str | None) -> None:
     """Called by the routes that serve an adapter: its id goes on the request's metrics and log line."""
     info = _current.get()
@@ -108,6 +113,10 @@ def runtime_families(engine_stats: dict, cache_stats: dict, job_counts: dict[str
                   engine_stats["rows_stepped"])
     yield gauge("softserve_engine_running_rows", "Rows in the running batch (the batch size now)", engine_stats["running"])
     yield gauge("softserve_engine_queue_depth", "Requests waiting for admission", engine_stats["queue_depth"])
+    yield counter("softserve_engine_faults", "Engine faults healed (failed steps no single row explained)",
+                  engine_stats["faults"])
+    yield gauge("softserve_engine_healthy", "1 while the engine can serve, 0 once it cannot (see /health)",
+                engine_stats["healthy"])
     yield counter("softserve_engine_training_items", "Training work items run by the engine", engine_stats["training_items"])
     yield gauge("softserve_kv_cache_capacity_tokens", "KV cache positions", kv["capacity_tokens"])
     yield gauge("softserve_kv_cache_used_tokens", "KV cache positions held", kv["used_tokens"])
@@ -139,17 +148,22 @@ class RequestObserver:
         sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         info = RequestInfo(sent if _REQUEST_ID.fullmatch(sent) else secrets.token_hex(8))
         token = _current.set(info)
-        status, started = 500, time.perf_counter()
+        status, started, begun = 500, time.perf_counter(), False
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, begun
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, begun = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", info.request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # a bug: the client gets a short 500 with the id, the log gets the story
+            log.exception("%s %s %s failed", info.request_id, scope["method"], scope["path"])
+            if begun:  # nothing more can be said on a response that has begun
+                raise
+            await _internal_error(scope, info.request_id, send_with_id)
         finally:
             _current.reset(token)
             self._observe(scope, info, status, time.perf_counter() - started)
@@ -170,6 +184,19 @@ class RequestObserver:
                   "status": status, "duration_ms": round(seconds * 1000, 1), "adapter_id": info.adapter_id}
         log.info("%s %s %s %d %.1f ms%s", info.request_id, scope["method"], scope["path"], status, seconds * 1000,
                  f" adapter={info.adapter_id}" if info.adapter_id else "", extra={"request": fields})
+
+
+async def _internal_error(scope, request_id: str, send) -> None:
+    """A 500 in the route's own error shape: OpenAI's under /v1, FastAPI's `detail` elsewhere."""
+    message = f"internal server error (request id {request_id})"
+    if scope["path"].startswith("/v1/"):
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    else:
+        body = {"detail": message}
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 class JsonFormatter(logging.Formatter):

@@ -68,6 +68,9 @@ class Runtime:
                     max_rows=settings.max_batch_size,
                     max_step_tokens=settings.max_step_tokens,
                     prefix_cache_tokens=settings.prefix_cache_tokens,
+                    # the largest request the API admits: soft prompt, prompt and new tokens at their limits
+                    max_row_positions=settings.max_virtual_tokens + settings.max_prompt_tokens
+                    + settings.max_new_tokens_limit,
                 ),
                 max_queue_size=settings.max_queue_size,
                 max_queued_tokens=settings.max_queued_tokens,

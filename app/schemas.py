@@ -177,10 +177,10 @@ class JobEventOut(BaseModel):
 
 class HealthOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "status": "ok", "base_model": "gemma-3-270m", "fingerprint": "gemma-3-270m@03110e641bfd72b2",
+        "status": "ok", "problem": None, "base_model": "gemma-3-270m", "fingerprint": "gemma-3-270m@03110e641bfd72b2",
         "quantization": "int8", "device": "cpu", "queue_depth": 0,
         "engine": {
-            "running": 5, "waiting": 0, "steps": 1840, "tokens_generated": 21093, "rows_shed": 0,
+            "running": 5, "waiting": 0, "steps": 1840, "tokens_generated": 21093, "rows_shed": 0, "faults": 0,
             "queue_depth": 0, "requests_cancelled": 2, "training_items": 412, "training_active": False,
             "kv_cache": {"capacity_tokens": 16384, "used_tokens": 1024, "reserved_tokens": 608, "usage": 0.1,
                          "block_size": 16, "bytes_per_token": 36864, "capacity_bytes": 603979776},
@@ -190,7 +190,8 @@ class HealthOut(BaseModel):
         "adapter_cache": {"size": 3, "capacity": 64, "hits": 41, "misses": 3, "hit_rate": 0.93},
     }]})
 
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
+    problem: str | None = Field(None, description="Why the engine cannot serve; null while it can")
     base_model: str
     fingerprint: str
     quantization: str

@@ -2,15 +2,20 @@
 the request's limits, and queueing on the engine, whose refusals become HTTP errors. A service
 module, so neither router imports the other."""
 
+import logging
+
 from fastapi import HTTPException, Request
 
 from app.api.deps import invalid
 from app.api.disconnect import unless_disconnected
-from app.engine.core import EngineOverloaded, RequestTooLarge
-from app.engine.engine import Completion, QueueFull, RequestStream, TooMuchWork
+from app.api.errors import public_message
+from app.engine.core import EngineFault, EngineOverloaded, RequestTooLarge, RowFailed
+from app.engine.engine import Completion, EngineBroken, QueueFull, RequestStream, TooMuchWork
 from app.engine.requests import GenerationRequest, SoftPrompt
 from app.observability import note_adapter
 from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
+
+log = logging.getLogger(__name__)
 
 
 def check_max_new_tokens(runtime: Runtime, value: int, field: str) -> None:
@@ -42,8 +47,10 @@ def _busy(detail: str = "server busy: generation queue is full") -> HTTPExceptio
     return HTTPException(503, detail=detail, headers={"Retry-After": "1"})
 
 
-def _not_queued(exc: QueueFull | RequestTooLarge | TooMuchWork, tokens_field: str) -> HTTPException:
+def _not_queued(exc: QueueFull | RequestTooLarge | TooMuchWork | EngineBroken, tokens_field: str) -> HTTPException:
     """The answer to requests the engine would not queue: 422 if they never could be, else 503."""
+    if isinstance(exc, EngineBroken):
+        return _busy(f"this node cannot serve: {exc}; retry on another node")
     if isinstance(exc, RequestTooLarge):
         return invalid(tokens_field, f"{exc}: shorten the prompt or ask for fewer tokens")
     if isinstance(exc, TooMuchWork):
@@ -58,12 +65,15 @@ async def run_all(
     try:
         submitted = runtime.engine.submit_all(requests, timeout=runtime.settings.request_timeout_s)
         return await unless_disconnected(http_request, submitted)
-    except (QueueFull, RequestTooLarge, TooMuchWork) as exc:
+    except (QueueFull, RequestTooLarge, TooMuchWork, EngineBroken) as exc:
         raise _not_queued(exc, tokens_field) from None
     except EngineOverloaded as exc:
         raise _busy(str(exc)) from None
     except TimeoutError:
         raise HTTPException(504, detail="generation did not finish before the request deadline") from None
+    except (RowFailed, EngineFault) as exc:
+        log.error("generation failed: %s", public_message(exc), exc_info=exc)
+        raise HTTPException(500, detail=public_message(exc)) from None
 
 
 def start_streams(
@@ -72,5 +82,5 @@ def start_streams(
     """Queue streaming requests together; a full queue is still a plain 503, before any event is sent."""
     try:
         return runtime.engine.stream_all(requests, timeout=runtime.settings.request_timeout_s)
-    except (QueueFull, RequestTooLarge, TooMuchWork) as exc:
+    except (QueueFull, RequestTooLarge, TooMuchWork, EngineBroken) as exc:
         raise _not_queued(exc, tokens_field) from None

@@ -1,4 +1,5 @@
-"""Validation errors as strict JSON, whatever input they echo.
+"""Errors as clients see them: validation errors as strict JSON, whatever input they echo, and
+server errors as a short message with the request's id, never an exception's own text.
 
 FastAPI's 422 repeats each offending input, and Python's json reads what JSON cannot carry back:
 the NaN and Infinity literals, and lone surrogate escapes ("\\ud800") that UTF-8 cannot encode;
@@ -13,7 +14,20 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from app.engine.core import EngineFault, EngineOverloaded, RowFailed
+from app.engine.engine import EngineBroken
+from app.observability import current_request_id
 from app.schemas import SURROGATE
+
+# Failures whose message was written for the client; any other exception's text stays in the log.
+_TOLD_AS_IS = (RowFailed, EngineFault, EngineOverloaded, EngineBroken, TimeoutError)
+
+
+def public_message(exc: BaseException) -> str:
+    """What a client is told of a failure: our own short message, or "internal server error",
+    with the request id that finds the whole story in the server's log."""
+    text = str(exc) if isinstance(exc, _TOLD_AS_IS) else "internal server error"
+    return f"{text} (request id {current_request_id()})"
 
 
 def _json_safe(value):

@@ -3,13 +3,17 @@ merge that interleaves the streams of several prompts."""
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import TypeVar
 
 from fastapi.responses import StreamingResponse
 
+from app.api.errors import public_message
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
 
@@ -24,7 +28,9 @@ async def _events(payloads: AsyncIterator[dict]) -> AsyncIterator[str]:
             async for payload in payloads:
                 yield sse_event(payload)
         except Exception as exc:  # the batch failed after the response began: say so in the stream
-            yield sse_event({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+            if not isinstance(exc, TimeoutError):
+                log.error("stream failed: %s", public_message(exc), exc_info=exc)
+            yield sse_event({"error": {"message": f"generation failed: {public_message(exc)}", "type": "server_error"}})
     yield DONE
 
 

@@ -13,6 +13,11 @@ computes only the rest (a prefix-tuned adapter's positions 0..n-1 are its keys a
 into the cache, never computed); when it has computed its prompt, its slots are offered to the prefix
 cache. Failures stay with their rows: a request that cannot be prepared is refused alone, a row
 whose logits are unusable fails alone, and an out-of-memory sheds the newest row and retries.
+Any other exception in a step is an engine fault, which no single row explains: the running rows
+fail with `EngineFault`, the core rebuilds its bookkeeping (slot table, KV pool, prefix cache) from
+scratch and goes on; waiting requests keep their place. Every tensor the core keeps is allocated
+once, at its full size, when the core is built, so no step ever replaces one (a tensor made
+inside `torch.inference_mode()` could not be written outside it).
 
 Synchronous and single-threaded: `app.engine.engine.Engine` drives it from its own thread.
 """
@@ -52,6 +57,13 @@ class EngineOverloaded(RuntimeError):
 
 class RowFailed(RuntimeError):
     """This row alone failed (its logits or its text could not be used)."""
+
+
+class EngineFault(RuntimeError):
+    """A step failed in a way no single row explains; the engine rebuilt its state and goes on."""
+
+    def __init__(self) -> None:
+        super().__init__("an internal error in the engine ended this request; the engine recovered, retry it")
 
 
 @dataclass(eq=False)
@@ -104,6 +116,7 @@ class EngineCore:
         max_rows: int,
         max_step_tokens: int = 512,
         prefix_cache_tokens: int | None = None,
+        max_row_positions: int | None = None,
     ):
         self.base = base
         self.runner = ModelRunner(base)
@@ -113,10 +126,18 @@ class EngineCore:
         self.max_rows = max_rows
         self.max_step_tokens = max(max_step_tokens, max_rows)  # every decoding row fits every step
         self.eos_ids = stop_token_ids(base)
-        self.table = torch.zeros(max_rows, 256, dtype=torch.long, device=self.device)  # lane, position -> slot
+        # The most positions one row may hold: the whole cache, or less where the caller bounds requests.
+        capacity = self.kv.capacity_blocks * BLOCK_SIZE
+        self.max_row_positions = min(capacity, max_row_positions or capacity)
+        # lane, position -> slot; as wide as the longest row's keys padded to a whole bucket
+        self.table = torch.zeros(max_rows, -(-self.max_row_positions // KEY_BUCKET) * KEY_BUCKET,
+                                 dtype=torch.long, device=self.device)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
         self._free_lanes = list(range(max_rows - 1, -1, -1))
+        self._admitting: Row | None = None  # the waiting row being admitted, while it is
+        self.faults = 0  # engine faults healed
+        self.consecutive_faults = 0  # since the last step that went through
         self.logits_hook: Callable[[list[Row], torch.Tensor], None] | None = None  # sees every step's logits
         self.steps = 0
         self.requests_admitted = 0
@@ -134,11 +155,11 @@ class EngineCore:
     def check_fits(self, request: GenerationRequest) -> int:
         """The request's worst-case KV positions; RequestTooLarge if the whole cache could not hold them."""
         positions = self.positions_needed(request)
-        if math.ceil(positions / BLOCK_SIZE) > self.kv.capacity_blocks:
-            raise RequestTooLarge(
-                f"needs {positions} KV cache positions (soft prompt + prompt + max new tokens); "
-                f"the cache holds {self.kv.capacity_blocks * BLOCK_SIZE}"
-            )
+        if positions > self.max_row_positions:
+            capacity = self.kv.capacity_blocks * BLOCK_SIZE
+            limit = f"the cache holds {capacity}" if self.max_row_positions == capacity else (
+                f"one request may hold {self.max_row_positions}")
+            raise RequestTooLarge(f"needs {positions} KV cache positions (soft prompt + prompt + max new tokens); {limit}")
         return positions
 
     def add(self, request: GenerationRequest, handle: object = None, arrived_at: float | None = None) -> Row:
@@ -193,22 +214,35 @@ class EngineCore:
     def admit(self) -> list[tuple[str, Row]]:
         """Drop cancelled rows and admit waiting requests while rows and KV blocks allow."""
         events: list[tuple[str, Row]] = []
-        for row in [r for r in self.running if r.request.cancelled.is_set()]:
-            self._finish(row, "cancelled", events)
-        self._admit(events)
+        try:
+            for row in [r for r in self.running if r.request.cancelled.is_set()]:
+                self._finish(row, "cancelled", events)
+            self._admit(events)
+        except Exception as exc:
+            self._heal(exc, events)
         return events
 
     def run(self) -> list[tuple[str, Row]]:
         """One forward pass over the running rows, and a token for each row it completes."""
         events: list[tuple[str, Row]] = []
+        try:
+            self._run(events)
+        except Exception as exc:
+            self._heal(exc, events)
+        return events
+
+    def _run(self, events: list) -> None:
         work = self._plan()
         if not work:
-            return events
+            return
         try:
             logits, sampling = self._forward(work)
-        except Exception as exc:  # the pass failed: its rows fail (or the newest is shed), the engine goes on
-            self._fail_step(work, exc, events)
-            return events
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            self._shed_newest(work, events)  # memory ran short: the newest row goes, the rest go on
+            return
+        self.consecutive_faults = 0
         self.steps += 1
         self.rows_stepped += len(work)
         for item in work:
@@ -220,7 +254,6 @@ class EngineCore:
         if self.logits_hook is not None:
             self.logits_hook(sampling, logits)
         self._take_tokens(sampling, logits, events)
-        return events
 
     def _admit(self, events: list) -> None:
         while self.waiting and self._free_lanes:
@@ -229,6 +262,7 @@ class EngineCore:
                 self.waiting.popleft()
                 self._finish(row, "cancelled", events)
                 continue
+            self._admitting = row
             prefix_slots = self._reserve(row)
             if prefix_slots is None:
                 return  # first come, first served: the head waits for memory, and so do the rest
@@ -238,10 +272,10 @@ class EngineCore:
             self.running.append(row)
             self.requests_admitted += 1
             events.append(("admitted", row))
-            self._ensure_table_width(self.positions_needed(row.request) + 1)
             self.table[row.lane, : row.shared] = prefix_slots
             if row.computed < row.virtual and row.request.soft_prompt.prefix_kv is not None:
                 self._write_prefix_kv(row)
+        self._admitting = None
 
     def _write_prefix_kv(self, row: Row) -> None:
         """A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not computed:
@@ -278,12 +312,6 @@ class EngineCore:
             return self.table.new_empty(0)
         row.borrowed, row.shared, row.computed = entry.blocks, shared, shared
         return entry.slots[:shared]
-
-    def _ensure_table_width(self, width: int) -> None:
-        if width > self.table.shape[1]:
-            wider = torch.zeros(self.max_rows, max(width, 2 * self.table.shape[1]), dtype=torch.long, device=self.device)
-            wider[:, : self.table.shape[1]] = self.table
-            self.table = wider
 
     def _plan(self) -> list[_Work]:
         """Decoding rows first (one token each), then prompt chunks in admission order."""
@@ -363,7 +391,6 @@ class EngineCore:
         key_lengths = torch.tensor([w.start + w.count for w in items], device=device)
         # Past a row's own positions its lane may hold an earlier row's slots: read the padding
         # block instead, so nothing another row left (even NaN) can reach this one's softmax.
-        self._ensure_table_width(keys)
         slots = self.table.index_select(0, lanes)[:, :keys]
         slots = slots.masked_fill_(torch.arange(keys, device=device) >= key_lengths[:, None], 0)
         return RowGroup(
@@ -451,28 +478,45 @@ class EngineCore:
         length = row.prompt_positions
         self.prefix.offer(row.key, row.virtual, row.tokens[: row.result.prompt_tokens], self.table[row.lane, :length])
 
-    def _fail_step(self, work: list[_Work], exc: Exception, events: list) -> None:
-        rows = [w.row for w in work]
-        if _out_of_memory(exc):
-            newest = max(rows, key=lambda r: r.admitted_at)
-            newest.error = EngineOverloaded("the server ran short of memory; retry later")
-            self.rows_shed += 1
-            self._release(newest)
-            events.append(("failed", newest))
-            return
+    def _shed_newest(self, work: list[_Work], events: list) -> None:
+        newest = max((w.row for w in work), key=lambda r: r.admitted_at)
+        newest.error = EngineOverloaded("the server ran short of memory; retry later")
+        self.rows_shed += 1
+        self._release(newest)
+        events.append(("failed", newest))
+
+    def _heal(self, exc: Exception, events: list) -> None:
+        """An engine fault: fail the running rows, then rebuild the slot table, the KV pool's
+        bookkeeping and the prefix cache from scratch (the pool's tensors are kept: every slot is
+        written before it is read). Waiting requests keep their place. Raises if it cannot rebuild."""
+        rows = list(self.running)
+        if self._admitting in self.waiting:  # the request whose admission failed goes too
+            self.waiting.remove(self._admitting)
+            rows.append(self._admitting)
+        log.error("engine fault: failing %d rows and rebuilding the engine's state", len(rows), exc_info=exc)
+        self.faults += 1
+        self.consecutive_faults += 1
+        self.kv.reset()
+        self.prefix.clear()
+        self.table.zero_()
+        self._free_lanes = list(range(self.max_rows - 1, -1, -1))
+        self.running, self._admitting = [], None
+        now = time.perf_counter()
         for row in rows:
-            row.error = exc
-            self._release(row)
+            row.error = EngineFault()
+            row.error.__cause__ = exc
+            row.finished_at = now
+            row.blocks, row.borrowed, row.reserved = [], [], 0
             events.append(("failed", row))
 
     def fail_all(self, exc: BaseException) -> list[tuple[str, Row]]:
-        """Fail every row, running or waiting (after a fault in the engine itself)."""
+        """Fail every row, running or waiting, touching nothing else: the engine cannot go on."""
         events = []
         for row in [*self.running, *self.waiting]:
             row.error = exc
-            self._release(row)
+            row.finished_at = time.perf_counter()
             events.append(("failed", row))
-        self.waiting.clear()
+        self.running, self.waiting = [], deque()
         return events
 
     # -- numbers --------------------------------------------------------------------------------
@@ -491,6 +535,7 @@ class EngineCore:
             "tokens_generated": self.tokens_generated,
             "rows_stepped": self.rows_stepped,
             "rows_shed": self.rows_shed,
+            "faults": self.faults,
             "kv_cache": self.kv.stats(),
             "prefix_cache": self.prefix.stats(),
         }

@@ -46,6 +46,15 @@ class EngineStopped(RuntimeError):
     pass
 
 
+class EngineBroken(RuntimeError):
+    """The engine cannot serve (its state could not be rebuilt, or its thread died): the node
+    needs a restart, and /health says so."""
+
+
+# An engine whose steps failed this many times in a row, healing in between, reports itself unhealthy.
+FAULTS_BEFORE_UNHEALTHY = 3
+
+
 class QueueFull(Exception):
     pass
 
@@ -131,6 +140,7 @@ class Engine:
         self._training_ran_at = 0.0  # when the last stretch of training ended
         self.training_items = 0
         self.training_pieces = 0  # stretches of training between pause points, begun so far
+        self.broken: str | None = None  # why the engine cannot serve, once it cannot
 
     # -- event loop side ------------------------------------------------------------------------
 
@@ -145,8 +155,18 @@ class Engine:
     def recent_tokens_per_second(self) -> float:
         return self.core.recent_tokens_per_second()
 
+    def problem(self) -> str | None:
+        """Why this engine cannot serve, or None while it can."""
+        if self.broken is not None:
+            return self.broken
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine's thread has stopped"
+        if self.core is not None and self.core.consecutive_faults >= FAULTS_BEFORE_UNHEALTHY:
+            return f"the engine's last {self.core.consecutive_faults} steps failed"
+        return None
+
     def stats(self) -> dict:
-        return self.core.stats() | {"queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
+        return self.core.stats() | {"healthy": int(self.problem() is None), "queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
                                     "requests_cancelled": self.requests_cancelled,
                                     "training_items": self.training_items, "training_active": self.activity == "training"}
 
@@ -216,7 +236,9 @@ class Engine:
     def _enqueue(self, requests: list[GenerationRequest], streaming: bool) -> list[_Pending]:
         """Queue all of `requests` or none of them: RequestTooLarge if one can never fit the KV
         cache, TooMuchWork if together they exceed the whole queue, QueueFull if the queue has no
-        room for them now."""
+        room for them now, EngineBroken if the engine cannot serve at all."""
+        if self.broken is not None or not self._thread.is_alive():
+            raise EngineBroken(self.problem() or "the engine has stopped")
         work = [self.core.check_fits(request) for request in requests]
         if sum(work) > self._max_queued_tokens:
             raise TooMuchWork(
@@ -323,6 +345,12 @@ class Engine:
             return
         finally:
             ready.set()
+        try:
+            self._loop_until_stopped()
+        except BaseException as exc:  # a bug outside any step: nothing can serve on this node now
+            self._break("the engine's thread stopped on an internal error", exc)
+
+    def _loop_until_stopped(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -335,6 +363,17 @@ class Engine:
                 self._serve_step()
             if self.core.has_work() or self._training:
                 self._wake.set()  # more to do
+
+    def _break(self, reason: str, exc: BaseException) -> None:
+        """The engine cannot go on: say why (health reads it) and fail everything it holds."""
+        log.critical("%s: the node must be restarted", reason, exc_info=exc)
+        self.broken = reason
+        error = EngineBroken(reason)
+        error.__cause__ = exc
+        self._post([("failed", row.handle, error) for _, row in self.core.fail_all(error)])
+        for pending in list(self._inbox):
+            self._post([("failed", pending, error)])
+        self._inbox.clear()
 
     def _take_new_work(self) -> None:
         while self._dropped_adapters:
@@ -352,13 +391,11 @@ class Engine:
         paused = self.activity
         self.activity = "inference"
         try:
-            with torch.no_grad():
-                self._post(self._events(self.core.admit()))  # before the pass, which may take a while
             with torch.inference_mode():
+                self._post(self._events(self.core.admit()))  # before the pass, which may take a while
                 self._post(self._events(self.core.run()))
-        except Exception as exc:  # a bug in the engine itself: fail what it holds, keep serving
-            log.exception("engine step failed")
-            self._post([("failed", row.handle, exc) for _, row in self.core.fail_all(exc)])
+        except Exception as exc:  # a fault the core could not heal
+            self._break("the engine could not rebuild its state after a fault", exc)
         finally:
             self.activity = paused
 

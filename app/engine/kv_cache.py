@@ -42,6 +42,11 @@ class KVCache:
         size = (shape.layers, self.num_blocks * BLOCK_SIZE, shape.kv_heads, shape.head_dim)
         self.keys = torch.zeros(size, dtype=shape.dtype, device=device)
         self.values = torch.zeros(size, dtype=shape.dtype, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Every block free and unpromised (the tensors keep their contents: a slot is always
+        written before it is read)."""
         self._free = list(range(self.num_blocks - 1, 0, -1))  # pop() hands out low blocks first
         self._refs = [0] * self.num_blocks
         self.reserved = 0  # blocks promised to admitted rows, not yet handed out

@@ -108,6 +108,11 @@ class PrefixCache:
         self._remove(next(iter(self._entries)))
         return True
 
+    def clear(self) -> None:
+        """Forget every entry without releasing its blocks: the pool was reset under them."""
+        self._entries.clear()
+        self.tokens = 0
+
     def drop_adapter(self, adapter_id: str) -> None:
         for key in [k for k in self._entries if k.adapter_id == adapter_id]:
             self._remove(key)

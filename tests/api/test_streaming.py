@@ -90,11 +90,16 @@ def test_stream_stops_before_a_stop_string_split_across_tokens(client, tiny_base
     assert events[-1]["finish_reason"] == "stop"
 
 
-def test_a_batch_that_fails_mid_stream_ends_it_with_an_error_event(client):
+def test_a_batch_that_fails_mid_stream_ends_it_with_an_error_event_that_keeps_internals_in(client):
     before_each_forward(client.app.state.runtime.engine, fail_at_third_step)
-    events = stream_generate(client, {"prompt": PROMPTS[0], "max_new_tokens": 20})
-    assert events[-1] == {"error": {"message": "generation failed: device lost", "type": "server_error"}}
+    body = {"prompt": PROMPTS[0], "max_new_tokens": 20, "stream": True}
+    with client.stream("POST", "/generate", json=body, headers={"X-Request-ID": "req-42"}) as response:
+        events = sse_payloads(list(response.iter_lines()))
+    assert events[-1] == {"error": {"message": "generation failed: an internal error in the engine ended this request; "
+                                               "the engine recovered, retry it (request id req-42)",
+                                    "type": "server_error"}}
     assert all("error" not in e for e in events[:-1])
+    assert client.post("/generate", json={"prompt": PROMPTS[1], "max_new_tokens": 3}).status_code == 200
 
 
 def test_a_stop_string_split_across_tokens_is_never_sent():

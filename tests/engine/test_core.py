@@ -4,7 +4,7 @@ prefix cache and fault isolation. Steps are counted, never timed."""
 import pytest
 import torch
 
-from app.engine.core import EngineCore, EngineOverloaded, RequestTooLarge, RowFailed
+from app.engine.core import EngineCore, EngineFault, EngineOverloaded, RequestTooLarge, RowFailed
 from app.engine.generation import first_step_logits
 from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.prefix_cache import PrefixKey
@@ -316,7 +316,8 @@ def test_a_failing_pass_fails_its_rows_and_the_next_requests_run(tiny_base):
     core.runner.forward = fails_once
     first = core.add(request(tiny_base, SST2_PROMPTS[0], None, 6))
     run_until_idle(core)
-    assert isinstance(first.error, RuntimeError) and len(first.result.token_ids) == 1
+    assert isinstance(first.error, EngineFault) and str(first.error.__cause__) == "device lost"
+    assert len(first.result.token_ids) == 1
     req = request(tiny_base, SST2_PROMPTS[1], None, 6)
     second = core.add(req)
     run_until_idle(core)

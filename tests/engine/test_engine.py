@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from app.engine.core import EngineCore, RequestTooLarge
-from app.engine.engine import Engine, QueueFull
+from app.engine.core import EngineCore, EngineFault, RequestTooLarge
+from app.engine.engine import FAULTS_BEFORE_UNHEALTHY, Engine, EngineBroken, QueueFull
 from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationRequest
 from tests.conftest import before_each_forward
@@ -154,9 +154,11 @@ async def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(make_eng
             raise RuntimeError("device lost")
 
     before_each_forward(engine, fail_second_pass)
-    with pytest.raises(RuntimeError, match="device lost"):
+    with pytest.raises(EngineFault) as raised:
         await engine.submit(request(tiny_base, 0, 5), timeout=30)
+    assert str(raised.value.__cause__) == "device lost"
     assert len((await engine.submit(request(tiny_base, 1, 5), timeout=30)).result.token_ids) == 5
+    assert engine.stats()["faults"] == 1 and engine.problem() is None
 
 
 async def test_a_fault_in_the_engine_itself_fails_what_it_holds_and_it_keeps_serving(make_engine, tiny_base):
@@ -170,9 +172,88 @@ async def test_a_fault_in_the_engine_itself_fails_what_it_holds_and_it_keeps_ser
         return plan()
 
     engine.core._plan = broken_once
-    with pytest.raises(KeyError):
+    with pytest.raises(EngineFault):
         await engine.submit(request(tiny_base, 0, 3), timeout=30)
     assert len((await engine.submit(request(tiny_base, 1, 3), timeout=30)).result.token_ids) == 3
+
+
+async def test_a_row_past_the_first_table_width_leaves_the_engine_serving(make_engine, tiny_base):
+    """Issue 21, finding 1: a row whose keys passed the slot table's first width made the table
+    an inference tensor, and every later admission failed."""
+    engine = make_engine(kv_tokens=2048)
+    ids = tiny_base.tokenizer("Hi").input_ids
+    first = await engine.submit(GenerationRequest(ids, None, 600), timeout=60)
+    assert len(first.result.token_ids) == 600
+    for max_new_tokens in (2, 70, 300):
+        req = GenerationRequest(ids, None, max_new_tokens)
+        done = await engine.submit(req, timeout=60)
+        assert done.result.token_ids == reference_greedy_decode(tiny_base, None, ids, max_new_tokens)
+    assert engine.stats()["faults"] == 0
+
+
+async def test_a_fault_during_admission_fails_the_step_rows_keeps_the_waiting_and_rebuilds(make_engine, tiny_base):
+    engine = make_engine(max_rows=2, prefix_cache_tokens=0)
+    hold = threading.Event()
+    before_each_forward(engine, lambda n: hold.wait(10))
+    running = asyncio.create_task(engine.submit(request(tiny_base, 0, 4), timeout=30))
+    while engine.core is None or not engine.core.running:
+        await asyncio.sleep(0.01)
+    reserve, calls = engine.core._reserve, []
+
+    def broken_once(row):  # the next admission raises, as the inference-tensor table did
+        calls.append(row)
+        if len(calls) == 1:
+            raise RuntimeError("Inplace update to inference tensor outside InferenceMode")
+        return reserve(row)
+
+    engine.core._reserve = broken_once
+    admitting = asyncio.create_task(engine.submit(request(tiny_base, 1, 4), timeout=30))
+    waiting = asyncio.create_task(engine.submit(request(tiny_base, 2, 4), timeout=30))
+    while len(engine.core.waiting) + len(engine._inbox) < 2:
+        await asyncio.sleep(0.01)
+    hold.set()
+    for failed in (running, admitting):
+        with pytest.raises(EngineFault):
+            await failed
+    req = request(tiny_base, 2, 4)
+    assert (await waiting).result.token_ids == reference_greedy_decode(tiny_base, None, req.prompt_ids, 4)
+    core = engine.core
+    assert core.faults == 1 and core.consecutive_faults == 0 and engine.problem() is None
+    assert core.kv.stats()["used_tokens"] == 0 and core.kv.stats()["reserved_tokens"] == 0
+
+
+async def test_an_engine_that_cannot_rebuild_says_so_and_refuses_work(make_engine, tiny_base):
+    engine = make_engine()
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    engine.core._plan = broken
+    engine.core.kv.reset = broken  # the rebuild fails too
+    with pytest.raises(EngineBroken):
+        await engine.submit(request(tiny_base, 0, 3), timeout=30)
+    assert engine.problem() == "the engine could not rebuild its state after a fault"
+    with pytest.raises(EngineBroken):
+        await engine.submit(request(tiny_base, 1, 3), timeout=30)
+
+
+async def test_an_engine_whose_every_step_fails_reports_itself_unhealthy(make_engine, tiny_base):
+    engine = make_engine()
+    engine.core._plan = lambda: (_ for _ in ()).throw(RuntimeError("every step"))
+    for i in range(FAULTS_BEFORE_UNHEALTHY):
+        assert engine.problem() is None
+        with pytest.raises(EngineFault):
+            await engine.submit(request(tiny_base, i, 3), timeout=30)
+    assert engine.problem() == f"the engine's last {FAULTS_BEFORE_UNHEALTHY} steps failed"
+
+
+async def test_an_engine_whose_thread_died_says_so(make_engine, tiny_base):
+    engine = make_engine()
+    engine._take_new_work = lambda: (_ for _ in ()).throw(SystemError("bug outside any step"))
+    with pytest.raises(EngineBroken):
+        await engine.submit(request(tiny_base, 0, 3), timeout=30)
+    engine._thread.join(5)
+    assert engine.problem() == "the engine's thread stopped on an internal error"
 
 
 async def test_dropping_an_adapter_frees_its_prefix_before_the_next_step(make_engine, tiny_base):

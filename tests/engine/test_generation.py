@@ -2,6 +2,7 @@
 
 import pytest
 
+from app.engine.core import EngineFault
 from app.engine.generation import generate_batch
 from app.engine.reference import check_against_reference, reference_greedy_decode
 from app.engine.requests import GenerationRequest
@@ -138,5 +139,6 @@ def test_a_failed_row_is_raised_not_returned_as_a_short_result(tiny_base, monkey
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(ModelRunner, "forward", broken)
-    with pytest.raises(RuntimeError, match="device lost"):
+    with pytest.raises(EngineFault) as raised:
         generate_batch(tiny_base, mixed_requests(tiny_base, 2, max_new_tokens=3))
+    assert str(raised.value.__cause__) == "device lost"
