@@ -28,16 +28,23 @@ With it, projections that read the same input also share one product (`SharedInp
 AMD EPYC) it is ~40x slower than float32. There the int8 values are also kept as float32 and
 multiplied in float32, in slices of K short enough that every partial sum is an integer below
 2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant).
+
+A kernel is chosen for speed only among those that give exact sums here: without VNNI, oneDNN's
+u8 x s8 product adds pairs of products in 16 bits, which saturate (wrong logits, silently). So
+each candidate is first checked against exact integer sums on inputs built to break it (every
+value +-127, K = 2048: pair sums past 16 bits, whole sums past 2**24), at load, before it is timed.
 """
 
 import functools
 import itertools
+import logging
 import threading
 import time
 import types
 
 import torch
 
+log = logging.getLogger(__name__)
 _INV_127 = 1.0 / 127.0
 _EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this long are exact
 
@@ -58,9 +65,35 @@ def _seconds(product, repeats: int) -> float:
     return time.perf_counter() - start
 
 
+def adversarial_operands(k: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows [8, k] and weight [64, k] of +-127 only, in fixed random signs, with all-127 and
+    all-(-127) rows: the largest products, pairs of them past 16 bits, sums past 2**24."""
+    generator = torch.Generator().manual_seed(0)
+    rows, weight = ((torch.randint(0, 2, (n, k), generator=generator) * 2 - 1) * 127 for n in (8, 64))
+    rows[0], rows[1], weight[0], weight[1] = 127, -127, 127, -127
+    return rows.to(torch.int8), weight.to(torch.int8)
+
+
+def gives_exact_sums(product) -> bool:
+    """Whether `product(rows, weight)` -- int8 rows [M, K] times int8 weight [N, K]^T, as int32 sums
+    or those sums as float32 -- gives the exact integer sums on adversarial operands."""
+    rows, weight = adversarial_operands()
+    exact = rows.double() @ weight.double().t()  # every sum is below 2**53: exact
+    try:
+        got = product(rows, weight)
+    except RuntimeError:
+        return False
+    expected = exact.to(torch.int32) if got.dtype == torch.int32 else exact.to(torch.int32).to(got.dtype)
+    return got.shape == expected.shape and torch.equal(got, expected)
+
+
 @functools.cache
 def int_mm_is_fast() -> bool:
-    """Whether torch._int_mm beats a float32 product of the same shape here (a decode-sized one)."""
+    """Whether torch._int_mm gives exact sums here and beats a float32 product of the same shape
+    (a decode-sized one)."""
+    if not gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t())):
+        log.warning("torch._int_mm gives inexact sums on this CPU: int8 products run on float32 copies")
+        return False
     a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     af, bf = a.float(), b.float()
     return _seconds(lambda: torch._int_mm(a, b.t()), 3) <= 2 * _seconds(lambda: af @ bf.t(), 3)
@@ -110,13 +143,15 @@ class PackedInt8:
 
 @functools.cache
 def packed_products_win() -> bool:
-    """Whether oneDNN's int8 linear on a weight packed once beats torch._int_mm for a few rows here.
-    Four rows over an [8192, 640] weight: 85 vs 120 us with AVX-512 VNNI, 108 vs 191 with AVX-512
-    alone; with oneDNN capped to AVX2, 855 vs 361 (there the weights stay float32 anyway)."""
+    """Whether oneDNN's int8 linear on a weight packed once gives exact sums here and beats
+    torch._int_mm for a few rows (four rows over an [8192, 640] weight)."""
     if not int_mm_is_fast():
         return False
-    weight, rows = torch.ones(8192, 640, dtype=torch.int8), torch.ones(4, 640, dtype=torch.int8)
     try:
+        if not gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows)):
+            log.warning("oneDNN's packed int8 product gives inexact sums on this CPU: not used")
+            return False
+        weight, rows = torch.ones(8192, 640, dtype=torch.int8), torch.ones(4, 640, dtype=torch.int8)
         packed = PackedInt8(weight)
         return _seconds(lambda: packed(rows), 10) < _seconds(lambda: torch._int_mm(rows, weight.t()), 10)
     except (RuntimeError, AttributeError):  # a torch without oneDNN's int8 linear

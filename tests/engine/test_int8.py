@@ -107,11 +107,59 @@ def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base
     assert int8_base.model.get_output_embeddings().weight.dtype == dtype
 
 
+def saturating_u8s8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What oneDNN's u8 x s8 product computes without VNNI (vpmaddubsw): the rows shifted to u8,
+    adjacent products added in pairs and saturated to 16 bits, then summed and shifted back."""
+    shifted = rows.int() + 128
+    products = shifted[:, None, :] * weight.int()[None, :, :]
+    pairs = (products[..., 0::2] + products[..., 1::2]).clamp(-(2**15), 2**15 - 1)
+    return (pairs.sum(-1) - 128 * weight.int().sum(-1)).float()
+
+
+def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
+    from app.engine.int8 import adversarial_operands, gives_exact_sums
+
+    assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
+    assert gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
+    assert not gives_exact_sums(saturating_u8s8_product)
+    rows, weight = adversarial_operands()
+    assert (rows.int() @ weight.int().t()).abs().max() > 2**24  # past float32's integers as well
+
+
+def test_a_faster_kernel_that_saturates_is_never_chosen(monkeypatch):
+    """Finding 8: on an AVX2 EPYC oneDNN's packed product is wrong; on AVX-512 without VNNI it
+    would also be faster. Made faster and wrong here, it must still be refused."""
+    from app.engine import int8
+
+    class Saturating:
+        def __init__(self, weight):
+            self.weight = weight
+
+        def __call__(self, rows):
+            return saturating_u8s8_product(rows, self.weight) if rows.shape[1] > 1000 else torch.zeros(1)
+
+    monkeypatch.setattr(int8, "int_mm_is_fast", lambda: True)
+    monkeypatch.setattr(int8, "PackedInt8", Saturating)  # and instant on the timed shape
+    assert not int8.packed_products_win.__wrapped__()
+
+
+def test_the_packed_product_is_chosen_only_where_it_gives_exact_sums():
+    from app.engine.int8 import PackedInt8, gives_exact_sums, int_mm_is_fast, packed_products_win
+
+    try:
+        exact = gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows))
+    except AttributeError:  # no oneDNN int8 linear in this torch
+        exact = False
+    assert not packed_products_win() or (exact and int_mm_is_fast())
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 40])
 @pytest.mark.parametrize("k", [64, 2048])
-def test_the_packed_product_gives_torch_int_mm_sums(rows, k):
-    from app.engine.int8 import PackedInt8, _int_mm
+def test_where_chosen_the_packed_product_gives_torch_int_mm_sums(rows, k):
+    from app.engine.int8 import PackedInt8, _int_mm, packed_products_win
 
+    if not packed_products_win():
+        pytest.skip("the packed product is not used on this CPU (slower, or inexact)")
     torch.manual_seed(rows + k)
     weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     weight[0] = 127  # the largest sums (past 2**24 at k=2048: rounded as .float() rounds them)
