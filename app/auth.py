@@ -153,16 +153,44 @@ class SessionCookies:
         await sessions(scope, receive, send)
 
 
+class DirectPeer:
+    """ASGI middleware, outermost: keeps the address of the peer that opened the connection
+    (`scope["softserve.peer"]`) before forwarded headers replace the client's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope["softserve.peer"] = scope["client"][0] if scope.get("client") else ""
+        await self.app(scope, receive, send)
+
+
+def direct_peer(request: Request) -> str:
+    return request.scope.get("softserve.peer") or (request.client.host if request.client else "")
+
+
 class LoginThrottle:
     """Failed admin logins per client address: after `max_failures` within `window_s`, every login
-    from that address is refused until the oldest of them leaves the window. Kept in memory, per
-    API process. Keys carry 256 random bits, so this stops scripted guessing from flooding the
-    server and its logs rather than protecting a weak secret."""
+    from that address is refused until the oldest of them leaves the window; and per direct peer,
+    after `max_failures_per_peer`, whatever client addresses it forwarded (a client that makes
+    them up is stopped too). Kept in memory, per API process. Keys carry 256 random bits, so this
+    stops scripted guessing from flooding the server and its logs rather than protecting a weak
+    secret."""
 
-    def __init__(self, max_failures: int, window_s: float, clock=time.monotonic) -> None:
+    def __init__(self, max_failures: int, window_s: float, max_failures_per_peer: int | None = None,
+                 clock=time.monotonic) -> None:
         self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
+        self.max_failures_per_peer = max_failures_per_peer or max_failures
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()  # login runs in the threadpool
+
+    def _keys(self, client: str, peer: str | None) -> list[tuple[str, int]]:
+        """The counters a login counts in: its client address's, and its direct peer's."""
+        keys = [(f"client {client}", self.max_failures)]
+        if peer is not None:
+            keys.append((f"peer {peer}", self.max_failures_per_peer))
+        return keys
 
     def _recent(self, client: str, now: float) -> deque[float]:
         failures = self._failures.get(client, deque())
@@ -170,27 +198,30 @@ class LoginThrottle:
             failures.popleft()
         return failures
 
-    def retry_after(self, client: str) -> int:
-        """Seconds until `client` may try again; 0 when it may now."""
+    def retry_after(self, client: str, peer: str | None = None) -> int:
+        """Seconds until `client`, through `peer`, may try again; 0 when it may now."""
         with self._lock:
             now = self.clock()
-            failures = self._recent(client, now)
-            if len(failures) < self.max_failures:
-                return 0
-            return max(1, math.ceil(failures[-self.max_failures] + self.window_s - now))
+            waits = [0]
+            for key, limit in self._keys(client, peer):
+                failures = self._recent(key, now)
+                if len(failures) >= limit:
+                    waits.append(max(1, math.ceil(failures[-limit] + self.window_s - now)))
+            return max(waits)
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str, peer: str | None = None) -> None:
         with self._lock:
             now = self.clock()
-            failures = self._failures[client] = self._recent(client, now)
-            failures.append(now)
+            for key, _ in self._keys(client, peer):
+                failures = self._failures[key] = self._recent(key, now)
+                failures.append(now)
             if len(self._failures) > 10_000:  # many addresses: forget those with no recent failure
-                for other in [c for c, times in self._failures.items() if not self._recent(c, now)]:
+                for other in [c for c in self._failures if not self._recent(c, now)]:
                     del self._failures[other]
 
     def succeeded(self, client: str) -> None:
         with self._lock:
-            self._failures.pop(client, None)
+            self._failures.pop(f"client {client}", None)
 
 
 def csrf_token(request: Request) -> str:

@@ -36,7 +36,8 @@ def serve_api(host: str, port: int, factory: str = "app.main:create_app") -> Non
     get_settings.cache_clear()
     print(f"softserve on http://{host}:{port}  (admin: /admin, API docs: /docs)", flush=True)
     # Logging is ours (configure_logging): one line per request comes from RequestObserver.
-    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, access_log=False)
+    # Forwarded headers are read inside the app (app.main), which also keeps the direct peer.
+    uvicorn.run(factory, factory=True, host=host, port=port, log_config=None, access_log=False, proxy_headers=False)
 
 
 def _sessions():

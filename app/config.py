@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     # address gets 429 (with Retry-After) until the oldest failure leaves the window.
     login_max_failures: int = Field(10, ge=1)
     login_failure_window_s: float = Field(300.0, gt=0)
+    # ...and from one direct peer, whatever addresses it forwards for (a proxy, or a client that
+    # makes up X-Forwarded-For): a ceiling for everyone behind it.
+    login_max_failures_per_peer: int = Field(50, ge=1)
+    # Proxies whose X-Forwarded-For/-Proto are believed (comma-separated addresses, or "*").
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # This node's own folder: the default SQLite registry, the embedded broker. No other node reads it.
     data_dir: Path = Path("data")

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import admin, auth
 from app.api import adapters, errors, generate, health, metrics, openai_compat, train_jobs
@@ -51,8 +52,13 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
         default=DEFAULT_BODY_LIMIT,
     )
     app.add_middleware(auth.SessionCookies, secret_key=auth.session_secret(settings))
-    app.add_middleware(RequestObserver)  # outermost: it sees every answer, refusals included
-    app.state.login_throttle = auth.LoginThrottle(settings.login_max_failures, settings.login_failure_window_s)
+    app.add_middleware(RequestObserver)  # it sees every answer, refusals included
+    # The client's address and scheme as a trusted proxy forwards them (uvicorn's own middleware,
+    # run here rather than by uvicorn so that the direct peer is known too: DirectPeer).
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
+    app.add_middleware(auth.DirectPeer)
+    app.state.login_throttle = auth.LoginThrottle(settings.login_max_failures, settings.login_failure_window_s,
+                                                  settings.login_max_failures_per_peer)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")

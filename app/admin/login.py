@@ -45,8 +45,8 @@ def login(
 ):
     target = _safe_next(next_)
     throttle: auth.LoginThrottle = request.app.state.login_throttle
-    client = request.client.host if request.client else ""
-    wait = throttle.retry_after(client)
+    client, peer = request.client.host if request.client else "", auth.direct_peer(request)
+    wait = throttle.retry_after(client, peer)
     if wait:
         response = _form(request, target, f"Too many failed logins from your address. Try again in {wait} s.", 429)
         response.headers["Retry-After"] = str(wait)
@@ -56,7 +56,7 @@ def login(
     with request.app.state.runtime.sessions() as session:
         key = auth.find_key(session, api_key.strip())
         if key is None:
-            throttle.failed(client)
+            throttle.failed(client, peer)
             return _form(request, target, "That key is not valid.", 401)
         if key.role != "admin":
             return _form(request, target, "That is an inference key; the admin pages need an admin key.", 403)

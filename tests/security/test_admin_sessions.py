@@ -101,3 +101,19 @@ def test_behind_a_tls_proxy_on_this_machine_cookies_are_secure_and_clients_throt
     form, login = log_in_through_proxy("203.0.113.6", admin_key)
     assert "; secure" in session_cookie_header(form)
     assert login.status_code == 303 and "; secure" in session_cookie_header(login)
+
+
+def test_a_peer_that_makes_up_forwarded_addresses_still_meets_its_own_ceiling(make_live_server, tiny_base):
+    """Issue 21, finding 10: a client on this machine (a trusted proxy address) rotating
+    X-Forwarded-For was never limited."""
+    server = make_live_server(tiny_base, login_max_failures=2, login_max_failures_per_peer=4)
+    with server.runtime.sessions() as session:
+        _, admin_key = auth.create_key(session, "admin", "ops")
+
+    def log_in_as(address: str, key: str) -> int:
+        with httpx.Client(base_url=server.url, headers={"X-Forwarded-For": address}) as browser:
+            form = browser.get("/admin/login")
+            return browser.post("/admin/login", data={"api_key": key, "csrf_token": csrf_of(form.text)}).status_code
+
+    assert [log_in_as(f"198.51.100.{i}", "ssk_0_guess") for i in range(5)] == [401, 401, 401, 401, 429]
+    assert log_in_as("198.51.100.99", admin_key) == 429  # the peer waits out its window, whoever it forwards
