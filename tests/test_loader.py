@@ -84,3 +84,52 @@ def test_second_real_model_comes_from_pypi_as_a_llama(second_real_base):
     assert type(second_real_base.model).__name__ == "LlamaForCausalLM" and second_real_base.hidden_size == 576
     assert isinstance(second_real_base.model.model.layers[0].mlp.down_proj, Linear8bitLt)
     assert second_real_base.fingerprint == fingerprint(folder, SECOND_REAL_MODEL)
+
+
+def _slow_make(log_file: Path, work: Path, staging: Path) -> None:
+    """A stand-in conversion that takes a while and says who ran it."""
+    import os
+    import time
+
+    with open(log_file, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    time.sleep(1.0)
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+
+
+def _prepare(target: str, log_file: str, results) -> None:
+    from functools import partial
+
+    from app.engine.loader import made_once
+
+    results.put(str(made_once(Path(target), partial(_slow_make, Path(log_file)))))
+
+
+def test_two_processes_preparing_the_model_at_once_both_get_the_folder_made_once(tmp_path):
+    """Issue 21, finding 9: the second process failed at os.replace ("Directory not empty")."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results, log_file, target = context.Queue(), tmp_path / "made-by", tmp_path / "models" / "gemma"
+    workers = [context.Process(target=_prepare, args=(str(target), str(log_file), results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert [results.get(timeout=5) for _ in workers] == [str(target)] * 2
+    assert len(log_file.read_text().split()) == 1  # one conversion; the other process used its folder
+    assert (target / "config.json").exists()
+
+
+def test_a_folder_left_half_made_is_made_again(tmp_path):
+    from functools import partial
+
+    from app.engine.loader import made_once
+
+    target = tmp_path / "models" / "gemma"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_text("half")  # no config.json: not whole
+    assert made_once(target, partial(_slow_make, tmp_path / "made-by")) == target
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]

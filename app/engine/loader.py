@@ -6,16 +6,19 @@ Face folder (safetensors) under MODEL_CACHE_DIR.
 """
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,26 +98,43 @@ PACKAGED_MODELS: dict[str, Callable[[Path], Path]] = {
 
 def packaged_model_dir(name: str, cache_dir: Path) -> Path:
     """The converted folder of a packaged model, fetching and converting its GGUF if needed."""
-    target = Path(cache_dir) / name
+    return made_once(Path(cache_dir) / name, partial(_convert_packaged, name))
+
+
+def made_once(target: Path, make: Callable[[Path, Path], None]) -> Path:
+    """`target`, a folder with a config.json, made by `make(work folder, staging folder)` unless it
+    exists. Processes that need it at once (`make run` beside `make test`, nodes on one cache
+    volume) take turns under a file lock: the first makes it, the others then find it made. The
+    folder appears whole, by one rename, or not at all."""
     if (target / "config.json").exists():
         return target
-    log.info("converting packaged model %s once into %s (about a minute)", name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        gguf = PACKAGED_MODELS[name](Path(work))
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses gguf-quantized models: copy the weights into a plain one.
-        config = gguf_model.config
-        config.quantization_config = None
-        del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict())
-        staging = Path(work) / "model"
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # a half-converted folder is never left at `target`
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if (target / "config.json").exists():
+            return target  # another process made it while this one waited
+        log.info("preparing %s once (about a minute)", target)
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            staging = Path(work) / "model"
+            make(Path(work), staging)
+            if target.exists():  # left by a run that died before locks were taken: not whole
+                shutil.rmtree(target)
+            os.replace(staging, target)
     return target
+
+
+def _convert_packaged(name: str, work: Path, staging: Path) -> None:
+    gguf = PACKAGED_MODELS[name](work)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses gguf-quantized models: copy the weights into a plain one.
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def model_dir_and_name(base_model: Path | None, cache_dir: Path) -> tuple[Path, str]:
