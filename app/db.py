@@ -43,8 +43,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 # The largest values the databases hold: OFFSET is 64-bit on SQLite and PostgreSQL, and INTEGER
 # columns (job event ids) are 32-bit on PostgreSQL. Larger paging positions overflow there, so the
-# API refuses them.
-MAX_OFFSET = 2**63 - 1
+# API refuses them. 2**62, not 2**63 - 1: a JSON Schema maximum is read as a double, and 2**63 - 1
+# is not one (it rounds up, past what the databases hold).
+MAX_OFFSET = 2**62
 MAX_INTEGER = 2**31 - 1
 
 

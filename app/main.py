@@ -1,5 +1,6 @@
 """App factory and lifespan: the base model is loaded once per process, before serving."""
 
+import copy
 import logging
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -41,8 +42,9 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
         version="0.1.0",
         description="Serve and train soft-prompt adapters on one resident int8 base model.",
         lifespan=lifespan,
-        exception_handlers={RequestValidationError: errors.request_validation_error},
+        exception_handlers={RequestValidationError: errors.request_validation_error, 405: errors.method_not_allowed},
     )
+    document_limits(app, settings)
     app.add_middleware(
         BodySizeLimit,
         limits={
@@ -65,6 +67,26 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router, metrics.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
+
+
+def document_limits(app: FastAPI, settings: Settings) -> None:
+    """Put this node's request limits, which are settings, into its OpenAPI schema as maxima, so a
+    request the schema admits is not refused for them."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            models = schema["components"]["schemas"]
+            models["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens_limit
+            models["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = settings.max_new_tokens_limit
+            job = schema["paths"]["/train-jobs"]["post"]
+            job["requestBody"] = copy.deepcopy(job["requestBody"])  # the route's own dict, shared by every app
+            form = job["requestBody"]["content"]["multipart/form-data"]["schema"]
+            form["properties"]["num_virtual_tokens"]["maximum"] = settings.max_virtual_tokens
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def check_open_mode(runtime: Runtime) -> None:

@@ -35,6 +35,7 @@ NoNul = AfterValidator(_no_nul)
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # JSON's types as they are: no "5" or true for a number, no "yes" for a boolean
         allow_inf_nan=False,  # json reads NaN and Infinity; no field here means them
         json_schema_extra={
             "examples": [{"adapter_id": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_new_tokens": 4}]
@@ -47,7 +48,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=8)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # int64; 2**63 is exact in JSON's doubles, 2**63 - 1 is not
     apply_template: bool = Field(False, description="Lay the prompt out with the adapter's training template")
     stream: bool = Field(False, description="Send tokens as server-sent events as they are made")
 

@@ -46,8 +46,8 @@ def _get_or_404(session, adapter_id: str) -> Adapter:
     response_model=AdapterOut,
     dependencies=[AdminAuth],
     openapi_extra=openapi_form(AdapterUploadForm),
-    responses={409: {"description": "Adapter made for another base model"}, 413: {"description": "Upload too large"},
-               415: {"description": "Not multipart/form-data"},
+    responses={400: {"description": "Malformed multipart body"}, 409: {"description": "Adapter made for another base model"},
+               413: {"description": "Upload too large"}, 415: {"description": "Not multipart/form-data"},
                422: {"description": "Not a valid prompt-tuning adapter; the message names the file and problem"}},
 )
 async def upload_adapter(

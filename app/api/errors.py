@@ -13,6 +13,8 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.routing import Match
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.core import EngineFault, EngineOverloaded, RowFailed
 from app.engine.engine import EngineBroken
@@ -21,6 +23,14 @@ from app.schemas import SURROGATE
 
 # Failures whose message was written for the client; any other exception's text stays in the log.
 _TOLD_AS_IS = (RowFailed, EngineFault, EngineOverloaded, EngineBroken, TimeoutError)
+
+
+async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """405 with `Allow` naming every method of the path: Starlette names only those of the first
+    route that matched it, and a path's methods may sit on several routes."""
+    methods = [method for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+               if any(route.matches(request.scope | {"method": method})[0] == Match.FULL for route in request.app.routes)]
+    return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": ", ".join(methods)})
 
 
 def public_message(exc: BaseException) -> str:

@@ -54,8 +54,11 @@ async def _generate_events(updates: RequestStream, request: GenerationRequest, a
     "/generate",
     response_model=GenerateResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "The completion, or its event stream"},
+               400: {"description": "The body is not JSON"},
                404: {"description": "Unknown adapter"}, 409: {"description": "Adapter made for another base model"},
-               503: {"description": "Queue full; retry after Retry-After seconds"}},
+               500: {"description": "The engine failed this request (the message carries the request id)"},
+               503: {"description": "Queue full, memory short, or this node cannot serve; retry after Retry-After"},
+               504: {"description": "Not finished before the request deadline"}},
 )
 async def generate(body: GenerateRequest, runtime: RuntimeDep, http_request: Request, response: Response):
     """Generate text. With `stream: true` the answer is `text/event-stream`: `data:` events with

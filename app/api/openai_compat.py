@@ -44,12 +44,15 @@ NEUTRAL = {
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices")
 
 
 class CompletionRequest(BaseModel):
     # allow_inf_nan: json reads NaN and Infinity; no field here means them.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra={"examples": [{
+    # strict: JSON's types as they are (no "5" or 1.0 for an integer, no "yes" for a boolean).
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, json_schema_extra={"examples": [{
         "model": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_tokens": 4,
         "temperature": 0, "stop": ["\n"],
     }]})
@@ -62,7 +65,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding (OpenAI's default is 1)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # int64; 2**63 is exact in JSON's doubles, 2**63 - 1 is not
     stream: bool = Field(False, description="Send the text as server-sent events as it is made")
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -215,8 +218,11 @@ async def _chunks(
     "/completions",
     response_model=CompletionResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "The completion, or its event stream"},
+               400: {"description": "The body is not JSON"},
                404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
-               503: {"description": "Queue full; retry after Retry-After seconds"}},
+               500: {"description": "The engine failed this request (the message carries the request id)"},
+               503: {"description": "Queue full, memory short, or this node cannot serve; retry after Retry-After"},
+               504: {"description": "Not finished before the request deadline"}},
 )
 async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_request: Request):
     """OpenAI's legacy completions API. With `stream: true` the answer is `text/event-stream`:

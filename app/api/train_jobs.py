@@ -57,7 +57,8 @@ class TrainJobForm(BaseModel):
     epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
     batch_size: Annotated[int, Field(ge=1, le=512)] = TrainConfig.batch_size
     max_length: Annotated[int, Field(ge=8, le=8192)] = TrainConfig.max_length
-    eval_every: Annotated[int, Field(ge=1)] = TrainConfig.eval_every
+    eval_every: Annotated[int, Field(ge=1, le=1_000_000, description="Steps between evaluations; at most max_steps")] = (
+        TrainConfig.eval_every)
     early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] = TrainConfig.early_stopping_patience
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = TrainConfig.seed
     # The template becomes the adapter's: NUL would fail its registration after training, on PostgreSQL.
@@ -72,7 +73,8 @@ class TrainJobForm(BaseModel):
     response_model=TrainJobOut,
     dependencies=[AdminAuth],
     openapi_extra=openapi_form(TrainJobForm),
-    responses={413: {"description": "Upload too large"}, 415: {"description": "Not multipart/form-data"},
+    responses={400: {"description": "Malformed multipart body"}, 413: {"description": "Upload too large"},
+               415: {"description": "Not multipart/form-data"},
                422: {"description": "Invalid dataset (offending line numbers listed) or parameter (field named)"},
                503: {"description": "The job queue (broker) is unreachable; nothing was stored"}},
 )
@@ -85,6 +87,8 @@ async def create_train_job(
     settings = runtime.settings
     if form.max_steps is not None and form.epochs is not None:
         raise invalid("epochs", "give max_steps or epochs, not both")
+    if form.max_steps is not None and "eval_every" in form.model_fields_set and form.eval_every > form.max_steps:
+        raise invalid("eval_every", f"must be at most max_steps ({form.max_steps})")
     if "{input}" not in form.template:
         raise invalid("template", "must contain {input}")
     if form.init == "text" and not (form.init_text and form.init_text.strip()):

@@ -131,6 +131,15 @@ def admin_form(model: type[FormModel], file_cap: Callable[[Settings], int]) -> C
 
 
 def openapi_form(model: type[BaseModel]) -> dict:
-    """The route's request body for the docs, which cannot see a form read by a dependency."""
+    """The route's request body for the docs, which cannot see a form read by a dependency. A form
+    field cannot be null, only left out (then its default applies): optional fields are documented
+    as their type alone."""
     schema = model.model_json_schema()
+    for field in schema["properties"].values():
+        options = [option for option in field.get("anyOf", []) if option != {"type": "null"}]
+        if len(options) == 1:
+            del field["anyOf"]
+            field.update(options[0])
+        if field.get("default", 0) is None:
+            del field["default"]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

@@ -113,6 +113,9 @@ def test_bad_validation_file_is_named(client):
         ({"method": "lora"}, "method"),
         ({"lr_schedule": "cosine"}, "lr_schedule"),
         ({"prefix_projection": "true"}, "prefix_projection"),  # prompt tuning has no prefix to project
+        ({"eval_every": 10**30}, "eval_every"),
+        ({"max_steps": 10, "eval_every": 11}, "eval_every"),
+        ({"seed": 2**31}, "seed"),
     ],
 )
 def test_bad_parameters_get_422_naming_the_field(client, fields, field):

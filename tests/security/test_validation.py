@@ -102,3 +102,43 @@ def test_valid_astral_characters_still_generate(client):
     # A correctly paired surrogate escape is one character (an emoji), not an error.
     response = post_raw(client, "/generate", '"prompt": "so good \\ud83d\\ude00", "max_new_tokens": 2')
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("members, field", [
+    ('"max_new_tokens": "5"', "max_new_tokens"),
+    ('"max_new_tokens": true', "max_new_tokens"),
+    ('"max_new_tokens": 5.0', "max_new_tokens"),
+    ('"stream": "yes"', "stream"),
+    ('"stream": 1', "stream"),
+    ('"temperature": "0"', "temperature"),
+    ('"seed": 9223372036854775808', "seed"),  # past int64
+    ('"stop": 7', "stop"),
+])
+def test_generate_takes_json_types_as_written(client, members, field):
+    """Issue 21, finding 7: strings and booleans were taken as numbers, "yes" as true."""
+    response = post_raw(client, "/generate", f'"prompt": "hi", {members}')
+    assert response.status_code == 422, response.text
+    assert field in [error["loc"][1] for error in strict_json(response)["detail"]]
+
+
+@pytest.mark.parametrize("members, param", [
+    ('"n": 1.0', "n"), ('"n": true', "n"), ('"max_tokens": "3"', "max_tokens"), ('"stream": "yes"', "stream"),
+    ('"stream_options": {"include_usage": "yes"}', "stream_options"), ('"seed": 9223372036854775808', "seed"),
+])
+def test_completions_take_json_types_as_written(client, tiny_base, members, param):
+    response = post_raw(client, "/v1/completions", f'"model": "{tiny_base.name}", "prompt": "hi", {members}')
+    assert response.status_code == 422, response.text
+    assert strict_json(response)["error"]["param"] == param
+
+
+def test_the_largest_seed_and_whole_numbers_as_floats_where_a_float_is_meant_are_accepted(client):
+    body = '"prompt": "hi", "max_new_tokens": 2, "temperature": 1, "top_p": 1, "seed": 9223372036854775807'
+    assert post_raw(client, "/generate", body).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/adapters", "/train-jobs", "/adapters/abc"])
+def test_a_method_the_path_does_not_take_is_405_naming_every_method_it_does(client, path):
+    response = client.options(path)
+    assert response.status_code == 405
+    expected = {"/adapters": "GET, POST", "/train-jobs": "GET, POST", "/adapters/abc": "DELETE, GET"}[path]
+    assert response.headers["allow"] == expected
