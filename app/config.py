@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     # Training jobs.
     max_dataset_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_train_examples: int = Field(200_000, ge=1)
+    dataset_parse_budget_s: float = Field(60.0, gt=0)  # reading one upload stops after this long
     heartbeat_interval_s: float = Field(2.0, gt=0)
     job_stale_after_s: float = Field(60.0, gt=0)  # no heartbeat for this long: worker presumed lost
     job_max_attempts: int = Field(2, ge=1)  # a lost job is retried once, then failed

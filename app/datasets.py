@@ -1,13 +1,17 @@
 """Training datasets: parse and validate uploads (JSONL or CSV of input/output pairs).
 
-Every problem is reported with its line number, so a user can fix the file in one go.
-Stored datasets are normalised JSONL written by the server (to_jsonl), kept in shared storage.
+Every problem is reported with its line number, so a user can fix many in one go; reading stops at
+the MAX_ERRORS_REPORTED-th problem, or when it has taken `time_budget_s`, so that a file of
+nothing but bad or blank lines costs little. Stored datasets are normalised JSONL written by the server (to_jsonl), kept in shared storage.
 """
 
+import asyncio
 import csv
 import io
 import json
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +31,16 @@ class Example:
 
 
 class DatasetError(ValueError):
-    """The upload is not a valid dataset. `errors` lists (line number, message), first ones only."""
+    """The upload is not a valid dataset. `errors` lists (line number, message); `stopped` says why
+    reading stopped before the end of the file, if it did (the file may hold more errors)."""
 
-    def __init__(self, field: str, errors: list[tuple[int, str]], total: int):
+    def __init__(self, field: str, errors: list[tuple[int, str]], stopped: str | None = None):
         self.field = field
         self.errors = errors
-        self.total = total
+        self.stopped = stopped
         shown = "; ".join(f"line {line}: {message}" if line else message for line, message in errors)
-        more = f" (and {total - len(errors)} more)" if total > len(errors) else ""
-        super().__init__(f"{field}: {shown}{more}")
+        super().__init__(f"{field}: {shown}" + (f" ({stopped})" if stopped else ""))
+
 
 
 def render(template: str, text: str) -> str:
@@ -92,53 +97,101 @@ def _parse_json_line(line: str) -> tuple[object, str | None]:
         return None, f"a number with more than {sys.get_int_max_str_digits()} digits"
 
 
+BLANK = object()  # a blank line's record: skipped, but its reading is counted against the time budget
+
+
 def _records(text: str, is_csv: bool):
-    """Yield (line number, record or None, parse error or None)."""
+    """Yield (line number, record or None or BLANK, parse error or None)."""
     if is_csv:
-        reader = csv.DictReader(io.StringIO(text))
+        reader = csv.reader(io.StringIO(text))
         try:
-            missing = [k for k in ("input", "output") if not any(a in (reader.fieldnames or []) for a in ALIASES[k])]
+            header = next(reader, [])
+            missing = [k for k in ("input", "output") if not any(a in header for a in ALIASES[k])]
             if missing:
                 yield 1, None, f"CSV header must have columns input and output (or prompt and completion), missing {missing}"
                 return
-            for row in reader:
-                yield reader.line_num, {k: v for k, v in row.items() if k is not None}, None
+            for row in reader:  # a short row lacks the last columns; a long one's extra fields are dropped
+                yield reader.line_num, dict(zip(header, row)) if row else BLANK, None
         except csv.Error as exc:  # such as a field over the csv module's 131,072-character limit
-            # DictReader's own line_num is set only after a row succeeds; its reader's is current.
-            yield reader.reader.line_num, None, f"not valid CSV ({exc})"
+            yield reader.line_num, None, f"not valid CSV ({exc})"
         return
     for number, line in enumerate(_lines(text), start=1):
-        if line.strip():
-            yield number, *_parse_json_line(line)
+        yield number, *(_parse_json_line(line) if line.strip() else (BLANK, None))
 
 
-def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: int) -> list[Example]:
+def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: int,
+                  time_budget_s: float = 60.0) -> list[Example]:
     """Parse a JSONL or CSV upload; raise DatasetError listing the offending lines."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DatasetError(field, [(0, f"file is not UTF-8 (byte {exc.start})")], 1) from None
+        raise DatasetError(field, [(0, f"file is not UTF-8 (byte {exc.start})")]) from None
     is_csv = (filename or "").lower().endswith(".csv")
-    errors: list[tuple[int, str]] = []  # the first MAX_ERRORS_REPORTED; the rest are only counted
-    error_count = 0
+    deadline = time.monotonic() + time_budget_s
+    errors: list[tuple[int, str]] = []
     examples: list[Example] = []
-    for line, record, problem in _records(text, is_csv):
+    for count, (line, record, problem) in enumerate(_records(text, is_csv), start=1):
+        if count % 4096 == 0 and time.monotonic() > deadline:
+            errors.append((line, f"reading the file took over {time_budget_s:g} s; stopped reading here"))
+            break
+        if record is BLANK:
+            continue
         checked = problem or _check_record(record)
         if isinstance(checked, str):
-            error_count += 1
-            if len(errors) < MAX_ERRORS_REPORTED:
-                errors.append((line, checked))
+            errors.append((line, checked))
+            if len(errors) == MAX_ERRORS_REPORTED:
+                raise DatasetError(field, errors, f"stopped reading at the {MAX_ERRORS_REPORTED}th problem")
         elif len(examples) == max_examples:  # one too many: the file must be cut down, so read no further
             errors.append((line, f"too many examples, the limit is {max_examples}; stopped reading here"))
-            error_count += 1
             break
         else:
             examples.append(checked)
     if errors:
-        raise DatasetError(field, errors, error_count)
+        raise DatasetError(field, errors)
     if not examples:
-        raise DatasetError(field, [(0, "file has no examples")], 1)
+        raise DatasetError(field, [(0, "file has no examples")])
     return examples
+
+
+def normalised(data: bytes, field: str, filename: str | None, max_examples: int, time_budget_s: float) -> bytes:
+    """The upload checked, and written as to_jsonl stores datasets (an example a line)."""
+    return to_jsonl(parse_dataset(data, field, filename, max_examples, time_budget_s))
+
+
+async def normalise_elsewhere(data: bytes, field: str, filename: str | None, max_examples: int,
+                              time_budget_s: float) -> bytes:
+    """`normalised`, in a process of its own (`python -m app.datasets`, which imports nothing
+    heavy): reading 50 MiB takes seconds of CPU, which in a thread would hold the interpreter lock
+    the event loop needs to answer anyone else. The data goes both ways through files, written and
+    read in worker threads. Raises DatasetError as `normalised` does."""
+    with tempfile.TemporaryDirectory(prefix="softserve-dataset-") as work:
+        upload, result = Path(work) / "upload", Path(work) / "normalised.jsonl"
+        await asyncio.to_thread(upload.write_bytes, data)
+        reader = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "app.datasets", str(upload), str(result), field, filename or "", str(max_examples),
+            str(time_budget_s), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        refusal, err = await reader.communicate()
+        if reader.returncode == _REFUSED:
+            why = json.loads(refusal)
+            raise DatasetError(why["field"], [tuple(error) for error in why["errors"]], why["stopped"])
+        if reader.returncode != 0:
+            raise RuntimeError(f"reading the dataset failed ({reader.returncode}): {err.decode(errors='replace')[-2000:]}")
+        return await asyncio.to_thread(result.read_bytes)
+
+
+_REFUSED = 3  # the reading process's exit status for a dataset it refused; its output says why
+
+
+def _normalise_file() -> None:
+    """`python -m app.datasets UPLOAD RESULT FIELD FILENAME MAX_EXAMPLES BUDGET_S`: RESULT gets the
+    upload's normalised JSONL; or the exit status is _REFUSED and stdout says why."""
+    upload, result, field, filename, max_examples, budget = sys.argv[1:7]
+    try:
+        normalised_data = normalised(Path(upload).read_bytes(), field, filename or None, int(max_examples), float(budget))
+    except DatasetError as exc:
+        sys.stdout.write(json.dumps({"field": exc.field, "errors": exc.errors, "stopped": exc.stopped}))
+        sys.exit(_REFUSED)
+    Path(result).write_bytes(normalised_data)
 
 
 def to_jsonl(examples: list[Example]) -> bytes:
@@ -153,3 +206,7 @@ def from_jsonl(data: bytes) -> list[Example]:
 
 def read_jsonl(path: Path) -> list[Example]:
     return from_jsonl(path.read_bytes())
+
+
+if __name__ == "__main__":
+    _normalise_file()

@@ -2,6 +2,7 @@
 and the engine that owns the model. Built once per process, by `running`."""
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -192,6 +193,10 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
                     "move-files-to-database` once (or set STORAGE=directory to read them there); it lists those it "
                     "leaves, which no adapter or job names", unmoved, settings.data_dir)
     runtime.engine.start()
+    # What start-up made (the model, torch's and transformers' modules: millions of objects) stays:
+    # keep it out of the collector's full passes, each of which would pause every thread for ~0.1-0.3 s.
+    gc.collect()
+    gc.freeze()
     reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
     try:
         yield runtime

@@ -11,8 +11,10 @@ from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
 from app.api.job_view import job_out
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
+from app.config import Settings
 from app.db import MAX_INTEGER, MAX_OFFSET
 from app.models import TrainJob, new_id
+from app.runtime import Runtime
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from app.storage import dataset_key
 from app.train_config import (
@@ -26,12 +28,14 @@ from app.train_config import (
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
 
-async def _parse_upload(upload: UploadedFile, field: str, max_examples: int) -> list[datasets.Example]:
+async def _read_upload(upload: UploadedFile, field: str, settings: Settings) -> bytes:
+    """The dataset as stored (normalised JSONL, an example a line); 422 listing its bad lines."""
     try:
-        return await asyncio.to_thread(datasets.parse_dataset, upload.data, field, upload.filename, max_examples)
+        return await datasets.normalise_elsewhere(upload.data, field, upload.filename, settings.max_train_examples,
+                                                  settings.dataset_parse_budget_s)
     except datasets.DatasetError as exc:
         raise HTTPException(422, detail={
-            "message": str(exc), "field": exc.field, "error_count": exc.total,
+            "message": str(exc), "field": exc.field, "error_count": len(exc.errors), "stopped": exc.stopped,
             "errors": [{"line": line, "message": message} for line, message in exc.errors],
         }) from None
 
@@ -80,10 +84,11 @@ class TrainJobForm(BaseModel):
 )
 async def create_train_job(
     runtime: RuntimeDep,
-    session: SessionDep,
     form: Annotated[TrainJobForm, Depends(admin_form(TrainJobForm, lambda s: s.max_dataset_bytes))],
 ) -> TrainJobOut:
-    """Validate the whole upload, store it, and queue a prompt- or prefix-tuning job (202)."""
+    """Validate the whole upload, store it, and queue a prompt- or prefix-tuning job (202). The
+    dataset is read in a process of its own and stored and queued from a worker thread: the event
+    loop keeps serving meanwhile."""
     settings = runtime.settings
     if form.max_steps is not None and form.epochs is not None:
         raise invalid("epochs", "give max_steps or epochs, not both")
@@ -97,27 +102,33 @@ async def create_train_job(
         raise invalid("prefix_projection", "applies to method prefix_tuning only")
     if form.num_virtual_tokens > settings.max_virtual_tokens:
         raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
-    max_examples = settings.max_train_examples
-    train = await _parse_upload(form.file, "file", max_examples)
-    validation = await _parse_upload(form.validation_file, "validation_file", max_examples) if form.validation_file else None
-
+    train = await _read_upload(form.file, "file", settings)
+    validation = await _read_upload(form.validation_file, "validation_file", settings) if form.validation_file else None
     config = TrainConfig(**form.model_dump(exclude={"file", "validation_file", "name"}))
+    return await asyncio.to_thread(_store_and_queue, runtime, form.name, config, train, validation)
+
+
+def _store_and_queue(runtime: Runtime, name: str | None, config: TrainConfig, train: bytes,
+                     validation: bytes | None) -> TrainJobOut:
+    """Store the dataset and the job in one transaction, then send the job's message; if the
+    broker is down, take both back (503), so nothing half-made remains."""
     job_id = new_id()
     key = dataset_key(job_id)  # server-made; the client's filename is never a key
-    files = {"train.jsonl": datasets.to_jsonl(train)} | (
-        {"validation.jsonl": datasets.to_jsonl(validation)} if validation else {})
+    files = {"train.jsonl": train} | ({"validation.jsonl": validation} if validation else {})
     storage = runtime.storage
-    with storage.storing(session, key, files):
-        job = jobs.create_job(session, job_id=job_id, name=form.name or f"adapter-{job_id}", params=config.to_dict(),
-                              dataset_path=key, train_examples=len(train), validation_examples=len(validation or []))
-    try:
-        await asyncio.to_thread(runtime.enqueue_training, job_id)
-    except Exception as exc:  # broker down: take the job back, so nothing half-made remains
-        with storage.deleting(session, key):
-            session.delete(job)
-            session.commit()
-        raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "5"}) from None
-    return job_out(job)
+    with runtime.sessions() as session:
+        with storage.storing(session, key, files):
+            job = jobs.create_job(session, job_id=job_id, name=name or f"adapter-{job_id}", params=config.to_dict(),
+                                  dataset_path=key, train_examples=train.count(b"\n"),
+                                  validation_examples=validation.count(b"\n") if validation else 0)
+        try:
+            runtime.enqueue_training(job_id)
+        except Exception as exc:
+            with storage.deleting(session, key):
+                session.delete(job)
+                session.commit()
+            raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "5"}) from None
+        return job_out(job)
 
 
 @router.get("", response_model=TrainJobPage)

@@ -6,6 +6,7 @@ checked only once all of it had arrived. Upload routes therefore declare no body
 dependency requires an admin first, then reads the body itself and validates a form model.
 """
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -109,6 +110,8 @@ async def read_form(request: Request, names: set[str], file_cap: int) -> dict[st
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            # Chunks already received come without a pause: let others' requests in between them.
+            await asyncio.sleep(0)
         parser.finalize()
     except FormParserError as exc:
         raise HTTPException(400, detail=f"malformed multipart/form-data body ({exc})") from None

@@ -19,7 +19,7 @@ function clearErrors() {
 }
 
 /** Put `message` (and a dataset's bad `lines`) under the named field, or atop the form. */
-function showError(field, message, lines = [], total = lines.length) {
+function showError(field, message, lines = [], stopped = null) {
   const slot = field ? form.querySelector(`[data-error-for="${field}"]`) : null;
   if (!slot) {
     formError.replaceChildren(element("span", field ? `${field}: ${message}` : message));
@@ -27,10 +27,10 @@ function showError(field, message, lines = [], total = lines.length) {
     return formError;
   }
   if (lines.length) {
-    slot.append(element("p", `${total} problem${total === 1 ? "" : "s"} in this file:`));
+    const count = `${lines.length} problem${lines.length === 1 ? "" : "s"}`;
+    slot.append(element("p", `${count} in this file${stopped ? ` (${stopped}; there may be more)` : ""}:`));
     const list = document.createElement("ul");
     for (const { line, message: problem } of lines) list.append(element("li", line ? `line ${line}: ${problem}` : problem));
-    if (total > lines.length) list.append(element("li", `and ${total - lines.length} more`));
     slot.append(list);
   } else {
     slot.append(element("p", message));
@@ -49,7 +49,7 @@ function showErrors(response, detail) {
       shown ??= slot;
     }
   } else if (detail && typeof detail === "object") {  // a bad dataset file
-    shown = showError(detail.field, detail.message, detail.errors, detail.error_count);
+    shown = showError(detail.field, detail.message, detail.errors, detail.stopped);
   } else {
     shown = showError(null, detail ?? `${response.status} ${response.statusText}`);
   }

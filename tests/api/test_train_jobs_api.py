@@ -87,10 +87,11 @@ def test_bad_datasets_get_422_with_line_numbers_and_store_nothing(client, data, 
     assert stored(client) == (0, [])
 
 
-def test_many_bad_lines_are_listed_first_n_with_a_count(client):
+def test_reading_stops_at_the_twentieth_bad_line(client):
     response = post(client, data=b"nope\n" * 50)
     detail = response.json()["detail"]
-    assert detail["error_count"] == 50 and len(detail["errors"]) == 20 and "(and 30 more)" in detail["message"]
+    assert detail["error_count"] == 20 and [e["line"] for e in detail["errors"]] == list(range(1, 21))
+    assert detail["stopped"] == "stopped reading at the 20th problem" and "(stopped reading" in detail["message"]
 
 
 def test_bad_validation_file_is_named(client):

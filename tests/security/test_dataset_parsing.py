@@ -94,3 +94,38 @@ def test_a_lone_surrogate_in_a_jsonl_string(client):
     # json reads "\ud800" escapes as lone surrogates, which cannot be stored as UTF-8.
     errors = refused(client, GOOD_LINE + b'{"input": "a \\ud800 b", "output": "yes"}\n')
     assert errors == [{"line": 2, "message": "field 'input' is not valid Unicode: it holds an unpaired surrogate"}]
+
+
+def counting_records(monkeypatch) -> list[int]:
+    """Count the records the parser reads (steps, not seconds)."""
+    records, read = datasets._records, []
+
+    def counted(*args):
+        for record in records(*args):
+            read.append(record[0])
+            yield record
+
+    monkeypatch.setattr(datasets, "_records", counted)
+    return read
+
+
+@pytest.mark.parametrize("filename, data", [("t.csv", b"input,output\n" + b",\n" * 200_000),
+                                            ("t.jsonl", b"{}\n" * 200_000)])
+def test_a_file_of_bad_rows_is_read_only_to_its_twentieth(monkeypatch, filename, data):
+    """Issue 21, finding 5: 24 million empty CSV rows took 110 s to refuse, all of them parsed."""
+    read = counting_records(monkeypatch)
+    with pytest.raises(datasets.DatasetError) as refused:
+        datasets.parse_dataset(data, "file", filename, max_examples=10)
+    assert len(refused.value.errors) == 20 and len(read) == 20
+    assert refused.value.stopped == "stopped reading at the 20th problem"
+
+
+@pytest.mark.parametrize("filename, data", [("t.csv", b"input,output\n" + b"\n" * 100_000),
+                                            ("t.jsonl", b"\n" * 100_000)])
+def test_a_file_of_blank_lines_stops_at_its_time_budget(monkeypatch, filename, data):
+    read = counting_records(monkeypatch)
+    with pytest.raises(datasets.DatasetError) as refused:
+        datasets.parse_dataset(data, "file", filename, max_examples=10, time_budget_s=0)
+    assert len(read) == 4096  # the budget is looked at every 4,096 lines: the first look stops it
+    [(_, message)] = refused.value.errors
+    assert message == "reading the file took over 0 s; stopped reading here"
