@@ -11,6 +11,9 @@ gets StaleRun or False and writes nothing.
 """
 
 import secrets
+import threading
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
@@ -26,6 +29,33 @@ ERROR_MESSAGE_MAX = TrainJob.__table__.c.error_message.type.length
 
 class StaleRun(Exception):
     """The run no longer holds its job: the job was requeued, claimed by another run, or ended."""
+
+
+class LiveRuns:
+    """The jobs this process is running now. Its reaper leaves them be, whatever their heartbeats
+    say: a process that was paused (SIGSTOP, a frozen VM) stopped its heartbeats and its reaper
+    alike, and the reaper may wake first."""
+
+    def __init__(self) -> None:
+        self._jobs: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, job_id: str) -> Iterator[None]:
+        with self._lock:
+            self._jobs.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs.discard(job_id)
+
+    def snapshot(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._jobs)
+
+
+live_runs = LiveRuns()  # one per process: every run in it, whichever node object started it
 
 
 def create_job(session: Session, *, job_id: str, name: str, params: dict, dataset_path: str,
@@ -115,6 +145,19 @@ def record_eval(session: Session, job_id: str, token: str, step: int, loss: floa
     session.commit()
 
 
+def hold(session: Session, job_id: str, token: str) -> None:
+    """Check, in the caller's transaction, that the run still holds its job (StaleRun if not), so
+    that what the transaction writes is the run's to write."""
+    _update_run(session, job_id, token, heartbeat_at=utcnow())
+
+
+def note(session: Session, job_id: str, token: str, message: str) -> None:
+    """A message on the job's events, from the run that holds it."""
+    hold(session, job_id, token)
+    add_event(session, job_id, "message", message=message)
+    session.commit()
+
+
 def storable(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
     """The message as its column can hold it on every backend: no NUL (PostgreSQL refuses it in
     text) and at most `limit` characters, keeping the head (what failed) and the tail (where)."""
@@ -180,14 +223,17 @@ def _reap(session: Session, job_id: str, cutoff: datetime, **values) -> bool:
     return result.rowcount == 1
 
 
-def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -> list[str]:
+def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
+               alive: Collection[str] = ()) -> list[str]:
     """Jobs whose worker stopped heartbeating: requeue once more (returned; `unsent` then lists
     them for a new message) or fail them with the reason. Never leaves a job `running` forever.
-    The stalled run, should it wake, can write nothing more (its token no longer matches)."""
+    The stalled run, should it wake, can write nothing more (its token no longer matches). Jobs
+    in `alive` are run by the reaper's own process, whose runs it knows to be alive: never reaped."""
     cutoff: datetime = utcnow() - stale_after
     # In id order, so reapers running at once on several nodes lock rows in the same order (no deadlock).
     stale = session.execute(select(TrainJob.id, TrainJob.worker, TrainJob.attempts, TrainJob.cancel_requested)
-                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff)
+                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff,
+                                   TrainJob.id.not_in(list(alive)))
                             .order_by(TrainJob.id)).all()
     requeued = []
     for job_id, worker, attempts, cancel_requested in stale:
@@ -229,3 +275,10 @@ def ended_datasets(session: Session, dataset_paths: list[str]) -> list[str]:
     """Those of these dataset paths whose job has ended: nothing reads them again."""
     ended = select(TrainJob.dataset_path).where(TrainJob.dataset_path.in_(dataset_paths), TrainJob.status.in_(TERMINAL))
     return list(session.scalars(ended))
+
+
+def ended_jobs(session: Session, job_ids: Collection[str]) -> set[str]:
+    """Those of these jobs that have ended, or are not in the registry at all."""
+    ids = list(job_ids)
+    known = dict(session.execute(select(TrainJob.id, TrainJob.status).where(TrainJob.id.in_(ids))).all())
+    return {job_id for job_id in ids if known.get(job_id, "failed") in TERMINAL}

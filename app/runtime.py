@@ -4,6 +4,7 @@ and the engine that owns the model. Built once per process, by `running`."""
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 from app.observability import Metrics, runtime_families
-from app.storage import DATASETS, NotStored, Storage, adapter_key, make_storage
+from app.storage import DATASETS, TRAIN_STATES, NotStored, Storage, adapter_key, make_storage, train_state_job
 from app.storage_move import unmoved_folders
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,8 @@ class Runtime:
         """Requeue or fail jobs whose worker stopped heartbeating; send_unsent_jobs sends the requeued."""
         settings = self.settings
         with self.sessions() as session:
-            requeued = jobs.reap_stale(
-                session, stale_after=timedelta(seconds=settings.job_stale_after_s), max_attempts=settings.job_max_attempts
-            )
+            requeued = jobs.reap_stale(session, stale_after=timedelta(seconds=settings.job_stale_after_s),
+                                       max_attempts=settings.job_max_attempts, alive=jobs.live_runs.snapshot())
         for job_id in requeued:
             log.warning("job %s lost its worker; queued again", job_id)
         return requeued
@@ -117,20 +117,31 @@ class Runtime:
         return due
 
     def delete_ended_datasets(self) -> list[str]:
-        """Delete the uploaded datasets of jobs that have ended: only a run reads them."""
-        stored = self.storage.keys(DATASETS)
-        if not stored:
+        """Delete the uploaded datasets and saved run states of jobs that have ended: only a run
+        reads them."""
+        datasets, states = self.storage.keys(DATASETS), self.storage.keys(TRAIN_STATES)
+        if not datasets and not states:
             return []
         with self.sessions() as session:
-            ended = jobs.ended_datasets(session, stored)
+            ended = jobs.ended_datasets(session, datasets) if datasets else []
+            ended_jobs = jobs.ended_jobs(session, {train_state_job(key)[0] for key in states})
+        ended += [key for key in states if train_state_job(key)[0] in ended_jobs]
         for key in ended:
             self.storage.delete(key)
         return ended
 
     async def reap_forever(self) -> None:
         chores = (self.reap_stale_jobs, self.send_unsent_jobs, self.delete_ended_datasets)
+        interval = self.settings.job_stale_after_s / 4
         while True:
-            await asyncio.sleep(self.settings.job_stale_after_s / 4)
+            slept_from = time.monotonic()
+            await asyncio.sleep(interval)
+            overslept = time.monotonic() - slept_from - interval
+            if overslept > interval:
+                # This process was paused or starved, and so, maybe, were the runs it would judge
+                # (nodes on one frozen host): let their heartbeats catch up first.
+                log.warning("the job reaper woke %.0f s late; judging heartbeats at its next pass", overslept)
+                continue
             for chore in chores:  # each on its own: a broker outage must not stop the others
                 try:
                     await asyncio.to_thread(chore)

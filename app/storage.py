@@ -1,5 +1,6 @@
-"""Shared storage for adapter weights and uploaded datasets: named files under server-made keys
-("adapters/<adapter id>", "datasets/<job id>"), which every node reads alike. Two backends:
+"""Shared storage for adapter weights, uploaded datasets and the saved states of training runs:
+named files under server-made keys ("adapters/<adapter id>", "datasets/<job id>",
+"train-states/<job id>-<step>"), which every node reads alike. Two backends:
 
 - database (the default): a table of blobs in the registry's own database, so a shared
   DATABASE_URL is all a cluster needs, and a row and its files commit in one transaction;
@@ -24,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import StoredFile
 
-ADAPTERS, DATASETS = "adapters", "datasets"
-_KEY = re.compile(rf"({ADAPTERS}|{DATASETS})/[A-Za-z0-9_-]{{1,64}}")
+ADAPTERS, DATASETS, TRAIN_STATES = "adapters", "datasets", "train-states"
+_KEY = re.compile(rf"({ADAPTERS}|{DATASETS}|{TRAIN_STATES})/[A-Za-z0-9_-]{{1,64}}")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
@@ -35,6 +36,17 @@ def adapter_key(adapter_id: str) -> str:
 
 def dataset_key(job_id: str) -> str:
     return _checked(f"{DATASETS}/{job_id}")
+
+
+def train_state_key(job_id: str, step: int) -> str:
+    """Where a run of the job keeps its state after `step` (worker.train_state)."""
+    return _checked(f"{TRAIN_STATES}/{job_id}-{step:09d}")
+
+
+def train_state_job(key: str) -> tuple[str, int]:
+    """The job and step of a train_state_key."""
+    job_id, step = key.removeprefix(f"{TRAIN_STATES}/").rsplit("-", 1)
+    return job_id, int(step)
 
 
 def _checked(key: str) -> str:

@@ -1,5 +1,9 @@
 """Run one training job end to end: claim it, read its dataset from shared storage, train with
-progress, heartbeat and cancel, store and register the adapter, finish the job. No Celery here: the consumer only calls run_job."""
+progress, heartbeat and cancel, store and register the adapter, finish the job. No Celery here: the consumer only calls run_job.
+
+A run saves its state at each evaluation (worker.train_state) in shared storage, fenced by its
+token like everything else it writes; a later run of the job (its node was lost, stopped or
+paused) goes on from the newest saved state instead of from step 0."""
 
 import logging
 import os
@@ -14,8 +18,10 @@ from app.config import Settings
 from app.datasets import from_jsonl
 from app.engine.device import Device, InlineDevice
 from app.engine.loader import BaseModel
-from app.storage import adapter_key, make_storage
+from app.storage import TRAIN_STATES, Storage, adapter_key, make_storage, train_state_job, train_state_key
 from app.train_config import TrainConfig
+from worker import train_state
+from worker.train_state import TrainState
 from worker.training import Hooks, TrainResult, train_prompt
 
 log = logging.getLogger(__name__)
@@ -101,20 +107,28 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
         with sessions() as session:
             jobs.record_eval(session, job_id, token, step, loss, accuracy)
 
+    def on_state(state: TrainState):
+        _save_state(sessions, storage, job_id, token, state)
+
     def end(status: str, **fields) -> str:
         with sessions() as session:
             return status if jobs.finish(session, job_id, token, status, **fields) else _lost(job_id)
 
     with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s, settings.job_time_limit_s,
-                    node_stopping) as beat:
+                    node_stopping) as beat, jobs.live_runs.running(job_id):
         try:
             dataset = storage.read_all(dataset_key)
             validation = dataset.get("validation.jsonl")
             config = TrainConfig(**params)
+            resume = _saved_state(storage, job_id)
+            if resume is not None:
+                with sessions() as session:
+                    jobs.note(session, job_id, token, f"going on from step {resume.step}, as saved at its evaluation")
             result = train_prompt(
                 base, config, from_jsonl(dataset["train.jsonl"]),
                 from_jsonl(validation) if validation is not None else None,
-                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop), device,
+                Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop, on_state=on_state), device,
+                resume,
             )
         except jobs.StaleRun:
             return _lost(job_id)
@@ -149,6 +163,36 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     except jobs.StaleRun:
         return _lost(job_id)
     return "succeeded"
+
+
+def _job_states(storage: Storage, job_id: str) -> list[tuple[int, str]]:
+    """(step, key) of the job's saved states, oldest first."""
+    keys = [key for key in storage.keys(TRAIN_STATES) if train_state_job(key)[0] == job_id]
+    return sorted((train_state_job(key)[1], key) for key in keys)
+
+
+def _saved_state(storage: Storage, job_id: str) -> TrainState | None:
+    states = _job_states(storage, job_id)
+    return train_state.decode(storage.read_all(states[-1][1])) if states else None
+
+
+def _save_state(sessions: sessionmaker[Session], storage: Storage, job_id: str, token: str, state: TrainState) -> None:
+    """Store the run's state, only while it holds the job (StaleRun otherwise: nothing stays
+    stored), then drop the job's older states. A save that fails otherwise costs only the head
+    start a later run would have had: the run goes on."""
+    try:
+        with sessions() as session, storage.storing(session, train_state_key(job_id, state.step),
+                                                    train_state.encode(state)):
+            jobs.hold(session, job_id, token)
+            session.commit()
+    except jobs.StaleRun:
+        raise
+    except Exception:
+        log.exception("job %s: could not save its state at step %d", job_id, state.step)
+        return
+    for step, key in _job_states(storage, job_id):
+        if step < state.step:
+            storage.delete(key)
 
 
 def _prefix_files(config: TrainConfig, result: TrainResult, base: BaseModel) -> dict[str, bytes] | None:

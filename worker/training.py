@@ -13,6 +13,7 @@ gradients add up to the whole batch's (gradient accumulation), sized so that one
 pause points stays within the bound.
 """
 
+import copy
 import math
 import random
 import time
@@ -32,6 +33,7 @@ from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
 from app.engine.requests import GenerationRequest, SoftPrompt
 from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
 from worker.model_view import pause_in_backward, training_view
+from worker.train_state import TrainState, shuffler_from
 
 Batch = list[tuple[list[int], list[int]]]
 
@@ -65,6 +67,8 @@ class Hooks:
     on_step: Callable[[int, int, float, float], None] = lambda step, total, epoch, loss: None
     on_eval: Callable[[int, float, float], None] = lambda step, loss, accuracy: None
     should_cancel: Callable[[], bool] = lambda: False
+    # After each evaluation the run goes on from: the state to go on from (worker.train_state).
+    on_state: Callable[[TrainState], None] = lambda state: None
 
 
 class Cancelled(Exception):
@@ -348,12 +352,24 @@ def make_optimizer(trainable: Trainable, config: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate, weight_decay=0.0)
 
 
+def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state as it is now, copied to the CPU (the live one changes every step)."""
+    state = copy.deepcopy(optimizer.state_dict())
+    for entries in state["state"].values():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                entries[name] = value.cpu()
+    return state
+
+
 def train_prompt(
     base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
-    hooks: Hooks | None = None, device: Device = InlineDevice(),
+    hooks: Hooks | None = None, device: Device = InlineDevice(), resume: TrainState | None = None,
 ) -> TrainResult:
+    """Train a prompt for `config`, from the start or from a state saved by an earlier run of the
+    same job (`resume`), which then goes on exactly as the earlier run would have."""
     hooks = hooks or Hooks()
-    started = time.perf_counter()
+    started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
@@ -366,13 +382,29 @@ def train_prompt(
         optimizer.zero_grad(set_to_none=True)
 
     total = config.total_steps(len(encoded))
-    order_rng = random.Random(config.seed)
-    order: list[int] = []
-    best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
-    best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detach().clone()), 0, None, None
-    evals_without_gain, stopped_early, step = 0, False, 0
+    order_rng = shuffler_from(resume, config.seed)
+    if resume is None:
+        order: list[int] = []
+        best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
+        best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detach().clone()), 0, None, None
+        evals_without_gain, first_step = 0, 1
+    else:
+        device.run(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
+        order, best_prompt = list(resume.order), resume.best_prompt.to(base.device)
+        best_step, best_loss, best_accuracy = resume.best_step, resume.best_loss, resume.best_accuracy
+        best = (best_accuracy, -best_loss)
+        evals_without_gain, first_step = resume.evals_without_gain, resume.step + 1
+
+    def state_at(step: int) -> TrainState:
+        return TrainState(
+            step=step, trainable={name: value.detach().cpu().clone() for name, value in trainable.state_dict().items()},
+            optimizer=_snapshot(optimizer), order=list(order), shuffler=order_rng.getstate(),
+            best_prompt=best_prompt.cpu(), best_step=best_step, best_loss=best_loss, best_accuracy=best_accuracy,
+            evals_without_gain=evals_without_gain, elapsed_s=time.perf_counter() - started)
+
+    stopped_early, step = False, first_step - 1
     try:
-        for step in range(1, total + 1):
+        for step in range(first_step, total + 1):
             if len(order) < config.batch_size:
                 fresh = list(range(len(encoded)))
                 order_rng.shuffle(fresh)
@@ -406,6 +438,8 @@ def train_prompt(
                     if evals_without_gain >= config.early_stopping_patience:
                         stopped_early = True
                         break
+                if step < total and not out_of_time:
+                    hooks.on_state(device.run(partial(state_at, step)))
             if out_of_time:
                 break
     except Cancelled:

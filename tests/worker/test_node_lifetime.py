@@ -71,9 +71,11 @@ def wait_until(predicate, what: str, polls: int = 1200):
     raise AssertionError(f"never: {what}")
 
 
-def post_job(node: Node, max_steps: int) -> str:
+def post_job(node: Node, max_steps: int, eval_every: int | None = None) -> str:
+    """A job of `max_steps` that evaluates every `eval_every` steps (default: at its end only)."""
     response = httpx.post(f"{node.url}/train-jobs", files={"file": ("t.jsonl", sst2_slice("train", 40))},
-                          data={"max_steps": str(max_steps), "eval_every": "1000000", "num_virtual_tokens": "4"})
+                          data={"max_steps": str(max_steps), "eval_every": str(eval_every or max_steps),
+                                "early_stopping_patience": "1000", "num_virtual_tokens": "4"})
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -108,3 +110,47 @@ def test_after_kill_9_another_node_finishes_the_job(start_node):
     assert job["attempts"] == 2 and job["progress"]["step"] == 200 and job["adapter_id"]
     served = httpx.post(f"{second.url}/generate", json={"adapter_id": job["adapter_id"], "prompt": "fine", "max_new_tokens": 2})
     assert served.status_code == 200, served.text
+
+
+def messages(node: Node, job_id: str) -> list[str]:
+    return [e["data"].get("message", "") for e in httpx.get(f"{node.url}/train-jobs/{job_id}/events").json()]
+
+
+def pause(node: Node, seconds: float) -> None:
+    """SIGSTOP the whole node for `seconds` (past its 3 s stale timeout), then SIGCONT."""
+    node.process.send_signal(signal.SIGSTOP)
+    time.sleep(seconds)
+    node.process.send_signal(signal.SIGCONT)
+
+
+def test_a_node_paused_past_the_stale_timeout_keeps_its_own_job(start_node):
+    """Issue 21, finding 2: after SIGCONT the node's own reaper woke first, found its own job's
+    heartbeat stale and failed it (or requeued it, to start again from step 0)."""
+    node = start_node()
+    job_id = post_job(node, 300, eval_every=20)
+    wait_until(lambda: node.job(job_id)["progress"]["step"] >= 5, "the job trains")
+    pause(node, 9)
+    wait_until(lambda: node.job(job_id)["status"] not in ("queued", "running"), "the job ends", polls=1800)
+    job = node.job(job_id)
+    assert (job["status"], job["attempts"], job["progress"]["step"]) == ("succeeded", 1, 300), job
+    assert not any("stopped responding" in m for m in messages(node, job_id))
+
+
+def test_a_job_whose_node_is_paused_goes_on_elsewhere_from_its_last_evaluation(start_node):
+    first, second = start_node(), start_node()
+    job_id = post_job(first, 300, eval_every=20)
+    wait_until(lambda: first.job(job_id)["progress"]["step"] >= 25, "the job trains past an evaluation")
+    started_on = [m for m in messages(first, job_id) if m.startswith("started on ")]
+    paused, other = (first, second) if started_on[0].endswith(f":{first.process.pid}") else (second, first)
+    paused.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: other.job(job_id)["attempts"] == 2, "the other node takes the job")
+    finally:
+        paused.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: other.job(job_id)["status"] not in ("queued", "running"), "the job ends", polls=1800)
+    job = other.job(job_id)
+    assert (job["status"], job["attempts"], job["progress"]["step"]) == ("succeeded", 2, 300), job
+    resumed = [m for m in messages(other, job_id) if m.startswith("going on from step ")]
+    assert len(resumed) == 1 and int(resumed[0].split()[4].rstrip(",")) >= 20, resumed  # not from step 0
+    assert httpx.get(f"{other.url}/adapters").json()["total"] == 1  # the paused run, awake again, wrote nothing
+    wait_until(lambda: "no longer this run's" in paused.log.read_text(), "the paused run learns it lost the job")

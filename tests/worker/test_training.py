@@ -213,3 +213,23 @@ def test_every_init_gives_a_prompt_of_the_methods_shape_and_the_seed_decides_it(
         if mode in ("vocab", "random"):
             assert not torch.equal(init(tiny_base, TrainConfig(method=method, num_virtual_tokens=5, init=mode, seed=1),
                                         EXAMPLES), prompt)
+
+
+@pytest.mark.parametrize("method, projection", [("prompt_tuning", False), ("prefix_tuning", False),
+                                                ("prefix_tuning", True)])
+def test_a_run_resumed_from_a_saved_state_ends_where_the_whole_run_ends(tiny_base, method, projection):
+    """Issue 21: a requeued job goes on from its last evaluation, not from step 0, to the result
+    the whole run gives: learned tensors, optimizer state, step, data position and best so far."""
+    from worker import train_state
+
+    config = TrainConfig(method=method, prefix_projection=projection, num_virtual_tokens=4, max_steps=7,
+                         eval_every=2, batch_size=3, early_stopping_patience=10, learning_rate=0.1)
+    states, steps = [], []
+    whole = train_prompt(tiny_base, config, EXAMPLES, hooks=Hooks(on_state=states.append))
+    assert [s.step for s in states] == [2, 4, 6]
+    saved = train_state.decode(train_state.encode(states[1]))  # as stored, and read back by another node
+    resumed = train_prompt(tiny_base, config, EXAMPLES, resume=saved,
+                           hooks=Hooks(on_step=lambda step, total, epoch, loss: steps.append(step)))
+    assert steps == [5, 6, 7]
+    assert (resumed.steps, resumed.best_step, resumed.eval_accuracy) == (whole.steps, whole.best_step, whole.eval_accuracy)
+    assert torch.equal(resumed.prompt, whole.prompt)
