@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     # makes up X-Forwarded-For): a ceiling for everyone behind it.
     login_max_failures_per_peer: int = Field(50, ge=1)
     # Proxies whose X-Forwarded-For/-Proto are believed (comma-separated addresses, or "*").
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = "127.0.0.1,::1"
 
     # This node's own folder: the default SQLite registry, the embedded broker. No other node reads it.
     data_dir: Path = Path("data")
