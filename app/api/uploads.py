@@ -45,7 +45,8 @@ class _FormReader:
         self._header, self._value, self._disposition = b"", b"", b""
         self._name: str | None = None
         self._filename: str | None = None
-        self._data = bytearray()
+        self._chunks: list[bytes] = []  # joined once at the part's end: no growing buffer to copy over and over
+        self._size = 0
 
     def callbacks(self) -> dict[str, Callable]:
         return {
@@ -55,7 +56,7 @@ class _FormReader:
         }
 
     def _begin(self) -> None:
-        self._disposition, self._name, self._filename, self._data = b"", None, None, bytearray()
+        self._disposition, self._name, self._filename, self._chunks, self._size = b"", None, None, [], 0
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header += data[start:end]
@@ -79,19 +80,21 @@ class _FormReader:
         if self._name is None:
             return
         cap = TEXT_FIELD_CAP if self._filename is None else self.file_cap
-        if len(self._data) + end - start > cap:
+        if self._size + end - start > cap:
             kind = "field" if self._filename is None else "file"
             raise HTTPException(413, detail=f"{self._name}: {kind} is larger than {cap} bytes")
-        self._data += data[start:end]
+        self._chunks.append(data[start:end])
+        self._size += end - start
 
     def _part_end(self) -> None:
         if self._name is None:
             return
+        data = b"".join(self._chunks)
         if self._filename is not None:
-            self.values[self._name] = UploadedFile(self._filename, bytes(self._data))
+            self.values[self._name] = UploadedFile(self._filename, data)
             return
         try:
-            text = self._data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPException(422, detail=f"{self._name}: not UTF-8 text") from None
         if text:  # a blank field means "not given", as in FastAPI's forms: the default applies
