@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path.home() / ".cache" / "softserve" / "models"
     quantization: Literal["int8", "nf4", "bf16", "fp32"] = "int8"
     device: str | None = None  # default: cuda when available, else cpu
+    # The dtype of everything not int8 (app.engine.dtypes): auto is float32 on the CPU; on CUDA
+    # bfloat16 where the device has it, else float16 where a probe shows the model fits, else float32.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: the CPU's own int8 fast path on the CPU, bitsandbytes on CUDA. bitsandbytes: its own
+    # int8 forward everywhere, so a CPU node runs exactly what a GPU node runs (for tests).
+    int8_kernels: Literal["auto", "bitsandbytes"] = "auto"
     # LLM.int8 outlier decomposition picks outlier columns across the whole batch, so a row's
     # output would depend on its neighbours. 0.0 keeps every row batch-invariant (property 6).
     llm_int8_threshold: float = 0.0

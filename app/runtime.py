@@ -194,9 +194,10 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
     reaper; stop them in reverse order."""
     model = base or in_own_thread(
         load_base_model, settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
-        settings.llm_int8_threshold, settings.int8_packed_weights,
+        settings.llm_int8_threshold, settings.int8_packed_weights, settings.compute_dtype, settings.int8_kernels,
     )
-    log.info("model %s (%s) on %s", model.fingerprint, model.quantization, model.device)
+    log.info("model %s (%s, computing in %s, int8 kernels: %s) on %s", model.fingerprint, model.quantization,
+             model.embed_dtype, model.int8_kernels, model.device)
     db_engine = make_engine(settings.database_url)
     runtime = Runtime.build(settings, model, make_session_factory(db_engine))
     if settings.storage == "database" and (unmoved := unmoved_folders(settings.data_dir)):

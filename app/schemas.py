@@ -179,7 +179,8 @@ class JobEventOut(BaseModel):
 class HealthOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ok", "problem": None, "base_model": "gemma-3-270m", "fingerprint": "gemma-3-270m@03110e641bfd72b2",
-        "quantization": "int8", "device": "cpu", "queue_depth": 0,
+        "quantization": "int8", "compute_dtype": "float32", "int8_kernels": "cpu: torch._int_mm",
+        "device": "cpu", "queue_depth": 0,
         "engine": {
             "running": 5, "waiting": 0, "steps": 1840, "tokens_generated": 21093, "rows_shed": 0, "faults": 0,
             "queue_depth": 0, "requests_cancelled": 2, "training_items": 412, "training_active": False,
@@ -196,6 +197,8 @@ class HealthOut(BaseModel):
     base_model: str
     fingerprint: str
     quantization: str
+    compute_dtype: str = Field(description="The dtype of everything not int8: activations, KV cache, norms")
+    int8_kernels: str = Field(description="What computes the int8 products")
     device: str
     queue_depth: int
     engine: dict = Field(description="Rows running and waiting, steps, KV cache and prefix cache use")

@@ -29,6 +29,12 @@ DATASETS = REPO / "examples"
 # 0.59). A first divergence is accepted only at such a near tie (see reference.py); a wrong soft
 # prompt or position moves logits by several units.
 INT8_TIE_TOLERANCE = 1.0
+# On the GPU path activations are bfloat16 or float16: 8 or 11 significant bits, so Gemma 3's
+# logits near 20-30 resolve to 0.125-0.25, and a cached step and a full recompute, rounded apart
+# through every layer, differ by a few of those. Measured on Gemma 3 270M in bfloat16 (8 rows of
+# 5 tokens, prefix cache on): first divergences at reference leads of 0, 0.125, 0.125, 0.25,
+# 0.56 and 1.375. A wrong soft prompt or position still moves logits by more.
+HALF_TIE_TOLERANCE = 2.0
 
 
 def pytest_report_header() -> list[str]:

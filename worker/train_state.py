@@ -24,6 +24,7 @@ class TrainState:
     step: int  # steps done: the run goes on with step + 1
     trainable: dict[str, torch.Tensor]  # Trainable.state_dict()
     optimizer: dict  # optimizer.state_dict()
+    loss_scale: dict  # GradScaler.state_dict(): empty unless the model computes in float16
     order: list[int]  # indices of the examples still to come in this pass, in order
     shuffler: tuple  # random.Random.getstate() of the pass shuffler
     best_prompt: torch.Tensor
@@ -50,6 +51,7 @@ def encode(state: TrainState) -> dict[str, bytes]:
         "best_step": state.best_step, "best_loss": state.best_loss, "best_accuracy": state.best_accuracy,
         "evals_without_gain": state.evals_without_gain, "elapsed_s": state.elapsed_s,
         "optimizer_groups": state.optimizer["param_groups"], "optimizer_values": optimizer_values,
+        "loss_scale": state.loss_scale,
     }
     tensors = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
     return {TENSORS: save(tensors), FIGURES: json.dumps(figures).encode()}
@@ -70,6 +72,7 @@ def decode(files: dict[str, bytes]) -> TrainState:
         trainable={name.removeprefix("trainable."): value for name, value in tensors.items()
                    if name.startswith("trainable.")},
         optimizer={"state": optimizer_state, "param_groups": figures["optimizer_groups"]},
+        loss_scale=figures["loss_scale"],
         order=figures["order"], shuffler=(version, tuple(internal), gauss), best_prompt=tensors["best_prompt"],
         best_step=figures["best_step"], best_loss=figures["best_loss"], best_accuracy=figures["best_accuracy"],
         evals_without_gain=figures["evals_without_gain"], elapsed_s=figures["elapsed_s"],

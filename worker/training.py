@@ -285,12 +285,13 @@ class MicroBatches:
         self.rows = best
 
 
-def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, rows: Batch, targets: int) -> float:
+def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, rows: Batch, targets: int,
+                scaler: torch.amp.GradScaler) -> float:
     """One micro-batch's share of the batch's mean loss, backpropagated into the trainable's
-    gradients: the shares of a batch's micro-batches add up to the whole batch's gradient.
-    Returns the loss sum."""
+    gradients (scaled, where the model computes in float16): the shares of a batch's micro-batches
+    add up to the whole batch's gradient. Returns the loss sum."""
     loss_sum = target_losses(base, trainable(), rows, model).sum()
-    (loss_sum / targets).backward()
+    scaler.scale(loss_sum / targets).backward()
     return float(loss_sum.detach())
 
 
@@ -373,12 +374,16 @@ def train_prompt(
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
-    trainable = device.run(lambda: Trainable(base, config, train).to(base.device))
+    trainable = device.run(lambda: Trainable(base, config, train).to(base.device))  # float32, whatever the model's dtype
     optimizer = make_optimizer(trainable, config)
+    # float16 gradients underflow: scale the loss up, and the gradients down before the step (a
+    # step whose gradients overflowed is skipped and the scale lowered). bfloat16 needs none.
+    scaler = torch.amp.GradScaler(base.device.type, enabled=base.embed_dtype == torch.float16)
     train_sizes, eval_sizes = MicroBatches(device, config.batch_size), MicroBatches(device, config.batch_size)
 
     def optimizer_step() -> None:
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     total = config.total_steps(len(encoded))
@@ -390,6 +395,8 @@ def train_prompt(
         evals_without_gain, first_step = 0, 1
     else:
         device.run(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
+        if resume.loss_scale:
+            scaler.load_state_dict(resume.loss_scale)
         order, best_prompt = list(resume.order), resume.best_prompt.to(base.device)
         best_step, best_loss, best_accuracy = resume.best_step, resume.best_loss, resume.best_accuracy
         best = (best_accuracy, -best_loss)
@@ -398,7 +405,7 @@ def train_prompt(
     def state_at(step: int) -> TrainState:
         return TrainState(
             step=step, trainable={name: value.detach().cpu().clone() for name, value in trainable.state_dict().items()},
-            optimizer=_snapshot(optimizer), order=list(order), shuffler=order_rng.getstate(),
+            optimizer=_snapshot(optimizer), loss_scale=scaler.state_dict(), order=list(order), shuffler=order_rng.getstate(),
             best_prompt=best_prompt.cpu(), best_step=best_step, best_loss=best_loss, best_accuracy=best_accuracy,
             evals_without_gain=evals_without_gain, elapsed_s=time.perf_counter() - started)
 
@@ -418,7 +425,7 @@ def train_prompt(
                     raise Cancelled
                 view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows,
                                                                      config.num_virtual_tokens))
-                loss_sum += device.run(partial(_accumulate, base, view, trainable, rows, targets))
+                loss_sum += device.run(partial(_accumulate, base, view, trainable, rows, targets, scaler))
                 train_sizes.observe()
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate_at(step, total, time.perf_counter() - started)

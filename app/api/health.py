@@ -24,6 +24,8 @@ def health(runtime: RuntimeDep, response: Response) -> dict:
         "base_model": base.name,
         "fingerprint": base.fingerprint,
         "quantization": base.quantization,
+        "compute_dtype": str(base.embed_dtype).removeprefix("torch."),
+        "int8_kernels": base.int8_kernels,
         "device": str(base.device),
         "queue_depth": runtime.engine.queue_depth,
         "engine": runtime.engine.stats(),

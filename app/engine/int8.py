@@ -158,6 +158,13 @@ def packed_products_win() -> bool:
         return False
 
 
+def int8_kernel_name(packed: bool) -> str:
+    """What computes the int8 products on this CPU, as /health reports it."""
+    if not int_mm_is_fast():
+        return "cpu: int8 values as float32, exact float32 products"
+    return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
+
+
 def pack(weight: torch.Tensor) -> PackedInt8 | None:
     """`weight` (see product_weight) packed for oneDNN where that is faster here, else None."""
     return PackedInt8(weight) if weight.dtype == torch.int8 and packed_products_win() else None

@@ -29,7 +29,8 @@ from transformers import (
     BitsAndBytesConfig,
 )
 
-from app.engine.int8 import Int8Head, speed_up_int8_layers
+from app.engine import dtypes
+from app.engine.int8 import Int8Head, int8_kernel_name, speed_up_int8_layers
 from app.engine.kv_cache import KVShape
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class BaseModel:
     fingerprint: str
     quantization: str
     device: torch.device
+    int8_kernels: str = "none"  # what computes the int8 products (app.engine.int8.int8_kernel_name, or bitsandbytes)
 
     @property
     def hidden_size(self) -> int:
@@ -59,6 +61,7 @@ class BaseModel:
 
     @property
     def embed_dtype(self) -> torch.dtype:
+        """The compute dtype (app.engine.dtypes): embeddings, soft prompts, activations, KV cache."""
         return self.model.get_input_embeddings().weight.dtype
 
     @property
@@ -165,14 +168,16 @@ def fingerprint(model_dir: Path, name: str) -> str:
     return f"{name}@{digest.hexdigest()[:16]}"
 
 
-def _serve_int8_on_cpu(model: torch.nn.Module, packed: bool) -> None:
+def _serve_int8_on_cpu(model: torch.nn.Module, packed: bool) -> str:
     """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
-    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8)."""
+    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8).
+    Returns the kernels chosen."""
     speed_up_int8_layers(model, packed)
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and head.bias is None:
         model.set_output_embeddings(Int8Head(head.weight, packed))
         model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
+    return int8_kernel_name(packed)
 
 
 def keep_freed_memory() -> None:
@@ -199,22 +204,42 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_kwargs(quantization: str, device: torch.device, int8_threshold: float) -> dict:
+def _load_kwargs(quantization: str, dtype: torch.dtype, int8_threshold: float) -> dict:
+    """from_pretrained's arguments for QUANTIZATION computing in `dtype` (see app.engine.dtypes)."""
     if quantization == "int8":
-        return {
-            "quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold),
-            "dtype": torch.float32 if device.type == "cpu" else torch.float16,
-        }
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold),
+                "dtype": dtype}
     if quantization == "nf4":
-        return {
-            "quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-            ),
-            "dtype": torch.bfloat16,
-        }
+        return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=dtype), "dtype": dtype}
     if quantization == "bf16":
         return {"dtype": torch.bfloat16}
     return {"dtype": torch.float32}
+
+
+def _load_model(model_dir: Path, device: torch.device, quantization: str, dtype: torch.dtype,
+                int8_threshold: float) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map={"": str(device)}, **_load_kwargs(quantization, dtype, int8_threshold))
+
+
+def _load_in_compute_dtype(model_dir: Path, device: torch.device, quantization: str, compute_dtype: str,
+                           int8_threshold: float, tokenizer) -> torch.nn.Module:
+    """The model in the dtype COMPUTE_DTYPE asks for on `device` (app.engine.dtypes); where that
+    may be float16, in float32 first, probed, and again in float16 only if it fits."""
+    planned = dtypes.plan(compute_dtype, device, dtypes.bfloat16_capable(device))
+    if not planned.probe_float16:
+        return _load_model(model_dir, device, quantization, planned.dtype, int8_threshold)
+    model = _load_model(model_dir, device, quantization, torch.float32, int8_threshold)
+    found = dtypes.probe(model, tokenizer)
+    if found.fits_float16:
+        del model
+        return _load_model(model_dir, device, quantization, torch.float16, int8_threshold)
+    if compute_dtype == "float16":
+        raise dtypes.Float16Overflow(found.refusal())
+    log.warning("float16 would overflow this model (%s reaches %.0f): computing in float32", found.module,
+                found.magnitude)
+    return model
 
 
 def load_base_model(
@@ -224,21 +249,24 @@ def load_base_model(
     device: str | None = None,
     int8_threshold: float = 0.0,
     int8_packed_weights: bool = True,
+    compute_dtype: str = "auto",
+    int8_kernels: str = "auto",
 ) -> BaseModel:
+    """The resident model. `int8_kernels="bitsandbytes"` keeps bitsandbytes' own int8 forward on
+    the CPU too: exactly the path a GPU node runs (no CPU int8 fast path, no int8 LM head)."""
     keep_freed_memory()
     model_dir, name = model_dir_and_name(base_model, cache_dir)
     dev = resolve_device(device)
     AutoConfig.from_pretrained(model_dir)  # fail early with transformers' own message
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, device_map={"": str(dev)}, **_load_kwargs(quantization, dev, int8_threshold)
-    )
-    if quantization == "int8" and dev.type == "cpu":
-        _serve_int8_on_cpu(model, int8_packed_weights)
-    model.eval()
-    model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model = _load_in_compute_dtype(model_dir, dev, quantization, compute_dtype, int8_threshold, tokenizer)
+    kernels = "bitsandbytes" if quantization == "int8" else "none"
+    if quantization == "int8" and dev.type == "cpu" and int8_kernels != "bitsandbytes":
+        kernels = _serve_int8_on_cpu(model, int8_packed_weights)
+    model.eval()
+    model.requires_grad_(False)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,
@@ -246,4 +274,5 @@ def load_base_model(
         fingerprint=fingerprint(model_dir, name),
         quantization=quantization,
         device=dev,
+        int8_kernels=kernels,
     )
