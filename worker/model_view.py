@@ -22,18 +22,19 @@ from app.engine.device import let_serving_run
 
 
 class _TrainingLayer(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Module, checkpointed: bool):
+    def __init__(self, layer: torch.nn.Module, checkpointed: bool, model: torch.nn.Module):
         super().__init__()
         self.layer = layer
         self.checkpointed = checkpointed
+        self.__dict__["model"] = model  # whose pauses these are; not a submodule of the view
 
     def forward(self, *args, **kwargs):
-        let_serving_run()
+        let_serving_run(self.model)
         if self.checkpointed:
             out = checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
         else:
             out = self.layer(*args, **kwargs)
-        pause_in_backward(out[0] if isinstance(out, tuple) else out)
+        pause_in_backward(out[0] if isinstance(out, tuple) else out, self.model)
         return out
 
     def __getattr__(self, name: str):
@@ -52,14 +53,15 @@ def decoder_layers_path(model: torch.nn.Module) -> list[str]:
     raise ValueError(f"{type(model).__name__}: no list of {count} decoder layers found")
 
 
-def pause_in_backward(tensor: torch.Tensor) -> None:
-    """A pause point in backward, where the gradient with respect to `tensor` has been computed."""
+def pause_in_backward(tensor: torch.Tensor, model: torch.nn.Module) -> None:
+    """A pause point in backward, where the gradient with respect to `tensor` has been computed,
+    on whatever thread autograd computes it."""
     if tensor.requires_grad:
-        tensor.register_hook(_pause)
+        tensor.register_hook(functools.partial(_pause, model))
 
 
-def _pause(grad: torch.Tensor) -> None:
-    let_serving_run()  # the gradient passes on unchanged
+def _pause(model: torch.nn.Module, grad: torch.Tensor) -> None:
+    let_serving_run(model)  # the gradient passes on unchanged
 
 
 @functools.cache
@@ -75,5 +77,5 @@ def training_view(model: torch.nn.Module, checkpointed: bool) -> torch.nn.Module
         node._modules[name] = child
         node = child
     node._modules[layers_name] = torch.nn.ModuleList(
-        _TrainingLayer(layer, checkpointed) for layer in node._modules[layers_name])
+        _TrainingLayer(layer, checkpointed, model) for layer in node._modules[layers_name])
     return view

@@ -211,9 +211,9 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
     picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
     # The LM head reads all its weights whatever the rows: pause points around it (a no-op where
     # nothing serves) keep its forward and its backward apart from the layers'.
-    let_serving_run()
+    let_serving_run(base.model)
     logits = _output_logits(base, picked)
-    pause_in_backward(logits)
+    pause_in_backward(logits, base.model)
     return F.cross_entropy(logits, torch.tensor(targets, device=base.device), reduction="none")
 
 

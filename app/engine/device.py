@@ -3,17 +3,26 @@ itself, so that on a node that also serves, the engine's thread runs it between 
 
 A training work item runs whole on the device's thread; inside it, the training code marks the
 points (between decoder layers, forward and backward) where it can pause: there
-`let_serving_run()` hands the device to waiting inference work, which has priority. On a node
+`let_serving_run(model)` hands the device to waiting inference work, which has priority. On a node
 that only trains, work runs in the caller's thread and the pause points do nothing.
+
+The pause of a model whose training work is running is kept per model, readable from any thread,
+not in a context variable: on CUDA, autograd runs backward (and its hooks, where half the pause
+points are) on threads of its own, which would never see one. The engine also turns autograd's
+device threads off while training work runs (see Engine._train), so backward stays on its thread.
 """
 
+import threading
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextlib import contextmanager
 from typing import Protocol, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
-_pause: ContextVar[Callable[[], None] | None] = ContextVar("softserve_pause", default=None)
+_pauses: dict[int, Callable[[], None]] = {}  # id(model) -> the pause of its training work running now
+_pauses_lock = threading.Lock()
 
 
 class Device(Protocol):
@@ -35,17 +44,30 @@ class InlineDevice:
         return work()
 
 
-def let_serving_run() -> None:
-    """A pause point in training work: waiting inference runs now, if there is any."""
-    pause = _pause.get()
+def let_serving_run(model: torch.nn.Module) -> None:
+    """A pause point in training work on `model`: waiting inference runs now, if there is any.
+    Any thread may reach it (CUDA's backward runs hooks on autograd's own threads)."""
+    pause = _pauses.get(id(model))
     if pause is not None:
         pause()
 
 
-def run_with_pauses(work: Callable[[], T], pause: Callable[[], None]) -> T:
-    """Run `work`, calling `pause` at each of its pause points (the engine's side)."""
-    token = _pause.set(pause)
+@contextmanager
+def pausing(model: torch.nn.Module, pause: Callable[[], None]):
+    """While the block runs, pause points of training work on `model` call `pause` (the engine's side)."""
+    with _pauses_lock:
+        if id(model) in _pauses:
+            raise RuntimeError("training work is already running on this model")
+        _pauses[id(model)] = pause
     try:
-        return work()
+        yield
     finally:
-        _pause.reset(token)
+        with _pauses_lock:
+            del _pauses[id(model)]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA runs kernels after their launch returns, so a clock
+    read without this times the launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

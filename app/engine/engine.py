@@ -33,7 +33,7 @@ from typing import TypeVar
 import torch
 
 from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore, Row
-from app.engine.device import run_with_pauses
+from app.engine.device import pausing, synchronize
 from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.threads import default_threads, take_cores
 
@@ -408,14 +408,18 @@ class Engine:
         return served_for >= SERVING_SHARE * self.step_budget_s and not self.core.awaiting_first_token()
 
     def _train(self, item: _TrainingItem) -> None:
-        """Run one training work item, serving whatever inference arrives at its pause points."""
+        """Run one training work item, serving whatever inference arrives at its pause points.
+        Stretches of training are timed after a device synchronize: on CUDA a clock read alone
+        would time kernel launches, not the work."""
         self.training_items += 1
         self.training_pieces += 1
         self.last_longest_piece_s = 0.0
+        device = self.core.device
         piece_started = time.perf_counter()
 
         def pause() -> None:
             nonlocal piece_started
+            synchronize(device)
             self._training_ran_at = time.perf_counter()
             self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
             while not self._stopping:
@@ -428,12 +432,16 @@ class Engine:
 
         self.activity = "training"
         try:
-            with torch.enable_grad():
-                outcome = (True, run_with_pauses(item.work, pause))
+            # Backward on this thread (autograd would run CUDA's on threads of its own), pausing
+            # wherever it runs.
+            with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False), \
+                    pausing(self.core.base.model, pause):
+                outcome = (True, item.work())
         except BaseException as exc:  # the work's own failure: its caller gets it
             outcome = (False, exc)
         finally:
             self.activity = None
+        synchronize(device)
         self._training_ran_at = time.perf_counter()
         self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
         self._settle(item, outcome)
