@@ -38,7 +38,8 @@ from app.engine.loader import BaseModel
 from app.engine.prefix_cache import PrefixCache, PrefixKey
 from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
 from app.engine.runner import ModelRunner
-from app.engine.sampling import RowSampling, sample
+from app.engine.sampling import RowSampling, SamplingParams, sample
+from app.engine.transfers import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,10 @@ class EngineCore:
         # The most positions one row may hold: the whole cache, or less where the caller bounds requests.
         capacity = self.kv.capacity_blocks * BLOCK_SIZE
         self.max_row_positions = min(capacity, max_row_positions or capacity)
-        # lane, position -> slot; as wide as the longest row's keys padded to a whole bucket
-        self.table = torch.zeros(max_rows, -(-self.max_row_positions // KEY_BUCKET) * KEY_BUCKET,
-                                 dtype=torch.long, device=self.device)
+        # lane, position -> slot, on the host (a step's indices are worked out there, then sent in
+        # one copy: app.engine.transfers); as wide as the longest row's keys padded to a whole bucket
+        self.table = torch.zeros(max_rows, -(-self.max_row_positions // KEY_BUCKET) * KEY_BUCKET, dtype=torch.long)
+        self._prefix_writes: list[Row] = []  # admitted prefix-tuned rows whose keys and values the next pass writes
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
         self._free_lanes = list(range(max_rows - 1, -1, -1))
@@ -236,7 +238,7 @@ class EngineCore:
         if not work:
             return
         try:
-            logits, sampling = self._forward(work)
+            logits, sampling, params = self._forward(work)
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
@@ -253,7 +255,7 @@ class EngineCore:
                 self._offer_prefix(item.row)
         if self.logits_hook is not None:
             self.logits_hook(sampling, logits)
-        self._take_tokens(sampling, logits, events)
+        self._take_tokens(sampling, logits, params, events)
 
     def _admit(self, events: list) -> None:
         while self.waiting and self._free_lanes:
@@ -274,19 +276,13 @@ class EngineCore:
             events.append(("admitted", row))
             self.table[row.lane, : row.shared] = prefix_slots
             if row.computed < row.virtual and row.request.soft_prompt.prefix_kv is not None:
-                self._write_prefix_kv(row)
+                # A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not
+                # computed: its own slots get them before the next pass (a later row of that
+                # adapter reads them from the prefix cache once this row has offered its prompt).
+                self.table[row.lane, : row.virtual] = torch.tensor(self._slots(row, 0, row.virtual))
+                row.computed = row.virtual
+                self._prefix_writes.append(row)
         self._admitting = None
-
-    def _write_prefix_kv(self, row: Row) -> None:
-        """A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not computed:
-        write them into the row's own slots (a later row of that adapter reads them from the
-        prefix cache once this row has offered its prompt)."""
-        slots = torch.tensor(self._slots(row, 0, row.virtual), device=self.device)
-        kv = row.request.soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
-        self.kv.keys[:, slots] = kv[:, 0].to(self.kv.keys.dtype)
-        self.kv.values[:, slots] = kv[:, 1].to(self.kv.values.dtype)
-        self.table[row.lane, : row.virtual] = slots
-        row.computed = row.virtual
 
     def _reserve(self, row: Row) -> torch.Tensor | None:
         """Reserve the row's worst-case blocks, reading what it can from a prefix entry, and
@@ -340,8 +336,8 @@ class EngineCore:
         blocks = row.blocks
         return [blocks[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE for q in range(start - row.shared, end - row.shared)]
 
-    def _forward(self, work: list[_Work]) -> tuple[torch.Tensor, list[Row]]:
-        device = self.device
+    def _forward(self, work: list[_Work]) -> tuple[torch.Tensor, list[Row], SamplingParams]:
+        """One pass over the step's work. Its inputs are worked out on the host and sent in one copy."""
         lanes, positions, slots, ids = [], [], [], []
         virtual_at, virtual_rows = [], []  # flat index and embedding of soft-prompt positions
         logits_at, sampling = [], []
@@ -357,18 +353,29 @@ class EngineCore:
             if end == row.length:
                 logits_at.append(item.offset + item.count - 1)
                 sampling.append(row)
-        positions_t = torch.tensor(positions, device=device)
-        slots_t = torch.tensor(slots, device=device)
-        self.table.index_put_((torch.tensor(lanes, device=device), positions_t), slots_t)
-        embeds = self.runner.embed(torch.tensor(ids, device=device))
+        self.table[lanes, positions] = torch.tensor(slots)
+        inputs = StepInputs()
+        ids_in, positions_in, slots_in = inputs.ints(ids), inputs.ints(positions), inputs.ints(slots)
+        virtual_at_in, logits_at_in = inputs.ints(virtual_at), inputs.ints(logits_at)
+        prefix_writes = [(row, inputs.ints(self.table[row.lane, : row.virtual])) for row in self._prefix_writes
+                         if row in self.running]
+        groups = self._groups(work, inputs)
+        sampling_params = SamplingParams.add_to(inputs, [row.sampling for row in sampling])
+        inputs.send(self.device)
+        for row, prefix_slots in prefix_writes:
+            kv = row.request.soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
+            self.kv.keys[:, prefix_slots.tensor] = kv[:, 0].to(self.kv.keys.dtype)
+            self.kv.values[:, prefix_slots.tensor] = kv[:, 1].to(self.kv.values.dtype)
+        self._prefix_writes = []
+        embeds = self.runner.embed(ids_in.tensor)
         if virtual_at:
-            soft = torch.cat(virtual_rows).to(device=device, dtype=embeds.dtype)
-            embeds.index_copy_(0, torch.tensor(virtual_at, device=device), soft)
-        step = StepAttention(self.kv.keys, self.kv.values, slots_t, self._groups(work))
-        logits = self.runner.forward(embeds, positions_t, step, torch.tensor(logits_at, device=device, dtype=torch.long))
-        return logits, sampling
+            soft = torch.cat(virtual_rows).to(device=embeds.device, dtype=embeds.dtype)
+            embeds.index_copy_(0, virtual_at_in.tensor, soft)
+        step = StepAttention(self.kv.keys, self.kv.values, slots_in.tensor, [group() for group in groups])
+        logits = self.runner.forward(embeds, positions_in.tensor, step, logits_at_in.tensor)
+        return logits, sampling, sampling_params()
 
-    def _groups(self, work: list[_Work]) -> list[RowGroup]:
+    def _groups(self, work: list[_Work], inputs: StepInputs) -> list[Callable[[], RowGroup]]:
         """Rows attend in groups of the same number of new tokens whose keys fit the same bucket of
         KEY_BUCKET positions, padded to the bucket's end. How a row's attention sums its keys then
         depends on that row alone, never on which rows share its step (softmax and the weighted
@@ -379,36 +386,28 @@ class EngineCore:
         for item in work:
             bucket = -(-(item.start + item.count) // KEY_BUCKET)
             groups.setdefault((item.count, bucket), []).append(item)
-        return [self._group(items, bucket * KEY_BUCKET) for (_, bucket), items in groups.items()]
+        return [self._group(items, bucket * KEY_BUCKET, inputs) for (_, bucket), items in groups.items()]
 
-    def _group(self, items: list[_Work], keys: int) -> RowGroup:
-        device = self.device
-        queries = items[0].count
-        tokens = [t for w in items for t in range(w.offset, w.offset + w.count)]
-        query_positions = [list(range(w.start, w.start + w.count)) for w in items]
-        lanes = torch.tensor([w.row.lane for w in items], device=device)
-        query_positions_t = torch.tensor(query_positions, device=device)
-        key_lengths = torch.tensor([w.start + w.count for w in items], device=device)
+    def _group(self, items: list[_Work], keys: int, inputs: StepInputs) -> Callable[[], RowGroup]:
+        """The group's indices, put in the step's inputs; the returned call makes the group once sent."""
+        rows, queries = len(items), items[0].count
+        key_lengths = torch.tensor([w.start + w.count for w in items])
         # Past a row's own positions its lane may hold an earlier row's slots: read the padding
         # block instead, so nothing another row left (even NaN) can reach this one's softmax.
-        slots = self.table.index_select(0, lanes)[:, :keys]
-        slots = slots.masked_fill_(torch.arange(keys, device=device) >= key_lengths[:, None], 0)
-        return RowGroup(
-            tokens=torch.tensor(tokens, device=device),
-            slots=slots.reshape(-1),
-            query_positions=query_positions_t,
-            key_lengths=key_lengths,
-            rows=len(items),
-            queries=queries,
-            keys=keys,
-        )
+        slots = self.table[[w.row.lane for w in items], :keys].masked_fill(torch.arange(keys) >= key_lengths[:, None], 0)
+        tokens = inputs.ints([t for w in items for t in range(w.offset, w.offset + w.count)])
+        slots_in = inputs.ints(slots)
+        query_positions = inputs.ints([p for w in items for p in range(w.start, w.start + w.count)], (rows, queries))
+        key_lengths_in = inputs.ints(key_lengths)
+        return lambda: RowGroup(tokens=tokens.tensor, slots=slots_in.tensor, query_positions=query_positions.tensor,
+                                key_lengths=key_lengths_in.tensor, rows=rows, queries=queries, keys=keys)
 
     # -- tokens out -----------------------------------------------------------------------------
 
-    def _take_tokens(self, rows: list[Row], logits: torch.Tensor, events: list) -> None:
+    def _take_tokens(self, rows: list[Row], logits: torch.Tensor, params: SamplingParams, events: list) -> None:
         if not rows:
             return
-        tokens, usable = _sample_rows(logits, [row.sampling for row in rows])
+        tokens, usable = _sample_rows(logits, [row.sampling for row in rows], params)
         now = time.perf_counter()
         made = 0
         for row, token, ok in zip(rows, tokens, usable):
@@ -499,6 +498,7 @@ class EngineCore:
         self.kv.reset()
         self.prefix.clear()
         self.table.zero_()
+        self._prefix_writes = []
         self._free_lanes = list(range(self.max_rows - 1, -1, -1))
         self.running, self._admitting = [], None
         now = time.perf_counter()
@@ -550,12 +550,13 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int | None], list[bool | Exception]]:
+def _sample_rows(logits: torch.Tensor, rows: list[RowSampling], params: SamplingParams
+                 ) -> tuple[list[int | None], list[bool | Exception]]:
     """Sample every row at once; should that raise, row by row (from the same random state), so
     an error fails only the row that causes it."""
     states = [row.generator.get_state() for row in rows if row.generator is not None]
     try:
-        return sample(logits, rows)
+        return sample(logits, rows, params)
     except Exception:
         log.exception("batched sampling failed: sampling row by row")
     for row in rows:

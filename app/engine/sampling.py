@@ -7,9 +7,13 @@ draws its uniform number from its own generator (seeded per request), so a seede
 gives the same tokens whatever else shares its step.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from app.engine import transfers
+from app.engine.transfers import StepInputs
 
 _SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
 
@@ -56,31 +60,61 @@ def greedy_tokens(logits: torch.Tensor, width: int = 4096) -> torch.Tensor:
     return starts + slices.argmax(-1)
 
 
-def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[bool]]:
-    """(next token of each row, whether its logits were usable). logits: [R, V] float32."""
+@dataclass
+class SamplingParams:
+    """A step's sampling inputs on the device, sent with the step's other inputs (app.engine.transfers)."""
+
+    sampled: torch.Tensor  # [S] the logits rows drawn from; the others are greedy
+    temperature: torch.Tensor  # [S]
+    nucleus: torch.Tensor  # [N] positions in `sampled` of the rows with top_p < 1
+    top_p: torch.Tensor  # [N]
+    draws: list[int]  # `sampled` on the host: whose generators draw
+
+    @classmethod
+    def add_to(cls, inputs: StepInputs, rows: list[RowSampling]) -> Callable[[], "SamplingParams"]:
+        """Put the rows' parameters in the step's inputs; the returned call reads them once sent."""
+        draws = [i for i, row in enumerate(rows) if row.generator is not None]
+        nucleus = [j for j, i in enumerate(draws) if rows[i].top_p < 1.0]
+        sampled, temperature = inputs.ints(draws), inputs.floats([rows[i].temperature for i in draws])
+        nucleus_at, top_p = inputs.ints(nucleus), inputs.floats([rows[draws[j]].top_p for j in nucleus])
+        return lambda: cls(sampled.tensor, temperature.tensor.float(), nucleus_at.tensor, top_p.tensor.float(), draws)
+
+    @classmethod
+    def of(cls, rows: list[RowSampling], device: torch.device) -> "SamplingParams":
+        """The rows' parameters on the device, sent on their own (outside an engine step)."""
+        inputs = StepInputs()
+        params = cls.add_to(inputs, rows)
+        inputs.send(device)
+        return params()
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampling], params: SamplingParams | None = None
+           ) -> tuple[list[int], list[bool]]:
+    """(next token of each row, whether its logits were usable). logits: [R, V] float32. Every
+    row at once, top-p included; the results come back in one copy."""
+    params = params or SamplingParams.of(rows, logits.device)
     tokens = greedy_tokens(logits)  # NaN counts as the largest value, so a NaN row picks one
-    sampled = [i for i, row in enumerate(rows) if row.generator is not None]
-    if sampled:
-        index = torch.tensor(sampled, device=logits.device)
+    if params.draws:
+        index = params.sampled
         chosen = logits[index]
         maxima = chosen.gather(1, tokens[index, None])
-        temperature = torch.tensor([rows[i].temperature for i in sampled], device=logits.device)
-        scaled = (chosen - maxima) / temperature.clamp(min=_SMALLEST_TEMPERATURE)[:, None]
+        scaled = (chosen - maxima) / params.temperature.clamp(min=_SMALLEST_TEMPERATURE)[:, None]
         probs = scaled.exp_().nan_to_num_(0.0)  # a row of NaNs is caught below, not drawn from
-        uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
+        uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in params.draws])
         choice = _draw(probs, uniform)
-        for j, i in enumerate(sampled):
-            if rows[i].top_p < 1.0:
-                choice[j] = _draw_top_p(probs[j], uniform[j], rows[i].top_p)
+        if params.nucleus.numel():
+            choice[params.nucleus] = _draw_top_p(probs[params.nucleus], uniform[params.nucleus], params.top_p)
         tokens[index] = torch.where(torch.isfinite(maxima[:, 0]), choice, tokens[index])
     # A row is usable when its largest logit is finite (with a NaN anywhere, argmax points at one).
-    usable = torch.isfinite(logits.gather(1, tokens[:, None])[:, 0]).tolist()
-    return tokens.tolist(), usable
+    usable = torch.isfinite(logits.gather(1, tokens[:, None])[:, 0])
+    tokens_out, usable_out = transfers.to_host(torch.stack([tokens, usable.long()]))
+    return tokens_out, [bool(ok) for ok in usable_out]
 
 
-def _draw_top_p(probs: torch.Tensor, uniform: torch.Tensor, top_p: float) -> torch.Tensor:
-    ordered, order = probs.sort(descending=True)
+def _draw_top_p(probs: torch.Tensor, uniform: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Each row's draw from the smallest set of its likeliest tokens whose mass reaches its top_p
+    (always at least one token); all rows at once."""
+    ordered, order = probs.sort(dim=-1, descending=True)
     mass = ordered.cumsum(-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least one token)
-    ordered[mass - ordered >= top_p * mass[-1]] = 0.0
-    return order[_draw(ordered[None], uniform[None])[0]]
+    ordered[mass - ordered >= top_p[:, None] * mass[:, -1:]] = 0.0
+    return order.gather(1, _draw(ordered, uniform)[:, None])[:, 0]
