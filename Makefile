@@ -5,19 +5,29 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; for NVIDIA GPUs use e.g. TORCH_SPEC="torch==2.13.0" --index-url for CUDA (see README).
-TORCH_SPEC ?= torch==2.13.0
+# torch: the CUDA 12.8 build where an NVIDIA driver answers (nvidia-smi), the CPU wheel elsewhere.
+# Override with pip's own words, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126".
+TORCH_VERSION := 2.13.0
+CUDA_INDEX := https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo "torch==$(TORCH_VERSION) --index-url $(CUDA_INDEX)" || echo "torch==$(TORCH_VERSION)")
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
+# The torch spec the venv was made with: a different one remakes it (CPU wheel <-> CUDA build).
+TORCH_SPEC_FILE := $(VENV)/.torch-spec
 
-.PHONY: install model second-model migrate run worker test bench
+.PHONY: install model second-model migrate run worker test bench FORCE
 
-$(STAMP): pyproject.toml
+$(TORCH_SPEC_FILE): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_SPEC_FILE)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "softserve needs Python 3.11+")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(if $(filter $(TORCH_SPEC_FILE),$?),$(BIN)/pip uninstall --quiet --yes torch)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -58,8 +58,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=256)  # rows in the running batch
     max_step_tokens: int = Field(512, ge=16, le=16_384)  # tokens per forward pass: bounds one step's time
     # KV cache, preallocated: positions of every running row's soft prompt, prompt and output.
-    # Requests wait while it is full. ~36 KB a position for Gemma 3 270M in fp32, so 600 MB.
-    kv_cache_tokens: int = Field(16_384, ge=64)
+    # Requests wait while it is full. Unset: sized by the memory plan (app.engine.memory_plan) from
+    # what the device has: GPU_MEMORY_UTILIZATION of a GPU, CPU_MEMORY_UTILIZATION of the free RAM.
+    kv_cache_tokens: int | None = Field(None, ge=64)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_memory_utilization: float = Field(0.05, gt=0, le=1)
     # Positions of it kept for adapter prefixes (soft prompt + shared prompt start); 0 turns it off.
     prefix_cache_tokens: int = Field(4_096, ge=0)
     max_queue_size: int = Field(256, ge=1)

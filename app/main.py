@@ -24,14 +24,14 @@ DEFAULT_BODY_LIMIT = 1024 * 1024
 
 
 def create_app(settings: Settings | None = None, base: BaseModel | None = None,
-               services: Sequence[NodeService] = ()) -> FastAPI:
+               services: Sequence[NodeService] = (), trains: bool = False) -> FastAPI:
     """Build the app. Tests may pass a preloaded `base` so many apps share one model; `services`
-    run beside the engine (worker.node passes the training consumer)."""
+    run beside the engine (worker.node passes the training consumer, and `trains`)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with running(settings, base) as runtime:
+        async with running(settings, base, serves=True, trains=trains) as runtime:
             check_open_mode(runtime)
             async with serving(runtime, services):
                 app.state.runtime = runtime

@@ -130,6 +130,13 @@ def runtime_families(engine_stats: dict, cache_stats: dict, job_counts: dict[str
     for name, stats in (("prefix", prefix), ("adapter", cache_stats)):
         if stats.get("hit_rate") is not None:
             yield gauge(f"softserve_{name}_cache_hit_ratio", f"{name} cache hits / lookups so far", stats["hit_rate"])
+    plan = engine_stats.get("memory_plan")
+    if plan is not None:
+        parts = GaugeMetricFamily("softserve_memory_plan_bytes", "How the memory plan splits the node's memory",
+                                  labels=["part"])
+        for part in ("total", "weights", "activation_reserve", "kv_cache", "free"):
+            parts.add_metric([part], plan[f"{part}_bytes"])
+        yield parts
     jobs = GaugeMetricFamily("softserve_jobs", "Training jobs in the registry, by status", labels=["status"])
     for status, count in sorted(job_counts.items()):
         jobs.add_metric([status], count)

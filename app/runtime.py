@@ -21,6 +21,8 @@ from app.engine import prefix_kv
 from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
+from app.engine.kv_cache import BLOCK_SIZE
+from app.engine.memory_plan import MemorySettings, plan_memory
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
@@ -52,7 +54,10 @@ class Runtime:
     celery: Celery | None = field(default=None)
 
     @classmethod
-    def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session]) -> "Runtime":
+    def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session], serves: bool = True,
+              trains: bool = True) -> "Runtime":
+        """`serves`: the node answers requests (else its engine keeps no serving KV pool);
+        `trains`: it runs training jobs (on a GPU the memory plan keeps room for them)."""
         make_data_dir(settings)  # before the broker's first use: the embedded one is a file there
         runtime = cls(
             celery=make_celery(settings),
@@ -63,21 +68,12 @@ class Runtime:
             storage=make_storage(settings, sessions),
             cache=AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype),
             engine=Engine(
-                partial(
-                    EngineCore,
-                    base,
-                    kv_tokens=settings.kv_cache_tokens,
-                    max_rows=settings.max_batch_size,
-                    max_step_tokens=settings.max_step_tokens,
-                    prefix_cache_tokens=settings.prefix_cache_tokens,
-                    # the largest request the API admits: soft prompt, prompt and new tokens at their limits
-                    max_row_positions=settings.max_virtual_tokens + settings.max_prompt_tokens
-                    + settings.max_new_tokens_limit,
-                ),
+                partial(planned_core, base, settings, serves, trains),
                 max_queue_size=settings.max_queue_size,
                 max_queued_tokens=settings.max_queued_tokens,
                 threads=settings.engine_threads,
                 train_step_budget_s=settings.train_step_budget_ms / 1000,
+                serves=serves,
             ),
         )
         runtime.metrics.watch(runtime._figures)
@@ -183,15 +179,33 @@ class Runtime:
         self.engine.drop_adapter(adapter_id)
 
 
+def planned_core(base: BaseModel, settings: Settings, serves: bool, trains: bool) -> EngineCore:
+    """The engine core, its KV pool sized by the memory plan (on the engine's thread, where the
+    pool is allocated: profiling there leaves the thread's state as serving will find it)."""
+    # the largest request the API admits: soft prompt, prompt and new tokens at their limits
+    max_row_positions = settings.max_virtual_tokens + settings.max_prompt_tokens + settings.max_new_tokens_limit
+    plan = plan_memory(base, MemorySettings(
+        kv_cache_tokens=settings.kv_cache_tokens, gpu_memory_utilization=settings.gpu_memory_utilization,
+        cpu_memory_utilization=settings.cpu_memory_utilization, max_step_tokens=settings.max_step_tokens,
+        max_rows=settings.max_batch_size, max_row_positions=max_row_positions, serves=serves, trains=trains))
+    log.info("memory plan (%s): weights %.0f MiB, activations %.0f MiB, KV cache %d positions (%.0f MiB), %.0f MiB free",
+             plan.basis, plan.weights_bytes / 2**20, plan.activation_reserve_bytes / 2**20, plan.kv_cache_tokens,
+             plan.kv_cache_bytes / 2**20, plan.free_bytes / 2**20)
+    return EngineCore(base, kv_tokens=max(plan.kv_cache_tokens, BLOCK_SIZE), max_rows=settings.max_batch_size,
+                      max_step_tokens=settings.max_step_tokens, prefix_cache_tokens=settings.prefix_cache_tokens,
+                      max_row_positions=max_row_positions, memory_plan=plan)
+
+
 # What a node runs beside its engine (the training consumer): started once the engine runs,
 # stopped before it stops.
 NodeService = Callable[[Runtime], AbstractAsyncContextManager]
 
 
 @asynccontextmanager
-async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIterator[Runtime]:
+async def running(settings: Settings, base: BaseModel | None = None, serves: bool = True,
+                  trains: bool = True) -> AsyncIterator[Runtime]:
     """A node's lifetime: load the model once (unless given), start its engine and the job
-    reaper; stop them in reverse order."""
+    reaper; stop them in reverse order. `serves` and `trains`: see Runtime.build."""
     model = base or in_own_thread(
         load_base_model, settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
         settings.llm_int8_threshold, settings.int8_packed_weights, settings.compute_dtype, settings.int8_kernels,
@@ -199,7 +213,7 @@ async def running(settings: Settings, base: BaseModel | None = None) -> AsyncIte
     log.info("model %s (%s, computing in %s, int8 kernels: %s) on %s", model.fingerprint, model.quantization,
              model.embed_dtype, model.int8_kernels, model.device)
     db_engine = make_engine(settings.database_url)
-    runtime = Runtime.build(settings, model, make_session_factory(db_engine))
+    runtime = Runtime.build(settings, model, make_session_factory(db_engine), serves, trains)
     if settings.storage == "database" and (unmoved := unmoved_folders(settings.data_dir)):
         log.warning("%d adapter or dataset folders under %s are not in the database: run `python -m app.cli "
                     "move-files-to-database` once (or set STORAGE=directory to read them there); it lists those it "

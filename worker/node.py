@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def serving_app() -> FastAPI:
     """uvicorn's app factory for a node that serves and trains."""
-    return create_app(services=[training_consumer])
+    return create_app(services=[training_consumer], trains=True)
 
 
 async def train_only() -> None:
@@ -33,7 +33,7 @@ async def train_only() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with running(get_settings()) as runtime, serving(runtime, [training_consumer]):
+    async with running(get_settings(), serves=False) as runtime, serving(runtime, [training_consumer]):
         log.info("training node ready: waiting for jobs on %s", runtime.settings.broker_url.split("@")[-1])
         await stop.wait()
 

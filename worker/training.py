@@ -298,18 +298,21 @@ def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, r
 @torch.no_grad()
 def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
                          max_length: int, device: Device = InlineDevice()) -> float:
-    """Share of examples whose greedy generation, up to a newline, equals the output."""
+    """Share of examples whose greedy generation, up to a newline, equals the output. On a node that
+    serves, the generation runs through the serving engine's queue and pool, as any client's."""
     encoded = [encode_example(base, e, template, max_length) for e in examples]
     longest = max(len(t) for _, t in encoded)
-    soft = None if prompt is None else prompt.to(base.device, base.embed_dtype)
-    if soft is not None and soft.ndim == 5:
-        soft = SoftPrompt.prefix(soft, digest="evaluated")  # one engine per evaluation: no stale prefix
+    soft = None
+    if prompt is not None:  # keyed by its content: no other prompt's cached prefix is ever read for it
+        values = prompt.to(base.device, base.embed_dtype)
+        soft = SoftPrompt(values) if values.ndim == 2 else SoftPrompt.prefix(values)
     requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
     # Beside serving, each generation step is a work item of its own: keep them decode-sized.
     step_tokens = 512 if device.step_budget_s is None else 64
     correct = 0
     for start in range(0, len(requests), 32):
-        results = generate_batch(base, requests[start : start + 32], device, max_step_tokens=step_tokens)
+        chunk = requests[start : start + 32]
+        results = device.generate(chunk) if device.serves else generate_batch(base, chunk, device, step_tokens)
         correct += sum(r.text.strip() == e.output.strip() for r, e in zip(results, examples[start : start + 32]))
     return correct / len(examples)
 

@@ -35,6 +35,7 @@ from app.engine.attention import RowGroup, StepAttention
 from app.engine.detokenize import IncrementalDetokenizer
 from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
+from app.engine.memory_plan import MemoryPlan
 from app.engine.prefix_cache import PrefixCache, PrefixKey
 from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
 from app.engine.runner import ModelRunner
@@ -118,8 +119,10 @@ class EngineCore:
         max_step_tokens: int = 512,
         prefix_cache_tokens: int | None = None,
         max_row_positions: int | None = None,
+        memory_plan: MemoryPlan | None = None,
     ):
         self.base = base
+        self.memory_plan = memory_plan  # how the pool was sized, for /health
         self.runner = ModelRunner(base)
         self.device = base.device
         self.kv = KVCache(base.kv_shape, kv_tokens, base.device)
@@ -538,6 +541,7 @@ class EngineCore:
             "faults": self.faults,
             "kv_cache": self.kv.stats(),
             "prefix_cache": self.prefix.stats(),
+            "memory_plan": self.memory_plan.as_dict() if self.memory_plan else None,
         }
 
 

@@ -30,8 +30,13 @@ class Device(Protocol):
     step_budget_s: float | None
     # Of the last work item run: the longest stretch between two pause points, in seconds.
     last_longest_piece_s: float
+    # Whether it serves: then generation (an evaluation's) goes through its serving queue and pool
+    # (`generate`); otherwise through a pool of its own, for that generation only.
+    serves: bool
 
     def run(self, work: Callable[[], T]) -> T: ...
+
+    def generate(self, requests: list, timeout: float = ...) -> list: ...
 
 
 class InlineDevice:
@@ -39,9 +44,13 @@ class InlineDevice:
 
     step_budget_s = None
     last_longest_piece_s = 0.0
+    serves = False
 
     def run(self, work: Callable[[], T]) -> T:
         return work()
+
+    def generate(self, requests: list, timeout: float = 0.0) -> list:
+        raise NotImplementedError("nothing serves here: generate through a pool of its own (generate_batch)")
 
 
 def let_serving_run(model: torch.nn.Module) -> None:

@@ -112,10 +112,11 @@ def _completion(row: Row) -> Completion:
 
 class Engine:
     def __init__(self, build_core: Callable[[], EngineCore], max_queue_size: int, max_queued_tokens: int,
-                 threads: int | None = None, train_step_budget_s: float | None = None):
+                 threads: int | None = None, train_step_budget_s: float | None = None, serves: bool = True):
         # The core (its KV cache included) is built on the engine's own thread: see threads.py.
         self._build_core = build_core
         self.core: EngineCore | None = None
+        self.serves = serves  # False on a node that only trains: its core keeps no serving pool
         self.threads = threads or default_threads()
         self._max_queue_size = max_queue_size
         self._max_queued_tokens = max_queued_tokens
@@ -222,6 +223,17 @@ class Engine:
         if not ok:
             raise value
         return value
+
+    def generate(self, requests: list[GenerationRequest], timeout: float = 3600.0) -> list[GenerationResult]:
+        """From a training thread: run `requests` through the serving queue like any client's (an
+        evaluation's generation shares the serving pool and yields to user traffic as any rows
+        do), and wait for them. A full queue is waited out, not failed."""
+        while True:
+            waiting = asyncio.run_coroutine_threadsafe(self.submit_all(requests, timeout), self._loop)
+            try:
+                return [completion.result for completion in waiting.result()]
+            except QueueFull:
+                time.sleep(0.05)
 
     @staticmethod
     def _settle(item: _TrainingItem, outcome: tuple[bool, object]) -> None:

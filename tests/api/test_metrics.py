@@ -42,7 +42,10 @@ def test_counters_move_with_requests_and_jobs(make_client, tiny_base):
     assert moved("softserve_adapter_requests_total", adapter="nope", status="404") == 1
     assert moved("softserve_tokens_generated_total") >= 2 and moved("softserve_engine_steps_total") >= 2
     assert value(after, "softserve_jobs", status="queued") == 1
-    assert value(after, "softserve_kv_cache_capacity_tokens") == client.app.state.runtime.settings.kv_cache_tokens
+    plan = client.app.state.runtime.engine.core.memory_plan  # the pool as the memory plan sized it
+    assert value(after, "softserve_kv_cache_capacity_tokens") == plan.kv_cache_tokens > 0
+    assert value(after, "softserve_memory_plan_bytes", part="kv_cache") == plan.kv_cache_bytes
+    assert value(after, "softserve_memory_plan_bytes", part="weights") == plan.weights_bytes > 0
     assert value(after, "softserve_adapter_cache_misses_total") >= 1
 
 

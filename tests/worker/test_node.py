@@ -34,6 +34,7 @@ class ItemWatch:
     def __init__(self, engine: Engine):
         self.engine, self.open = engine, False
         self.step_budget_s = engine.step_budget_s
+        self.serves, self.generate = engine.serves, engine.generate
 
     @property
     def last_longest_piece_s(self) -> float:
@@ -260,3 +261,26 @@ def test_cancel_through_the_engine_stops_within_a_step(tiny_base):
     result, steps, items = asyncio.run(scenario())
     assert result.cancelled and result.steps == 3 and steps == [1, 2, 3]
     assert items >= 1 + 3 * 2  # the initial prompt, then per step: its micro-batches and the update
+
+
+def test_an_evaluation_on_a_serving_node_generates_through_the_serving_pool(tiny_base, monkeypatch):
+    """Issue 22: each evaluation built a second KV pool of its own beside the serving one."""
+    import worker.training
+
+    def second_pool(*args, **kwargs):
+        raise AssertionError("an evaluation built a pool of its own")
+
+    monkeypatch.setattr(worker.training, "generate_batch", second_pool)
+    config = TrainConfig(num_virtual_tokens=4, max_steps=2, batch_size=4, eval_every=2, template="{input} =>")
+
+    async def train_on_a_serving_engine():
+        engine = Engine(partial(EngineCore, tiny_base, kv_tokens=4096, max_rows=16), 64, 65_536, train_step_budget_s=0.25)
+        engine.start()
+        try:
+            result = await asyncio.to_thread(train_prompt, tiny_base, config, EXAMPLES, EXAMPLES[:6], Hooks(), engine)
+            return result, engine.core.requests_admitted
+        finally:
+            await engine.stop()
+
+    result, admitted = asyncio.run(train_on_a_serving_engine())
+    assert result.eval_accuracy is not None and admitted == 6  # the six evaluation rows, queued like any request's
