@@ -7,8 +7,11 @@ activations, norms, embeddings and soft prompts, and the KV cache, as on a GPU. 
 reference in the same dtype, every architecture of the test matrix trains in bfloat16 and in
 float16 (with loss scaling) without a dtype error, and the dtype policy refuses float16 for
 Gemma 3, whose activations overflow it, and gives it bfloat16.
+
+With DEVICE=cuda (bench/gpu_check.sh) the same tests run on a GPU, and skip where there is none.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,12 +41,14 @@ from worker.runner import run_job
 from worker.training import Hooks, train_prompt
 
 HALF = ["bfloat16", "float16"]
+DEVICE = os.environ.get("DEVICE") or "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="DEVICE=cuda and no GPU here")
 PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Once upon a time", "The capital of France is", "ok"]
 
 
 def gpu_path(folder: Path | None, dtype: str) -> BaseModel:
-    """The model as a CUDA node loads it, on the CPU."""
-    return load_base_model(folder, Settings().model_cache_dir, quantization="int8", device="cpu",
+    """The model as a CUDA node loads it: on the CPU, or on DEVICE."""
+    return load_base_model(folder, Settings().model_cache_dir, quantization="int8", device=DEVICE,
                            compute_dtype=dtype, int8_kernels="bitsandbytes")
 
 

@@ -66,6 +66,10 @@ def plan_memory(base: BaseModel, settings: MemorySettings) -> MemoryPlan:
     weights = weights_bytes(base.model)
     if base.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(base.device)
+        fraction = torch.cuda.get_per_process_memory_fraction(base.device)
+        if fraction < 1:  # the process's allocator is capped below the device: plan within the cap
+            total = int(total * fraction)
+            free = min(free, total - torch.cuda.memory_reserved(base.device))
     else:
         free, total = psutil.virtual_memory().available, psutil.virtual_memory().total
     if not settings.serves:

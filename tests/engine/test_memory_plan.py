@@ -20,9 +20,11 @@ def settings(**overrides) -> MemorySettings:
 class FakeCuda:
     """A 12 GiB device with `used` GiB taken (weights, context) and `activations` GiB at a step's peak."""
 
-    def __init__(self, monkeypatch, used: float, serving: float, training: float):
+    def __init__(self, monkeypatch, used: float, serving: float, training: float, cap: float = 1.0):
         self.profiled = []
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int((12 - used) * GIB), 12 * GIB))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: cap)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(used * GIB))
         monkeypatch.setattr(memory_plan, "_serving_peak", lambda base, s: self.profiled.append("serving") or int(serving * GIB))
         monkeypatch.setattr(memory_plan, "_training_peak", lambda base: self.profiled.append("training") or int(training * GIB))
 
@@ -41,6 +43,15 @@ def test_on_a_gpu_the_pool_is_what_the_utilization_leaves_after_weights_and_acti
     assert (plan.kv_cache_tokens, plan.activation_reserve_bytes) == (expected, int(1.5 * GIB))
     assert plan.free_bytes == int(5.0 * GIB) - int(1.5 * GIB) - expected * per_token
     assert plan_memory(base, settings(max_rows=4096, trains=False)).kv_cache_tokens > expected  # no training room kept
+
+
+def test_a_process_capped_below_its_device_plans_within_the_cap(tiny_base, monkeypatch):
+    """bench.gpu_node caps an H200's 141 GB at 12 GiB, as on a consumer card."""
+    FakeCuda(monkeypatch, used=2.0, serving=0.5, training=1.0, cap=0.5)  # 6 GiB of the 12
+    plan = plan_memory(on_cuda(tiny_base), settings(max_rows=4096))
+    per_token = tiny_base.kv_shape.bytes_per_token
+    assert plan.total_bytes == 6 * GIB
+    assert plan.kv_cache_tokens == int((6 * 0.9 - 2.0 - 1.5) * GIB) // per_token // BLOCK_SIZE * BLOCK_SIZE
 
 
 def test_the_pool_never_exceeds_what_the_batch_can_use_and_a_plan_too_small_is_refused(tiny_base, monkeypatch):
