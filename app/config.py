@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # Serving limits. Rows join and leave the running batch at every engine step.
     max_batch_size: int = Field(32, ge=1, le=256)  # rows in the running batch
     max_step_tokens: int = Field(512, ge=16, le=16_384)  # tokens per forward pass: bounds one step's time
+    # The most one layer's attention gathers and scores at once; more rows attend in slices.
+    attention_memory_mb: int = Field(256, ge=1)
     # KV cache, preallocated: positions of every running row's soft prompt, prompt and output.
     # Requests wait while it is full. Unset: sized by the memory plan (app.engine.memory_plan) from
     # what the device has: GPU_MEMORY_UTILIZATION of a GPU, CPU_MEMORY_UTILIZATION of the free RAM.

@@ -193,7 +193,8 @@ def planned_core(base: BaseModel, settings: Settings, serves: bool, trains: bool
              plan.kv_cache_bytes / 2**20, plan.free_bytes / 2**20)
     return EngineCore(base, kv_tokens=max(plan.kv_cache_tokens, BLOCK_SIZE), max_rows=settings.max_batch_size,
                       max_step_tokens=settings.max_step_tokens, prefix_cache_tokens=settings.prefix_cache_tokens,
-                      max_row_positions=max_row_positions, memory_plan=plan)
+                      max_row_positions=max_row_positions, memory_plan=plan,
+                      attention_temporary_bytes=settings.attention_memory_mb << 20)
 
 
 # What a node runs beside its engine (the training consumer): started once the engine runs,

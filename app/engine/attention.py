@@ -60,6 +60,14 @@ class StepAttention:
     values: torch.Tensor
     write_slots: torch.Tensor  # [T] cache slot of each new token
     groups: list[RowGroup]  # decoding rows together, prefilling rows together
+    # The most bytes one layer's attention may gather and score at once (keys, values, scores):
+    # a group of more rows attends in slices of rows, each alone as it would in the whole group.
+    max_temporary_bytes: int = 256 << 20
+
+    def rows_at_once(self, group: RowGroup, heads: int) -> int:
+        kv_heads, dim = self.keys.shape[2], self.keys.shape[3]
+        per_row = group.keys * (2 * kv_heads * dim * self.keys.element_size() + heads * group.queries * 4)
+        return max(1, min(group.rows, self.max_temporary_bytes // per_row))
 
 
 @contextmanager
@@ -101,12 +109,16 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
     flat_query = query[0].transpose(0, 1)  # [T, H, D]
     out = flat_query.new_empty(total, heads, dim)
     for group in step.groups:
-        q = flat_query.index_select(0, group.tokens).view(group.rows, group.queries, heads, dim).transpose(1, 2)
-        k = cache_k.index_select(0, group.slots).view(group.rows, group.keys, *cache_k.shape[1:])
-        v = cache_v.index_select(0, group.slots).view(group.rows, group.keys, *cache_v.shape[1:])
-        attended = _attend(q, k, v, group.bias(sliding_window, torch.float32), scaling, softcap)
-        attended = attended.transpose(1, 2).reshape(group.rows * group.queries, heads, dim)
-        out.index_copy_(0, group.tokens, attended.to(out.dtype))
+        bias, at_once = group.bias(sliding_window, torch.float32), step.rows_at_once(group, heads)
+        for first in range(0, group.rows, at_once):  # rows attend alone: slicing them changes no result
+            rows = min(at_once, group.rows - first)
+            tokens = group.tokens[first * group.queries : (first + rows) * group.queries]
+            slots = group.slots[first * group.keys : (first + rows) * group.keys]
+            q = flat_query.index_select(0, tokens).view(rows, group.queries, heads, dim).transpose(1, 2)
+            k = cache_k.index_select(0, slots).view(rows, group.keys, *cache_k.shape[1:])
+            v = cache_v.index_select(0, slots).view(rows, group.keys, *cache_v.shape[1:])
+            attended = _attend(q, k, v, bias[first : first + rows], scaling, softcap)
+            out.index_copy_(0, tokens, attended.transpose(1, 2).reshape(rows * group.queries, heads, dim).to(out.dtype))
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return
 
 

@@ -120,9 +120,11 @@ class EngineCore:
         prefix_cache_tokens: int | None = None,
         max_row_positions: int | None = None,
         memory_plan: MemoryPlan | None = None,
+        attention_temporary_bytes: int = 256 << 20,
     ):
         self.base = base
         self.memory_plan = memory_plan  # how the pool was sized, for /health
+        self.attention_temporary_bytes = attention_temporary_bytes
         self.runner = ModelRunner(base)
         self.device = base.device
         self.kv = KVCache(base.kv_shape, kv_tokens, base.device)
@@ -374,7 +376,8 @@ class EngineCore:
         if virtual_at:
             soft = torch.cat(virtual_rows).to(device=embeds.device, dtype=embeds.dtype)
             embeds.index_copy_(0, virtual_at_in.tensor, soft)
-        step = StepAttention(self.kv.keys, self.kv.values, slots_in.tensor, [group() for group in groups])
+        step = StepAttention(self.kv.keys, self.kv.values, slots_in.tensor, [group() for group in groups],
+                             self.attention_temporary_bytes)
         logits = self.runner.forward(embeds, positions_in.tensor, step, logits_at_in.tensor)
         return logits, sampling, sampling_params()
 

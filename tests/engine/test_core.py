@@ -376,3 +376,25 @@ def test_a_waiting_request_evicts_cached_prefixes_only_when_that_lets_it_in(tiny
         assert waiting in core.waiting and PrefixKey("cached", cached.digest) in core.prefix
     run_until_idle(core)
     assert big.result.finish_reason == waiting.result.finish_reason == "length"
+
+
+def test_attention_under_a_tight_memory_bound_gives_the_same_bits_one_row_at_a_time(tiny_base, monkeypatch):
+    """Issue 22: a layer's gathered keys and values grew with rows x keys; now a bound slices the
+    rows, and a row attends alone whatever the slice."""
+    from app.engine import attention
+
+    gathered = []
+    attend = attention._attend
+    monkeypatch.setattr(attention, "_attend", lambda q, k, v, *rest: gathered.append(k.shape[0]) or attend(q, k, v, *rest))
+    requests = [request(tiny_base, SST2_PROMPTS[i], random_soft_prompt(tiny_base, 2 + i, seed=i), 10) for i in range(6)]
+
+    def outputs(**bound) -> list[list[int]]:
+        core = make_core(tiny_base, **bound)
+        rows = [core.add(r) for r in requests]
+        run_until_idle(core)
+        return [row.result.token_ids for row in rows]
+
+    roomy = outputs()
+    assert max(gathered) > 1
+    gathered.clear()
+    assert outputs(attention_temporary_bytes=1) == roomy and set(gathered) == {1}
