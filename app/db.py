@@ -1,7 +1,5 @@
 """Database engine and sessions."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, Select, create_engine, event, func, select
@@ -33,12 +31,6 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    with factory() as session, session.begin():
-        yield session
 
 
 # The largest values the databases hold: OFFSET is 64-bit on SQLite and PostgreSQL, and INTEGER
