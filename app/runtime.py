@@ -1,5 +1,6 @@
-"""What one node holds: settings, the resident model, the registry's sessions, the adapter cache
-and the engine that owns the model. Built once per process, by `running`."""
+"""The composition root: what one node holds (settings, the resident model, the registry's
+sessions, storage, the adapter cache and its resolver, the engine that owns the model, job
+upkeep), wired together once per process by `running`, which also runs the job reaper's loop."""
 
 import asyncio
 import gc
@@ -14,32 +15,24 @@ from functools import partial
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import adapter_files, jobs, registry
+from app import jobs
+from app.adapter_resolver import AdapterResolver
 from app.config import Settings
 from app.db import make_engine, make_session_factory
-from app.engine import prefix_kv
 from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
 from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.memory_plan import MemorySettings, plan_memory
 from app.engine.loader import BaseModel, load_base_model
-from app.engine.requests import SoftPrompt
 from app.engine.threads import in_own_thread
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
+from app.job_upkeep import JobUpkeep
 from app.observability import Metrics, runtime_families
-from app.storage import DATASETS, TRAIN_STATES, NotStored, Storage, adapter_key, make_storage, train_state_job
+from app.storage import Storage, make_storage
 from app.storage_move import unmoved_folders
 
 log = logging.getLogger(__name__)
-
-
-class AdapterNotFound(LookupError):
-    pass
-
-
-class AdapterBaseMismatch(ValueError):
-    pass
 
 
 @dataclass
@@ -48,10 +41,12 @@ class Runtime:
     base: BaseModel
     sessions: sessionmaker[Session]
     storage: Storage
-    cache: AdapterCache
+    adapter_cache: AdapterCache
+    adapter_resolver: AdapterResolver
     engine: Engine
     metrics: Metrics
     celery: Celery | None = field(default=None)
+    job_upkeep: JobUpkeep = field(init=False)  # made from the others: it sends through enqueue_training
 
     @classmethod
     def build(cls, settings: Settings, base: BaseModel, sessions: sessionmaker[Session], serves: bool = True,
@@ -59,14 +54,17 @@ class Runtime:
         """`serves`: the node answers requests (else its engine keeps no serving KV pool);
         `trains`: it runs training jobs (on a GPU the memory plan keeps room for them)."""
         make_data_dir(settings)  # before the broker's first use: the embedded one is a file there
+        storage = make_storage(settings, sessions)
+        adapter_cache = AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype)
         runtime = cls(
             celery=make_celery(settings),
             metrics=Metrics(),
             settings=settings,
             base=base,
             sessions=sessions,
-            storage=make_storage(settings, sessions),
-            cache=AdapterCache(settings.adapter_cache_size, base.device, base.embed_dtype),
+            storage=storage,
+            adapter_cache=adapter_cache,
+            adapter_resolver=AdapterResolver(base, sessions, storage, adapter_cache),
             engine=Engine(
                 partial(planned_core, base, settings, serves, trains),
                 max_queue_size=settings.max_queue_size,
@@ -79,11 +77,19 @@ class Runtime:
         runtime.metrics.watch(runtime._figures)
         return runtime
 
+    def __post_init__(self) -> None:
+        self.job_upkeep = JobUpkeep(
+            self.sessions, self.storage, send=self.enqueue_training,
+            stale_after=timedelta(seconds=self.settings.job_stale_after_s),
+            resend_after=timedelta(seconds=self.settings.job_resend_after_s),
+            max_attempts=self.settings.job_max_attempts,
+        )
+
     def _figures(self):
         """What /metrics reads at scrape time: the engine, the adapter cache, the registry's jobs."""
         with self.sessions() as session:
             job_counts = jobs.count_by_status(session)
-        return runtime_families(self.engine.stats(), self.cache.stats(), job_counts)
+        return runtime_families(self.engine.stats(), self.adapter_cache.stats(), job_counts)
 
     def enqueue_training(self, job_id: str) -> None:
         """Send the job's message to the broker, then record that it was sent."""
@@ -91,43 +97,8 @@ class Runtime:
         with self.sessions() as session:
             jobs.mark_sent(session, job_id)
 
-    def reap_stale_jobs(self) -> list[str]:
-        """Requeue or fail jobs whose worker stopped heartbeating; send_unsent_jobs sends the requeued."""
-        settings = self.settings
-        with self.sessions() as session:
-            requeued = jobs.reap_stale(session, stale_after=timedelta(seconds=settings.job_stale_after_s),
-                                       max_attempts=settings.job_max_attempts, alive=jobs.live_runs.snapshot())
-        for job_id in requeued:
-            log.warning("job %s lost its worker; queued again", job_id)
-        return requeued
-
-    def send_unsent_jobs(self) -> list[str]:
-        """Send a message for each queued job that has none in the broker (see jobs.unsent)."""
-        settings = self.settings
-        with self.sessions() as session:
-            due = jobs.unsent(session, unsent_after=timedelta(seconds=settings.job_stale_after_s),
-                              resend_after=timedelta(seconds=settings.job_resend_after_s))
-        for job_id in due:  # a broker still down raises here; the next pass tries again
-            self.enqueue_training(job_id)
-            log.warning("job %s was queued with no message in the broker; sent", job_id)
-        return due
-
-    def delete_ended_datasets(self) -> list[str]:
-        """Delete the uploaded datasets and saved run states of jobs that have ended: only a run
-        reads them."""
-        datasets, states = self.storage.keys(DATASETS), self.storage.keys(TRAIN_STATES)
-        if not datasets and not states:
-            return []
-        with self.sessions() as session:
-            ended = jobs.ended_datasets(session, datasets) if datasets else []
-            ended_jobs = jobs.ended_jobs(session, {train_state_job(key)[0] for key in states})
-        ended += [key for key in states if train_state_job(key)[0] in ended_jobs]
-        for key in ended:
-            self.storage.delete(key)
-        return ended
-
     async def reap_forever(self) -> None:
-        chores = (self.reap_stale_jobs, self.send_unsent_jobs, self.delete_ended_datasets)
+        """The job reaper: a pass of job upkeep every quarter of the stale timeout."""
         interval = self.settings.job_stale_after_s / 4
         while True:
             slept_from = time.monotonic()
@@ -138,44 +109,11 @@ class Runtime:
                 # (nodes on one frozen host): let their heartbeats catch up first.
                 log.warning("the job reaper woke %.0f s late; judging heartbeats at its next pass", overslept)
                 continue
-            for chore in chores:  # each on its own: a broker outage must not stop the others
-                try:
-                    await asyncio.to_thread(chore)
-                except Exception:
-                    log.exception("job reaper: %s failed", chore.__name__)
-
-    def _lookup(self, adapter_id: str) -> tuple[str, str, str | None] | None:
-        with self.sessions() as session:
-            adapter = registry.get_adapter(session, adapter_id)
-            return (adapter.base_fingerprint, adapter.sha256, adapter.template) if adapter else None
-
-    async def soft_prompt(self, adapter_id: str) -> tuple[SoftPrompt, str | None]:
-        """The adapter's prompt embeddings on the model's device, and its template. The registry
-        is checked on every request, so a deleted adapter stops being served at once, and the
-        cache is keyed by id and content hash, so a replaced one is never served stale."""
-        found = await asyncio.to_thread(self._lookup, adapter_id)
-        if found is None:
-            raise AdapterNotFound(adapter_id)
-        fingerprint, sha256, template = found
-        if fingerprint != self.base.fingerprint:
-            raise AdapterBaseMismatch(
-                f"adapter {adapter_id} was made for base model {fingerprint}, this server runs {self.base.fingerprint}"
-            )
-        try:
-            soft_prompt = await self.cache.get((adapter_id, sha256), partial(self._read_prompt, adapter_id))
-        except NotStored:  # deleted between the lookup and the load
-            raise AdapterNotFound(adapter_id) from None
-        return soft_prompt, template
-
-    def _read_prompt(self, adapter_id: str) -> SoftPrompt:
-        served, is_prefix = adapter_files.read_served(self.storage.read_all(adapter_key(adapter_id)))
-        if is_prefix:
-            return SoftPrompt.prefix(prefix_kv.from_flat(served, self.base.kv_shape), adapter_id)
-        return SoftPrompt(served, adapter_id)
+            await self.job_upkeep.run_pass()
 
     def forget_adapter(self, adapter_id: str) -> None:
         """After a delete: drop its weights and its cached prefixes."""
-        self.cache.evict(adapter_id)
+        self.adapter_resolver.forget(adapter_id)
         self.engine.drop_adapter(adapter_id)
 
 

@@ -90,17 +90,17 @@ async def _resolve(runtime: Runtime, ids: list[str], samples: int) -> dict:
     cold, warm = [], []
     sample = random.Random(1).sample(ids, samples + 5)
     for adapter_id in sample[samples:]:  # a node already serving: its threads and connections exist
-        await runtime.soft_prompt(adapter_id)
+        await runtime.adapter_resolver.soft_prompt(adapter_id)
     for adapter_id in sample[:samples]:
-        misses = runtime.cache.misses
+        misses = runtime.adapter_cache.misses
         started = time.perf_counter()
-        soft_prompt, _ = await runtime.soft_prompt(adapter_id)
+        soft_prompt, _ = await runtime.adapter_resolver.soft_prompt(adapter_id)
         cold.append(time.perf_counter() - started)
-        assert runtime.cache.misses == misses + 1 and soft_prompt.embeddings.shape == (VIRTUAL_TOKENS, HIDDEN)
+        assert runtime.adapter_cache.misses == misses + 1 and soft_prompt.embeddings.shape == (VIRTUAL_TOKENS, HIDDEN)
         started = time.perf_counter()
-        await runtime.soft_prompt(adapter_id)
+        await runtime.adapter_resolver.soft_prompt(adapter_id)
         warm.append(time.perf_counter() - started)
-        assert runtime.cache.misses == misses + 1
+        assert runtime.adapter_cache.misses == misses + 1
     return {"cold_p50_ms": _ms(statistics.median(cold)), "cold_p99_ms": _ms(_percentile(cold, 0.99)),
             "warm_p50_ms": _ms(statistics.median(warm)), "warm_p99_ms": _ms(_percentile(warm, 0.99))}
 

@@ -151,7 +151,7 @@ def test_prefix_tuning_from_peft_serves_its_logits_and_mixes_with_soft_prompts(f
     adapter_id = response.json()["id"]
     assert_serves_peft_logits(client, adapter_id, theirs.eval(), **FP32)
 
-    prefix, _ = client.portal.call(client.app.state.runtime.soft_prompt, adapter_id)
+    prefix, _ = client.portal.call(client.app.state.runtime.adapter_resolver.soft_prompt, adapter_id)
     prompts = [base.tokenizer(text).input_ids for text in ("a gripping , funny film", "Hello", PROMPTS[0], "ok")]
     requests = [GenerationRequest(prompts[i], prefix if i % 2 else random_soft_prompt(base, 3 + i, seed=i), 8)
                 for i in range(4)]

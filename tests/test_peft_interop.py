@@ -40,7 +40,7 @@ def peft_logits(peft_model: PeftModel, prompt_ids: list[int], **task) -> torch.T
 def served_logits(client, adapter_id: str) -> torch.Tensor:
     """softserve's first-step logits for PROMPTS in one batch, with the soft prompt the app serves."""
     runtime = client.app.state.runtime
-    soft_prompt, _ = client.portal.call(runtime.soft_prompt, adapter_id)
+    soft_prompt, _ = client.portal.call(runtime.adapter_resolver.soft_prompt, adapter_id)
     ids = [runtime.base.tokenizer(p).input_ids for p in PROMPTS]
     return first_step_logits(runtime.base, [GenerationRequest(i, soft_prompt, max_new_tokens=1) for i in ids])
 

@@ -77,7 +77,7 @@ def test_every_kind_serves_peft_logits_side_by_side_and_downloads_as_uploaded(ma
         ids[kind] = response.json()["id"]
     runtime = client.app.state.runtime
     prompt_ids = [tiny_base.tokenizer(p).input_ids for p in PROMPTS]
-    soft = {kind: client.portal.call(runtime.soft_prompt, adapter_id)[0] for kind, adapter_id in ids.items()}
+    soft = {kind: client.portal.call(runtime.adapter_resolver.soft_prompt, adapter_id)[0] for kind, adapter_id in ids.items()}
 
     # One batch mixes the four kinds, each row with its own prompt.
     requests = [GenerationRequest(p, soft[kind], max_new_tokens=1) for kind in ids for p in prompt_ids]
@@ -114,7 +114,7 @@ def test_each_task_of_a_multitask_adapter_is_its_own_prompt(make_client, tiny_ba
         response = upload_peft_folder(client, folder, f"task-{task}", task_id=str(task))
         assert response.status_code == 201, response.text
         served[task] = response.json()
-        soft, _ = client.portal.call(client.app.state.runtime.soft_prompt, served[task]["id"])
+        soft, _ = client.portal.call(client.app.state.runtime.adapter_resolver.soft_prompt, served[task]["id"])
         ids = tiny_base.tokenizer(PROMPTS[0]).input_ids
         logits = first_step_logits(tiny_base, [GenerationRequest(ids, soft, max_new_tokens=1)])[0]
         torch.testing.assert_close(logits, peft_logits(model, ids, task_ids=torch.tensor([task])), **FP32)

@@ -36,7 +36,7 @@ def overview(request: Request):
         base=runtime.base, memory=memory_stats(runtime.base),
         queue_depth=runtime.engine.queue_depth, max_queue=runtime.settings.max_queue_size,
         engine=runtime.engine.stats(), latency=runtime.engine.recent_latency(), max_rows=runtime.settings.max_batch_size,
-        cache=runtime.cache.stats(), tokens_per_second=runtime.engine.recent_tokens_per_second(),
+        adapter_cache=runtime.adapter_cache.stats(), tokens_per_second=runtime.engine.recent_tokens_per_second(),
         adapters_by_source=adapters_by_source, jobs_by_status=jobs_by_status,
         recent_adapters=recent_adapters, recent_jobs=recent_jobs, job_statuses=jobs.STATUSES,
     )

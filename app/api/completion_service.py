@@ -6,6 +6,7 @@ import logging
 
 from fastapi import HTTPException, Request
 
+from app.adapter_resolver import AdapterBaseMismatch, AdapterNotFound
 from app.api.deps import invalid
 from app.api.disconnect import unless_disconnected
 from app.api.errors import public_message
@@ -13,7 +14,7 @@ from app.engine.core import EngineFault, EngineOverloaded, RequestTooLarge, RowF
 from app.engine.engine import Completion, EngineBroken, QueueFull, RequestStream, TooMuchWork
 from app.engine.requests import GenerationRequest, SoftPrompt
 from app.observability import note_adapter
-from app.runtime import AdapterBaseMismatch, AdapterNotFound, Runtime
+from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple
     if adapter_id is None:
         return None, None
     try:
-        return await runtime.soft_prompt(adapter_id)
+        return await runtime.adapter_resolver.soft_prompt(adapter_id)
     except AdapterNotFound:
         raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
     except AdapterBaseMismatch as exc:

@@ -29,5 +29,5 @@ def health(runtime: RuntimeDep, response: Response) -> dict:
         "device": str(base.device),
         "queue_depth": runtime.engine.queue_depth,
         "engine": runtime.engine.stats(),
-        "adapter_cache": runtime.cache.stats(),
+        "adapter_cache": runtime.adapter_cache.stats(),
     }

@@ -55,9 +55,9 @@ def test_a_jobs_dataset_is_deleted_once_the_job_has_ended(make_client, tiny_base
     with runtime.sessions() as session:
         assert jobs.claim(session, running, "busy-worker")
 
-    assert sorted(runtime.delete_ended_datasets()) == sorted(f"datasets/{j}" for j in (cancelled, succeeded, failed))
+    assert sorted(runtime.job_upkeep.delete_ended_job_files()) == sorted(f"datasets/{j}" for j in (cancelled, succeeded, failed))
     assert stored_datasets(runtime) == sorted([running, queued])  # the runs to come still need theirs
-    assert runtime.delete_ended_datasets() == []
+    assert runtime.job_upkeep.delete_ended_job_files() == []
     # The job pages and the adapter do not need it.
     assert client.get(f"/train-jobs/{succeeded}").json()["status"] == "succeeded"
     adapter_id = client.get(f"/train-jobs/{succeeded}").json()["adapter_id"]

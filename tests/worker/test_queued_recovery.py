@@ -59,13 +59,13 @@ def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, 
     lost = queue_job(settings, sessions, "lostmessage")  # committed; the process died before the send
     age(sessions, lost, created_at=LONG_AGO)
     fresh = queue_job(settings, sessions, "beingsent")  # committed just now; its API call is sending it
-    assert runtime.send_unsent_jobs() == [lost]
-    assert runtime.send_unsent_jobs() == []  # sent: not again
+    assert runtime.job_upkeep.send_unsent_jobs() == [lost]
+    assert runtime.job_upkeep.send_unsent_jobs() == []  # sent: not again
     assert queued_messages(broker) == [lost]
 
     # Still unclaimed long after its message was sent: the broker may have lost it; send again.
     age(sessions, lost, sent_at=timedelta(seconds=settings.job_resend_after_s + 1))
-    assert runtime.send_unsent_jobs() == [lost]
+    assert runtime.job_upkeep.send_unsent_jobs() == [lost]
     # Both messages are delivered: the job runs once.
     outcomes = [run_job(job_id, settings=settings, sessions=sessions, base=tiny_base)
                 for job_id in queued_messages(broker)]
@@ -73,7 +73,7 @@ def test_a_job_whose_message_never_left_is_sent_once_and_runs_once(make_client, 
     with sessions() as session:
         assert registry.list_adapters(session)[1] == 1
         assert jobs.get_job(session, fresh).sent_at is None  # never touched
-    assert runtime.send_unsent_jobs() == []
+    assert runtime.job_upkeep.send_unsent_jobs() == []
 
 
 def test_a_requeue_whose_send_failed_is_sent_once_the_broker_answers(make_client, tiny_base, broker, redis_url):
@@ -85,13 +85,13 @@ def test_a_requeue_whose_send_failed_is_sent_once_the_broker_answers(make_client
         assert jobs.claim(session, job_id, "worker-that-dies")
     age(sessions, job_id, created_at=LONG_AGO, heartbeat_at=LONG_AGO)
 
-    assert down.reap_stale_jobs() == [job_id]
+    assert down.job_upkeep.reap_stale_jobs() == [job_id]
     with pytest.raises(kombu.exceptions.OperationalError):
-        down.send_unsent_jobs()
+        down.job_upkeep.send_unsent_jobs()
     with sessions() as session:
         job = jobs.get_job(session, job_id)
         assert (job.status, job.sent_at) == ("queued", None)
-    assert up.send_unsent_jobs() == [job_id]
+    assert up.job_upkeep.send_unsent_jobs() == [job_id]
     assert queued_messages(broker) == [job_id]
     assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
 
