@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.deps import RuntimeDep
 from app.config import Settings
 from app.db import get_by_id, make_engine, make_session_factory
 from app.models import AdminSession, ApiKey, ClusterSecret, new_id, utcnow
@@ -266,9 +267,8 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, detail=message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def authenticate(request: Request) -> Caller:
+def authenticate(request: Request, runtime: RuntimeDep) -> Caller:
     """Who is calling: a Bearer key, an admin browser session, or anyone (open mode)."""
-    runtime = request.app.state.runtime
     header = request.headers.get("authorization")
     with runtime.sessions() as session:
         # Open mode ignores credentials: clients such as `openai` always send some key.

@@ -7,6 +7,7 @@ from fastapi import Query, Request
 from app import jobs
 from app.admin.pages import not_found, page_router, render
 from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
+from app.api.deps import RuntimeDep, SettingsDep
 from app.api.job_view import job_out
 from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig
 
@@ -16,11 +17,12 @@ router = page_router()
 @router.get("/jobs")
 def job_list(
     request: Request,
+    runtime: RuntimeDep,
     status: Literal[(*jobs.STATUSES, "")] = "",
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=max(PER_PAGE_CHOICES))] = PER_PAGE_CHOICES[0],
 ):
-    with request.app.state.runtime.sessions() as session:
+    with runtime.sessions() as session:
         items, total = jobs.list_jobs(session, status=status or None, limit=per_page, offset=(page - 1) * per_page)
         counts = jobs.count_by_status(session)
     return render(request, "jobs.html", nav="jobs", jobs=[job_out(j) for j in items],
@@ -29,14 +31,14 @@ def job_list(
 
 # Declared before /jobs/{job_id}, which would otherwise take "new" for an id.
 @router.get("/jobs/new")
-def new_job_form(request: Request):
+def new_job_form(request: Request, settings: SettingsDep):
     return render(request, "job_new.html", nav="jobs", defaults=TrainConfig(), learning_rates=DEFAULT_LEARNING_RATES,
-                  max_virtual_tokens=request.app.state.runtime.settings.max_virtual_tokens)
+                  max_virtual_tokens=settings.max_virtual_tokens)
 
 
 @router.get("/jobs/{job_id}")
-def job_detail(request: Request, job_id: str):
-    with request.app.state.runtime.sessions() as session:
+def job_detail(request: Request, job_id: str, runtime: RuntimeDep):
+    with runtime.sessions() as session:
         job = jobs.get_job(session, job_id)
         if job is None:
             raise not_found(request, f"Training job {job_id}")

@@ -7,6 +7,8 @@ from fastapi.responses import RedirectResponse
 
 from app import auth
 from app.admin.pages import LOGIN_PATH, page_router, render
+from app.api.deps import RuntimeDep
+from app.runtime import Runtime
 
 router = page_router(gated=False)
 
@@ -22,16 +24,16 @@ def _form(request: Request, next_: str, error: str | None = None, status_code: i
     return render(request, "login.html", status_code=status_code, next=next_, error=error)
 
 
-def _is_admin(request: Request) -> bool:
+def _is_admin(request: Request, runtime: Runtime) -> bool:
     try:
-        return auth.authenticate(request).role == "admin"
+        return auth.authenticate(request, runtime).role == "admin"
     except HTTPException:
         return False
 
 
 @router.get("/login")
-def login_form(request: Request, next_: Annotated[str | None, Query(alias="next")] = None):
-    if _is_admin(request):  # already in (or open mode): nothing to log in to
+def login_form(request: Request, runtime: RuntimeDep, next_: Annotated[str | None, Query(alias="next")] = None):
+    if _is_admin(request, runtime):  # already in (or open mode): nothing to log in to
         return RedirectResponse(_safe_next(next_), status_code=303)
     return _form(request, _safe_next(next_))
 
@@ -39,6 +41,7 @@ def login_form(request: Request, next_: Annotated[str | None, Query(alias="next"
 @router.post("/login")
 def login(
     request: Request,
+    runtime: RuntimeDep,
     api_key: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
     next_: Annotated[str, Form(alias="next")] = "",
@@ -53,7 +56,7 @@ def login(
         return response
     if not auth.valid_csrf(request, csrf_token):
         return _form(request, target, "This form expired. Please try again.", 403)
-    with request.app.state.runtime.sessions() as session:
+    with runtime.sessions() as session:
         key = auth.find_key(session, api_key.strip())
         if key is None:
             throttle.failed(client, peer)
@@ -69,11 +72,11 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, csrf_token: Annotated[str, Form()] = ""):
+def logout(request: Request, runtime: RuntimeDep, csrf_token: Annotated[str, Form()] = ""):
     if auth.valid_csrf(request, csrf_token):  # another site must not be able to log you out
         token = request.session.get(auth.SESSION_TOKEN)
         if isinstance(token, str):  # ended on the server too: a copy of the cookie logs nobody in
-            with request.app.state.runtime.sessions() as session:
+            with runtime.sessions() as session:
                 auth.end_admin_session(session, token)
         request.session.clear()
     return RedirectResponse(LOGIN_PATH, status_code=303)

@@ -6,6 +6,7 @@ from fastapi import Request
 
 from app import jobs, registry
 from app.admin.pages import page_router, render
+from app.api.deps import RuntimeDep, SessionDep
 from app.engine.loader import BaseModel
 
 router = page_router()
@@ -24,13 +25,11 @@ def memory_stats(base: BaseModel) -> dict[str, int | None]:
 
 
 @router.get("")
-def overview(request: Request):
-    runtime = request.app.state.runtime
-    with runtime.sessions() as session:
-        adapters_by_source = registry.count_by_source(session)
-        jobs_by_status = jobs.count_by_status(session)
-        recent_adapters, _ = registry.list_adapters(session, limit=RECENT)
-        recent_jobs, _ = jobs.list_jobs(session, limit=RECENT)
+def overview(request: Request, runtime: RuntimeDep, session: SessionDep):
+    adapters_by_source = registry.count_by_source(session)
+    jobs_by_status = jobs.count_by_status(session)
+    recent_adapters, _ = registry.list_adapters(session, limit=RECENT)
+    recent_jobs, _ = jobs.list_jobs(session, limit=RECENT)
     return render(
         request, "overview.html", nav="overview",
         base=runtime.base, memory=memory_stats(runtime.base),

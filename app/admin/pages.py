@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from app import auth
 from app.admin import formatting
 from app.admin.paging import PER_PAGE_CHOICES, page_url
+from app.api.deps import RuntimeDep
 
 APP_DIR = Path(__file__).resolve().parent.parent
 STATIC_DIR = APP_DIR / "static"
@@ -84,11 +85,11 @@ def login_redirect(request: Request) -> RedirectResponse:
     return RedirectResponse(f"{LOGIN_PATH}?{urlencode({'next': target})}", status_code=303)
 
 
-def admin_gate(request: Request) -> None:
+def admin_gate(request: Request, runtime: RuntimeDep) -> None:
     """In front of every admin page but the login form: not logged in -> the login form (pages are
     GET, so 401 is the only refusal authenticate can give); not admin -> 403."""
     try:
-        caller = auth.authenticate(request)
+        caller = auth.authenticate(request, runtime)
     except HTTPException:
         raise PageExit(login_redirect(request)) from None
     if caller.role != "admin":

@@ -6,6 +6,7 @@ from fastapi import Query, Request
 
 from app import registry
 from app.admin.pages import page_router, render
+from app.api.deps import SessionDep, SettingsDep
 from app.schemas import NoNul
 
 router = page_router()
@@ -14,12 +15,11 @@ PICKER_SIZE = 100
 
 
 @router.get("/playground")
-def playground(request: Request, adapter: Annotated[str | None, Query(max_length=64), NoNul] = None):
-    with request.app.state.runtime.sessions() as session:
-        choices, total = registry.list_adapters(session, limit=PICKER_SIZE)
-        chosen = registry.get_adapter(session, adapter) if adapter else None
+def playground(request: Request, session: SessionDep, settings: SettingsDep,
+               adapter: Annotated[str | None, Query(max_length=64), NoNul] = None):
+    choices, total = registry.list_adapters(session, limit=PICKER_SIZE)
+    chosen = registry.get_adapter(session, adapter) if adapter else None
     if chosen is not None and chosen.id not in {a.id for a in choices}:
         choices = [chosen, *choices]  # linked from an adapter's page: offer it even when it is old
     return render(request, "playground.html", nav="playground", adapters=choices, total=total,
-                  chosen=chosen,
-                  max_new_tokens_limit=request.app.state.runtime.settings.max_new_tokens_limit)
+                  chosen=chosen, max_new_tokens_limit=settings.max_new_tokens_limit)

@@ -1,4 +1,5 @@
-"""Shared FastAPI dependencies."""
+"""Shared FastAPI dependencies. The one place that reads the node's Runtime off the app (app.main
+sets it): routes, admin pages and authentication take it, or what they need of it, from here."""
 
 from collections.abc import Iterator
 from typing import Annotated
@@ -6,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.runtime import Runtime
 
 
@@ -22,6 +24,13 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_node_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_node_settings)]
 
 
 AdapterId = Annotated[str, Path(description="Adapter id", examples=["3f9a1c2b7d4e"])]
