@@ -1,6 +1,7 @@
 """The composition root: what one node holds (settings, the resident model, the registry's
 sessions, storage, the adapter cache and its resolver, the engine that owns the model, job
-upkeep), wired together once per process by `running`, which also runs the job reaper's loop."""
+upkeep), wired together by Runtime.build, once per process, in `running`, which also runs the
+job reaper's loop. The services themselves live in their own modules; this one only connects them."""
 
 import asyncio
 import gc
