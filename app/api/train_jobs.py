@@ -1,7 +1,7 @@
 """Training jobs: upload a dataset to start one, watch it, read its events, cancel it."""
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, Field
@@ -13,6 +13,7 @@ from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.config import Settings
 from app.db import MAX_INTEGER, MAX_OFFSET
+from app.job_status import TERMINAL, JobStatus
 from app.models import TrainJob, new_id
 from app.runtime import Runtime
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
@@ -134,7 +135,7 @@ def _store_and_queue(runtime: Runtime, name: str | None, config: TrainConfig, tr
 @router.get("", response_model=TrainJobPage)
 def list_train_jobs(
     session: SessionDep,
-    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TrainJobPage:
@@ -175,7 +176,7 @@ def get_train_job_events(
 def cancel_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
     """A queued job is cancelled at once; a running one stops within a few steps."""
     job = _get_or_404(session, job_id)
-    if job.status in jobs.TERMINAL:
+    if job.status in TERMINAL:
         raise HTTPException(409, detail=f"job {job_id} has already {job.status}")
     jobs.cancel(session, job_id)
     session.expire_all()
