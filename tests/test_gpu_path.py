@@ -37,7 +37,7 @@ from tests.conftest import (
 )
 from tests.test_architectures import EXAMPLES, FAMILIES, TEMPLATE
 from tests.worker.test_runner import queue_job
-from worker.runner import run_job
+from worker.job_runner import run_job
 from worker.training import Hooks, train_prompt
 
 HALF = ["bfloat16", "float16"]

@@ -20,7 +20,7 @@ from app.train_config import TrainConfig
 from tests.conftest import LiveServer, make_settings, random_soft_prompt
 from tests.worker.test_end_to_end import sst2_slice
 from tests.worker.test_node_lifetime import wait_until
-from worker import consumer, runner
+from worker import consumer, job_runner
 from worker.consumer import training_consumer
 from worker.training import Hooks, MicroBatches, train_prompt
 
@@ -189,7 +189,7 @@ def test_a_node_trains_on_the_model_it_serves_with(node, tiny_base, monkeypatch)
 
     run_job = consumer.run_job
     monkeypatch.setattr(consumer, "run_job", spy)
-    monkeypatch.setattr(runner, "train_prompt", counting_train_prompt)
+    monkeypatch.setattr(job_runner, "train_prompt", counting_train_prompt)
     url = node.url
     job_id = httpx.post(f"{url}/train-jobs", files={"file": ("t.jsonl", sst2_slice("train", 40))},
                         data={"max_steps": "6", "eval_every": "3", "num_virtual_tokens": "4"}).json()["id"]
