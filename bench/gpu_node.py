@@ -136,7 +136,7 @@ async def serve_and_train(base, train_steps: int) -> dict:
     settings = Settings()  # the server's defaults: the memory plan sizes the pool
     requests, examples, config = requests_and_job(base)
     engine = Engine(lambda: planned_core(base, settings, serves=True, trains=True), settings.max_queue_size,
-                    1 << 30, train_step_budget_s=settings.train_step_budget_ms / 1000)
+                    1 << 30, train_step_budget_s=settings.train_step_budget_s)
     engine.start()
     errors: list[str] = []
     try:
