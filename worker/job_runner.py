@@ -24,7 +24,7 @@ from app.storage import TRAIN_STATES, Storage, adapter_key, make_storage, train_
 from app.train_config import TrainConfig
 from worker import train_state
 from worker.train_state import TrainState
-from worker.training import Hooks, TrainResult, train_prompt
+from worker.training import Hooks, TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
             if resume is not None:
                 with sessions() as session:
                     jobs.note(session, job_id, token, f"going on from step {resume.step}, as saved at its evaluation")
-            result = train_prompt(
+            result = train_adapter(
                 base, config, from_jsonl(dataset["train.jsonl"]),
                 from_jsonl(validation) if validation is not None else None,
                 Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop, on_state=on_state), device,
@@ -164,7 +164,7 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     # The adapter's files are stored with its row, and the row is committed with the job's
     # success, by this run only, or not at all.
     adapter, files = registry.new_adapter(
-        name=name, prompt_embeddings=result.prompt_embeddings, base_fingerprint=base.fingerprint,
+        name=name, prompt_embeddings=result.learned.peft_tensor(), base_fingerprint=base.fingerprint,
         base_model_name=base.name, source="trained", metrics=_metrics(result), template=params.get("template"),
         original_files=_prefix_files(config, result, base),
     )
@@ -214,7 +214,7 @@ def _prefix_files(config: TrainConfig, result: TrainResult, base: BaseModel) -> 
     if config.method != "prefix_tuning":
         return None
     return adapter_files.encode_prefix_adapter(
-        result.prompt_embeddings, base.kv_shape, base.fingerprint, base.name,
+        result.learned.peft_tensor(), base.kv_shape, base.fingerprint, base.name,
         encoder_hidden_size=base.hidden_size if config.prefix_projection else None)
 
 
