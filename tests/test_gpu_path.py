@@ -36,7 +36,7 @@ from tests.conftest import (
     random_soft_prompt,
 )
 from tests.test_architectures import EXAMPLES, FAMILIES, TEMPLATE
-from tests.worker.test_runner import queue_job
+from tests.worker.test_job_runner import queue_job
 from worker.job_runner import run_job
 from worker.training import Hooks, train_adapter
 

@@ -3,8 +3,9 @@
 The base model stays frozen; only the virtual tokens learn (`VirtualTokens`, which carries the
 job's PEFT method): a soft prompt `[num_virtual_tokens, hidden]` (prompt tuning), or every layer's
 keys and values at positions 0..n-1 (prefix tuning), learned directly or through PEFT's
-reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are computed only at the positions that predict
-them: with a 262k vocabulary, full logits would dominate memory.
+reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are
+computed only at the positions that predict them: with a 262k vocabulary, full logits would
+dominate memory.
 
 Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
 node that serves, the engine runs it on its own thread between serving steps, and the model is

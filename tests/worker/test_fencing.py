@@ -20,7 +20,7 @@ from app.engine.device import InlineDevice
 from app.models import utcnow
 from app.storage import ADAPTERS, adapter_key, make_storage
 from tests.conftest import REPO, make_settings, random_soft_prompt
-from tests.worker.test_runner import queue_job
+from tests.worker.test_job_runner import queue_job
 from worker.job_runner import run_job
 
 # Runner A in its own process: it claims the job, then freezes (SIGSTOP) before training.

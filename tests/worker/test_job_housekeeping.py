@@ -9,7 +9,7 @@ from app.db import make_engine, make_session_factory
 from app.storage import DATASETS
 from tests.api.test_train_jobs_api import GOOD
 from tests.conftest import make_settings
-from tests.worker.test_runner import queue_job, replace_dataset
+from tests.worker.test_job_runner import queue_job, replace_dataset
 from worker.job_runner import run_job
 
 
