@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(6 * 3600, ge=60)
     # Training shares the node's model with serving: the longest it may hold the model while a
     # request waits (one stretch between its pause points; micro-batches shrink to fit).
-    train_step_budget_ms: float = Field(250.0, gt=0)
+    train_step_budget_s: float = Field(0.25, gt=0)
 
     # Operations: "json" makes every log line a JSON object (requests with id, route, status, timings).
     log_format: Literal["text", "json"] = "text"

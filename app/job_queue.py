@@ -3,7 +3,7 @@ the Celery app's settings and the task's name. In the core, so the API never imp
 
 One task at a time per node: its consumer (worker.consumer) runs the solo pool, with prefetch 1,
 late acks (a task whose node dies is delivered again) and JSON only. Celery's time limits need
-the prefork pool, so a run enforces JOB_TIME_LIMIT_S itself (worker.runner); the broker's
+the prefork pool, so a run enforces JOB_TIME_LIMIT_S itself (worker.job_runner); the broker's
 visibility timeout outlasts it, so a running task is never handed out twice.
 """
 

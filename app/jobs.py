@@ -20,10 +20,10 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import get_by_id, paginate
+from app.job_status import TERMINAL, JobStatus
 from app.models import Adapter, JobEvent, TrainJob, utcnow
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", *TERMINAL)
+STATUSES = tuple(JobStatus)
 ERROR_MESSAGE_MAX = TrainJob.__table__.c.error_message.type.length
 
 
@@ -60,7 +60,7 @@ live_runs = LiveRuns()  # one per process: every run in it, whichever node objec
 
 def create_job(session: Session, *, job_id: str, name: str, params: dict, dataset_path: str,
                train_examples: int, validation_examples: int) -> TrainJob:
-    job = TrainJob(id=job_id, name=name, params=params, dataset_path=dataset_path, status="queued",
+    job = TrainJob(id=job_id, name=name, params=params, dataset_path=dataset_path, status=JobStatus.QUEUED,
                    train_examples=train_examples, validation_examples=validation_examples)
     session.add(job)
     session.flush()  # the job row first: events reference it
@@ -73,7 +73,7 @@ def get_job(session: Session, job_id: str) -> TrainJob | None:
     return get_by_id(session, TrainJob, job_id)
 
 
-def list_jobs(session: Session, *, status: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[TrainJob], int]:
+def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int = 20, offset: int = 0) -> tuple[list[TrainJob], int]:
     query = select(TrainJob)
     if status:
         query = query.where(TrainJob.status == status)
@@ -94,7 +94,7 @@ def list_events(session: Session, job_id: str, *, after_id: int = 0, limit: int 
     return list(session.scalars(query))
 
 
-def _transition(session: Session, job_id: str, expected: str, **values) -> bool:
+def _transition(session: Session, job_id: str, expected: JobStatus, **values) -> bool:
     result = session.execute(
         update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == expected).values(**values)
     )
@@ -109,8 +109,8 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
     """queued -> running as a new run. Returns the run's token, or None when someone else has
     the job, or it was cancelled or finished."""
     now, token = utcnow(), secrets.token_hex(16)
-    won = _transition(session, job_id, "queued", status="running", run_token=token, worker=worker, started_at=now,
-                      heartbeat_at=now, attempts=TrainJob.attempts + 1)
+    won = _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.RUNNING, run_token=token, worker=worker,
+                      started_at=now, heartbeat_at=now, attempts=TrainJob.attempts + 1)
     if won:
         add_event(session, job_id, "message", message=f"started on {worker}")
     session.commit()
@@ -120,7 +120,7 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
 def _update_run(session: Session, job_id: str, token: str, **values) -> None:
     """Update the job only while this run holds it; otherwise roll back and raise StaleRun."""
     held = session.execute(update(TrainJob).where(
-        TrainJob.id == job_id, TrainJob.run_token == token, TrainJob.status == "running").values(**values))
+        TrainJob.id == job_id, TrainJob.run_token == token, TrainJob.status == JobStatus.RUNNING).values(**values))
     if held.rowcount != 1:
         session.rollback()
         raise StaleRun(job_id)
@@ -169,14 +169,15 @@ def storable(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
     return message[:head] + marker + message[len(message) - (limit - len(marker) - head):]
 
 
-def finish(session: Session, job_id: str, token: str, status: str, *, message: str, adapter: Adapter | None = None,
-           error_code: str | None = None, eval_loss: float | None = None, eval_accuracy: float | None = None) -> bool:
+def finish(session: Session, job_id: str, token: str, status: JobStatus, *, message: str,
+           adapter: Adapter | None = None, error_code: str | None = None, eval_loss: float | None = None,
+           eval_accuracy: float | None = None) -> bool:
     """The run's end: running -> succeeded | failed | cancelled, with the adapter it made registered
     in the same transaction (its files stored in it too, or written before it: app.storage). False, and nothing written, when
     the run no longer holds the job."""
     message = storable(message)
     values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None,
-                  error_code=error_code, error_message=message if status == "failed" else None)
+                  error_code=error_code, error_message=message if status == JobStatus.FAILED else None)
     if eval_loss is not None:  # the kept (best) prompt's figures, not the last evaluation's
         values |= dict(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
     try:
@@ -194,7 +195,7 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     """The run gives its job back unfinished (its node is stopping): queued again at once, with no
     attempt spent and no message in the broker yet (`unsent` lists it). False if the run no longer held it."""
     try:
-        _update_run(session, job_id, token, status="queued", worker=None, run_token=None, sent_at=None,
+        _update_run(session, job_id, token, status=JobStatus.QUEUED, worker=None, run_token=None, sent_at=None,
                     attempts=TrainJob.attempts - 1)
     except StaleRun:
         return False
@@ -203,23 +204,24 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     return True
 
 
-def cancel(session: Session, job_id: str) -> str:
-    """Cancel at once if queued; ask a running job to stop. Returns the resulting status."""
-    if _transition(session, job_id, "queued", status="cancelled", finished_at=utcnow()):
+def cancel(session: Session, job_id: str) -> JobStatus | None:
+    """Cancel at once if queued; ask a running job to stop. Returns the resulting status (None: no such job)."""
+    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()):
         add_event(session, job_id, "message", message="cancelled before it started")
         session.commit()
-        return "cancelled"
-    if session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == "running")
+        return JobStatus.CANCELLED
+    if session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING)
                        .values(cancel_requested=True)).rowcount:
         add_event(session, job_id, "message", message="cancel requested")
     session.commit()
-    return session.scalar(select(TrainJob.status).where(TrainJob.id == job_id))
+    status = session.scalar(select(TrainJob.status).where(TrainJob.id == job_id))
+    return JobStatus(status) if status else None
 
 
 def _reap(session: Session, job_id: str, cutoff: datetime, **values) -> bool:
     """Change a stale running job, unless its run has beaten its heartbeat since it was found stale."""
     result = session.execute(update(TrainJob).where(
-        TrainJob.id == job_id, TrainJob.status == "running", TrainJob.heartbeat_at < cutoff).values(**values))
+        TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING, TrainJob.heartbeat_at < cutoff).values(**values))
     return result.rowcount == 1
 
 
@@ -232,19 +234,19 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
     cutoff: datetime = utcnow() - stale_after
     # In id order, so reapers running at once on several nodes lock rows in the same order (no deadlock).
     stale = session.execute(select(TrainJob.id, TrainJob.worker, TrainJob.attempts, TrainJob.cancel_requested)
-                            .where(TrainJob.status == "running", TrainJob.heartbeat_at < cutoff,
+                            .where(TrainJob.status == JobStatus.RUNNING, TrainJob.heartbeat_at < cutoff,
                                    TrainJob.id.not_in(list(alive)))
                             .order_by(TrainJob.id)).all()
     requeued = []
     for job_id, worker, attempts, cancel_requested in stale:
         if attempts < max_attempts and not cancel_requested:
-            if _reap(session, job_id, cutoff, status="queued", worker=None, sent_at=None):
+            if _reap(session, job_id, cutoff, status=JobStatus.QUEUED, worker=None, sent_at=None):
                 add_event(session, job_id, "message", message=f"worker {worker} stopped responding; retrying")
                 requeued.append(job_id)
         else:
             reason = "cancelled; its worker stopped responding" if cancel_requested else (
                 f"worker {worker} stopped responding (attempt {attempts} of {max_attempts})")
-            status = "cancelled" if cancel_requested else "failed"
+            status = JobStatus.CANCELLED if cancel_requested else JobStatus.FAILED
             if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(),
                      error_code=None if cancel_requested else "worker_lost",
                      error_message=None if cancel_requested else reason):
@@ -255,7 +257,8 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
 
 def mark_sent(session: Session, job_id: str) -> None:
     """The job's message reached the broker."""
-    session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == "queued").values(sent_at=utcnow()))
+    session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.QUEUED)
+                    .values(sent_at=utcnow()))
     session.commit()
 
 
@@ -267,7 +270,8 @@ def unsent(session: Session, *, unsent_after: timedelta, resend_after: timedelta
     harmless: only one delivery can claim the job."""
     now = utcnow()
     never_sent = and_(TrainJob.sent_at.is_(None), TrainJob.created_at < now - unsent_after)
-    query = select(TrainJob.id).where(TrainJob.status == "queued", or_(never_sent, TrainJob.sent_at < now - resend_after))
+    query = select(TrainJob.id).where(TrainJob.status == JobStatus.QUEUED,
+                                      or_(never_sent, TrainJob.sent_at < now - resend_after))
     return list(session.scalars(query.order_by(TrainJob.created_at)))
 
 
@@ -281,4 +285,4 @@ def ended_jobs(session: Session, job_ids: Collection[str]) -> set[str]:
     """Those of these jobs that have ended, or are not in the registry at all."""
     ids = list(job_ids)
     known = dict(session.execute(select(TrainJob.id, TrainJob.status).where(TrainJob.id.in_(ids))).all())
-    return {job_id for job_id in ids if known.get(job_id, "failed") in TERMINAL}
+    return {job_id for job_id in ids if known.get(job_id, JobStatus.FAILED) in TERMINAL}

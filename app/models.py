@@ -8,6 +8,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, 
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
+from app.job_status import JobStatus
 
 
 def new_id() -> str:
@@ -51,7 +52,7 @@ class TrainJob(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)  # a JobStatus
     params: Mapped[dict] = mapped_column(JSON)  # validated hyperparameters and template
     dataset_path: Mapped[str] = mapped_column(String(500))  # its storage key (app.storage), server-made
     train_examples: Mapped[int] = mapped_column(Integer)

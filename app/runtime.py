@@ -71,7 +71,7 @@ class Runtime:
                 max_queue_size=settings.max_queue_size,
                 max_queued_tokens=settings.max_queued_tokens,
                 threads=settings.engine_threads,
-                train_step_budget_s=settings.train_step_budget_ms / 1000,
+                train_step_budget_s=settings.train_step_budget_s,
                 serves=serves,
             ),
         )

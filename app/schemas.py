@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from app.job_status import JobStatus
+
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -136,7 +138,7 @@ class TrainJobOut(BaseModel):
 
     id: str
     name: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: Progress
     train_loss: float | None
     eval_loss: float | None

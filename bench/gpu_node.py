@@ -131,12 +131,12 @@ async def serve_and_train(base, train_steps: int) -> dict:
     from app.config import Settings
     from app.engine.engine import Engine
     from app.runtime import planned_core
-    from worker.training import train_prompt
+    from worker.training import train_adapter
 
     settings = Settings()  # the server's defaults: the memory plan sizes the pool
     requests, examples, config = requests_and_job(base)
     engine = Engine(lambda: planned_core(base, settings, serves=True, trains=True), settings.max_queue_size,
-                    1 << 30, train_step_budget_s=settings.train_step_budget_ms / 1000)
+                    1 << 30, train_step_budget_s=settings.train_step_budget_s)
     engine.start()
     errors: list[str] = []
     try:
@@ -150,7 +150,7 @@ async def serve_and_train(base, train_steps: int) -> dict:
 
         def train() -> None:
             try:
-                outcome.append(train_prompt(base, config(train_steps), examples, None, device=engine))
+                outcome.append(train_adapter(base, config(train_steps), examples, None, device=engine))
             except Exception as exc:  # reported, not raised: the figure says what failed
                 errors.append(f"training: {type(exc).__name__}: {exc}")
 

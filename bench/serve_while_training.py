@@ -61,14 +61,14 @@ def run_bare_loop(steps: int) -> None:
     from app.datasets import read_jsonl
     from app.engine.loader import load_base_model
     from app.train_config import TrainConfig
-    from worker.training import Hooks, train_prompt
+    from worker.training import Hooks, train_adapter
 
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
                            settings.llm_int8_threshold, settings.int8_packed_weights)
     times: list[float] = []
     config = TrainConfig(template=TEMPLATE, max_steps=steps + 1, eval_every=1_000_000)
-    train_prompt(base, config, read_jsonl(SAMPLE), None, Hooks(on_step=lambda *_: times.append(time.perf_counter())))
+    train_adapter(base, config, read_jsonl(SAMPLE), None, Hooks(on_step=lambda *_: times.append(time.perf_counter())))
     # From the end of the first step (its one-off costs excluded) to the end of the last one.
     print(json.dumps({"steps_per_min": round((len(times) - 1) / (times[-1] - times[0]) * 60, 2)}))
 

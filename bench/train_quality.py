@@ -26,7 +26,7 @@ from worker.training import (
     Hooks,
     exact_match_accuracy,
     label_choice_accuracy,
-    train_prompt,
+    train_adapter,
 )
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TEMPLATES), required=True)
     parser.add_argument("--method", choices=["prompt_tuning", "prefix_tuning", "both"], default="prompt_tuning")
     parser.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
-    parser.add_argument("--lr-schedule", choices=get_args(Schedule), default=TrainConfig.lr_schedule,
+    parser.add_argument("--lr-schedule", choices=get_args(Schedule), default=TrainConfig.model_fields["lr_schedule"].default,
                         help="linear: the rate falls to zero by the end of the time budget")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget per method")
     parser.add_argument("--eval-file", type=Path, help="JSONL to evaluate on (default: the task's validation file)")
@@ -54,7 +54,7 @@ def main() -> None:
     settings = Settings()
     base = load_base_model(settings.base_model, settings.model_cache_dir, settings.quantization, settings.device,
                            settings.llm_int8_threshold, settings.int8_packed_weights)
-    template, max_length = TEMPLATES[args.task], TrainConfig.max_length
+    template, max_length = TEMPLATES[args.task], TrainConfig.model_fields["max_length"].default
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -75,15 +75,15 @@ def main() -> None:
                 f"step {step} epoch {epoch:.2f} loss {loss:.3f} ({time.perf_counter() - started:.0f}s)"),
             on_eval=lambda step, loss, accuracy: log(f"  eval at step {step}: loss {loss:.3f} accuracy {accuracy:.3f}"),
         )
-        result = train_prompt(base, config, train, None, hooks)
+        result = train_adapter(base, config, train, None, hooks)
         minutes = (time.perf_counter() - started) / 60
         log(f"trained {result.steps} steps in {minutes:.1f} min (best at step {result.best_step}); evaluating...")
-        tuned = exact_match_accuracy(base, result.prompt, evaluation, template, max_length)
+        tuned = exact_match_accuracy(base, result.learned, evaluation, template, max_length)
         log(f"{method}: tuned exact match {tuned:.3f}")
         return {
             # the adapter's free greedy generation must equal the label exactly (the stricter test)
             "tuned_accuracy": round(tuned, 4),
-            "tuned_label_choice_accuracy": round(label_choice_accuracy(base, result.prompt, evaluation, template,
+            "tuned_label_choice_accuracy": round(label_choice_accuracy(base, result.learned, evaluation, template,
                                                                        max_length), 4),
             "train_examples": result.train_examples, "steps": result.steps,
             "minutes": round(minutes, 2), "best_step": result.best_step, "stopped_early": result.stopped_early,

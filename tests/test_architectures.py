@@ -42,7 +42,8 @@ from tests.test_peft_interop import (
     download,
     upload_peft_folder,
 )
-from worker.training import batch_loss, encode_example, init_prompt, train_prompt
+from tests.worker.test_training import batch_loss
+from worker.training import VirtualTokens, encode_example, init_prompt, train_adapter
 
 SPECIAL = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 LAYERS = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 1024}
@@ -115,9 +116,9 @@ def test_training_loss_is_the_masked_cross_entropy_and_a_step_lowers_it(family):
     assert pairs[0][1][-1] == base.tokenizer.eos_token_id  # models without a pad token end targets too
     start = init_prompt(base, config, EXAMPLES)
     with torch.no_grad():
-        before = batch_loss(base, start, pairs)
+        before = batch_loss(base, VirtualTokens("prompt_tuning", start), pairs)
         torch.testing.assert_close(before, masked_cross_entropy(base, start, pairs), **FP32)
-    trained = train_prompt(base, config, EXAMPLES, validation=EXAMPLES).prompt_embeddings
+    trained = train_adapter(base, config, EXAMPLES, validation=EXAMPLES).learned
     with torch.no_grad():
         assert batch_loss(base, trained, pairs) < before
 

@@ -36,9 +36,9 @@ from tests.conftest import (
     random_soft_prompt,
 )
 from tests.test_architectures import EXAMPLES, FAMILIES, TEMPLATE
-from tests.worker.test_runner import queue_job
-from worker.runner import run_job
-from worker.training import Hooks, train_prompt
+from tests.worker.test_job_runner import queue_job
+from worker.job_runner import run_job
+from worker.training import Hooks, train_adapter
 
 HALF = ["bfloat16", "float16"]
 DEVICE = os.environ.get("DEVICE") or "cpu"
@@ -118,11 +118,11 @@ def test_every_architecture_trains_in_half_precision_without_a_dtype_error(famil
     # float16's first steps may be skipped while the loss scale comes down to where gradients fit.
     config = TrainConfig(method=method, num_virtual_tokens=4, max_steps=6, eval_every=6, batch_size=len(EXAMPLES),
                          learning_rate=0.05, template=TEMPLATE, init="random")
-    start = train_prompt(base, TrainConfig(**config.to_dict() | {"max_steps": 0, "eval_every": 1}), EXAMPLES,
-                         validation=EXAMPLES).prompt
-    result = train_prompt(base, config, EXAMPLES, validation=EXAMPLES)
-    assert result.steps == 6 and result.prompt.dtype == torch.float32  # trained in float32, whatever the model's dtype
-    assert torch.isfinite(result.prompt).all() and not torch.equal(result.prompt, start)
+    start = train_adapter(base, config.model_copy(update={"max_steps": 0, "eval_every": 1}), EXAMPLES,
+                          validation=EXAMPLES).learned.values
+    result = train_adapter(base, config, EXAMPLES, validation=EXAMPLES)
+    assert result.steps == 6 and result.learned.values.dtype == torch.float32  # trained in float32, whatever the model's dtype
+    assert torch.isfinite(result.learned.values).all() and not torch.equal(result.learned.values, start)
 
 
 @pytest.mark.real_model
@@ -160,7 +160,7 @@ def test_training_on_the_gpu_path_lowers_the_eval_loss(tmp_path, dtype):
                 for i in range(24)]
     evals = []
     config = TrainConfig(num_virtual_tokens=4, max_steps=30, eval_every=10, batch_size=8, template="{input} =>")
-    train_prompt(base, config, examples, examples[:8], Hooks(on_eval=lambda step, loss, accuracy: evals.append(loss)))
+    train_adapter(base, config, examples, examples[:8], Hooks(on_eval=lambda step, loss, accuracy: evals.append(loss)))
     assert len(evals) == 3 and evals[-1] < evals[0]
 
 

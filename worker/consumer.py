@@ -17,7 +17,7 @@ from celery.worker import state as worker_state
 
 from app.job_queue import TRAIN_TASK
 from app.runtime import Runtime
-from worker.runner import run_job
+from worker.job_runner import RunOutcome, run_job
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,18 @@ class TrainingConsumer:
         )
         self._thread = threading.Thread(target=self._worker.start, name="training-consumer", daemon=True)
 
-    def train(self, job_id: str) -> str:
+    def train(self, job_id: str) -> RunOutcome:
         runtime, started = self.runtime, time.perf_counter()
-        status = run_job(job_id, settings=runtime.settings, sessions=runtime.sessions, base=runtime.base,
-                         device=runtime.engine, node_stopping=self.stopping)
-        if status in ("succeeded", "failed", "cancelled"):
-            runtime.metrics.job_duration.labels(status).observe(time.perf_counter() - started)
-        if status == "released":
+        outcome = run_job(job_id, settings=runtime.settings, sessions=runtime.sessions, base=runtime.base,
+                          device=runtime.engine, node_stopping=self.stopping)
+        if outcome.ended_job:
+            runtime.metrics.job_duration.labels(outcome).observe(time.perf_counter() - started)
+        if outcome == RunOutcome.RELEASED:
             try:  # so that another node takes it now, not at the next reaper pass
                 runtime.enqueue_training(job_id)
             except Exception:
                 log.exception("job %s: could not send it again; the reaper will", job_id)
-        return status
+        return outcome
 
     def start(self) -> None:
         self._thread.start()

@@ -1,9 +1,11 @@
 """The prompt- and prefix-tuning loop: pure torch/transformers, no Celery, no database.
 
-The base model stays frozen; only the prompt learns: a soft prompt `[num_virtual_tokens, hidden]`
-(prompt tuning), or every layer's keys and values at positions 0..n-1 (prefix tuning), learned
-directly or through PEFT's reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are computed only at the positions that predict
-them: with a 262k vocabulary, full logits would dominate memory.
+The base model stays frozen; only the virtual tokens learn (`VirtualTokens`, which carries the
+job's PEFT method): a soft prompt `[num_virtual_tokens, hidden]` (prompt tuning), or every layer's
+keys and values at positions 0..n-1 (prefix tuning), learned directly or through PEFT's
+reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are
+computed only at the positions that predict them: with a 262k vocabulary, full logits would
+dominate memory.
 
 Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
 node that serves, the engine runs it on its own thread between serving steps, and the model is
@@ -31,7 +33,7 @@ from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
 from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
 from app.engine.requests import GenerationRequest, SoftPrompt
-from app.train_config import CHECKPOINT_MIN_TOKENS, TrainConfig
+from app.train_config import CHECKPOINT_MIN_TOKENS, Method, TrainConfig
 from worker.model_view import pause_in_backward, training_view
 from worker.train_state import TrainState, shuffler_from
 
@@ -41,9 +43,36 @@ Batch = list[tuple[list[int], list[int]]]
 MAX_EVAL_EXAMPLES = 200
 
 
+@dataclass(frozen=True)
+class VirtualTokens:
+    """What a job learns, as the model sees it, with the PEFT method that says how to read it:
+    input embeddings [n, hidden] (prompt_tuning) or every layer's keys and values
+    [layers, 2, n, kv_heads, head_dim] (prefix_tuning)."""
+
+    method: Method
+    values: torch.Tensor
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.method == "prefix_tuning"
+
+    def __len__(self) -> int:
+        return self.values.shape[2 if self.is_prefix else 0]
+
+    def peft_tensor(self) -> torch.Tensor:
+        """As PEFT saves it and softserve serves it: a prefix flattened to [n, layers * 2 * kv_heads * head_dim]."""
+        return to_flat(self.values) if self.is_prefix else self.values
+
+    def detached(self) -> "VirtualTokens":
+        return VirtualTokens(self.method, self.values.detach().clone())
+
+    def to(self, *args) -> "VirtualTokens":
+        return VirtualTokens(self.method, self.values.to(*args))
+
+
 @dataclass
 class TrainResult:
-    prompt: torch.Tensor  # as the model sees it: [n, hidden], or a prefix [layers, 2, n, kv_heads, head_dim]
+    learned: VirtualTokens  # the best evaluated, on the CPU
     steps: int
     best_step: int
     eval_loss: float | None
@@ -53,11 +82,6 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     cancelled: bool
-
-    @property
-    def prompt_embeddings(self) -> torch.Tensor:
-        """The prompt as PEFT saves it and softserve serves it (prefixes flattened)."""
-        return self.prompt if self.prompt.ndim == 2 else to_flat(self.prompt)
 
 
 @dataclass
@@ -139,7 +163,7 @@ def init_prefix(base: BaseModel, config: TrainConfig, examples: list[Example]) -
 
 
 class Trainable(torch.nn.Module):
-    """What a job learns; calling it gives the prompt the model sees: a soft prompt [n, hidden],
+    """What a job learns; calling it gives the virtual tokens the model sees: a soft prompt [n, hidden],
     or a prefix's keys and values [layers, 2, n, kv_heads, head_dim]. With prefix_projection it is
     PEFT's PrefixEncoder as it trains (an embedding [n, kv_heads * head_dim] through
     Linear-Tanh-Linear, hidden size wide); its output bias starts at the init's keys and values,
@@ -147,7 +171,7 @@ class Trainable(torch.nn.Module):
 
     def __init__(self, base: BaseModel, config: TrainConfig, examples: list[Example]):
         super().__init__()
-        self.shape, self.mlp = base.kv_shape, None
+        self.method, self.shape, self.mlp = config.method, base.kv_shape, None
         if config.method == "prompt_tuning":
             self.prompt = torch.nn.Parameter(init_prompt(base, config, examples))
             return
@@ -163,10 +187,9 @@ class Trainable(torch.nn.Module):
             with torch.no_grad():
                 self.mlp[2].bias.copy_(to_flat(start).mean(0))
 
-    def forward(self) -> torch.Tensor:
-        if self.mlp is None:
-            return self.prompt
-        return from_flat(self.mlp(self.prompt), self.shape)
+    def forward(self) -> VirtualTokens:
+        values = self.prompt if self.mlp is None else from_flat(self.mlp(self.prompt), self.shape)
+        return VirtualTokens(self.method, values)
 
 
 def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -179,24 +202,24 @@ def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
+def target_losses(base: BaseModel, prompt: VirtualTokens | None, batch: Batch,
                   model: torch.nn.Module | None = None) -> torch.Tensor:
     """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row:
     a soft prompt [n, hidden] before its inputs, or a prefix [layers, 2, n, kv_heads, head_dim] as
     its past. `model`: the base model or a training view of it (the default: the model itself)."""
     embed = base.model.get_input_embeddings()
-    n_virtual = 0 if prompt is None else prompt.shape[0 if prompt.ndim == 2 else 2]
+    n_virtual = 0 if prompt is None else len(prompt)
     rows = [p + t for p, t in batch]
     width = max(len(r) for r in rows)
     pad = base.tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
     mask = torch.tensor([[1] * (n_virtual + len(r)) + [0] * (width - len(r)) for r in rows], device=base.device)
     inputs, past, n_inputs = embed(ids), None, 0  # n_inputs: soft-prompt positions in the inputs
-    if prompt is not None and prompt.ndim == 2:
-        soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
+    if prompt is not None and not prompt.is_prefix:
+        soft = prompt.values.to(base.embed_dtype).unsqueeze(0).expand(len(rows), -1, -1)
         inputs, n_inputs = torch.cat([soft, inputs], dim=1), n_virtual
     elif prompt is not None:
-        past = PrefixPast(prompt.to(base.embed_dtype), base.model.config, rows=len(rows))
+        past = PrefixPast(prompt.values.to(base.embed_dtype), base.model.config, rows=len(rows))
     # `base_model` is the body of any transformers causal LM (Llama's `model`, GPT-2's `transformer`,
     # GPT-NeoX's `gpt_neox`): its last hidden state is after the final norm, ready for the head.
     body = (model or base.model).base_model
@@ -217,13 +240,8 @@ def target_losses(base: BaseModel, prompt: torch.Tensor | None, batch: Batch,
     return F.cross_entropy(logits, torch.tensor(targets, device=base.device), reduction="none")
 
 
-def batch_loss(base: BaseModel, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens, with `prompt` prepended to every row."""
-    return target_losses(base, prompt, batch).mean()
-
-
 @torch.no_grad()
-def label_choice_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
+def label_choice_accuracy(base: BaseModel, prompt: VirtualTokens | None, examples: list[Example], template: str,
                           max_length: int, batch_size: int = 16) -> float:
     """Share of examples where the right output is the likeliest of the task's outputs: the model
     chooses among the labels instead of generating freely (a fair zero-shot baseline)."""
@@ -296,7 +314,7 @@ def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, r
 
 
 @torch.no_grad()
-def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples: list[Example], template: str,
+def exact_match_accuracy(base: BaseModel, prompt: VirtualTokens | None, examples: list[Example], template: str,
                          max_length: int, device: Device = InlineDevice()) -> float:
     """Share of examples whose greedy generation, up to a newline, equals the output. On a node that
     serves, the generation runs through the serving engine's queue and pool, as any client's."""
@@ -304,8 +322,8 @@ def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples:
     longest = max(len(t) for _, t in encoded)
     soft = None
     if prompt is not None:  # keyed by its content: no other prompt's cached prefix is ever read for it
-        values = prompt.to(base.device, base.embed_dtype)
-        soft = SoftPrompt(values) if values.ndim == 2 else SoftPrompt.prefix(values)
+        values = prompt.values.to(base.device, base.embed_dtype)
+        soft = SoftPrompt.prefix(values) if prompt.is_prefix else SoftPrompt(values)
     requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
     # Beside serving, each generation step is a work item of its own: keep them decode-sized.
     step_tokens = 512 if device.step_budget_s is None else 64
@@ -317,7 +335,7 @@ def exact_match_accuracy(base: BaseModel, prompt: torch.Tensor | None, examples:
     return correct / len(examples)
 
 
-def evaluate(base: BaseModel, prompt: torch.Tensor, examples: list[Example], config: TrainConfig,
+def evaluate(base: BaseModel, prompt: VirtualTokens, examples: list[Example], config: TrainConfig,
              device: Device = InlineDevice(), sizes: MicroBatches | None = None) -> tuple[float, float]:
     """(mean loss per target token, exact-match accuracy) on `examples`."""
     sizes = sizes or MicroBatches(device, config.batch_size)
@@ -366,11 +384,11 @@ def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
-def train_prompt(
+def train_adapter(
     base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
     hooks: Hooks | None = None, device: Device = InlineDevice(), resume: TrainState | None = None,
 ) -> TrainResult:
-    """Train a prompt for `config`, from the start or from a state saved by an earlier run of the
+    """Train a soft prompt or a prefix, as `config.method` says, from the start or from a state saved by an earlier run of the
     same job (`resume`), which then goes on exactly as the earlier run would have."""
     hooks = hooks or Hooks()
     started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
@@ -394,13 +412,13 @@ def train_prompt(
     if resume is None:
         order: list[int] = []
         best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
-        best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detach().clone()), 0, None, None
+        best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detached()), 0, None, None
         evals_without_gain, first_step = 0, 1
     else:
         device.run(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
         if resume.loss_scale:
             scaler.load_state_dict(resume.loss_scale)
-        order, best_prompt = list(resume.order), resume.best_prompt.to(base.device)
+        order, best_prompt = list(resume.order), VirtualTokens(config.method, resume.best_prompt.to(base.device))
         best_step, best_loss, best_accuracy = resume.best_step, resume.best_loss, resume.best_accuracy
         best = (best_accuracy, -best_loss)
         evals_without_gain, first_step = resume.evals_without_gain, resume.step + 1
@@ -409,7 +427,7 @@ def train_prompt(
         return TrainState(
             step=step, trainable={name: value.detach().cpu().clone() for name, value in trainable.state_dict().items()},
             optimizer=_snapshot(optimizer), loss_scale=scaler.state_dict(), order=list(order), shuffler=order_rng.getstate(),
-            best_prompt=best_prompt.cpu(), best_step=best_step, best_loss=best_loss, best_accuracy=best_accuracy,
+            best_prompt=best_prompt.values.cpu(), best_step=best_step, best_loss=best_loss, best_accuracy=best_accuracy,
             evals_without_gain=evals_without_gain, elapsed_s=time.perf_counter() - started)
 
     stopped_early, step = False, first_step - 1
@@ -436,7 +454,7 @@ def train_prompt(
             hooks.on_step(step, total, step * config.batch_size / len(encoded), loss_sum / targets)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s
             if step % config.eval_every == 0 or step == total or out_of_time:
-                prompt = device.run(lambda: trainable().detach().clone())
+                prompt = device.run(lambda: trainable().detached())
                 eval_loss, accuracy = evaluate(base, prompt, held_out, config, device, eval_sizes)
                 hooks.on_eval(step, eval_loss, accuracy)
                 if (accuracy, -eval_loss) > best:
@@ -453,7 +471,7 @@ def train_prompt(
             if out_of_time:
                 break
     except Cancelled:
-        return TrainResult(best_prompt.cpu(), step - 1, best_step, best_loss, best_accuracy, len(train),
+        return TrainResult(best_prompt.to("cpu"), step - 1, best_step, best_loss, best_accuracy, len(train),
                            len(held_out), time.perf_counter() - started, False, True)
-    return TrainResult(best_prompt.cpu(), step, best_step, best_loss, best_accuracy, len(train), len(held_out),
+    return TrainResult(best_prompt.to("cpu"), step, best_step, best_loss, best_accuracy, len(train), len(held_out),
                        time.perf_counter() - started, stopped_early, False)

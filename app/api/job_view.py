@@ -1,13 +1,14 @@
 """How a training job reads to clients, with its progress and estimated finish: the body of the
 /train-jobs routes, and what the admin pages show. Its own module, so neither router imports the other."""
 
+from app.job_status import JobStatus
 from app.models import TrainJob, utcnow
 from app.schemas import TrainJobOut
 
 
 def job_out(job: TrainJob) -> TrainJobOut:
     estimated = None
-    if job.status == "running" and job.step > 0 and job.started_at:
+    if job.status == JobStatus.RUNNING and job.step > 0 and job.started_at:
         elapsed = utcnow() - job.started_at
         estimated = job.started_at + elapsed * (job.total_steps / job.step)
     return TrainJobOut(

@@ -1,10 +1,10 @@
 """Training jobs: upload a dataset to start one, watch it, read its events, cancel it."""
 
 import asyncio
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from pydantic import BaseModel, Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
@@ -13,17 +13,12 @@ from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.config import Settings
 from app.db import MAX_INTEGER, MAX_OFFSET
+from app.job_status import TERMINAL, JobStatus
 from app.models import TrainJob, new_id
 from app.runtime import Runtime
 from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from app.storage import dataset_key
-from app.train_config import (
-    DEFAULT_LEARNING_RATES,
-    InitMode,
-    Method,
-    Schedule,
-    TrainConfig,
-)
+from app.train_config import TrainConfig, TrainConfigBase, broken_rule
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
@@ -40,35 +35,23 @@ async def _read_upload(upload: UploadedFile, field: str, settings: Settings) -> 
         }) from None
 
 
-class TrainJobForm(BaseModel):
+# The upload: a job's configuration (its bounds and rules: app.train_config), its data and its name.
+# (No docstring: pydantic would show it in the API's docs.)
+class TrainJobForm(TrainConfigBase):
     file: Annotated[FileField, Field(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
     validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
-    method: Annotated[Method, Field(description=(
-        "prompt_tuning: a soft prompt of input embeddings; prefix_tuning: every layer's keys and values"))] = (
-        TrainConfig.method)
-    prefix_projection: Annotated[bool, Field(description=(
-        "prefix_tuning only: learn the prefix through PEFT's reparameterization MLP"))] = TrainConfig.prefix_projection
-    num_virtual_tokens: Annotated[int, Field(ge=1, le=512)] = TrainConfig.num_virtual_tokens
-    init: InitMode = TrainConfig.init
-    init_text: Annotated[str | None, Field(max_length=2000)] = None
-    learning_rate: Annotated[float | None, Field(gt=0, le=10, description=(
-        f"Default per method: {DEFAULT_LEARNING_RATES}"))] = None
-    lr_schedule: Annotated[Schedule, Field(description=(
-        "constant: the learning rate stays; linear: it falls to zero by the last step"))] = TrainConfig.lr_schedule
-    max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
-    epochs: Annotated[float | None, Field(gt=0, le=1000)] = None
-    batch_size: Annotated[int, Field(ge=1, le=512)] = TrainConfig.batch_size
-    max_length: Annotated[int, Field(ge=8, le=8192)] = TrainConfig.max_length
-    eval_every: Annotated[int, Field(ge=1, le=1_000_000, description="Steps between evaluations; at most max_steps")] = (
-        TrainConfig.eval_every)
-    early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] = TrainConfig.early_stopping_patience
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = TrainConfig.seed
-    # The template becomes the adapter's: NUL would fail its registration after training, on PostgreSQL.
-    template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
-                        NoNul] = TrainConfig.template
-    gradient_checkpointing: Annotated[bool | None, Field(description="Default: on for batches of 512+ tokens")] = None
+
+    # The client's own eval_every only: a stored job, a test or a bench may evaluate less often
+    # than it steps (eval_every past max_steps: only at the end).
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_within_the_run(cls, value: int, info: ValidationInfo) -> int:
+        max_steps = info.data.get("max_steps")
+        if max_steps is not None and value > max_steps:
+            raise broken_rule(f"must be at most max_steps ({max_steps})")
+        return value
 
 
 @router.post(
@@ -90,21 +73,11 @@ async def create_train_job(
     dataset is read in a process of its own and stored and queued from a worker thread: the event
     loop keeps serving meanwhile."""
     settings = runtime.settings
-    if form.max_steps is not None and form.epochs is not None:
-        raise invalid("epochs", "give max_steps or epochs, not both")
-    if form.max_steps is not None and "eval_every" in form.model_fields_set and form.eval_every > form.max_steps:
-        raise invalid("eval_every", f"must be at most max_steps ({form.max_steps})")
-    if "{input}" not in form.template:
-        raise invalid("template", "must contain {input}")
-    if form.init == "text" and not (form.init_text and form.init_text.strip()):
-        raise invalid("init_text", "is required when init is 'text'")
-    if form.prefix_projection and form.method != "prefix_tuning":
-        raise invalid("prefix_projection", "applies to method prefix_tuning only")
     if form.num_virtual_tokens > settings.max_virtual_tokens:
         raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
     train = await _read_upload(form.file, "file", settings)
     validation = await _read_upload(form.validation_file, "validation_file", settings) if form.validation_file else None
-    config = TrainConfig(**form.model_dump(exclude={"file", "validation_file", "name"}))
+    config = TrainConfig(**form.model_dump(include=set(TrainConfigBase.model_fields)))
     return await asyncio.to_thread(_store_and_queue, runtime, form.name, config, train, validation)
 
 
@@ -134,7 +107,7 @@ def _store_and_queue(runtime: Runtime, name: str | None, config: TrainConfig, tr
 @router.get("", response_model=TrainJobPage)
 def list_train_jobs(
     session: SessionDep,
-    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TrainJobPage:
@@ -175,7 +148,7 @@ def get_train_job_events(
 def cancel_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
     """A queued job is cancelled at once; a running one stops within a few steps."""
     job = _get_or_404(session, job_id)
-    if job.status in jobs.TERMINAL:
+    if job.status in TERMINAL:
         raise HTTPException(409, detail=f"job {job_id} has already {job.status}")
     jobs.cancel(session, job_id)
     session.expire_all()

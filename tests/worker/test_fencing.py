@@ -20,8 +20,8 @@ from app.engine.device import InlineDevice
 from app.models import utcnow
 from app.storage import ADAPTERS, adapter_key, make_storage
 from tests.conftest import REPO, make_settings, random_soft_prompt
-from tests.worker.test_runner import queue_job
-from worker.runner import run_job
+from tests.worker.test_job_runner import queue_job
+from worker.job_runner import run_job
 
 # Runner A in its own process: it claims the job, then freezes (SIGSTOP) before training.
 STALLING_RUNNER = """
@@ -31,7 +31,7 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.engine.device import InlineDevice
 from app.engine.loader import load_base_model
-from worker.runner import run_job
+from worker.job_runner import run_job
 
 data_dir, database_url, model_dir, job_id = sys.argv[1:]
 settings = Settings(data_dir=data_dir, database_url=database_url, heartbeat_interval_s=0.2, job_stale_after_s=1.0)

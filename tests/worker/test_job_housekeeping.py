@@ -9,8 +9,8 @@ from app.db import make_engine, make_session_factory
 from app.storage import DATASETS
 from tests.api.test_train_jobs_api import GOOD
 from tests.conftest import make_settings
-from tests.worker.test_runner import queue_job, replace_dataset
-from worker.runner import run_job
+from tests.worker.test_job_runner import queue_job, replace_dataset
+from worker.job_runner import run_job
 
 
 def test_a_huge_training_error_is_clipped_to_fit_and_the_job_fails_cleanly(tmp_path, postgres_url, tiny_base):

@@ -20,9 +20,9 @@ from app.train_config import TrainConfig
 from tests.conftest import LiveServer, make_settings, random_soft_prompt
 from tests.worker.test_end_to_end import sst2_slice
 from tests.worker.test_node_lifetime import wait_until
-from worker import consumer, runner
+from worker import consumer, job_runner
 from worker.consumer import training_consumer
-from worker.training import Hooks, MicroBatches, train_prompt
+from worker.training import Hooks, MicroBatches, train_adapter
 
 EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2])
             for i in range(24)]
@@ -96,7 +96,7 @@ async def serve_during_training(base, requests, config, examples, budget_s=0.25)
         handle = first_layer.register_forward_pre_hook(record_layer)
         engine.core.logits_hook = record_step
         flags = module_flags(base.model)  # with the test's own hook
-        await asyncio.to_thread(train_prompt, base, config, examples, None, Hooks(), watch)
+        await asyncio.to_thread(train_adapter, base, config, examples, None, Hooks(), watch)
         handle.remove()
         engine.core.logits_hook = None
         during = await asyncio.wrap_future(sent[0]) if sent else []
@@ -183,13 +183,13 @@ def test_a_node_trains_on_the_model_it_serves_with(node, tiny_base, monkeypatch)
         calls.append(kwargs)
         return run_job(job_id, **kwargs)
 
-    def counting_train_prompt(*args):  # while the job's run holds whatever it loaded
+    def counting_train_adapter(*args):  # while the job's run holds whatever it loaded
         copies.append(distinct_storages_shaped_like(embedding))
-        return train_prompt(*args)
+        return train_adapter(*args)
 
     run_job = consumer.run_job
     monkeypatch.setattr(consumer, "run_job", spy)
-    monkeypatch.setattr(runner, "train_prompt", counting_train_prompt)
+    monkeypatch.setattr(job_runner, "train_adapter", counting_train_adapter)
     url = node.url
     job_id = httpx.post(f"{url}/train-jobs", files={"file": ("t.jsonl", sst2_slice("train", 40))},
                         data={"max_steps": "6", "eval_every": "3", "num_virtual_tokens": "4"}).json()["id"]
@@ -223,7 +223,7 @@ def test_under_sustained_load_training_still_gets_turns_and_arrivals_are_not_hel
             while not engine.core.running:
                 await asyncio.sleep(0.001)
             config = TrainConfig(num_virtual_tokens=4, max_steps=2, batch_size=4, eval_every=1000, template="{input} =>")
-            training = asyncio.create_task(asyncio.to_thread(train_prompt, base, config, EXAMPLES, None, Hooks(), watch))
+            training = asyncio.create_task(asyncio.to_thread(train_adapter, base, config, EXAMPLES, None, Hooks(), watch))
             while not watch.open:
                 await asyncio.sleep(0.001)
             short = await engine.submit(GenerationRequest(prompt_ids=[2, 7, 8], soft_prompt=None, max_new_tokens=4), 300)
@@ -253,7 +253,7 @@ def test_cancel_through_the_engine_stops_within_a_step(tiny_base):
             steps = []
             config = TrainConfig(num_virtual_tokens=4, max_steps=100, batch_size=4, eval_every=1000)
             hooks = Hooks(on_step=lambda s, *_: steps.append(s), should_cancel=lambda: len(steps) >= 3)
-            result = await asyncio.to_thread(train_prompt, tiny_base, config, EXAMPLES, None, hooks, engine)
+            result = await asyncio.to_thread(train_adapter, tiny_base, config, EXAMPLES, None, hooks, engine)
             return result, steps, engine.training_items
         finally:
             await engine.stop()
@@ -277,7 +277,7 @@ def test_an_evaluation_on_a_serving_node_generates_through_the_serving_pool(tiny
         engine = Engine(partial(EngineCore, tiny_base, kv_tokens=4096, max_rows=16), 64, 65_536, train_step_budget_s=0.25)
         engine.start()
         try:
-            result = await asyncio.to_thread(train_prompt, tiny_base, config, EXAMPLES, EXAMPLES[:6], Hooks(), engine)
+            result = await asyncio.to_thread(train_adapter, tiny_base, config, EXAMPLES, EXAMPLES[:6], Hooks(), engine)
             return result, engine.core.requests_admitted
         finally:
             await engine.stop()

@@ -11,8 +11,8 @@ import redis
 
 from app import jobs, registry
 from app.models import utcnow
-from tests.worker.test_runner import queue_job
-from worker.runner import run_job
+from tests.worker.test_job_runner import queue_job
+from worker.job_runner import run_job
 
 UNREACHABLE_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 LONG_AGO = timedelta(hours=2)

@@ -8,7 +8,7 @@ from app import jobs
 from app.db import make_engine, make_session_factory
 from app.models import utcnow
 from tests.conftest import make_settings
-from tests.worker.test_runner import queue_job
+from tests.worker.test_job_runner import queue_job
 
 
 def test_reapers_on_several_nodes_handle_each_lost_job_once(tmp_path, postgres_url):

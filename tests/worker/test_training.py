@@ -12,22 +12,27 @@ from worker.model_view import training_view
 from worker.training import (
     Hooks,
     Trainable,
-    batch_loss,
+    VirtualTokens,
     encode_example,
     init_prefix,
     init_prompt,
     target_losses,
-    train_prompt,
+    train_adapter,
 )
 
 LABELS = ["positive", "negative"]
 EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", LABELS[i % 2]) for i in range(40)]
 
 
+def batch_loss(base, prompt: VirtualTokens, batch) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens, with `prompt` before every row."""
+    return target_losses(base, prompt, batch).mean()
+
+
 def test_loss_covers_output_tokens_only(tiny_base):
     prompt = torch.randn(4, 64) * 0.3
     pairs = [encode_example(tiny_base, e, "Review: {input}\nSentiment:", 64) for e in EXAMPLES[:3]]
-    got = batch_loss(tiny_base, prompt, pairs)
+    got = batch_loss(tiny_base, VirtualTokens("prompt_tuning", prompt), pairs)
     # Reference: full logits over the whole sequence, one row at a time, labels masked by hand.
     embed = tiny_base.model.get_input_embeddings()
     losses, counts = [], []
@@ -61,18 +66,18 @@ def test_label_init_uses_label_embeddings(tiny_base):
 def test_training_lowers_eval_loss_and_keeps_the_best_prompt(tiny_base):
     evals = []
     config = TrainConfig(num_virtual_tokens=4, max_steps=30, eval_every=10, batch_size=8, template="{input} =>")
-    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
     assert [s for s, _, _ in evals] == [10, 20, 30]
     assert evals[-1][1] < evals[0][1]
     best = max(evals, key=lambda e: (e[2], -e[1]))
     assert (result.best_step, result.eval_loss) == (best[0], best[1])
-    assert result.prompt_embeddings.shape == (4, 64) and not result.cancelled
+    assert result.learned.peft_tensor().shape == (4, 64) and not result.cancelled
 
 
 def test_early_stopping_after_patience(tiny_base):
     config = TrainConfig(num_virtual_tokens=4, max_steps=200, eval_every=1, early_stopping_patience=2,
                          learning_rate=1e-9, template="{input} =>")  # too small to improve
-    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:4])
+    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:4])
     assert result.stopped_early and result.steps == 3 and result.best_step == 1
 
 
@@ -90,7 +95,7 @@ def test_each_step_uses_the_schedules_learning_rate(tiny_base, monkeypatch, sche
 
     monkeypatch.setattr(worker.training, "make_optimizer", recording)
     config = TrainConfig(num_virtual_tokens=4, max_steps=4, eval_every=1000, learning_rate=0.2, lr_schedule=schedule)
-    train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:4])
+    train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:4])
     assert used == pytest.approx([0.2 * f for f in factors])
 
 
@@ -105,7 +110,7 @@ def test_a_time_budget_ends_the_linear_decay_when_it_ends_the_run_sooner():
 def test_cancel_stops_within_a_step(tiny_base):
     steps = []
     config = TrainConfig(num_virtual_tokens=4, max_steps=100, eval_every=1000)
-    result = train_prompt(tiny_base, config, EXAMPLES, None,
+    result = train_adapter(tiny_base, config, EXAMPLES, None,
                           Hooks(on_step=lambda s, *_: steps.append(s), should_cancel=lambda: len(steps) >= 3))
     assert result.cancelled and steps == [1, 2, 3]
 
@@ -147,7 +152,7 @@ def peft_style_past(base, kv: torch.Tensor) -> DynamicCache:
 def test_prefix_loss_is_the_masked_cross_entropy_with_the_prefix_as_the_past(tiny_base):
     prefix = random_prefix_kv(tiny_base, 3, seed=1).prefix_kv
     pairs = [encode_example(tiny_base, e, "Review: {input}\nSentiment:", 64) for e in EXAMPLES[:3]]
-    got = batch_loss(tiny_base, prefix, pairs)
+    got = batch_loss(tiny_base, VirtualTokens("prefix_tuning", prefix), pairs)
     losses, counts = [], []
     for p, t in pairs:  # each row alone, full logits, labels masked by hand
         ids = torch.tensor([p + t])
@@ -193,11 +198,11 @@ def test_prefix_tuning_lowers_eval_loss_and_returns_a_peft_shaped_prefix(tiny_ba
     evals = []
     config = TrainConfig(method="prefix_tuning", prefix_projection=projection, num_virtual_tokens=4, max_steps=20,
                          eval_every=10, batch_size=8, template="{input} =>")
-    result = train_prompt(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
     assert evals[-1][1] < evals[0][1]
     shape = tiny_base.kv_shape
-    assert result.prompt.shape == (shape.layers, 2, 4, shape.kv_heads, shape.head_dim)
-    assert result.prompt_embeddings.shape == (4, shape.layers * 2 * shape.kv_heads * shape.head_dim)
+    assert result.learned.values.shape == (shape.layers, 2, 4, shape.kv_heads, shape.head_dim)
+    assert result.learned.peft_tensor().shape == (4, shape.layers * 2 * shape.kv_heads * shape.head_dim)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
@@ -225,11 +230,11 @@ def test_a_run_resumed_from_a_saved_state_ends_where_the_whole_run_ends(tiny_bas
     config = TrainConfig(method=method, prefix_projection=projection, num_virtual_tokens=4, max_steps=7,
                          eval_every=2, batch_size=3, early_stopping_patience=10, learning_rate=0.1)
     states, steps = [], []
-    whole = train_prompt(tiny_base, config, EXAMPLES, hooks=Hooks(on_state=states.append))
+    whole = train_adapter(tiny_base, config, EXAMPLES, hooks=Hooks(on_state=states.append))
     assert [s.step for s in states] == [2, 4, 6]
     saved = train_state.decode(train_state.encode(states[1]))  # as stored, and read back by another node
-    resumed = train_prompt(tiny_base, config, EXAMPLES, resume=saved,
+    resumed = train_adapter(tiny_base, config, EXAMPLES, resume=saved,
                            hooks=Hooks(on_step=lambda step, total, epoch, loss: steps.append(step)))
     assert steps == [5, 6, 7]
     assert (resumed.steps, resumed.best_step, resumed.eval_accuracy) == (whole.steps, whole.best_step, whole.eval_accuracy)
-    assert torch.equal(resumed.prompt, whole.prompt)
+    assert torch.equal(resumed.learned.values, whole.learned.values)

@@ -22,7 +22,7 @@ from app.storage import adapter_key, dataset_key, make_storage
 from app.train_config import TrainConfig
 from tests.conftest import make_settings
 from tests.test_peft_interop import peft_logits
-from worker.runner import run_job
+from worker.job_runner import run_job
 
 EXAMPLES = [Example(f"review {i} was {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2]) for i in range(24)]
 

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from enum import StrEnum
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,13 +19,29 @@ from app.config import Settings
 from app.datasets import from_jsonl
 from app.engine.device import Device, InlineDevice
 from app.engine.loader import BaseModel
+from app.job_status import JobStatus
 from app.storage import TRAIN_STATES, Storage, adapter_key, make_storage, train_state_job, train_state_key
 from app.train_config import TrainConfig
 from worker import train_state
 from worker.train_state import TrainState
-from worker.training import Hooks, TrainResult, train_prompt
+from worker.training import Hooks, TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
+
+
+class RunOutcome(StrEnum):
+    """How a run of a job ended: with the job's final status, or without ending the job."""
+
+    SUCCEEDED = JobStatus.SUCCEEDED.value
+    FAILED = JobStatus.FAILED.value
+    CANCELLED = JobStatus.CANCELLED.value
+    SKIPPED = "skipped"  # this delivery did not win the claim
+    LOST = "lost"  # the run lost the job midway: its worker stalled and the job went to another run
+    RELEASED = "released"  # the node stopped first: the job is queued again for any node
+
+    @property
+    def ended_job(self) -> bool:
+        return self in (RunOutcome.SUCCEEDED, RunOutcome.FAILED, RunOutcome.CANCELLED)
 
 
 class _Heartbeat:
@@ -84,17 +101,14 @@ def _metrics(result: TrainResult) -> dict:
 
 def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session], base: BaseModel,
             device: Device = InlineDevice(),
-            node_stopping: threading.Event | None = None) -> str:
-    """Train on `base`, computing through `device`. Returns the job's final status; "skipped" when
-    this delivery did not win the claim, "lost" when the run lost the job midway (its worker
-    stalled and the job went to another run), "released" when the node stopped first (the job is
-    queued again for any node)."""
+            node_stopping: threading.Event | None = None) -> RunOutcome:
+    """Train on `base`, computing through `device`. Returns how the run ended (RunOutcome)."""
     node_stopping = node_stopping or threading.Event()
     with sessions() as session:
         token = jobs.claim(session, job_id, f"{socket.gethostname()}:{os.getpid()}")
         if token is None:
             log.info("job %s not claimable (duplicate delivery, cancelled or finished); skipping", job_id)
-            return "skipped"
+            return RunOutcome.SKIPPED
         job = jobs.get_job(session, job_id)
         name, params, dataset_key = job.name, dict(job.params), job.dataset_path
     storage = make_storage(settings, sessions)  # shared: the dataset may have been uploaded to any node
@@ -110,9 +124,9 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
     def on_state(state: TrainState):
         _save_state(sessions, storage, job_id, token, state)
 
-    def end(status: str, **fields) -> str:
+    def end(status: JobStatus, **fields) -> RunOutcome:
         with sessions() as session:
-            return status if jobs.finish(session, job_id, token, status, **fields) else _lost(job_id)
+            return RunOutcome(status) if jobs.finish(session, job_id, token, status, **fields) else _lost(job_id)
 
     with _Heartbeat(sessions, job_id, token, settings.heartbeat_interval_s, settings.job_time_limit_s,
                     node_stopping) as beat, jobs.live_runs.running(job_id):
@@ -124,7 +138,7 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
             if resume is not None:
                 with sessions() as session:
                     jobs.note(session, job_id, token, f"going on from step {resume.step}, as saved at its evaluation")
-            result = train_prompt(
+            result = train_adapter(
                 base, config, from_jsonl(dataset["train.jsonl"]),
                 from_jsonl(validation) if validation is not None else None,
                 Hooks(on_step=on_step, on_eval=on_eval, should_cancel=beat.should_stop, on_state=on_state), device,
@@ -134,35 +148,35 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
             return _lost(job_id)
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            return end("failed", message=f"training failed: {type(exc).__name__}: {exc}", error_code="training_error")
+            return end(JobStatus.FAILED, message=f"training failed: {type(exc).__name__}: {exc}", error_code="training_error")
 
     if beat.lost.is_set():
         return _lost(job_id)
     if result.cancelled and not beat.cancel_requested.is_set():
         if beat.out_of_time():
-            return end("failed", error_code="time_limit",
+            return end(JobStatus.FAILED, error_code="time_limit",
                        message=f"stopped at step {result.steps}: over the job time limit ({settings.job_time_limit_s} s)")
         with sessions() as session:
             released = jobs.release(session, job_id, token, f"its node stopped at step {result.steps}; queued again")
-        return "released" if released else _lost(job_id)
+        return RunOutcome.RELEASED if released else _lost(job_id)
     if result.cancelled:
-        return end("cancelled", message=f"cancelled at step {result.steps}")
+        return end(JobStatus.CANCELLED, message=f"cancelled at step {result.steps}")
     # The adapter's files are stored with its row, and the row is committed with the job's
     # success, by this run only, or not at all.
     adapter, files = registry.new_adapter(
-        name=name, prompt_embeddings=result.prompt_embeddings, base_fingerprint=base.fingerprint,
+        name=name, prompt_embeddings=result.learned.peft_tensor(), base_fingerprint=base.fingerprint,
         base_model_name=base.name, source="trained", metrics=_metrics(result), template=params.get("template"),
         original_files=_prefix_files(config, result, base),
     )
     try:
         with sessions() as session, storage.storing(session, adapter_key(adapter.id), files):
-            if not jobs.finish(session, job_id, token, "succeeded", adapter=adapter, eval_loss=result.eval_loss,
+            if not jobs.finish(session, job_id, token, JobStatus.SUCCEEDED, adapter=adapter, eval_loss=result.eval_loss,
                                eval_accuracy=result.eval_accuracy,
                                message=f"adapter {adapter.id} registered (eval accuracy {result.eval_accuracy})"):
                 raise jobs.StaleRun(job_id)  # nothing was committed: the files go too
     except jobs.StaleRun:
         return _lost(job_id)
-    return "succeeded"
+    return RunOutcome.SUCCEEDED
 
 
 def _job_states(storage: Storage, job_id: str) -> list[tuple[int, str]]:
@@ -200,11 +214,11 @@ def _prefix_files(config: TrainConfig, result: TrainResult, base: BaseModel) -> 
     if config.method != "prefix_tuning":
         return None
     return adapter_files.encode_prefix_adapter(
-        result.prompt_embeddings, base.kv_shape, base.fingerprint, base.name,
+        result.learned.peft_tensor(), base.kv_shape, base.fingerprint, base.name,
         encoder_hidden_size=base.hidden_size if config.prefix_projection else None)
 
 
-def _lost(job_id: str) -> str:
+def _lost(job_id: str) -> RunOutcome:
     log.warning("job %s is no longer this run's (its heartbeat went stale and the job was requeued or ended); "
                 "stopping without writing anything", job_id)
-    return "lost"
+    return RunOutcome.LOST
