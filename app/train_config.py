@@ -39,8 +39,8 @@ class TrainConfig:
     seed: int = 0
     template: str = DEFAULT_TEMPLATE
     # None = auto: recompute activations only for batches of CHECKPOINT_MIN_TOKENS or more, where
-    # storing them would dominate memory (8 x 128: 1.24x inference memory instead of ~1.6x). Small
-    # batches keep them, since recomputing costs ~80% more time per step on CPU there.
+    # storing them would dominate memory. Small batches keep them, since there recomputing costs
+    # much more time per step than the memory it saves is worth (figures: bench/README.md).
     gradient_checkpointing: bool | None = None
     default_max_steps: int = 300  # when neither max_steps nor epochs is given
     time_budget_s: float | None = None  # stop (keeping the best prompt so far) after this long
