@@ -47,11 +47,12 @@ class Settings(BaseSettings):
     # int8 forward everywhere, so a CPU node runs exactly what a GPU node runs (for tests).
     int8_kernels: Literal["auto", "bitsandbytes"] = "auto"
     # LLM.int8 outlier decomposition picks outlier columns across the whole batch, so a row's
-    # output would depend on its neighbours. 0.0 keeps every row batch-invariant (property 6).
+    # output would depend on its neighbours. 0.0 keeps every row batch-invariant (docs/engine.md,
+    # property 6).
     llm_int8_threshold: float = 0.0
     # On CPUs where it is faster (AVX-512 VNNI), int8 weights are also kept packed for oneDNN, with
-    # one product for projections that share an input: a second copy of them (~220 MB more
-    # resident for Gemma 3 270M) for decode steps 15-25% faster.
+    # one product for projections that share an input: a second copy of the int8 weights, bought
+    # for faster decode steps (figures: bench/README.md).
     int8_packed_weights: bool = True
 
     # Serving limits. Rows join and leave the running batch at every engine step.

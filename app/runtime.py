@@ -160,7 +160,7 @@ async def running(settings: Settings, base: BaseModel | None = None, serves: boo
                     "leaves, which no adapter or job names", unmoved, settings.data_dir)
     runtime.engine.start()
     # What start-up made (the model, torch's and transformers' modules: millions of objects) stays:
-    # keep it out of the collector's full passes, each of which would pause every thread for ~0.1-0.3 s.
+    # keep it out of the collector's full passes, each of which would pause every thread to walk it.
     gc.collect()
     gc.freeze()
     reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")

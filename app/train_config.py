@@ -61,8 +61,8 @@ class TrainConfigBase(BaseModel):
     template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
                         NoNul] = DEFAULT_TEMPLATE
     # None = auto: recompute activations only for batches of CHECKPOINT_MIN_TOKENS or more, where
-    # storing them would dominate memory (8 x 128: 1.24x inference memory instead of ~1.6x). Small
-    # batches keep them, since recomputing costs ~80% more time per step on CPU there.
+    # storing them would dominate memory. Small batches keep them, since there recomputing costs
+    # much more time per step than the memory it saves is worth (figures: bench/README.md).
     gradient_checkpointing: Annotated[bool | None, Field(description="Default: on for batches of 512+ tokens")] = None
 
     # Each rule reads fields declared before the one it names (pydantic validates in that order).

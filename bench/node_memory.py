@@ -4,7 +4,8 @@ trains on the bundled SST-2 sample.
 
 Memory is the resident memory (RSS) summed over every process of the node, sampled every 0.1 s;
 on CUDA, the GPU memory nvidia-smi reports for those processes (allocations plus each process's
-context). Before this design the API and a Celery worker each held a model copy: 1.99x.
+context). Before this design the API and a Celery worker each held a model copy (figures:
+bench/README.md).
 
     python -m bench.node_memory [--steps 40]
 

@@ -2,37 +2,38 @@
 
 bitsandbytes' LLM.int8 on the CPU (threshold 0) quantizes each input row to int8, multiplies with
 `torch._int_mm` and rescales. The arithmetic is cheap; its dispatch is not: an autograd Function,
-four custom ops, fp16 casts and unfused rescaling cost 2-3x the matmul itself, ~10 ms of a 35 ms
-decode step. `fast_int8_forward` does the same quantization and integer matmul in a handful of
-fused ops, for serving and training alike (so a soft prompt trains on the very outputs it is
-served with); its backward is the straight-through one bitsandbytes uses: gradients flow as
-through the dequantized weights, here in float32 (bitsandbytes' runs in bf16, slow without
-AVX-512 BF16: a training step on Gemma 3 270M took 2-3x as long).
+four custom ops, fp16 casts and unfused rescaling cost more than the matmul itself.
+`fast_int8_forward` does the same quantization and integer matmul in a handful of fused ops, for
+serving and training alike (so a soft prompt trains on the very outputs it is served with); its
+backward is the straight-through one bitsandbytes uses: gradients flow as through the dequantized
+weights, here in float32 (bitsandbytes' runs in bf16, slow on CPUs without AVX-512 BF16).
 
 The LM head (the tied 262k x 640 embedding matrix for Gemma 3) is the largest matmul per token
 and is memory-bound at small batches; `Int8Head` stores it as int8 rows with one scale each
-(half the bytes of bf16) and quantizes its input per row, as every other int8 layer does: 2-4x
-faster than bf16 at batch 1-32 on AVX-512 VNNI. Its backward (soft-prompt training)
-is the straight-through one bitsandbytes uses too: gradients flow as through the dequantized
-weights.
+(half the bytes of bf16 to read per step) and quantizes its input per row, as every other int8
+layer does. Its backward (soft-prompt training) is the straight-through one bitsandbytes uses too:
+gradients flow as through the dequantized weights.
 
-Past one row, torch._int_mm on a plain weight falls far from the memory bound: Gemma's head took
-9 ms at 2-4 rows against 4.4 ms at one. oneDNN's int8 linear on a weight packed once into its own
-layout (`PackedInt8`) stays near it (4.6 ms at 2 rows, 4.9 at 4; all 126 layer products at 4
-rows: 5.1 ms against 6.6), with the very same integer sums. Where it measures faster, the head
-and the layers use it for more than one row, at the cost of a second copy of their int8 weights
-(the backward, and one-row products, read the plain one); INT8_PACKED_WEIGHTS=false keeps one.
-With it, projections that read the same input also share one product (`SharedInputProduct`).
+Past one row, torch._int_mm on a plain weight falls far from the memory bound. oneDNN's int8
+linear on a weight packed once into its own layout (`PackedInt8`) stays near it, with the very
+same integer sums. Where it measures faster, the head and the layers use it for more than one row,
+at the cost of a second copy of their int8 weights (the backward, and one-row products, read the
+plain one); INT8_PACKED_WEIGHTS=false keeps one. With it, projections that read the same input
+also share one product (`SharedInputProduct`).
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
-AMD EPYC) it is ~40x slower than float32. There the int8 values are also kept as float32 and
+AMD EPYC) it is far slower than float32. There the int8 values are also kept as float32 and
 multiplied in float32, in slices of K short enough that every partial sum is an integer below
-2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant).
+2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
+docs/engine.md, property 6).
 
-A kernel is chosen for speed only among those that give exact sums here: without VNNI, oneDNN's
-u8 x s8 product adds pairs of products in 16 bits, which saturate (wrong logits, silently). So
-each candidate is first checked against exact integer sums on inputs built to break it (every
-value +-127, K = 2048: pair sums past 16 bits, whole sums past 2**24), at load, before it is timed.
+A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
+property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which
+saturate (wrong logits, silently). So each candidate is first checked against exact integer sums
+on inputs built to break it (every value +-127, K = 2048: pair sums past 16 bits, whole sums past
+2**24), at load, before it is timed.
+
+Measured figures behind these choices, and how to reproduce them: bench/README.md.
 """
 
 import functools
@@ -102,8 +103,8 @@ def int_mm_is_fast() -> bool:
 @functools.cache
 def one_row_products_win() -> bool:
     """Whether two one-row torch._int_mm products beat one two-row product here (a decode-sized
-    layer). With AVX-512 VNNI and no AMX they did (a decode step at batch 2: 25 -> 21 ms); on a
-    Sapphire Rapids (AMX) they take 2-3x as long."""
+    layer). Measured once at load, because the answer differs by CPU: with AVX-512 VNNI and no AMX
+    they won, on a Sapphire Rapids (AMX) they lost (bench/README.md)."""
     a, w = torch.ones(2, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     one_row_each = _seconds(lambda: (torch._int_mm(a[:1], w.t()), torch._int_mm(a[1:], w.t())), 20)
     return one_row_each < _seconds(lambda: torch._int_mm(a, w.t()), 20)
@@ -235,9 +236,10 @@ class SharedInputProduct:
     product; the others then take their slice when called on that same tensor object, as models
     call them, one after the other (inference tensors keep no version to tell an in-place
     change by, and no model changes its hidden states between these calls). For small
-    products the quantization and the call cost more than the arithmetic: decode steps at 1-8 rows
-    5-9% faster. The same bits as one product per layer (integer sums are exact, and every
-    column keeps its own scale). Inference only: with gradients each layer runs alone."""
+    products the quantization and the call cost more than the arithmetic, so doing them once
+    makes small decode steps faster (bench/README.md). The same bits as one product per layer
+    (integer sums are exact, and every column keeps its own scale). Inference only: with gradients
+    each layer runs alone."""
 
     def __init__(self, layers: list):
         self.layers = layers
@@ -322,7 +324,7 @@ class Int8Head(torch.nn.Module):
         self.packed = pack(self.weight) if packed else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The head's 168 MB never stay in cache: two rows gain from being split, unless the packed
-        # weight is there (read once for both: 4.6 ms against 9.5).
+        # The head never stays in cache, and only torch._int_mm's one-row path reads it at the memory
+        # bound: two rows gain from being split, unless the packed weight is there (one read for both).
         split_up_to = 1 if self.packed is not None else 2
         return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, split_up_to, self.packed).to(hidden.dtype)

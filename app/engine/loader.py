@@ -183,11 +183,11 @@ def _serve_int8_on_cpu(model: torch.nn.Module, packed: bool) -> str:
 def keep_freed_memory() -> None:
     """Let glibc reuse freed memory for a step's big buffers instead of unmapping it at every free.
     By default a buffer over 32 MB (a decode step's logits at batch 32: 32 x 262k floats, 33.5 MB)
-    is mmap'd fresh and page-faulted in every step: a decode step at batch 32 took 145 ms instead
-    of 53. Threads other than the main one also get arenas too small for such buffers. So: one
-    arena, blocks up to 40 MB from the heap, and up to 128 MB of free heap kept. Larger blocks
-    (training's temporaries) are still mapped and returned at once: with a 256 MB threshold, a
-    prompt-tuning step's peak memory grew from 1.22x to 1.33x that of inference. glibc only."""
+    is mmap'd fresh and page-faulted in every step, which made large decode steps far slower.
+    Threads other than the main one also get arenas too small for such buffers. So: one arena,
+    blocks up to 40 MB from the heap, and up to 128 MB of free heap kept. Larger blocks
+    (training's temporaries) are still mapped and returned at once, since keeping them raised a
+    prompt-tuning step's peak memory (figures: bench/README.md). glibc only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -48,7 +48,7 @@ def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def greedy_tokens(logits: torch.Tensor, width: int = 4096) -> torch.Tensor:
     """`logits.argmax(-1)`, the very same indices (the first of equal maxima; a NaN counts as the
     largest), found through the maximum of each `width`-wide slice: torch's argmax does not
-    vectorise and amax does, so over a 262k vocabulary at 32 rows this takes 1.8 ms, not 11.8."""
+    vectorise and amax does, which matters over a 262k vocabulary (figures: bench/README.md)."""
     rows, vocab = logits.shape
     whole = vocab - vocab % width
     maxima = logits[:, :whole].view(rows, -1, width).amax(-1)

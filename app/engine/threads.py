@@ -2,10 +2,10 @@
 
 torch's OpenMP runtime (libgomp) keeps a pool of worker threads for every thread that ever ran
 parallel work, and once there are more pool threads than cores it stops spinning between parallel
-regions: every small op of a decode step then waits for a sleeping worker. Measured: one stray
-big tensor op on the event loop's thread made every engine step 1.6x slower (50 -> 85 ms at batch
-32) for the rest of the process's life. So the engine's thread takes the cores: it keeps its own
-thread count, and torch's default for threads that start computing later becomes one (no pool).
+regions: every small op of a decode step then waits for a sleeping worker. One stray big tensor
+op on the event loop's thread made every engine step markedly slower for the rest of the process's
+life (figures: bench/README.md). So the engine's thread takes the cores: it keeps its own thread
+count, and torch's default for threads that start computing later becomes one (no pool).
 """
 
 import os
