@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed-stamp
 # The torch spec the venv was made with: a different one remakes it (CPU wheel <-> CUDA build).
 TORCH_SPEC_FILE := $(VENV)/.torch-spec
 
-.PHONY: install model second-model migrate run worker test bench FORCE
+.PHONY: install model second-model migrate run worker lint test bench FORCE
 
 $(TORCH_SPEC_FILE): FORCE
 	@mkdir -p $(VENV)
@@ -63,7 +63,12 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
-test: model second-model $(CHROMIUM)
+# Lint (ruff, import order included) and types (mypy on the engine and jobs), configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check
+	$(BIN)/mypy
+
+test: lint model second-model $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 bench: model
