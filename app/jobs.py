@@ -15,16 +15,16 @@ import threading
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import get_by_id, paginate
 from app.job_status import TERMINAL, JobStatus
-from app.models import Adapter, JobEvent, TrainJob, utcnow
+from app.models import ERROR_MESSAGE_MAX, Adapter, JobEvent, TrainJob, utcnow
 
 STATUSES = tuple(JobStatus)
-ERROR_MESSAGE_MAX = TrainJob.__table__.c.error_message.type.length
 
 
 class StaleRun(Exception):
@@ -94,11 +94,14 @@ def list_events(session: Session, job_id: str, *, after_id: int = 0, limit: int 
     return list(session.scalars(query))
 
 
+def _rows_updated(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE changed (what the guarded transitions below compare against)."""
+    return cast(CursorResult, session.execute(statement)).rowcount
+
+
 def _transition(session: Session, job_id: str, expected: JobStatus, **values) -> bool:
-    result = session.execute(
-        update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == expected).values(**values)
-    )
-    return result.rowcount == 1
+    return _rows_updated(session, update(TrainJob).where(
+        TrainJob.id == job_id, TrainJob.status == expected).values(**values)) == 1
 
 
 def add_event(session: Session, job_id: str, kind: str, step: int = 0, **data) -> None:
@@ -119,9 +122,8 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
 
 def _update_run(session: Session, job_id: str, token: str, **values) -> None:
     """Update the job only while this run holds it; otherwise roll back and raise StaleRun."""
-    held = session.execute(update(TrainJob).where(
-        TrainJob.id == job_id, TrainJob.run_token == token, TrainJob.status == JobStatus.RUNNING).values(**values))
-    if held.rowcount != 1:
+    if _rows_updated(session, update(TrainJob).where(
+            TrainJob.id == job_id, TrainJob.run_token == token, TrainJob.status == JobStatus.RUNNING).values(**values)) != 1:
         session.rollback()
         raise StaleRun(job_id)
 
@@ -210,8 +212,8 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
         add_event(session, job_id, "message", message="cancelled before it started")
         session.commit()
         return JobStatus.CANCELLED
-    if session.execute(update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING)
-                       .values(cancel_requested=True)).rowcount:
+    if _rows_updated(session, update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING)
+                     .values(cancel_requested=True)):
         add_event(session, job_id, "message", message="cancel requested")
     session.commit()
     status = session.scalar(select(TrainJob.status).where(TrainJob.id == job_id))
@@ -220,9 +222,8 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
 
 def _reap(session: Session, job_id: str, cutoff: datetime, **values) -> bool:
     """Change a stale running job, unless its run has beaten its heartbeat since it was found stale."""
-    result = session.execute(update(TrainJob).where(
-        TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING, TrainJob.heartbeat_at < cutoff).values(**values))
-    return result.rowcount == 1
+    return _rows_updated(session, update(TrainJob).where(
+        TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING, TrainJob.heartbeat_at < cutoff).values(**values)) == 1
 
 
 def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,

@@ -11,6 +11,9 @@ from app.db import Base
 from app.job_status import JobStatus
 
 
+ERROR_MESSAGE_MAX = 2000  # characters of a job's error message kept in the registry
+
+
 def new_id() -> str:
     """Short, URL-safe, unguessable id."""
     return secrets.token_hex(6)
@@ -66,7 +69,7 @@ class TrainJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    error_message: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(String(ERROR_MESSAGE_MAX), nullable=True)
     adapter_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     run_token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the current claim's (fencing)
