@@ -1,6 +1,6 @@
 """Resolving an adapter for a request with 10,000 adapters in the database backend: cold (not in
 the node's adapter cache: registry lookup + blob read + copy to the device) against warm (cached:
-the lookup alone), through the real path, `Runtime.soft_prompt`. On SQLite and on PostgreSQL.
+the lookup alone), through the real path, `AdapterResolver.soft_prompt`. On SQLite and on PostgreSQL.
 
     python -m bench.cold_adapters [--adapters 10000] [--samples 200] [--backends sqlite postgresql]
 
