@@ -9,6 +9,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -74,11 +75,19 @@ class GenerationRequest:
         return 0 if self.soft_prompt is None else len(self.soft_prompt)
 
 
+class FinishReason(StrEnum):
+    """Why a row finished; "stop" and "length" reach clients as OpenAI's finish_reason."""
+
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the client left
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (EOS or a stop string), "length", or "cancelled"
+    finish_reason: FinishReason = FinishReason.LENGTH
     prompt_tokens: int = 0
 
 
