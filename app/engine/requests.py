@@ -98,13 +98,3 @@ def stop_token_ids(base: BaseModel) -> set[int]:
         ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
 
-
-def row_embeddings(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
-    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]; a prefix-tuned
-    adapter adds keys and values, not inputs, so its rows' inputs are their tokens alone."""
-    tokens = base.model.get_input_embeddings()(torch.tensor(ids, device=base.device, dtype=torch.long))
-    if isinstance(soft_prompt, SoftPrompt):
-        soft_prompt = soft_prompt.embeddings
-    if soft_prompt is None:
-        return tokens
-    return torch.cat([soft_prompt.to(device=tokens.device, dtype=tokens.dtype), tokens])

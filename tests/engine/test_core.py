@@ -9,8 +9,8 @@ from app.engine.events import Failed, Finished
 from app.engine.generation import first_step_logits
 from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.prefix_cache import PrefixKey
-from app.engine.reference import reference_greedy_decode
-from app.engine.requests import GenerationRequest, SoftPrompt, row_embeddings
+from app.engine.reference import reference_greedy_decode, row_embeddings
+from app.engine.requests import GenerationRequest, SoftPrompt
 from tests.conftest import random_prefix_kv, random_soft_prompt
 from tests.engine.test_generation import SST2_PROMPTS
 
