@@ -343,7 +343,7 @@ class EngineCore:
     def _offer_prefix(self, row: Row) -> None:
         length = row.num_prompt_positions
         self.prefix.offer(row.prefix_key, row.num_virtual_tokens, row.tokens[: row.result.prompt_tokens],
-                          self.slots.table[row.slot_table_row, :length])
+                          self.slots.slot_table[row.slot_table_row, :length])
 
     def _shed_newest(self, work: list[ScheduledChunk], events: list[EngineEvent]) -> None:
         newest = max((w.row for w in work), key=lambda r: r.admitted_at)

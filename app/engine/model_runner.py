@@ -88,12 +88,12 @@ class ModelRunner:
             if end == row.num_positions:
                 logits_at.append(item.offset + item.num_positions - 1)
                 sampled_rows.append(row)
-        slots.table[table_rows, positions] = torch.tensor(step_slots)
+        slots.slot_table[table_rows, positions] = torch.tensor(step_slots)
         inputs = StepInputs()
         ids_in, positions_in, slots_in = inputs.ints(ids), inputs.ints(positions), inputs.ints(step_slots)
         virtual_at_in, logits_at_in = inputs.ints(virtual_at), inputs.ints(logits_at)
-        writes = [(row, inputs.ints(slots.table[row.slot_table_row, : row.num_virtual_tokens])) for row in prefix_writes]
-        groups = _groups(work, slots.table, inputs)
+        writes = [(row, inputs.ints(slots.slot_table[row.slot_table_row, : row.num_virtual_tokens])) for row in prefix_writes]
+        groups = _groups(work, slots.slot_table, inputs)
         sampling_params = SamplingParams.add_to(inputs, [row.sampling for row in sampled_rows])
         return PreparedStep(inputs, ids_in, positions_in, slots_in, virtual_at_in, virtual_embeddings, logits_at_in,
                             sampled_rows, writes, groups, sampling_params)
@@ -118,7 +118,7 @@ class ModelRunner:
         return self.forward(embeds, step.positions.tensor, attention_step, step.logits_at.tensor)
 
 
-def _groups(work: list[ScheduledChunk], table: torch.Tensor, inputs: StepInputs) -> list[Callable[[], RowGroup]]:
+def _groups(work: list[ScheduledChunk], slot_table: torch.Tensor, inputs: StepInputs) -> list[Callable[[], RowGroup]]:
     """Rows attend in groups of the same number of new tokens whose keys fit the same bucket of
     KEY_BUCKET positions, padded to the bucket's end. How a row's attention sums its keys then
     depends on that row alone, never on which rows share its step (softmax and the weighted
@@ -129,16 +129,16 @@ def _groups(work: list[ScheduledChunk], table: torch.Tensor, inputs: StepInputs)
     for item in work:
         bucket = -(-item.end // KEY_BUCKET)
         groups.setdefault((item.num_positions, bucket), []).append(item)
-    return [_group(items, bucket * KEY_BUCKET, table, inputs) for (_, bucket), items in groups.items()]
+    return [_group(items, bucket * KEY_BUCKET, slot_table, inputs) for (_, bucket), items in groups.items()]
 
 
-def _group(items: list[ScheduledChunk], keys: int, table: torch.Tensor, inputs: StepInputs) -> Callable[[], RowGroup]:
+def _group(items: list[ScheduledChunk], keys: int, slot_table: torch.Tensor, inputs: StepInputs) -> Callable[[], RowGroup]:
     """The group's indices, put in the step's inputs; the returned call makes the group once sent."""
     rows, queries = len(items), items[0].num_positions
     key_lengths = torch.tensor([w.end for w in items])
     # Past a row's own positions its slot table row may hold an earlier row's slots: read the
     # padding block instead, so nothing another row left (even NaN) can reach this one's softmax.
-    slots = table[[w.row.slot_table_row for w in items], :keys].masked_fill(torch.arange(keys) >= key_lengths[:, None], 0)
+    slots = slot_table[[w.row.slot_table_row for w in items], :keys].masked_fill(torch.arange(keys) >= key_lengths[:, None], 0)
     tokens = inputs.ints([t for w in items for t in range(w.offset, w.offset + w.num_positions)])
     slots_in = inputs.ints(slots)
     query_positions = inputs.ints([p for w in items for p in range(w.start, w.end)], (rows, queries))

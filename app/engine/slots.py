@@ -1,6 +1,6 @@
 """Where each running row's positions live in the KV pool: the engine's block manager.
 
-`table[r, p]` is the cache slot of position p of the row running in slot table row r. The
+`slot_table[r, p]` is the cache slot of position p of the row running in slot table row r. The
 table is on the host (a step's indices are worked out there, then sent in one copy:
 app.engine.transfers), as wide as the longest row's keys padded to a whole KEY_BUCKET.
 
@@ -27,7 +27,7 @@ class SlotManager:
         self.kv = kv
         self.prefix = prefix
         self.max_rows = max_rows
-        self.table = torch.zeros(max_rows, -(-max_row_positions // KEY_BUCKET) * KEY_BUCKET, dtype=torch.long)
+        self.slot_table = torch.zeros(max_rows, -(-max_row_positions // KEY_BUCKET) * KEY_BUCKET, dtype=torch.long)
         self._free_table_rows = list(range(max_rows - 1, -1, -1))
 
     def has_free_table_row(self) -> bool:
@@ -58,18 +58,18 @@ class SlotManager:
         self.prefix.record(row.prefix_key, num_shared)
         row.num_reserved_blocks = num_blocks
         if entry is None:
-            return self.table.new_empty(0)
+            return self.slot_table.new_empty(0)
         row.borrowed_blocks, row.num_shared_positions, row.num_computed_positions = entry.blocks, num_shared, num_shared
         return entry.slots[:num_shared]
 
     def map_shared(self, row: Row, prefix_slots: torch.Tensor) -> None:
         """Point the row's shared positions at the prefix entry's slots."""
-        self.table[row.slot_table_row, : row.num_shared_positions] = prefix_slots
+        self.slot_table[row.slot_table_row, : row.num_shared_positions] = prefix_slots
 
     def map_virtual(self, row: Row) -> None:
         """Give a prefix-tuned row's soft prompt positions slots of its own (its keys and values
         are written there, not computed)."""
-        self.table[row.slot_table_row, : row.num_virtual_tokens] = torch.tensor(self.slots_for(row, 0, row.num_virtual_tokens))
+        self.slot_table[row.slot_table_row, : row.num_virtual_tokens] = torch.tensor(self.slots_for(row, 0, row.num_virtual_tokens))
 
     def slots_for(self, row: Row, start: int, end: int) -> list[int]:
         """Cache slots of positions start..end-1 (own positions), taking reserved blocks as needed."""
@@ -92,5 +92,5 @@ class SlotManager:
         tensors are kept: every slot is written before it is read)."""
         self.kv.reset()
         self.prefix.clear()
-        self.table.zero_()
+        self.slot_table.zero_()
         self._free_table_rows = list(range(self.max_rows - 1, -1, -1))
