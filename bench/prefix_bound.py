@@ -83,7 +83,7 @@ def main() -> None:
                     core.step()
                 row = core.add(request(prompts[n], adapter, 2))
                 times[name].append(timed_step(core))
-                computed[name].append(row.prompt_positions - row.shared)
+                computed[name].append(row.num_prompt_positions - row.num_shared_positions)
                 if name == "cold":
                     times["floor"].append(timed_step(core))
                 else:

@@ -349,7 +349,7 @@ def evaluate(base: BaseModel, prompt: VirtualTokens, examples: list[Example], co
     total, tokens = 0.0, 0
     for start in range(0, len(encoded), config.batch_size):
         for rows in sizes.split(encoded[start : start + config.batch_size]):
-            rows_loss, rows_tokens = device.run(partial(loss_sum, rows))
+            rows_loss, rows_tokens = device.run_training_work(partial(loss_sum, rows))
             total, tokens = total + rows_loss, tokens + rows_tokens
             sizes.observe()
     accuracy = exact_match_accuracy(base, prompt, examples, config.template, config.max_length, device)
@@ -395,7 +395,7 @@ def train_adapter(
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
-    trainable = device.run(lambda: Trainable(base, config, train).to(base.device))  # float32, whatever the model's dtype
+    trainable = device.run_training_work(lambda: Trainable(base, config, train).to(base.device))  # float32, whatever the model's dtype
     optimizer = make_optimizer(trainable, config)
     # float16 gradients underflow: scale the loss up, and the gradients down before the step (a
     # step whose gradients overflowed is skipped and the scale lowered). bfloat16 needs none.
@@ -412,10 +412,10 @@ def train_adapter(
     if resume is None:
         order: list[int] = []
         best = (float("-inf"), float("-inf"))  # (accuracy, -loss): higher is better
-        best_prompt, best_step, best_loss, best_accuracy = device.run(lambda: trainable().detached()), 0, None, None
+        best_prompt, best_step, best_loss, best_accuracy = device.run_training_work(lambda: trainable().detached()), 0, None, None
         evals_without_gain, first_step = 0, 1
     else:
-        device.run(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
+        device.run_training_work(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
         if resume.loss_scale:
             scaler.load_state_dict(resume.loss_scale)
         order, best_prompt = list(resume.order), VirtualTokens(config.method, resume.best_prompt.to(base.device))
@@ -446,15 +446,15 @@ def train_adapter(
                     raise Cancelled
                 view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows,
                                                                      config.num_virtual_tokens))
-                loss_sum += device.run(partial(_accumulate, base, view, trainable, rows, targets, scaler))
+                loss_sum += device.run_training_work(partial(_accumulate, base, view, trainable, rows, targets, scaler))
                 train_sizes.observe()
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate_at(step, total, time.perf_counter() - started)
-            device.run(optimizer_step)
+            device.run_training_work(optimizer_step)
             hooks.on_step(step, total, step * config.batch_size / len(encoded), loss_sum / targets)
             out_of_time = config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s
             if step % config.eval_every == 0 or step == total or out_of_time:
-                prompt = device.run(lambda: trainable().detached())
+                prompt = device.run_training_work(lambda: trainable().detached())
                 eval_loss, accuracy = evaluate(base, prompt, held_out, config, device, eval_sizes)
                 hooks.on_eval(step, eval_loss, accuracy)
                 if (accuracy, -eval_loss) > best:
@@ -467,7 +467,7 @@ def train_adapter(
                         stopped_early = True
                         break
                 if step < total and not out_of_time:
-                    hooks.on_state(device.run(partial(state_at, step)))
+                    hooks.on_state(device.run_training_work(partial(state_at, step)))
             if out_of_time:
                 break
     except Cancelled:

@@ -23,29 +23,27 @@ Synchronous and single-threaded: `app.engine.engine.Engine` drives it from its o
 """
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.attention import RowGroup, StepAttention
 from app.engine.detokenize import IncrementalDetokenizer
+from app.engine.events import Admitted, EngineEvent, Failed, Finished, TokenAdded
 from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
 from app.engine.memory_plan import MemoryPlan
+from app.engine.model_runner import ModelRunner
 from app.engine.prefix_cache import PrefixCache, PrefixKey
-from app.engine.requests import GenerationRequest, GenerationResult, stop_token_ids
-from app.engine.runner import ModelRunner
+from app.engine.requests import FinishReason, GenerationRequest, GenerationResult, stop_token_ids
+from app.engine.rows import Row, ScheduledChunk
 from app.engine.sampling import RowSampling, SamplingParams, sample
-from app.engine.transfers import StepInputs
+from app.engine.slots import SlotManager
 
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 60.0
-KEY_BUCKET = 64  # attention pads each row's keys to a multiple of this (see EngineCore._groups)
 BASE_MODEL_KEY = PrefixKey("", "")
 
 
@@ -68,49 +66,10 @@ class EngineFault(RuntimeError):
         super().__init__("an internal error in the engine ended this request; the engine recovered, retry it")
 
 
-@dataclass(eq=False)
-class Row:
-    request: GenerationRequest
-    handle: object  # whatever the caller wants back with this row's events
-    key: PrefixKey
-    virtual: int  # soft prompt length: positions 0..virtual-1
-    tokens: list[int]  # the prompt, then generated tokens
-    sampling: RowSampling
-    detokenizer: IncrementalDetokenizer
-    result: GenerationResult
-    enqueued_at: float
-    lane: int = -1  # row of the slot table
-    computed: int = 0  # positions whose keys and values are cached
-    shared: int = 0  # positions read from a prefix entry
-    blocks: list[int] = field(default_factory=list)  # own blocks, in position order
-    borrowed: list[int] = field(default_factory=list)  # a prefix entry's blocks this row reads
-    reserved: int = 0  # blocks promised to this row and not yet taken
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    steps: int = 0  # engine steps this row was part of
-    step_rows: int = 0  # sum of the rows in those steps (for the mean batch size)
-    error: BaseException | None = None
-
-    @property
-    def length(self) -> int:
-        """Positions known: soft prompt, prompt and generated tokens (the newest not yet cached)."""
-        return self.virtual + len(self.tokens)
-
-    @property
-    def prompt_positions(self) -> int:
-        return self.virtual + self.result.prompt_tokens
-
-
-@dataclass
-class _Work:
-    row: Row
-    start: int  # first position computed in this step
-    count: int
-    offset: int  # index of its first token in the step's flat sequence
-
-
 class EngineCore:
+    """Admission, scheduling and what each step's outputs mean for their rows; where positions
+    live is `slots` (app.engine.slots), how a step runs is `runner` (app.engine.model_runner)."""
+
     def __init__(
         self,
         base: BaseModel,
@@ -135,13 +94,10 @@ class EngineCore:
         # The most positions one row may hold: the whole cache, or less where the caller bounds requests.
         capacity = self.kv.capacity_blocks * BLOCK_SIZE
         self.max_row_positions = min(capacity, max_row_positions or capacity)
-        # lane, position -> slot, on the host (a step's indices are worked out there, then sent in
-        # one copy: app.engine.transfers); as wide as the longest row's keys padded to a whole bucket
-        self.table = torch.zeros(max_rows, -(-self.max_row_positions // KEY_BUCKET) * KEY_BUCKET, dtype=torch.long)
+        self.slots = SlotManager(self.kv, self.prefix, max_rows, self.max_row_positions)
         self._prefix_writes: list[Row] = []  # admitted prefix-tuned rows whose keys and values the next pass writes
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
-        self._free_lanes = list(range(max_rows - 1, -1, -1))
         self._admitting: Row | None = None  # the waiting row being admitted, while it is
         self.faults = 0  # engine faults healed
         self.consecutive_faults = 0  # since the last step that went through
@@ -190,8 +146,8 @@ class EngineCore:
         row = Row(
             request=request,
             handle=handle,
-            key=BASE_MODEL_KEY if soft is None else PrefixKey(soft.adapter_id, soft.digest),
-            virtual=0 if soft is None else len(soft),
+            prefix_key=BASE_MODEL_KEY if soft is None else PrefixKey(soft.adapter_id, soft.digest),
+            num_virtual_tokens=0 if soft is None else len(soft),
             tokens=list(request.prompt_ids),
             sampling=RowSampling.create(request.temperature, request.top_p, request.seed, self.device),
             detokenizer=IncrementalDetokenizer(self.base.tokenizer),
@@ -212,38 +168,37 @@ class EngineCore:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[str, Row]]:
-        """Admit what fits, then advance every row by one forward pass. Returns events:
-        ("admitted", row), ("token", row) after each new token (the row's result so far),
-        ("finished", row) and ("failed", row)."""
-        return self.admit() + self.run()
+    def step(self) -> list[EngineEvent]:
+        """Admit what fits, then advance every row by one forward pass. Returns the step's
+        events (app.engine.events)."""
+        return self.admit() + self.forward_step()
 
-    def admit(self) -> list[tuple[str, Row]]:
+    def admit(self) -> list[EngineEvent]:
         """Drop cancelled rows and admit waiting requests while rows and KV blocks allow."""
-        events: list[tuple[str, Row]] = []
+        events: list[EngineEvent] = []
         try:
             for row in [r for r in self.running if r.request.cancelled.is_set()]:
-                self._finish(row, "cancelled", events)
+                self._finish(row, FinishReason.CANCELLED, events)
             self._admit(events)
         except Exception as exc:
             self._heal(exc, events)
         return events
 
-    def run(self) -> list[tuple[str, Row]]:
+    def forward_step(self) -> list[EngineEvent]:
         """One forward pass over the running rows, and a token for each row it completes."""
-        events: list[tuple[str, Row]] = []
+        events: list[EngineEvent] = []
         try:
-            self._run(events)
+            self._forward_step(events)
         except Exception as exc:
             self._heal(exc, events)
         return events
 
-    def _run(self, events: list) -> None:
+    def _forward_step(self, events: list[EngineEvent]) -> None:
         work = self._plan()
         if not work:
             return
         try:
-            logits, sampling, params = self._forward(work)
+            logits, sampled_rows, params = self._forward(work)
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
@@ -253,164 +208,73 @@ class EngineCore:
         self.steps += 1
         self.rows_stepped += len(work)
         for item in work:
-            item.row.computed += item.count
-            item.row.steps += 1
-            item.row.step_rows += len(work)
-            if item.row.computed == item.row.prompt_positions:
+            item.row.num_computed_positions += item.num_positions
+            item.row.num_steps += 1
+            item.row.num_step_rows += len(work)
+            if item.row.num_computed_positions == item.row.num_prompt_positions:
                 self._offer_prefix(item.row)
         if self.logits_hook is not None:
-            self.logits_hook(sampling, logits)
-        self._take_tokens(sampling, logits, params, events)
+            self.logits_hook(sampled_rows, logits)
+        self._take_tokens(sampled_rows, logits, params, events)
 
-    def _admit(self, events: list) -> None:
-        while self.waiting and self._free_lanes:
+    def _admit(self, events: list[EngineEvent]) -> None:
+        while self.waiting and self.slots.has_free_table_row():
             row = self.waiting[0]
             if row.request.cancelled.is_set():
                 self.waiting.popleft()
-                self._finish(row, "cancelled", events)
+                self._finish(row, FinishReason.CANCELLED, events)
                 continue
             self._admitting = row
-            prefix_slots = self._reserve(row)
+            prefix_slots = self.slots.reserve(row, self.positions_needed(row.request))
             if prefix_slots is None:
                 return  # first come, first served: the head waits for memory, and so do the rest
             self.waiting.popleft()
-            row.lane = self._free_lanes.pop()
+            row.slot_table_row = self.slots.take_table_row()
             row.admitted_at = time.perf_counter()
             self.running.append(row)
             self.requests_admitted += 1
-            events.append(("admitted", row))
-            self.table[row.lane, : row.shared] = prefix_slots
-            if row.computed < row.virtual and row.request.soft_prompt.prefix_kv is not None:
+            events.append(Admitted(row))
+            self.slots.map_shared(row, prefix_slots)
+            if row.num_computed_positions < row.num_virtual_tokens and row.request.soft_prompt.prefix_kv is not None:
                 # A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not
                 # computed: its own slots get them before the next pass (a later row of that
                 # adapter reads them from the prefix cache once this row has offered its prompt).
-                self.table[row.lane, : row.virtual] = torch.tensor(self._slots(row, 0, row.virtual))
-                row.computed = row.virtual
+                self.slots.map_virtual(row)
+                row.num_computed_positions = row.num_virtual_tokens
                 self._prefix_writes.append(row)
         self._admitting = None
 
-    def _reserve(self, row: Row) -> torch.Tensor | None:
-        """Reserve the row's worst-case blocks, reading what it can from a prefix entry, and
-        return the slots it reads; None while the pool is short. Cached prefixes are evicted,
-        oldest first, only when that frees enough (blocks running rows read are not freed)."""
-        total = self.positions_needed(row.request)
-        while True:
-            entry, shared = self.prefix.match(row.key, row.tokens, row.length)
-            blocks = math.ceil((total - shared) / BLOCK_SIZE)
-            if blocks > self.kv.available + self.prefix.reclaimable_blocks():
-                return None
-            if entry is not None:
-                self.kv.share(entry.blocks)  # held before any eviction could free them
-            if self.kv.reserve(blocks):
-                break
-            if entry is not None:
-                self.kv.release(entry.blocks)
-            if not self.prefix.evict_oldest():
-                return None
-        self.prefix.record(row.key, shared)
-        row.reserved = blocks
-        if entry is None:
-            return self.table.new_empty(0)
-        row.borrowed, row.shared, row.computed = entry.blocks, shared, shared
-        return entry.slots[:shared]
-
-    def _plan(self) -> list[_Work]:
+    def _plan(self) -> list[ScheduledChunk]:
         """Decoding rows first (one token each), then prompt chunks in admission order."""
         budget = self.max_step_tokens
         work, offset = [], 0
         for row in self.running:
-            if row.length - row.computed == 1:
-                work.append(_Work(row, row.computed, 1, offset))
+            if row.num_positions - row.num_computed_positions == 1:
+                work.append(ScheduledChunk(row, row.num_computed_positions, 1, offset))
                 offset += 1
         budget -= offset
         for row in self.running:
-            pending = row.length - row.computed
+            pending = row.num_positions - row.num_computed_positions
             if pending > 1 and budget > 0:
                 count = min(pending, budget)
-                work.append(_Work(row, row.computed, count, offset))
+                work.append(ScheduledChunk(row, row.num_computed_positions, count, offset))
                 offset += count
                 budget -= count
         return work
 
-    def _slots(self, row: Row, start: int, end: int) -> list[int]:
-        """Cache slots of positions start..end-1 (own positions), taking reserved blocks as needed."""
-        last_block = (end - 1 - row.shared) // BLOCK_SIZE
-        while len(row.blocks) <= last_block:
-            row.blocks.append(self.kv.take_reserved())
-            row.reserved -= 1
-        blocks = row.blocks
-        return [blocks[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE for q in range(start - row.shared, end - row.shared)]
-
-    def _forward(self, work: list[_Work]) -> tuple[torch.Tensor, list[Row], SamplingParams]:
+    def _forward(self, work: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Row], SamplingParams]:
         """One pass over the step's work. Its inputs are worked out on the host and sent in one copy."""
-        lanes, positions, slots, ids = [], [], [], []
-        virtual_at, virtual_rows = [], []  # flat index and embedding of soft-prompt positions
-        logits_at, sampling = [], []
-        for item in work:
-            row, start, end = item.row, item.start, item.start + item.count
-            lanes += [row.lane] * item.count
-            positions += range(start, end)
-            slots += self._slots(row, start, end)
-            ids += [row.tokens[p - row.virtual] if p >= row.virtual else 0 for p in range(start, end)]
-            if start < row.virtual:
-                virtual_at += range(item.offset, item.offset + min(end, row.virtual) - start)
-                virtual_rows.append(row.request.soft_prompt.embeddings[start : min(end, row.virtual)])
-            if end == row.length:
-                logits_at.append(item.offset + item.count - 1)
-                sampling.append(row)
-        self.table[lanes, positions] = torch.tensor(slots)
-        inputs = StepInputs()
-        ids_in, positions_in, slots_in = inputs.ints(ids), inputs.ints(positions), inputs.ints(slots)
-        virtual_at_in, logits_at_in = inputs.ints(virtual_at), inputs.ints(logits_at)
-        prefix_writes = [(row, inputs.ints(self.table[row.lane, : row.virtual])) for row in self._prefix_writes
-                         if row in self.running]
-        groups = self._groups(work, inputs)
-        sampling_params = SamplingParams.add_to(inputs, [row.sampling for row in sampling])
-        inputs.send(self.device)
-        for row, prefix_slots in prefix_writes:
-            kv = row.request.soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
-            self.kv.keys[:, prefix_slots.tensor] = kv[:, 0].to(self.kv.keys.dtype)
-            self.kv.values[:, prefix_slots.tensor] = kv[:, 1].to(self.kv.values.dtype)
+        prefix_writes = [row for row in self._prefix_writes if row in self.running]
+        step = self.runner.prepare_step(work, self.slots, prefix_writes)
+        self.runner.send(step, self.kv)
         self._prefix_writes = []
-        embeds = self.runner.embed(ids_in.tensor)
-        if virtual_at:
-            soft = torch.cat(virtual_rows).to(device=embeds.device, dtype=embeds.dtype)
-            embeds.index_copy_(0, virtual_at_in.tensor, soft)
-        step = StepAttention(self.kv.keys, self.kv.values, slots_in.tensor, [group() for group in groups],
-                             self.attention_temporary_bytes)
-        logits = self.runner.forward(embeds, positions_in.tensor, step, logits_at_in.tensor)
-        return logits, sampling, sampling_params()
-
-    def _groups(self, work: list[_Work], inputs: StepInputs) -> list[Callable[[], RowGroup]]:
-        """Rows attend in groups of the same number of new tokens whose keys fit the same bucket of
-        KEY_BUCKET positions, padded to the bucket's end. How a row's attention sums its keys then
-        depends on that row alone, never on which rows share its step (softmax and the weighted
-        sum of values reduce over the padded length): a row's greedy output is the same alone or
-        in any batch, bit for bit. Decoding rows mostly share a few buckets, so they still attend
-        in a few batched calls."""
-        groups: dict[tuple[int, int], list[_Work]] = {}
-        for item in work:
-            bucket = -(-(item.start + item.count) // KEY_BUCKET)
-            groups.setdefault((item.count, bucket), []).append(item)
-        return [self._group(items, bucket * KEY_BUCKET, inputs) for (_, bucket), items in groups.items()]
-
-    def _group(self, items: list[_Work], keys: int, inputs: StepInputs) -> Callable[[], RowGroup]:
-        """The group's indices, put in the step's inputs; the returned call makes the group once sent."""
-        rows, queries = len(items), items[0].count
-        key_lengths = torch.tensor([w.start + w.count for w in items])
-        # Past a row's own positions its lane may hold an earlier row's slots: read the padding
-        # block instead, so nothing another row left (even NaN) can reach this one's softmax.
-        slots = self.table[[w.row.lane for w in items], :keys].masked_fill(torch.arange(keys) >= key_lengths[:, None], 0)
-        tokens = inputs.ints([t for w in items for t in range(w.offset, w.offset + w.count)])
-        slots_in = inputs.ints(slots)
-        query_positions = inputs.ints([p for w in items for p in range(w.start, w.start + w.count)], (rows, queries))
-        key_lengths_in = inputs.ints(key_lengths)
-        return lambda: RowGroup(tokens=tokens.tensor, slots=slots_in.tensor, query_positions=query_positions.tensor,
-                                key_lengths=key_lengths_in.tensor, rows=rows, queries=queries, keys=keys)
+        logits = self.runner.run_step(step, self.kv, self.attention_temporary_bytes)
+        return logits, step.sampled_rows, step.sampling_params()
 
     # -- tokens out -----------------------------------------------------------------------------
 
-    def _take_tokens(self, rows: list[Row], logits: torch.Tensor, params: SamplingParams, events: list) -> None:
+    def _take_tokens(self, rows: list[Row], logits: torch.Tensor, params: SamplingParams,
+                     events: list[EngineEvent]) -> None:
         if not rows:
             return
         tokens, usable = _sample_rows(logits, [row.sampling for row in rows], params)
@@ -429,10 +293,10 @@ class EngineCore:
             except Exception as exc:  # this row alone
                 row.error = exc
                 self._release(row)
-                events.append(("failed", row))
+                events.append(Failed(row))
                 continue
             if finish is None:
-                events.append(("token", row))
+                events.append(TokenAdded(row))
             else:
                 self._finish(row, finish, events)
         self.tokens_generated += made
@@ -441,12 +305,12 @@ class EngineCore:
         while self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
 
-    def _accept(self, row: Row, token: int) -> str | None:
+    def _accept(self, row: Row, token: int) -> FinishReason | None:
         """Record one token; return the finish reason if the row is done."""
         result, request = row.result, row.request
         if token in self.eos_ids:
             result.text += row.detokenizer.finish()
-            return "stop"
+            return FinishReason.STOP
         row.tokens.append(token)
         result.token_ids.append(token)
         seen = len(result.text)
@@ -458,39 +322,37 @@ class EngineCore:
             cut = min((i for s in request.stop if (i := result.text.find(s, start)) >= 0), default=-1)
             if cut >= 0:
                 result.text = result.text[:cut]
-                return "stop"
+                return FinishReason.STOP
         if len(result.token_ids) >= request.max_new_tokens:
             result.text += row.detokenizer.finish()
-            return "length"
+            return FinishReason.LENGTH
         return None
 
-    def _finish(self, row: Row, reason: str, events: list) -> None:
+    def _finish(self, row: Row, reason: FinishReason, events: list[EngineEvent]) -> None:
         row.result.finish_reason = reason
         self._release(row)
-        events.append(("finished", row))
+        events.append(Finished(row))
 
     def _release(self, row: Row) -> None:
         row.finished_at = time.perf_counter()
         if row in self.running:
             self.running.remove(row)
-            self._free_lanes.append(row.lane)
-        self.kv.release(row.blocks)
-        self.kv.release(row.borrowed)
-        self.kv.release_reservation(row.reserved)
-        row.blocks, row.borrowed, row.reserved = [], [], 0
+            self.slots.free_table_row(row.slot_table_row)
+        self.slots.release(row)
 
     def _offer_prefix(self, row: Row) -> None:
-        length = row.prompt_positions
-        self.prefix.offer(row.key, row.virtual, row.tokens[: row.result.prompt_tokens], self.table[row.lane, :length])
+        length = row.num_prompt_positions
+        self.prefix.offer(row.prefix_key, row.num_virtual_tokens, row.tokens[: row.result.prompt_tokens],
+                          self.slots.slot_table[row.slot_table_row, :length])
 
-    def _shed_newest(self, work: list[_Work], events: list) -> None:
+    def _shed_newest(self, work: list[ScheduledChunk], events: list[EngineEvent]) -> None:
         newest = max((w.row for w in work), key=lambda r: r.admitted_at)
         newest.error = EngineOverloaded("the server ran short of memory; retry later")
         self.rows_shed += 1
         self._release(newest)
-        events.append(("failed", newest))
+        events.append(Failed(newest))
 
-    def _heal(self, exc: Exception, events: list) -> None:
+    def _heal(self, exc: Exception, events: list[EngineEvent]) -> None:
         """An engine fault: fail the running rows, then rebuild the slot table, the KV pool's
         bookkeeping and the prefix cache from scratch (the pool's tensors are kept: every slot is
         written before it is read). Waiting requests keep their place. Raises if it cannot rebuild."""
@@ -501,27 +363,24 @@ class EngineCore:
         log.error("engine fault: failing %d rows and rebuilding the engine's state", len(rows), exc_info=exc)
         self.faults += 1
         self.consecutive_faults += 1
-        self.kv.reset()
-        self.prefix.clear()
-        self.table.zero_()
+        self.slots.reset()
         self._prefix_writes = []
-        self._free_lanes = list(range(self.max_rows - 1, -1, -1))
         self.running, self._admitting = [], None
         now = time.perf_counter()
         for row in rows:
             row.error = EngineFault()
             row.error.__cause__ = exc
             row.finished_at = now
-            row.blocks, row.borrowed, row.reserved = [], [], 0
-            events.append(("failed", row))
+            row.forget_blocks()
+            events.append(Failed(row))
 
-    def fail_all(self, exc: BaseException) -> list[tuple[str, Row]]:
+    def fail_all(self, exc: BaseException) -> list[EngineEvent]:
         """Fail every row, running or waiting, touching nothing else: the engine cannot go on."""
-        events = []
+        events: list[EngineEvent] = []
         for row in [*self.running, *self.waiting]:
             row.error = exc
             row.finished_at = time.perf_counter()
-            events.append(("failed", row))
+            events.append(Failed(row))
         self.running, self.waiting = [], deque()
         return events
 

@@ -9,7 +9,7 @@ that only trains, work runs in the caller's thread and the pause points do nothi
 The pause of a model whose training work is running is kept per model, readable from any thread,
 not in a context variable: on CUDA, autograd runs backward (and its hooks, where half the pause
 points are) on threads of its own, which would never see one. The engine also turns autograd's
-device threads off while training work runs (see Engine._train), so backward stays on its thread.
+device threads off while training work runs (see app.engine.turns), so backward stays on its thread.
 """
 
 import threading
@@ -34,7 +34,7 @@ class Device(Protocol):
     # (`generate`); otherwise through a pool of its own, for that generation only.
     serves: bool
 
-    def run(self, work: Callable[[], T]) -> T: ...
+    def run_training_work(self, work: Callable[[], T]) -> T: ...
 
     def generate(self, requests: list, timeout: float = ...) -> list: ...
 
@@ -46,7 +46,7 @@ class InlineDevice:
     last_longest_piece_s = 0.0
     serves = False
 
-    def run(self, work: Callable[[], T]) -> T:
+    def run_training_work(self, work: Callable[[], T]) -> T:
         return work()
 
     def generate(self, requests: list, timeout: float = 0.0) -> list:

@@ -10,13 +10,8 @@ deadline) sets its request's cancel flag, and its row leaves at the next step. E
 the event loop once per step.
 
 The engine's thread is the only one that computes on the model, so training on the node's model
-runs here too (`run`, the `Device` of app.engine.device). Inference has priority: a training work
-item starts when no inference work is left, and inside it, at each pause point (between decoder
-layers, forward and backward), waiting inference runs first, until none is left. A request
-arriving during training waits for the current stretch of training only, never a whole step.
-Under sustained load training still progresses: once serving has run SERVING_SHARE times the
-training budget since training last ran, and no request waits for its first token, training gets
-one stretch (so at most a fifth of the model's time goes to training while serving is busy).
+runs here too (`run_training_work`, the `Device` of app.engine.device), taking turns with serving
+as app.engine.turns decides.
 """
 
 import asyncio
@@ -32,14 +27,15 @@ from typing import TypeVar
 
 import torch
 
-from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore, Row
-from app.engine.device import pausing, synchronize
-from app.engine.requests import GenerationRequest, GenerationResult
+from app.engine.core import THROUGHPUT_WINDOW_S, EngineCore
+from app.engine.events import Admitted, EngineEvent, Failed, Finished, TokenAdded
+from app.engine.requests import FinishReason, GenerationRequest, GenerationResult
+from app.engine.rows import Row
 from app.engine.threads import default_threads, take_cores
+from app.engine.turns import Activity, TrainingItem, Turns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SERVING_SHARE = 4
 
 
 class EngineStopped(RuntimeError):
@@ -89,11 +85,9 @@ class _Pending:
     training_pieces_at_first_token: int | None = None
 
 
-@dataclass(eq=False)
-class _TrainingItem:
-    work: Callable[[], object]
-    done: threading.Event = field(default_factory=threading.Event)
-    outcome: tuple[bool, object] | None = None  # (True, result) or (False, exception)
+# What the event loop is told about one request: it left the queue, a stream update, its
+# completion, or the error that ended it.
+_Delivery = tuple[_Pending, Admitted | StreamUpdate | Completion | BaseException]
 
 
 def _completion(row: Row) -> Completion:
@@ -105,7 +99,7 @@ def _completion(row: Row) -> Completion:
         queue_seconds=admitted - start,
         first_token_seconds=(row.first_token_at or row.finished_at) - start,
         inference_seconds=row.finished_at - admitted,
-        batch_size=row.step_rows / row.steps if row.steps else 0.0,
+        batch_size=row.num_step_rows / row.num_steps if row.num_steps else 0.0,
         training_pieces_waited=0 if first_token_pieces is None else first_token_pieces - pending.training_pieces_at_arrival,
     )
 
@@ -132,16 +126,26 @@ class Engine:
         self._loop_thread: int | None = None
         self.requests_cancelled = 0
         self._recent: deque[tuple[float, Completion]] = deque()  # finished in the last minute
-        # Training work (Device): items wait here for the engine's thread.
-        self.step_budget_s = train_step_budget_s
-        self.last_longest_piece_s = 0.0
-        self._training: deque[_TrainingItem] = deque()
-        # The engine's own accounting: what the model is computing now, and how much training ran.
-        self.activity: str | None = None  # "inference", "training" or None
-        self._training_ran_at = 0.0  # when the last stretch of training ended
-        self.training_items = 0
-        self.training_pieces = 0  # stretches of training between pause points, begun so far
+        self.turns = Turns(train_step_budget_s)  # training work (Device) and its turns with serving
         self.broken: str | None = None  # why the engine cannot serve, once it cannot
+
+    # -- the Device's numbers, and the turns' accounting -----------------------------------------
+
+    @property
+    def step_budget_s(self) -> float | None:
+        return self.turns.step_budget_s
+
+    @property
+    def last_longest_piece_s(self) -> float:
+        return self.turns.last_longest_piece_s
+
+    @property
+    def activity(self) -> Activity | None:
+        return self.turns.activity
+
+    @property
+    def training_items(self) -> int:
+        return self.turns.training_items
 
     # -- event loop side ------------------------------------------------------------------------
 
@@ -169,7 +173,7 @@ class Engine:
     def stats(self) -> dict:
         return self.core.stats() | {"healthy": int(self.problem() is None), "queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
                                     "requests_cancelled": self.requests_cancelled,
-                                    "training_items": self.training_items, "training_active": self.activity == "training"}
+                                    "training_items": self.training_items, "training_active": self.activity == Activity.TRAINING}
 
     def recent_latency(self) -> dict[str, dict[str, float] | None]:
         """Median and 90th percentile, over requests finished in the last minute, of the time each
@@ -201,23 +205,23 @@ class Engine:
             self._stopping = True
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
-        while self._training:  # never to run: their callers stop waiting
-            self._settle(self._training.popleft(), (False, EngineStopped("the engine stopped")))
+        while self.turns.waiting:  # never to run: their callers stop waiting
+            self.turns.waiting.popleft().settle((False, EngineStopped("the engine stopped")))
 
     # -- training threads' side (Device) -------------------------------------------------------
 
-    def run(self, work: Callable[[], T]) -> T:
+    def run_training_work(self, work: Callable[[], T]) -> T:
         """Run training work on the engine's thread, when no inference waits, and return its
         result (or raise its exception). Blocks the calling thread, which must not be the event
         loop's (it would stop serving) nor the engine's own."""
         if threading.get_ident() in (self._loop_thread, self._thread.ident):
             raise RuntimeError("training work must be handed to the engine from a thread of its own")
-        item = _TrainingItem(work)
-        self._training.append(item)
+        item = TrainingItem(work)
+        self.turns.waiting.append(item)
         self._wake.set()
-        if self._stopping and item in self._training:
-            self._training.remove(item)
-            self._settle(item, (False, EngineStopped("the engine stopped")))
+        if self._stopping and item in self.turns.waiting:
+            self.turns.waiting.remove(item)
+            item.settle((False, EngineStopped("the engine stopped")))
         item.done.wait()
         ok, value = item.outcome
         if not ok:
@@ -234,11 +238,6 @@ class Engine:
                 return [completion.result for completion in waiting.result()]
             except QueueFull:
                 time.sleep(0.05)
-
-    @staticmethod
-    def _settle(item: _TrainingItem, outcome: tuple[bool, object]) -> None:
-        item.outcome = outcome
-        item.done.set()
 
     def drop_adapter(self, adapter_id: str) -> None:
         """Free the adapter's cached prefixes (before the engine's next step)."""
@@ -262,7 +261,7 @@ class Engine:
             raise QueueFull
         loop = asyncio.get_running_loop()
         pendings = [_Pending(request, loop.create_future(), asyncio.Queue() if streaming else None,
-                             training_pieces_at_arrival=self.training_pieces) for request in requests]
+                             training_pieces_at_arrival=self.turns.training_pieces) for request in requests]
         for pending, positions in zip(pendings, work):
             self._waiting[pending] = positions
             pending.future.add_done_callback(lambda future, pending=pending: self._done(pending))
@@ -323,26 +322,27 @@ class Engine:
         while self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
 
-    def _deliver(self, events: list[tuple[str, _Pending, object]]) -> None:
-        for kind, pending, payload in events:
-            if kind == "admitted":
-                self._leave_queue(pending)
-            elif kind == "token":
-                pending.updates.put_nowait(payload)
-            elif kind == "finished":
-                if payload.result.finish_reason != "cancelled":
-                    self._remember(payload)
-                if pending.updates is not None:
-                    pending.updates.put_nowait(StreamUpdate(payload.result, True))
-                if not pending.future.done():
-                    pending.future.set_result(payload)
-            else:  # failed: a stream reports it through its updates, a plain request through its future
-                if pending.updates is not None:
-                    pending.updates.put_nowait(payload)
-                if not pending.future.done():
-                    pending.future.set_exception(payload)
+    def _deliver(self, deliveries: list[_Delivery]) -> None:
+        for pending, news in deliveries:
+            match news:
+                case Admitted():
+                    self._leave_queue(pending)
+                case StreamUpdate():
+                    pending.updates.put_nowait(news)
+                case Completion():
+                    if news.result.finish_reason != FinishReason.CANCELLED:
+                        self._remember(news)
                     if pending.updates is not None:
-                        pending.future.exception()  # retrieved: the stream raises it instead
+                        pending.updates.put_nowait(StreamUpdate(news.result, True))
+                    if not pending.future.done():
+                        pending.future.set_result(news)
+                case _:  # failed: a stream reports it through its updates, a plain request through its future
+                    if pending.updates is not None:
+                        pending.updates.put_nowait(news)
+                    if not pending.future.done():
+                        pending.future.set_exception(news)
+                        if pending.updates is not None:
+                            pending.future.exception()  # retrieved: the stream raises it instead
 
     # -- engine thread --------------------------------------------------------------------------
 
@@ -369,11 +369,11 @@ class Engine:
             if self._stopping:
                 return
             self._take_new_work()
-            if self._training and (not self.core.has_work() or self._training_due()):
-                self._train(self._training.popleft())
+            if self.turns.waiting and (not self.core.has_work() or self._training_due()):
+                self._train(self.turns.waiting.popleft())
             elif self.core.has_work():
                 self._serve_step()
-            if self.core.has_work() or self._training:
+            if self.core.has_work() or self.turns.waiting:
                 self._wake.set()  # more to do
 
     def _break(self, reason: str, exc: BaseException) -> None:
@@ -382,9 +382,9 @@ class Engine:
         self.broken = reason
         error = EngineBroken(reason)
         error.__cause__ = exc
-        self._post([("failed", row.handle, error) for _, row in self.core.fail_all(error)])
+        self._post([(event.row.handle, error) for event in self.core.fail_all(error)])
         for pending in list(self._inbox):
-            self._post([("failed", pending, error)])
+            self._post([(pending, error)])
         self._inbox.clear()
 
     def _take_new_work(self) -> None:
@@ -396,89 +396,57 @@ class Engine:
             try:
                 self.core.add(pending.request, handle=pending, arrived_at=pending.arrived_at)
             except Exception as exc:  # this request alone cannot run
-                refused.append(("failed", pending, exc))
+                refused.append((pending, exc))
         self._post(refused)
 
     def _serve_step(self) -> None:
-        paused = self.activity
-        self.activity = "inference"
+        paused = self.turns.activity
+        self.turns.activity = Activity.INFERENCE
         try:
             with torch.inference_mode():
-                self._post(self._events(self.core.admit()))  # before the pass, which may take a while
-                self._post(self._events(self.core.run()))
+                self._post(self._deliveries(self.core.admit()))  # before the pass, which may take a while
+                self._post(self._deliveries(self.core.forward_step()))
         except Exception as exc:  # a fault the core could not heal
             self._break("the engine could not rebuild its state after a fault", exc)
         finally:
-            self.activity = paused
+            self.turns.activity = paused
 
     def _training_due(self) -> bool:
-        """Whether training, while inference has work, gets its turn: serving has had the model for
-        SERVING_SHARE budgets since training last ran, and no request waits for its first token."""
-        if self.step_budget_s is None:
-            return False
-        served_for = time.perf_counter() - self._training_ran_at
-        return served_for >= SERVING_SHARE * self.step_budget_s and not self.core.awaiting_first_token()
+        return self.turns.training_due(self.core.awaiting_first_token)
 
-    def _train(self, item: _TrainingItem) -> None:
-        """Run one training work item, serving whatever inference arrives at its pause points.
-        Stretches of training are timed after a device synchronize: on CUDA a clock read alone
-        would time kernel launches, not the work."""
-        self.training_items += 1
-        self.training_pieces += 1
-        self.last_longest_piece_s = 0.0
-        device = self.core.device
-        piece_started = time.perf_counter()
+    def _train(self, item: TrainingItem) -> None:
+        self.turns.train(item, self.core.base.model, self.core.device, self._serve_between_pieces)
 
-        def pause() -> None:
-            nonlocal piece_started
-            synchronize(device)
-            self._training_ran_at = time.perf_counter()
-            self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
-            while not self._stopping:
-                self._take_new_work()
-                if not self.core.has_work() or self._training_due():
-                    break
-                self._serve_step()
-            self.training_pieces += 1
-            piece_started = time.perf_counter()
+    def _serve_between_pieces(self) -> None:
+        """At a pause point of training work: serve until no inference waits, or training is due."""
+        while not self._stopping:
+            self._take_new_work()
+            if not self.core.has_work() or self._training_due():
+                break
+            self._serve_step()
 
-        self.activity = "training"
-        try:
-            # Backward on this thread (autograd would run CUDA's on threads of its own), pausing
-            # wherever it runs.
-            with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False), \
-                    pausing(self.core.base.model, pause):
-                outcome = (True, item.work())
-        except BaseException as exc:  # the work's own failure: its caller gets it
-            outcome = (False, exc)
-        finally:
-            self.activity = None
-        synchronize(device)
-        self._training_ran_at = time.perf_counter()
-        self.last_longest_piece_s = max(self.last_longest_piece_s, self._training_ran_at - piece_started)
-        self._settle(item, outcome)
+    def _post(self, deliveries: list[_Delivery]) -> None:
+        if deliveries:
+            self._loop.call_soon_threadsafe(self._deliver, deliveries)
 
-    def _post(self, events: list[tuple[str, _Pending, object]]) -> None:
-        if events:
-            self._loop.call_soon_threadsafe(self._deliver, events)
-
-    def _events(self, rows: list[tuple[str, Row]]) -> list[tuple[str, _Pending, object]]:
-        for kind, row in rows:
-            if kind in ("token", "finished") and row.handle.training_pieces_at_first_token is None:
-                row.handle.training_pieces_at_first_token = self.training_pieces
-        return [(kind, row.handle, self._payload(kind, row)) for kind, row in rows
-                if kind != "token" or row.handle.updates is not None]
+    def _deliveries(self, events: list[EngineEvent]) -> list[_Delivery]:
+        for event in events:
+            if isinstance(event, TokenAdded | Finished) and event.row.handle.training_pieces_at_first_token is None:
+                event.row.handle.training_pieces_at_first_token = self.turns.training_pieces
+        return [(event.row.handle, self._news(event)) for event in events
+                if not isinstance(event, TokenAdded) or event.row.handle.updates is not None]
 
     @staticmethod
-    def _payload(kind: str, row: Row):
-        if kind == "token":
-            snapshot = replace(row.result, token_ids=list(row.result.token_ids))
-            return StreamUpdate(snapshot, False)
-        if kind == "finished":
-            return _completion(row)
-        if kind == "failed":
-            return row.error
-        return None
+    def _news(event: EngineEvent) -> Admitted | StreamUpdate | Completion | BaseException:
+        match event:
+            case TokenAdded(row):
+                return StreamUpdate(replace(row.result, token_ids=list(row.result.token_ids)), False)
+            case Finished(row):
+                return _completion(row)
+            case Failed(row):
+                return row.error
+            case Admitted():
+                return event
 
 
 class RequestStream:

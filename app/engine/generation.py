@@ -34,8 +34,8 @@ def generate_batch(base: BaseModel, requests: Sequence[GenerationRequest], devic
             core.step()
         return core.has_work()
 
-    core, rows = device.run(start)
-    while device.run(step):
+    core, rows = device.run_training_work(start)
+    while device.run_training_work(step):
         pass
     for row in rows:
         if row.error is not None:

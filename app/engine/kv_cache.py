@@ -49,29 +49,29 @@ class KVCache:
         written before it is read)."""
         self._free = list(range(self.num_blocks - 1, 0, -1))  # pop() hands out low blocks first
         self._refs = [0] * self.num_blocks
-        self.reserved = 0  # blocks promised to admitted rows, not yet handed out
+        self.num_reserved_blocks = 0  # promised to admitted rows, not yet handed out
 
     @property
     def capacity_blocks(self) -> int:
         return self.num_blocks - 1
 
     @property
-    def available(self) -> int:
+    def num_available_blocks(self) -> int:
         """Blocks that can still be promised."""
-        return len(self._free) - self.reserved
+        return len(self._free) - self.num_reserved_blocks
 
     def reserve(self, blocks: int) -> bool:
-        if blocks > self.available:
+        if blocks > self.num_available_blocks:
             return False
-        self.reserved += blocks
+        self.num_reserved_blocks += blocks
         return True
 
     def release_reservation(self, blocks: int) -> None:
-        self.reserved -= blocks
+        self.num_reserved_blocks -= blocks
 
     def take_reserved(self) -> int:
         """Hand out one block of a reservation."""
-        self.reserved -= 1
+        self.num_reserved_blocks -= 1
         block = self._free.pop()
         self._refs[block] = 1
         return block
@@ -95,8 +95,8 @@ class KVCache:
         return {
             "capacity_tokens": self.capacity_blocks * BLOCK_SIZE,
             "used_tokens": used * BLOCK_SIZE,
-            "reserved_tokens": self.reserved * BLOCK_SIZE,
-            "usage": (used + self.reserved) / self.capacity_blocks,
+            "reserved_tokens": self.num_reserved_blocks * BLOCK_SIZE,
+            "usage": (used + self.num_reserved_blocks) / self.capacity_blocks,
             "block_size": BLOCK_SIZE,
             "bytes_per_token": self.shape.bytes_per_token,
             "capacity_bytes": self.capacity_blocks * BLOCK_SIZE * self.shape.bytes_per_token,

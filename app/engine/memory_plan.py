@@ -18,7 +18,7 @@ import torch
 from app.engine.attention import RowGroup, StepAttention
 from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
-from app.engine.runner import ModelRunner
+from app.engine.model_runner import ModelRunner
 
 # A training micro-step as profiled: the default job's batch (8 rows of 128 tokens), without
 # activation checkpointing, an upper bound of what a default job holds.

@@ -29,14 +29,14 @@ class PrefixKey:
 
 @dataclass(eq=False)
 class PrefixEntry:
-    virtual: int  # soft prompt length
+    num_virtual_tokens: int  # the soft prompt's length
     tokens: tuple[int, ...]  # prompt tokens after the soft prompt
-    slots: torch.Tensor  # cache slot of each position, [virtual + len(tokens)]
+    slots: torch.Tensor  # cache slot of each position, [num_virtual_tokens + len(tokens)]
     blocks: list[int]  # blocks this entry holds a reference on
 
     @property
     def length(self) -> int:
-        return self.virtual + len(self.tokens)
+        return self.num_virtual_tokens + len(self.tokens)
 
 
 def _common_length(a: tuple[int, ...], b: list[int]) -> int:
@@ -53,7 +53,7 @@ class PrefixCache:
         self.kv = kv
         self.capacity_tokens = capacity_tokens
         self._entries: OrderedDict[PrefixKey, PrefixEntry] = OrderedDict()
-        self.tokens = 0
+        self.num_tokens = 0  # positions the entries hold
         self.hits = 0
         self.misses = 0
         self.reused_tokens = 0  # positions rows read from the cache instead of computing
@@ -64,39 +64,39 @@ class PrefixCache:
     def __contains__(self, key: PrefixKey) -> bool:
         return key in self._entries
 
-    def match(self, key: PrefixKey, prompt: list[int], total: int) -> tuple[PrefixEntry | None, int]:
+    def match(self, key: PrefixKey, prompt: list[int], num_positions: int) -> tuple[PrefixEntry | None, int]:
         """The entry a row can start from, and how many of its positions the row takes from it:
-        never all `total`, since the last position must be computed for its logits."""
+        never all `num_positions`, since the last position must be computed for its logits."""
         entry = self._entries.get(key)
         if entry is None:
             return None, 0
-        return entry, min(entry.virtual + _common_length(entry.tokens, prompt), total - 1)
+        return entry, min(entry.num_virtual_tokens + _common_length(entry.tokens, prompt), num_positions - 1)
 
-    def record(self, key: PrefixKey, shared: int) -> None:
-        """A row was admitted reading `shared` positions from `key`'s entry."""
-        if shared:
+    def record(self, key: PrefixKey, num_shared: int) -> None:
+        """A row was admitted reading `num_shared` positions from `key`'s entry."""
+        if num_shared:
             self.hits += 1
-            self.reused_tokens += shared
+            self.reused_tokens += num_shared
             self._entries.move_to_end(key)
         else:
             self.misses += 1
 
-    def offer(self, key: PrefixKey, virtual: int, tokens: list[int], slots: torch.Tensor) -> None:
+    def offer(self, key: PrefixKey, num_virtual_tokens: int, tokens: list[int], slots: torch.Tensor) -> None:
         """A row has computed these positions. They become the adapter's entry when it has none,
         or when they extend the one it has."""
-        length = virtual + len(tokens)
+        length = num_virtual_tokens + len(tokens)
         if not 0 < length <= self.capacity_tokens:
             return
         old = self._entries.get(key)
         if old is not None and (length <= old.length or tuple(tokens[: len(old.tokens)]) != old.tokens):
             return
         self._remove(key)
-        while self.tokens + length > self.capacity_tokens and self.evict_oldest():
+        while self.num_tokens + length > self.capacity_tokens and self.evict_oldest():
             pass
         blocks = sorted({int(s) // BLOCK_SIZE for s in slots.tolist()})
         self.kv.share(blocks)
-        self._entries[key] = PrefixEntry(virtual, tuple(tokens), slots.clone(), blocks)
-        self.tokens += length
+        self._entries[key] = PrefixEntry(num_virtual_tokens, tuple(tokens), slots.clone(), blocks)
+        self.num_tokens += length
 
     def reclaimable_blocks(self) -> int:
         """Blocks that evicting every entry would free: those no running row reads."""
@@ -111,7 +111,7 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget every entry without releasing its blocks: the pool was reset under them."""
         self._entries.clear()
-        self.tokens = 0
+        self.num_tokens = 0
 
     def drop_adapter(self, adapter_id: str) -> None:
         for key in [k for k in self._entries if k.adapter_id == adapter_id]:
@@ -121,15 +121,15 @@ class PrefixCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.kv.release(entry.blocks)  # rows still reading them keep their own references
-            self.tokens -= entry.length
+            self.num_tokens -= entry.length
 
     def stats(self) -> dict:
         lookups = self.hits + self.misses
         return {
             "entries": len(self._entries),
-            "tokens": self.tokens,
+            "tokens": self.num_tokens,
             "capacity_tokens": self.capacity_tokens,
-            "bytes": self.tokens * self.kv.shape.bytes_per_token,
+            "bytes": self.num_tokens * self.kv.shape.bytes_per_token,
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hits / lookups if lookups else None,

@@ -11,7 +11,18 @@ import torch
 
 from app.engine.loader import BaseModel
 from app.engine.prefix_kv import PrefixPast
-from app.engine.requests import SoftPrompt, row_embeddings, stop_token_ids
+from app.engine.requests import SoftPrompt, stop_token_ids
+
+
+def row_embeddings(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
+    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]; a prefix-tuned
+    adapter adds keys and values, not inputs, so its rows' inputs are their tokens alone."""
+    tokens = base.model.get_input_embeddings()(torch.tensor(ids, device=base.device, dtype=torch.long))
+    if isinstance(soft_prompt, SoftPrompt):
+        soft_prompt = soft_prompt.embeddings
+    if soft_prompt is None:
+        return tokens
+    return torch.cat([soft_prompt.to(device=tokens.device, dtype=tokens.dtype), tokens])
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -74,11 +75,19 @@ class GenerationRequest:
         return 0 if self.soft_prompt is None else len(self.soft_prompt)
 
 
+class FinishReason(StrEnum):
+    """Why a row finished; "stop" and "length" reach clients as OpenAI's finish_reason."""
+
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the client left
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (EOS or a stop string), "length", or "cancelled"
+    finish_reason: FinishReason = FinishReason.LENGTH
     prompt_tokens: int = 0
 
 
@@ -89,13 +98,3 @@ def stop_token_ids(base: BaseModel) -> set[int]:
         ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
 
-
-def row_embeddings(base: BaseModel, soft_prompt: SoftPrompt | torch.Tensor | None, ids: list[int]) -> torch.Tensor:
-    """`[soft prompt ; token embeddings]` of one row, [positions, hidden]; a prefix-tuned
-    adapter adds keys and values, not inputs, so its rows' inputs are their tokens alone."""
-    tokens = base.model.get_input_embeddings()(torch.tensor(ids, device=base.device, dtype=torch.long))
-    if isinstance(soft_prompt, SoftPrompt):
-        soft_prompt = soft_prompt.embeddings
-    if soft_prompt is None:
-        return tokens
-    return torch.cat([soft_prompt.to(device=tokens.device, dtype=tokens.dtype), tokens])

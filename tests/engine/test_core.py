@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from app.engine.core import EngineCore, EngineFault, EngineOverloaded, RequestTooLarge, RowFailed
+from app.engine.events import Failed, Finished
 from app.engine.generation import first_step_logits
 from app.engine.kv_cache import BLOCK_SIZE
 from app.engine.prefix_cache import PrefixKey
-from app.engine.reference import reference_greedy_decode
-from app.engine.requests import GenerationRequest, SoftPrompt, row_embeddings
+from app.engine.reference import reference_greedy_decode, row_embeddings
+from app.engine.requests import GenerationRequest, SoftPrompt
 from tests.conftest import random_prefix_kv, random_soft_prompt
 from tests.engine.test_generation import SST2_PROMPTS
 
@@ -53,7 +54,7 @@ def test_a_short_request_finishes_after_its_own_steps_while_long_ones_go_on(tiny
     finished_after = None
     for step in range(1, 8):
         events = core.step()
-        if ("finished", short) in events:
+        if Finished(short) in events:
             finished_after = step
     assert finished_after == 4  # one step per token: the prefill gives the first
     assert short.result.finish_reason == "length" and len(short.result.token_ids) == 4
@@ -97,7 +98,7 @@ def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_bas
     assert outputs[0] != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], None, 3))  # the prefix steers
     later = [row for row, req in zip(rows, requests) if req.soft_prompt is adapters[0]][1:]
     # With the cache, a later row of a prefix adapter reads the prefix (and its prompt) from it.
-    assert all(row.shared >= 5 for row in later) if prefix_cache_tokens else all(row.shared == 0 for row in later)
+    assert all(row.num_shared_positions >= 5 for row in later) if prefix_cache_tokens else all(row.num_shared_positions == 0 for row in later)
     assert core.kv.stats()["reserved_tokens"] == 0
 
 
@@ -115,7 +116,7 @@ def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_
     assert row.result.token_ids == reference(tiny_base, req)
     assert prefixed_row.result.token_ids == reference(tiny_base, prefixed)
     assert other.result.token_ids == reference(tiny_base, short)
-    assert row.steps >= 5 + 11
+    assert row.num_steps >= 5 + 11
 
 
 def test_a_llama_model_serves_a_mixed_batch_like_the_reference(tiny_llama_base):
@@ -161,7 +162,7 @@ def test_rows_of_one_adapter_read_its_soft_prompt_and_shared_text_from_the_cache
     for req, row in zip(later, rows):
         common = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, req.prompt_ids)) if a != b)
         assert req.prompt_ids[: len(template_start)] == template_start and common >= len(template_start)
-        assert row.shared == 6 + common  # the soft prompt and every prompt token in common
+        assert row.num_shared_positions == 6 + common  # the soft prompt and every prompt token in common
         assert row.result.token_ids == reference(tiny_base, req)
     assert core.prefix.stats()["hits"] == 2
 
@@ -181,7 +182,7 @@ def test_an_adapter_replaced_under_the_same_id_never_reads_the_old_prefix(tiny_b
     req = request(tiny_base, SST2_PROMPTS[0], new, 5)
     row = core.add(req)
     run_until_idle(core)
-    assert row.shared == 0
+    assert row.num_shared_positions == 0
     assert row.result.token_ids == reference(tiny_base, req) != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], old, 5))
 
 
@@ -230,7 +231,7 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected(t
         core.step()
     requests[1].cancelled.set()  # as a client that left does, from another thread
     events = core.step()
-    assert ("finished", rows[1]) in events and rows[1].result.finish_reason == "cancelled"
+    assert Finished(rows[1]) in events and rows[1].result.finish_reason == "cancelled"
     assert len(rows[1].result.token_ids) == 2 and rows[1] not in core.running
     run_until_idle(core)
     assert [rows[i].result.token_ids for i in (0, 2)] == [reference(tiny_base, requests[i]) for i in (0, 2)]
@@ -255,7 +256,7 @@ def test_unusable_logits_fail_that_row_alone(tiny_base):
     events = []
     while core.has_work():
         events += core.step()
-    assert ("failed", rows[1]) in events and isinstance(rows[1].error, RowFailed)
+    assert Failed(rows[1]) in events and isinstance(rows[1].error, RowFailed)
     assert [rows[i].result.token_ids for i in (0, 2)] == [reference(tiny_base, requests[i]) for i in (0, 2)]
 
 
@@ -297,7 +298,7 @@ def test_out_of_memory_sheds_the_newest_row_and_the_rest_go_on(tiny_base):
     events = []
     while core.has_work():
         events += core.step()
-    shed = [row for kind, row in events if kind == "failed"]
+    shed = [event.row for event in events if isinstance(event, Failed)]
     assert shed == [rows[3], rows[2]] and all(isinstance(r.error, EngineOverloaded) for r in shed)
     assert [rows[i].result.token_ids for i in (0, 1)] == [reference(tiny_base, requests[i]) for i in (0, 1)]
     assert core.rows_shed == 2 and core.kv.stats()["used_tokens"] == 0

@@ -198,15 +198,15 @@ async def test_a_fault_during_admission_fails_the_step_rows_keeps_the_waiting_an
     running = asyncio.create_task(engine.submit(request(tiny_base, 0, 4), timeout=30))
     while engine.core is None or not engine.core.running:
         await asyncio.sleep(0.01)
-    reserve, calls = engine.core._reserve, []
+    reserve, calls = engine.core.slots.reserve, []
 
-    def broken_once(row):  # the next admission raises, as the inference-tensor table did
+    def broken_once(row, num_positions):  # the next admission raises, as the inference-tensor table did
         calls.append(row)
         if len(calls) == 1:
             raise RuntimeError("Inplace update to inference tensor outside InferenceMode")
-        return reserve(row)
+        return reserve(row, num_positions)
 
-    engine.core._reserve = broken_once
+    engine.core.slots.reserve = broken_once
     admitting = asyncio.create_task(engine.submit(request(tiny_base, 1, 4), timeout=30))
     waiting = asyncio.create_task(engine.submit(request(tiny_base, 2, 4), timeout=30))
     while len(engine.core.waiting) + len(engine._inbox) < 2:

@@ -133,7 +133,7 @@ def test_tiny_top_p_keeps_only_the_top_token(tiny_base):
 
 
 def test_a_failed_row_is_raised_not_returned_as_a_short_result(tiny_base, monkeypatch):
-    from app.engine.runner import ModelRunner
+    from app.engine.model_runner import ModelRunner
 
     def broken(self, *args):
         raise RuntimeError("device lost")

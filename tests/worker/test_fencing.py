@@ -40,7 +40,7 @@ base = load_base_model(Path(model_dir), Path("unused"), quantization="fp32", dev
 class StallFirst(InlineDevice):  # its first work comes right after the claim
     stalled = False
 
-    def run(self, work):
+    def run_training_work(self, work):
         if not self.stalled:
             self.stalled = True
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -98,7 +98,7 @@ def test_two_runners_on_one_job_register_one_adapter(env, tiny_base):
     resume, outcome = threading.Event(), []
 
     class Stalled(InlineDevice):
-        def run(self, work):
+        def run_training_work(self, work):
             resume.wait()
             return work()
 

@@ -40,7 +40,7 @@ class ItemWatch:
     def last_longest_piece_s(self) -> float:
         return self.engine.last_longest_piece_s
 
-    def run(self, work):
+    def run_training_work(self, work):
         def watched():
             self.open = True
             try:
@@ -48,7 +48,7 @@ class ItemWatch:
             finally:
                 self.open = False
 
-        return self.engine.run(watched)
+        return self.engine.run_training_work(watched)
 
 
 def module_flags(model: torch.nn.Module) -> dict:
@@ -211,11 +211,11 @@ def test_under_sustained_load_training_still_gets_turns_and_arrivals_are_not_hel
         started_under_load = []
 
         class Counting(ItemWatch):
-            def run(self, work):
+            def run_training_work(self, work):
                 def counted():
                     started_under_load.append(engine.core.has_work())
                     return work()
-                return super().run(counted)
+                return super().run_training_work(counted)
 
         try:
             watch = Counting(engine)
