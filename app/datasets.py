@@ -2,7 +2,8 @@
 
 Every problem is reported with its line number, so a user can fix many in one go; reading stops at
 the MAX_ERRORS_REPORTED-th problem, or when it has taken `time_budget_s`, so that a file of
-nothing but bad or blank lines costs little. Stored datasets are normalised JSONL written by the server (to_jsonl), kept in shared storage.
+nothing but bad or blank lines costs little. Stored datasets are normalised JSONL written by the
+server (to_jsonl), kept in shared storage.
 """
 
 import asyncio

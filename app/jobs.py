@@ -73,7 +73,8 @@ def get_job(session: Session, job_id: str) -> TrainJob | None:
     return get_by_id(session, TrainJob, job_id)
 
 
-def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int = 20, offset: int = 0) -> tuple[list[TrainJob], int]:
+def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int = 20,
+              offset: int = 0) -> tuple[list[TrainJob], int]:
     query = select(TrainJob)
     if status:
         query = query.where(TrainJob.status == status)

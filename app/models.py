@@ -1,15 +1,13 @@
 """ORM models: the registry's tables."""
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String,
-                        TypeDecorator)
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, TypeDecorator
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
 from app.job_status import JobStatus
-
 
 ERROR_MESSAGE_MAX = 2000  # characters of a job's error message kept in the registry
 
@@ -20,7 +18,7 @@ def new_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -31,7 +29,7 @@ class UTCDateTime(TypeDecorator):
 
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 

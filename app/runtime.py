@@ -24,8 +24,8 @@ from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
 from app.engine.kv_cache import BLOCK_SIZE
-from app.engine.memory_plan import MemorySettings, plan_memory
 from app.engine.loader import BaseModel, load_base_model
+from app.engine.memory_plan import MemorySettings, plan_memory
 from app.engine.threads import in_own_thread
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
 from app.job_upkeep import JobUpkeep

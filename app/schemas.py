@@ -40,7 +40,8 @@ class GenerateRequest(BaseModel):
         strict=True,  # JSON's types as they are: no "5" or true for a number, no "yes" for a boolean
         allow_inf_nan=False,  # json reads NaN and Infinity; no field here means them
         json_schema_extra={
-            "examples": [{"adapter_id": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:", "max_new_tokens": 4}]
+            "examples": [{"adapter_id": "3f9a1c2b7d4e", "prompt": "Review: a gripping, funny film\nSentiment:",
+                          "max_new_tokens": 4}]
         },
     )
 
@@ -114,7 +115,8 @@ class AdapterOut(BaseModel):
 
 
 class AdapterPage(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [ADAPTER_EXAMPLE], "total": 1, "limit": 20, "offset": 0}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [ADAPTER_EXAMPLE], "total": 1, "limit": 20, "offset": 0}]})
 
     items: list[AdapterOut]
     total: int

@@ -58,7 +58,8 @@ class TrainConfigBase(BaseModel):
     early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] = 4  # evaluations without improvement
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     # The template becomes the adapter's: NUL would fail its registration after training, on PostgreSQL.
-    template: Annotated[str, Field(min_length=1, max_length=2000, description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
+    template: Annotated[str, Field(min_length=1, max_length=2000,
+                                   description='Prompt layout, e.g. "Review: {input}\\nSentiment:"'),
                         NoNul] = DEFAULT_TEMPLATE
     # None = auto: recompute activations only for batches of CHECKPOINT_MIN_TOKENS or more, where
     # storing them would dominate memory. Small batches keep them, since there recomputing costs

@@ -12,7 +12,7 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic import command
@@ -45,7 +45,7 @@ def _migrate(url: str) -> None:
 
 
 def _rows(n: int, fingerprint: str) -> list[dict]:
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     return [
         dict(id=f"{i:012x}", name=f"adapter-{(i * 7919) % n:05d}", base_fingerprint=fingerprint,
              num_virtual_tokens=20, sha256="0" * 64, size_bytes=82_000 + i % 100, source="trained",

@@ -30,9 +30,9 @@ import torch
 
 from app.config import Settings
 from app.engine.generation import generate_batch
-from app.engine.requests import GenerationRequest, stop_token_ids
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.reference import check_against_reference, reference_greedy_decode
+from app.engine.requests import GenerationRequest, stop_token_ids
 
 SST2_VALIDATION = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2" / "validation.jsonl"
 MIN_VIRTUAL_TOKENS, MAX_VIRTUAL_TOKENS = 8, 20

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve_load import (REPO, TEMPLATE, Embeddings, build_scenarios, log, replay, softserve_body,
-                              start_softserve, summarise)
+from bench.serve_load import REPO, TEMPLATE, Embeddings, build_scenarios, log, replay, softserve_body, start_softserve, summarise
 
 SAMPLE = REPO / "examples" / "sst2" / "train.jsonl"
 RATE = 1.0

@@ -20,7 +20,6 @@ names its seed, so `LOAD_TEST_SEEDS=<seed> pytest tests/test_random_load.py` rep
 import json
 import os
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -235,10 +234,10 @@ def test_a_random_mix_of_legal_requests_never_breaks_the_engine(make_live_server
                 case.may_vanish = case.adapter == doomed
             kind, config, weights = adapter_uploads(real_base, seed * 100 + batch)[rng.randrange(4)]
 
-            def churn():
+            def churn(doomed=doomed, name=f"{kind}-new{batch}", config=config, weights=weights):
                 time.sleep(rng.uniform(0.1, 2.0))
                 assert http.delete(f"/adapters/{adapters.pop(doomed)}").status_code == 204
-                adapters[f"{kind}-new{batch}"] = upload(http, f"{kind}-new{batch}", config, weights)
+                adapters[name] = upload(http, name, config, weights)
 
             run_case(server.url, edge, seed)  # alone first: nothing else lays out the slot table before it
             with ThreadPoolExecutor(len(cases) + 1) as pool:

@@ -395,7 +395,8 @@ def train_adapter(
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
-    trainable = device.run_training_work(lambda: Trainable(base, config, train).to(base.device))  # float32, whatever the model's dtype
+    # float32, whatever the model's dtype
+    trainable = device.run_training_work(lambda: Trainable(base, config, train).to(base.device))
     optimizer = make_optimizer(trainable, config)
     # float16 gradients underflow: scale the loss up, and the gradients down before the step (a
     # step whose gradients overflowed is skipped and the scale lowered). bfloat16 needs none.
@@ -415,7 +416,8 @@ def train_adapter(
         best_prompt, best_step, best_loss, best_accuracy = device.run_training_work(lambda: trainable().detached()), 0, None, None
         evals_without_gain, first_step = 0, 1
     else:
-        device.run_training_work(lambda: (trainable.load_state_dict(resume.trainable), optimizer.load_state_dict(resume.optimizer)))
+        device.run_training_work(lambda: (trainable.load_state_dict(resume.trainable),
+                                          optimizer.load_state_dict(resume.optimizer)))
         if resume.loss_scale:
             scaler.load_state_dict(resume.loss_scale)
         order, best_prompt = list(resume.order), VirtualTokens(config.method, resume.best_prompt.to(base.device))

@@ -57,7 +57,8 @@ class CompletionRequest(BaseModel):
         "temperature": 0, "stop": ["\n"],
     }]})
 
-    model: Annotated[str, NoNul] = Field(max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+    model: Annotated[str, NoNul] = Field(
+        max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts: one choice each, generated in the same batch"
     )

@@ -38,7 +38,8 @@ async def _read_upload(upload: UploadedFile, field: str, settings: Settings) -> 
 # The upload: a job's configuration (its bounds and rules: app.train_config), its data and its name.
 # (No docstring: pydantic would show it in the API's docs.)
 class TrainJobForm(TrainConfigBase):
-    file: Annotated[FileField, Field(description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
+    file: Annotated[FileField, Field(
+        description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
     validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None

@@ -33,7 +33,8 @@ class UploadedFile:
 
 
 # A file field of a form model: documented as FastAPI documents a file, validated as an UploadedFile.
-FileField = Annotated[InstanceOf[UploadedFile], WithJsonSchema({"type": "string", "contentMediaType": "application/octet-stream"})]
+FileField = Annotated[InstanceOf[UploadedFile],
+                      WithJsonSchema({"type": "string", "contentMediaType": "application/octet-stream"})]
 
 
 class _FormReader:

@@ -171,8 +171,8 @@ class Engine:
         return None
 
     def stats(self) -> dict:
-        return self.core.stats() | {"healthy": int(self.problem() is None), "queue_depth": self.queue_depth, "queued_tokens": self.queued_tokens,
-                                    "requests_cancelled": self.requests_cancelled,
+        return self.core.stats() | {"healthy": int(self.problem() is None), "queue_depth": self.queue_depth,
+                                    "queued_tokens": self.queued_tokens, "requests_cancelled": self.requests_cancelled,
                                     "training_items": self.training_items, "training_active": self.activity == Activity.TRAINING}
 
     def recent_latency(self) -> dict[str, dict[str, float] | None]:

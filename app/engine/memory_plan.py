@@ -116,7 +116,8 @@ def _serving_peak(base: BaseModel, settings: MemorySettings) -> int:
         kv = KVCache(base.kv_shape, tokens + BLOCK_SIZE, device)
         slots = torch.arange(BLOCK_SIZE, BLOCK_SIZE + tokens, device=device)
         group = RowGroup(tokens=torch.arange(tokens, device=device), slots=slots,
-                         query_positions=torch.arange(tokens, device=device)[None], key_lengths=torch.tensor([tokens], device=device),
+                         query_positions=torch.arange(tokens, device=device)[None],
+                         key_lengths=torch.tensor([tokens], device=device),
                          rows=1, queries=tokens, keys=tokens)
         step_attention = StepAttention(kv.keys, kv.values, slots, [group])
         runner = ModelRunner(base)

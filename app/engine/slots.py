@@ -69,7 +69,8 @@ class SlotManager:
     def map_virtual(self, row: Row) -> None:
         """Give a prefix-tuned row's soft prompt positions slots of its own (its keys and values
         are written there, not computed)."""
-        self.slot_table[row.slot_table_row, : row.num_virtual_tokens] = torch.tensor(self.slots_for(row, 0, row.num_virtual_tokens))
+        virtual = self.slots_for(row, 0, row.num_virtual_tokens)
+        self.slot_table[row.slot_table_row, : row.num_virtual_tokens] = torch.tensor(virtual)
 
     def slots_for(self, row: Row, start: int, end: int) -> list[int]:
         """Cache slots of positions start..end-1 (own positions), taking reserved blocks as needed."""

@@ -7,9 +7,8 @@ Files an install kept under DATA_DIR stay there: `python -m app.cli move-files-t
 them in (or set STORAGE=directory to keep reading them where they are).
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0007'
 down_revision = '0006'

@@ -80,6 +80,7 @@ def add_running_job(runtime, name: str, *, total: int = 60, done: int = 40, eval
 def record_progress(session, job_id: str, steps, total: int, eval_every: int) -> None:
     token = jobs.get_job(session, job_id).run_token  # as the run that claimed it
     for step in steps:  # a plausible decaying, slightly noisy curve
-        jobs.record_step(session, job_id, token, step, total, step / 25, 2.2 * math.exp(-step / 12) + 0.35 + 0.05 * math.sin(step))
+        loss = 2.2 * math.exp(-step / 12) + 0.35 + 0.05 * math.sin(step)
+        jobs.record_step(session, job_id, token, step, total, step / 25, loss)
         if step % eval_every == 0:
             jobs.record_eval(session, job_id, token, step, 1.9 * math.exp(-step / 15) + 0.45, min(0.95, 0.5 + step / 100))

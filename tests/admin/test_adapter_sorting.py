@@ -2,7 +2,7 @@
 paged in SQL (the admin table and GET /adapters share registry.list_adapters)."""
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert
@@ -15,7 +15,7 @@ N = 10_000
 
 def make_rows(n: int, fingerprint: str) -> list[dict]:
     """Names are a permutation of the insertion order, sizes repeat (ties), half have no accuracy."""
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     return [
         dict(id=f"{i:012x}", name=f"adapter-{(i * 7919) % n:05d}", base_fingerprint=fingerprint,
              num_virtual_tokens=1 + i % 50, sha256="0" * 64, size_bytes=1000 + (i * 37) % 5000,

@@ -9,7 +9,12 @@ from sqlalchemy import insert
 from app import auth, jobs
 from app.models import Adapter
 from tests.admin.conftest import (
-    TEMPLATE, add_adapter, add_running_job, open_page, record_progress, screenshot,
+    TEMPLATE,
+    add_adapter,
+    add_running_job,
+    open_page,
+    record_progress,
+    screenshot,
 )
 from tests.conftest import DATASETS
 

@@ -62,7 +62,8 @@ def test_login_needs_the_forms_csrf_token_and_an_admin_key(keyed):
     accepted = log_in(keyed, keyed.admin_key, next_="/admin/jobs?status=failed")
     assert (accepted.status_code, accepted.headers["location"]) == (303, "/admin/jobs?status=failed")
     overview = keyed.get("/admin")
-    assert overview.status_code == 200 and '<span class="who-key" title="Signed in with this admin key">ops</span>' in overview.text
+    assert overview.status_code == 200
+    assert '<span class="who-key" title="Signed in with this admin key">ops</span>' in overview.text
     assert "open mode" not in overview.text
     assert keyed.get("/admin/login", follow_redirects=False).headers["location"] == "/admin"  # already in
 

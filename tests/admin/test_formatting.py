@@ -1,12 +1,12 @@
 """The admin pages' number and date wording."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from app.admin import formatting
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("n, text", [(None, "—"), (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (5544, "5.4 KiB"),

@@ -88,7 +88,8 @@ def replace(files, key, content):
     "case, expected",
     [
         ("config_not_json", "adapter_config.json: not valid UTF-8 JSON"),
-        ("wrong_peft_type", "peft_type must be one of PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING, PREFIX_TUNING, got 'LORA'"),
+        ("wrong_peft_type",
+         "peft_type must be one of PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING, PREFIX_TUNING, got 'LORA'"),
         ("bad_virtual_tokens", "num_virtual_tokens must be an integer"),
         ("wrong_width", "token_dim 32 does not match the base model's 64"),
         ("pickle_weights", "not a valid safetensors file"),

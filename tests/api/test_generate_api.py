@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.engine.generation import generate_batch
-from app.engine.requests import GenerationRequest
 from app.engine.reference import reference_greedy_decode
+from app.engine.requests import GenerationRequest
 from app.models import Adapter
 from tests.conftest import random_soft_prompt, upload_adapter
 
@@ -115,7 +115,8 @@ def test_apply_template_lays_the_prompt_out_with_the_adapters_template(client, t
     with runtime.sessions() as session:
         adapter = registry.register_adapter(
             session, storage=runtime.storage, name="templated", prompt_embeddings=prompt,
-            base_fingerprint=tiny_base.fingerprint, base_model_name="tiny", source="trained", template="Review: {input}\nSentiment:",
+            base_fingerprint=tiny_base.fingerprint, base_model_name="tiny", source="trained",
+            template="Review: {input}\nSentiment:",
         )
     body = {"adapter_id": adapter.id, "prompt": "a fine film", "max_new_tokens": 6}
     templated = client.post("/generate", json=body | {"apply_template": True}).json()

@@ -98,7 +98,10 @@ def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_bas
     assert outputs[0] != reference(tiny_base, request(tiny_base, SST2_PROMPTS[0], None, 3))  # the prefix steers
     later = [row for row, req in zip(rows, requests) if req.soft_prompt is adapters[0]][1:]
     # With the cache, a later row of a prefix adapter reads the prefix (and its prompt) from it.
-    assert all(row.num_shared_positions >= 5 for row in later) if prefix_cache_tokens else all(row.num_shared_positions == 0 for row in later)
+    if prefix_cache_tokens:
+        assert all(row.num_shared_positions >= 5 for row in later)
+    else:
+        assert all(row.num_shared_positions == 0 for row in later)
     assert core.kv.stats()["reserved_tokens"] == 0
 
 

@@ -257,9 +257,8 @@ async def test_an_engine_whose_thread_died_says_so(make_engine, tiny_base):
 
 
 async def test_dropping_an_adapter_frees_its_prefix_before_the_next_step(make_engine, tiny_base):
-    from tests.conftest import random_soft_prompt
-
     from app.engine.requests import SoftPrompt
+    from tests.conftest import random_soft_prompt
 
     engine = make_engine()
     soft = SoftPrompt(random_soft_prompt(tiny_base, 8, seed=1), adapter_id="doomed")

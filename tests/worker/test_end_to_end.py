@@ -35,7 +35,8 @@ def start_worker(tmp_path):
             environment["REDIS_URL"] = settings.redis_url
         log = open(tmp_path / f"worker-{len(workers)}.log", "w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker.node", "train"], cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "worker.node", "train"], cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         workers.append(process)
         return process

@@ -69,7 +69,8 @@ def test_the_reaper_deletes_datasets_even_while_the_broker_is_down(make_client, 
     client = make_client(tiny_base, redis_url="redis://127.0.0.1:1/0", heartbeat_interval_s=0.05,
                          job_stale_after_s=0.2)  # a reaper pass every 0.05 s; each fails to send `waiting`
     runtime = client.app.state.runtime
-    ended, waiting = queue_job(runtime.settings, runtime.sessions, "ended"), queue_job(runtime.settings, runtime.sessions, "waiting")
+    ended = queue_job(runtime.settings, runtime.sessions, "ended")
+    waiting = queue_job(runtime.settings, runtime.sessions, "waiting")
     client.post(f"/train-jobs/{ended}/cancel")
     for _ in range(600):  # the reaper's loop, not this test, deletes it
         if stored_datasets(runtime) == [waiting]:

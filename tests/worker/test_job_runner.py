@@ -37,7 +37,8 @@ def env(tmp_path, sqlite_url):
 
 def queue_job(settings, sessions, job_id="job1", **config) -> str:
     """A queued job with its dataset in the storage `settings` choose, as POST /train-jobs leaves it."""
-    params = TrainConfig(**({"num_virtual_tokens": 4, "max_steps": 6, "eval_every": 3, "template": "{input} =>"} | config)).to_dict()
+    defaults = {"num_virtual_tokens": 4, "max_steps": 6, "eval_every": 3, "template": "{input} =>"}
+    params = TrainConfig(**(defaults | config)).to_dict()
     key = dataset_key(job_id)
     with sessions() as session, make_storage(settings, sessions).storing(session, key, {"train.jsonl": to_jsonl(EXAMPLES)}):
         jobs.create_job(session, job_id=job_id, name="tiny-job", params=params, dataset_path=key,

@@ -66,7 +66,7 @@ def test_label_init_uses_label_embeddings(tiny_base):
 def test_training_lowers_eval_loss_and_keeps_the_best_prompt(tiny_base):
     evals = []
     config = TrainConfig(num_virtual_tokens=4, max_steps=30, eval_every=10, batch_size=8, template="{input} =>")
-    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda *evaluation: evals.append(evaluation)))
     assert [s for s, _, _ in evals] == [10, 20, 30]
     assert evals[-1][1] < evals[0][1]
     best = max(evals, key=lambda e: (e[2], -e[1]))
@@ -198,7 +198,7 @@ def test_prefix_tuning_lowers_eval_loss_and_returns_a_peft_shaped_prefix(tiny_ba
     evals = []
     config = TrainConfig(method="prefix_tuning", prefix_projection=projection, num_virtual_tokens=4, max_steps=20,
                          eval_every=10, batch_size=8, template="{input} =>")
-    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda s, l, a: evals.append((s, l, a))))
+    result = train_adapter(tiny_base, config, EXAMPLES, EXAMPLES[:8], Hooks(on_eval=lambda *evaluation: evals.append(evaluation)))
     assert evals[-1][1] < evals[0][1]
     shape = tiny_base.kv_shape
     assert result.learned.values.shape == (shape.layers, 2, 4, shape.kv_heads, shape.head_dim)
