@@ -25,7 +25,8 @@ Synchronous and single-threaded: `app.engine.engine.Engine` drives it from its o
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 
@@ -137,7 +138,7 @@ class EngineCore:
                                  f"{shape.kv_heads}, {shape.head_dim}]")
             if not request.prompt_ids:
                 raise ValueError("a prefix-tuned adapter needs a prompt: its prefix gives keys and values, no input")
-        elif soft is not None and (soft.embeddings.ndim != 2 or soft.embeddings.shape[1] != self.base.hidden_size):
+        elif soft is not None and (soft.values.ndim != 2 or soft.values.shape[1] != self.base.hidden_size):
             raise ValueError(f"soft prompt must be [virtual tokens, {self.base.hidden_size}]")
         if any(not 0 <= t < self.runner.vocab_size for t in request.prompt_ids):
             raise ValueError("prompt has token ids outside the vocabulary")
@@ -235,7 +236,8 @@ class EngineCore:
             self.requests_admitted += 1
             events.append(Admitted(row))
             self.slots.map_shared(row, prefix_slots)
-            if row.num_computed_positions < row.num_virtual_tokens and row.request.soft_prompt.prefix_kv is not None:
+            soft_prompt = row.request.soft_prompt
+            if row.num_computed_positions < row.num_virtual_tokens and soft_prompt and soft_prompt.prefix_kv is not None:
                 # A prefix-tuned row's positions 0..n-1 are the adapter's keys and values, not
                 # computed: its own slots get them before the next pass (a later row of that
                 # adapter reads them from the prefix cache once this row has offered its prompt).
@@ -289,7 +291,7 @@ class EngineCore:
                 if row.first_token_at is None:
                     row.first_token_at = now
                 made += 1
-                finish = self._accept(row, token)
+                finish = self._accept(row, cast(int, token))  # usable: sampled
             except Exception as exc:  # this row alone
                 row.error = exc
                 self._release(row)
@@ -346,7 +348,7 @@ class EngineCore:
                           self.slots.slot_table[row.slot_table_row, :length])
 
     def _shed_newest(self, work: list[ScheduledChunk], events: list[EngineEvent]) -> None:
-        newest = max((w.row for w in work), key=lambda r: r.admitted_at)
+        newest = max((w.row for w in work), key=lambda r: cast(float, r.admitted_at))  # they all run
         newest.error = EngineOverloaded("the server ran short of memory; retry later")
         self.rows_shed += 1
         self._release(newest)
@@ -356,10 +358,10 @@ class EngineCore:
         """An engine fault: fail the running rows, then rebuild the slot table, the KV pool's
         bookkeeping and the prefix cache from scratch (the pool's tensors are kept: every slot is
         written before it is read). Waiting requests keep their place. Raises if it cannot rebuild."""
-        rows = list(self.running)
-        if self._admitting in self.waiting:  # the request whose admission failed goes too
-            self.waiting.remove(self._admitting)
-            rows.append(self._admitting)
+        rows, admitting = list(self.running), self._admitting
+        if admitting is not None and admitting in self.waiting:  # the request whose admission failed goes too
+            self.waiting.remove(admitting)
+            rows.append(admitting)
         log.error("engine fault: failing %d rows and rebuilding the engine's state", len(rows), exc_info=exc)
         self.faults += 1
         self.consecutive_faults += 1
@@ -417,7 +419,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _sample_rows(logits: torch.Tensor, rows: list[RowSampling], params: SamplingParams
-                 ) -> tuple[list[int | None], list[bool | Exception]]:
+                 ) -> tuple[Sequence[int | None], Sequence[bool | Exception]]:
     """Sample every row at once; should that raise, row by row (from the same random state), so
     an error fails only the row that causes it."""
     states = [row.generator.get_state() for row in rows if row.generator is not None]
@@ -428,12 +430,14 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampling], params: Sampling
     for row in rows:
         if row.generator is not None:
             row.generator.set_state(states.pop(0))
-    tokens, usable = [], []
+    tokens: list[int | None] = []
+    usable: list[bool | Exception] = []
     for i, row in enumerate(rows):
         try:
             [token], [ok] = sample(logits[i : i + 1], [row])
+            tokens.append(token)
+            usable.append(ok)
         except Exception as exc:
-            token, ok = None, exc
-        tokens.append(token)
-        usable.append(ok)
+            tokens.append(None)
+            usable.append(exc)
     return tokens, usable

@@ -42,7 +42,7 @@ class Device(Protocol):
 class InlineDevice:
     """A node that only trains: work runs at once, in the caller's thread."""
 
-    step_budget_s = None
+    step_budget_s: float | None = None
     last_longest_piece_s = 0.0
     serves = False
 

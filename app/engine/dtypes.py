@@ -71,7 +71,7 @@ class Probe:
 @torch.inference_mode()
 def probe(model: torch.nn.Module, tokenizer) -> Probe:
     """The largest activation of the model (loaded in a dtype with float32's range) over PROBE_TEXT."""
-    largest = {"module": "", "magnitude": 0.0}
+    largest: dict = {"module": "", "magnitude": 0.0}
 
     def watch(name):
         def hook(module, args, output):

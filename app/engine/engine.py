@@ -21,9 +21,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from functools import partial
+from typing import TypeVar, cast
 
 import torch
 
@@ -90,15 +91,20 @@ class _Pending:
 _Delivery = tuple[_Pending, Admitted | StreamUpdate | Completion | BaseException]
 
 
+def _pending(row: Row) -> "_Pending":
+    """The engine's handle on a row: every row it adds carries its _Pending."""
+    return cast(_Pending, row.handle)
+
+
 def _completion(row: Row) -> Completion:
-    start, pending = row.enqueued_at, row.handle
-    admitted = row.admitted_at or row.finished_at
+    start, pending, finished = row.enqueued_at, _pending(row), cast(float, row.finished_at)  # it has finished
+    admitted = row.admitted_at or finished
     first_token_pieces = pending.training_pieces_at_first_token
     return Completion(
         result=row.result,
         queue_seconds=admitted - start,
-        first_token_seconds=(row.first_token_at or row.finished_at) - start,
-        inference_seconds=row.finished_at - admitted,
+        first_token_seconds=(row.first_token_at or finished) - start,
+        inference_seconds=finished - admitted,
         batch_size=row.num_step_rows / row.num_steps if row.num_steps else 0.0,
         training_pieces_waited=0 if first_token_pieces is None else first_token_pieces - pending.training_pieces_at_arrival,
     )
@@ -109,7 +115,7 @@ class Engine:
                  threads: int | None = None, train_step_budget_s: float | None = None, serves: bool = True):
         # The core (its KV cache included) is built on the engine's own thread: see threads.py.
         self._build_core = build_core
-        self.core: EngineCore | None = None
+        self._core: EngineCore | None = None
         self.serves = serves  # False on a node that only trains: its core keeps no serving pool
         self.threads = threads or default_threads()
         self._max_queue_size = max_queue_size
@@ -128,6 +134,19 @@ class Engine:
         self._recent: deque[tuple[float, Completion]] = deque()  # finished in the last minute
         self.turns = Turns(train_step_budget_s)  # training work (Device) and its turns with serving
         self.broken: str | None = None  # why the engine cannot serve, once it cannot
+
+    @property
+    def core(self) -> EngineCore:
+        """The core, built on the engine's thread by `start`."""
+        if self._core is None:
+            raise RuntimeError("the engine has not started")
+        return self._core
+
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the engine has not started")
+        return self._loop
 
     # -- the Device's numbers, and the turns' accounting -----------------------------------------
 
@@ -166,7 +185,7 @@ class Engine:
             return self.broken
         if self._thread is not None and not self._thread.is_alive() and not self._stopping:
             return "the engine's thread has stopped"
-        if self.core is not None and self.core.consecutive_faults >= FAULTS_BEFORE_UNHEALTHY:
+        if self._core is not None and self._core.consecutive_faults >= FAULTS_BEFORE_UNHEALTHY:
             return f"the engine's last {self.core.consecutive_faults} steps failed"
         return None
 
@@ -214,7 +233,7 @@ class Engine:
         """Run training work on the engine's thread, when no inference waits, and return its
         result (or raise its exception). Blocks the calling thread, which must not be the event
         loop's (it would stop serving) nor the engine's own."""
-        if threading.get_ident() in (self._loop_thread, self._thread.ident):
+        if threading.get_ident() in (self._loop_thread, self._thread and self._thread.ident):
             raise RuntimeError("training work must be handed to the engine from a thread of its own")
         item = TrainingItem(work)
         self.turns.waiting.append(item)
@@ -223,17 +242,17 @@ class Engine:
             self.turns.waiting.remove(item)
             item.settle((False, EngineStopped("the engine stopped")))
         item.done.wait()
-        ok, value = item.outcome
+        ok, value = cast(tuple[bool, object], item.outcome)  # settled: done is set
         if not ok:
-            raise value
-        return value
+            raise cast(BaseException, value)
+        return cast(T, value)
 
     def generate(self, requests: list[GenerationRequest], timeout: float = 3600.0) -> list[GenerationResult]:
         """From a training thread: run `requests` through the serving queue like any client's (an
         evaluation's generation shares the serving pool and yields to user traffic as any rows
         do), and wait for them. A full queue is waited out, not failed."""
         while True:
-            waiting = asyncio.run_coroutine_threadsafe(self.submit_all(requests, timeout), self._loop)
+            waiting = asyncio.run_coroutine_threadsafe(self.submit_all(requests, timeout), self._event_loop)
             try:
                 return [completion.result for completion in waiting.result()]
             except QueueFull:
@@ -248,7 +267,7 @@ class Engine:
         """Queue all of `requests` or none of them: RequestTooLarge if one can never fit the KV
         cache, TooMuchWork if together they exceed the whole queue, QueueFull if the queue has no
         room for them now, EngineBroken if the engine cannot serve at all."""
-        if self.broken is not None or not self._thread.is_alive():
+        if self.broken is not None or self._thread is None or not self._thread.is_alive():
             raise EngineBroken(self.problem() or "the engine has stopped")
         work = [self.core.check_fits(request) for request in requests]
         if sum(work) > self._max_queued_tokens:
@@ -264,7 +283,7 @@ class Engine:
                              training_pieces_at_arrival=self.turns.training_pieces) for request in requests]
         for pending, positions in zip(pendings, work):
             self._waiting[pending] = positions
-            pending.future.add_done_callback(lambda future, pending=pending: self._done(pending))
+            pending.future.add_done_callback(partial(self._done, pending))
         self._inbox.extend(pendings)
         self._wake.set()
         return pendings
@@ -272,7 +291,7 @@ class Engine:
     def _leave_queue(self, pending: _Pending) -> None:
         self._waiting.pop(pending, None)
 
-    def _done(self, pending: _Pending) -> None:
+    def _done(self, pending: _Pending, _future: asyncio.Future) -> None:
         self._leave_queue(pending)
         if pending.future.cancelled():  # nobody wants it any more: its row leaves at the next step
             pending.request.cancelled.set()
@@ -310,8 +329,8 @@ class Engine:
         pending.request.cancelled.set()
         if threading.get_ident() == self._loop_thread:
             self._cancel(pending)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._cancel, pending)
+        elif not self._event_loop.is_closed():
+            self._event_loop.call_soon_threadsafe(self._cancel, pending)
 
     def _cancel(self, pending: _Pending) -> None:
         pending.future.cancel()  # counted by _done, unless it had finished
@@ -322,12 +341,13 @@ class Engine:
         while self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
 
-    def _deliver(self, deliveries: list[_Delivery]) -> None:
+    def _deliver(self, deliveries: Sequence[_Delivery]) -> None:
         for pending, news in deliveries:
             match news:
                 case Admitted():
                     self._leave_queue(pending)
                 case StreamUpdate():
+                    assert pending.updates is not None  # only streams are sent their tokens
                     pending.updates.put_nowait(news)
                 case Completion():
                     if news.result.finish_reason != FinishReason.CANCELLED:
@@ -350,7 +370,7 @@ class Engine:
         torch.set_grad_enabled(False)
         take_cores(self.threads)
         try:
-            self.core = self._build_core()
+            self._core = self._build_core()
             built.append(None)
         except BaseException as exc:
             built.append(exc)
@@ -382,7 +402,7 @@ class Engine:
         self.broken = reason
         error = EngineBroken(reason)
         error.__cause__ = exc
-        self._post([(event.row.handle, error) for event in self.core.fail_all(error)])
+        self._post([(_pending(event.row), error) for event in self.core.fail_all(error)])
         for pending in list(self._inbox):
             self._post([(pending, error)])
         self._inbox.clear()
@@ -390,7 +410,7 @@ class Engine:
     def _take_new_work(self) -> None:
         while self._dropped_adapters:
             self.core.drop_adapter(self._dropped_adapters.popleft())
-        refused = []
+        refused: list[_Delivery] = []
         while self._inbox:
             pending = self._inbox.popleft()
             try:
@@ -425,16 +445,16 @@ class Engine:
                 break
             self._serve_step()
 
-    def _post(self, deliveries: list[_Delivery]) -> None:
+    def _post(self, deliveries: Sequence[_Delivery]) -> None:
         if deliveries:
-            self._loop.call_soon_threadsafe(self._deliver, deliveries)
+            self._event_loop.call_soon_threadsafe(self._deliver, deliveries)
 
     def _deliveries(self, events: list[EngineEvent]) -> list[_Delivery]:
         for event in events:
-            if isinstance(event, TokenAdded | Finished) and event.row.handle.training_pieces_at_first_token is None:
-                event.row.handle.training_pieces_at_first_token = self.turns.training_pieces
-        return [(event.row.handle, self._news(event)) for event in events
-                if not isinstance(event, TokenAdded) or event.row.handle.updates is not None]
+            if isinstance(event, TokenAdded | Finished) and _pending(event.row).training_pieces_at_first_token is None:
+                _pending(event.row).training_pieces_at_first_token = self.turns.training_pieces
+        return [(_pending(event.row), self._news(event)) for event in events
+                if not isinstance(event, TokenAdded) or _pending(event.row).updates is not None]
 
     @staticmethod
     def _news(event: EngineEvent) -> Admitted | StreamUpdate | Completion | BaseException:
@@ -444,6 +464,7 @@ class Engine:
             case Finished(row):
                 return _completion(row)
             case Failed(row):
+                assert row.error is not None  # a failed row carries its error
                 return row.error
             case Admitted():
                 return event
@@ -455,6 +476,7 @@ class RequestStream:
     started does."""
 
     def __init__(self, engine: Engine, pending: _Pending, deadline: float):
+        assert pending.updates is not None  # queued as a stream
         self._updates = pending.updates
         self._deadline = deadline
         self._abandon = weakref.finalize(self, engine._abandon, pending)

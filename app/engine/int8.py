@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 import types
+from typing import Any, cast
 
 import torch
 
@@ -122,7 +123,7 @@ def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     for start in range(0, x.shape[1], _EXACT_K):
         part = (x[:, start : start + _EXACT_K] @ weight[:, start : start + _EXACT_K].t()).to(torch.int32)
         out = part if out is None else out.add_(part)
-    return out
+    return cast(torch.Tensor, out)  # K > 0: set
 
 
 class PackedInt8:
@@ -288,7 +289,8 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     that read the same input (see SharedInputProduct). Returns how many layers."""
     from bitsandbytes.nn import Linear8bitLt
 
-    layers = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+    # bitsandbytes' layers gain attributes and a forward of ours: they are typed Any here.
+    layers: list[Any] = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
     for layer in layers:
         if layer.weight.CB is not None:
             layer.init_8bit_state()  # what its first forward does: the weights and scales move to its state
@@ -302,7 +304,7 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     if packed:
         for module in model.modules():
             for names in SHARED_INPUTS:
-                group = [getattr(module, name, None) for name in names]
+                group: list[Any] = [getattr(module, name, None) for name in names]
                 if all(layer in layers for layer in group) and len({layer.in_features for layer in group}) == 1:
                     shared = SharedInputProduct(group)
                     for layer in group:
@@ -315,6 +317,9 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
 
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
+
+    weight: torch.Tensor  # buffers
+    scale: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -27,6 +28,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from app.engine import dtypes
@@ -47,8 +50,8 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 class BaseModel:
     """The resident model and everything needed to serve or train on it."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
     fingerprint: str
     quantization: str
@@ -56,13 +59,17 @@ class BaseModel:
     int8_kernels: str = "none"  # what computes the int8 products (app.engine.int8.int8_kernel_name, or bitsandbytes)
 
     @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return cast(torch.nn.Embedding, self.model.get_input_embeddings())
+
+    @property
     def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
+        return self.input_embeddings.embedding_dim
 
     @property
     def embed_dtype(self) -> torch.dtype:
         """The compute dtype (app.engine.dtypes): embeddings, soft prompts, activations, KV cache."""
-        return self.model.get_input_embeddings().weight.dtype
+        return self.input_embeddings.weight.dtype
 
     @property
     def kv_shape(self) -> KVShape:
@@ -168,7 +175,7 @@ def fingerprint(model_dir: Path, name: str) -> str:
     return f"{name}@{digest.hexdigest()[:16]}"
 
 
-def _serve_int8_on_cpu(model: torch.nn.Module, packed: bool) -> str:
+def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
     """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
     LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8).
     Returns the kernels chosen."""
@@ -218,13 +225,13 @@ def _load_kwargs(quantization: str, dtype: torch.dtype, int8_threshold: float) -
 
 
 def _load_model(model_dir: Path, device: torch.device, quantization: str, dtype: torch.dtype,
-                int8_threshold: float) -> torch.nn.Module:
+                int8_threshold: float) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(
         model_dir, device_map={"": str(device)}, **_load_kwargs(quantization, dtype, int8_threshold))
 
 
 def _load_in_compute_dtype(model_dir: Path, device: torch.device, quantization: str, compute_dtype: str,
-                           int8_threshold: float, tokenizer) -> torch.nn.Module:
+                           int8_threshold: float, tokenizer) -> PreTrainedModel:
     """The model in the dtype COMPUTE_DTYPE asks for on `device` (app.engine.dtypes); where that
     may be float16, in float32 first, probed, and again in float16 only if it fits."""
     planned = dtypes.plan(compute_dtype, device, dtypes.bfloat16_capable(device))

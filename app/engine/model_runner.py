@@ -72,9 +72,14 @@ class ModelRunner:
         """The step's inputs, worked out on the host: the chunks' positions get their cache slots
         in the slot table, and `prefix_writes` (admitted prefix-tuned rows) their keys and values
         in the pass that follows."""
-        table_rows, positions, step_slots, ids = [], [], [], []
-        virtual_at, virtual_embeddings = [], []
-        logits_at, sampled_rows = [], []
+        table_rows: list[int] = []
+        positions: list[int] = []
+        step_slots: list[int] = []
+        ids: list[int] = []
+        virtual_at: list[int] = []
+        virtual_embeddings: list[torch.Tensor] = []
+        logits_at: list[int] = []
+        sampled_rows: list[Row] = []
         for item in work:
             row, start, end = item.row, item.start, item.end
             virtual = row.num_virtual_tokens
@@ -84,7 +89,9 @@ class ModelRunner:
             ids += [row.tokens[p - virtual] if p >= virtual else 0 for p in range(start, end)]
             if start < virtual:
                 virtual_at += range(item.offset, item.offset + min(end, virtual) - start)
-                virtual_embeddings.append(row.request.soft_prompt.embeddings[start : min(end, virtual)])
+                soft_prompt = row.request.soft_prompt
+                assert soft_prompt is not None and soft_prompt.embeddings is not None  # computed virtual positions
+                virtual_embeddings.append(soft_prompt.embeddings[start : min(end, virtual)])
             if end == row.num_positions:
                 logits_at.append(item.offset + item.num_positions - 1)
                 sampled_rows.append(row)
@@ -103,7 +110,9 @@ class ModelRunner:
         their slots."""
         step.inputs.send(self.device)
         for row, prefix_slots in step.prefix_writes:
-            prefix_kv = row.request.soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
+            soft_prompt = row.request.soft_prompt
+            assert soft_prompt is not None and soft_prompt.prefix_kv is not None  # only prefix-tuned rows are written
+            prefix_kv = soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
             kv.keys[:, prefix_slots.tensor] = prefix_kv[:, 0].to(kv.keys.dtype)
             kv.values[:, prefix_slots.tensor] = prefix_kv[:, 1].to(kv.values.dtype)
 

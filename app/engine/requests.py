@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import cast
 
 import torch
 
@@ -42,7 +43,7 @@ class SoftPrompt:
 
     @property
     def values(self) -> torch.Tensor:
-        return self.embeddings if self.prefix_kv is None else self.prefix_kv
+        return cast(torch.Tensor, self.embeddings if self.prefix_kv is None else self.prefix_kv)  # one is set
 
     def to(self, device, dtype: torch.dtype) -> "SoftPrompt":
         moved = self.values.to(device, dtype)
@@ -51,7 +52,7 @@ class SoftPrompt:
         return SoftPrompt.prefix(moved, self.adapter_id, self.digest)
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0] if self.prefix_kv is None else self.prefix_kv.shape[2]
+        return self.values.shape[0] if self.prefix_kv is None else self.prefix_kv.shape[2]
 
 
 @dataclass

@@ -30,6 +30,7 @@ class Sent:
 
     @property
     def tensor(self) -> torch.Tensor:
+        assert self._inputs.sent is not None, "read after StepInputs.send"
         part = self._inputs.sent[self._index]
         return (part if self._dtype == torch.int64 else part.view(self._dtype)).view(self._shape)
 
