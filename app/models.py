@@ -77,6 +77,13 @@ class TrainJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # When the last message for the queued job reached the broker; NULL: none has since it was queued.
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set by the OpenAI-shaped API (app.api.fine_tuning); NULL for jobs made through /train-jobs.
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    job_metadata: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # OpenAI's `metadata`
+    training_file: Mapped[str | None] = mapped_column(String(40), nullable=True)  # a StoredUpload id
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    base_adapter_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # warm start from this adapter
 
 
 class JobEvent(Base):
@@ -90,6 +97,53 @@ class JobEvent(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     data: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobCheckpoint(Base):
+    """An adapter stored at an evaluation that improved the job's best result: servable at once by
+    its adapter id while the job still runs."""
+
+    __tablename__ = "job_checkpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "ftckpt-<adapter id>"
+    job_id: Mapped[str] = mapped_column(ForeignKey("train_jobs.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UploadedFile(Base):
+    """A file uploaded through `POST /v1/files`: validated, stored in shared storage under `storage_key`."""
+
+    __tablename__ = "uploaded_files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-<hex>"
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    examples: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))  # "completion" (input/output) or "chat" (messages)
+    storage_key: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """One job event on its way to one webhook URL, kept until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the Standard Webhooks `webhook-id`: "msg_<hex>"
+    job_id: Mapped[str] = mapped_column(ForeignKey("train_jobs.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(String(64))  # e.g. "fine_tuning.job.succeeded"
+    url: Mapped[str] = mapped_column(String(2000))
+    payload: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ApiKey(Base):
