@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.webhook_urls import webhook_settings_problem
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
@@ -97,6 +99,19 @@ class Settings(BaseSettings):
     # request waits (one stretch between its pause points; micro-batches shrink to fit).
     train_step_budget_s: float = Field(0.25, gt=0)
 
+    # Webhooks (app.webhooks): job events (succeeded, failed, cancelled, paused), signed in the
+    # Standard Webhooks form. WEBHOOK_URL is the operator's own and is called wherever it points; a
+    # job's own `metadata.webhook_url` only for a host on WEBHOOK_ALLOWED_HOSTS (names or addresses,
+    # comma-separated; "*": any host whose addresses are all public). A listed host is trusted as
+    # it is; under "*", a private, loopback or link-local address is refused.
+    webhook_url: str | None = Field(None, max_length=2000)
+    # "whsec_<base64>" (or the bare base64) of at least 24 random bytes; needed for any webhook.
+    webhook_secret: str | None = None
+    webhook_allowed_hosts: str = ""
+    webhook_max_attempts: int = Field(10, ge=1, le=100)  # then the delivery is given up
+    webhook_backoff_base_s: float = Field(10.0, gt=0)  # retries after base, 2 x base, 4 x base ... (at most 1 h)
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)  # one attempt: connect, send and answer
+
     # Operations: "json" makes every log line a JSON object (requests with id, route, status, timings).
     log_format: Literal["text", "json"] = "text"
 
@@ -108,6 +123,8 @@ class Settings(BaseSettings):
             self.storage_dir = self.data_dir
         if self.job_stale_after_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("JOB_STALE_AFTER_S must be more than twice HEARTBEAT_INTERVAL_S")
+        if (problem := webhook_settings_problem(self.webhook_url, self.webhook_secret, self.webhook_allowed_hosts)):
+            raise ValueError(problem)
         return self
 
     @property

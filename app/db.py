@@ -29,8 +29,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, info: dict | None = None) -> sessionmaker[Session]:
+    """`info`: what every session carries for the code that uses it (app.webhooks' targets)."""
+    return sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 # The largest values the databases hold: OFFSET is 64-bit on SQLite and PostgreSQL, and INTEGER

@@ -20,6 +20,7 @@ from typing import cast
 from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.db import get_by_id, paginate
 from app.job_status import TERMINAL, JobStatus
 from app.models import ERROR_MESSAGE_MAX, Adapter, JobEvent, TrainJob, utcnow
@@ -190,6 +191,7 @@ def finish(session: Session, job_id: str, token: str, status: JobStatus, *, mess
     if adapter is not None:
         session.add(adapter)
     add_event(session, job_id, "message", message=message)
+    webhooks.enqueue_job_event(session, job_id, status)
     session.commit()
     return True
 
@@ -211,6 +213,7 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel at once if queued; ask a running job to stop. Returns the resulting status (None: no such job)."""
     if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()):
         add_event(session, job_id, "message", message="cancelled before it started")
+        webhooks.enqueue_job_event(session, job_id, JobStatus.CANCELLED)
         session.commit()
         return JobStatus.CANCELLED
     if _rows_updated(session, update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING)
@@ -253,6 +256,7 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
                      error_code=None if cancel_requested else "worker_lost",
                      error_message=None if cancel_requested else reason):
                 add_event(session, job_id, "message", message=reason)
+                webhooks.enqueue_job_event(session, job_id, status)
     session.commit()
     return requeued
 

@@ -1,7 +1,8 @@
 """The composition root: what one node holds (settings, the resident model, the registry's
 sessions, storage, the adapter cache and its resolver, the engine that owns the model, job
 upkeep), wired together by Runtime.build, once per process, in `running`, which also runs the
-job reaper's loop. The services themselves live in their own modules; this one only connects them."""
+job reaper's loop and the webhook deliveries'. The services themselves live in their own modules;
+this one only connects them."""
 
 import asyncio
 import gc
@@ -16,7 +17,7 @@ from functools import partial
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import jobs
+from app import jobs, webhooks
 from app.adapter_resolver import AdapterResolver
 from app.config import Settings
 from app.db import make_engine, make_session_factory
@@ -32,6 +33,7 @@ from app.job_upkeep import JobUpkeep
 from app.observability import Metrics, runtime_families
 from app.storage import Storage, make_storage
 from app.storage_move import unmoved_folders
+from app.webhook_delivery import deliver_forever
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,8 @@ async def running(settings: Settings, base: BaseModel | None = None, serves: boo
     log.info("model %s (%s, computing in %s, int8 kernels: %s) on %s", model.fingerprint, model.quantization,
              model.embed_dtype, model.int8_kernels, model.device)
     db_engine = make_engine(settings.database_url)
-    runtime = Runtime.build(settings, model, make_session_factory(db_engine), serves, trains)
+    runtime = Runtime.build(settings, model, make_session_factory(db_engine, webhooks.session_info(settings)),
+                            serves, trains)
     if settings.storage == "database" and (unmoved := unmoved_folders(settings.data_dir)):
         log.warning("%d adapter or dataset folders under %s are not in the database: run `python -m app.cli "
                     "move-files-to-database` once (or set STORAGE=directory to read them there); it lists those it "
@@ -164,10 +167,14 @@ async def running(settings: Settings, base: BaseModel | None = None, serves: boo
     gc.collect()
     gc.freeze()
     reaper = asyncio.create_task(runtime.reap_forever(), name="job-reaper")
+    hooks = (asyncio.create_task(deliver_forever(runtime.sessions, settings), name="webhook-deliveries")
+             if settings.webhook_secret else None)
     try:
         yield runtime
     finally:
         reaper.cancel()
+        if hooks is not None:
+            hooks.cancel()
         await runtime.engine.stop()
         db_engine.dispose()
 

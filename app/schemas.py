@@ -207,3 +207,22 @@ class HealthOut(BaseModel):
     queue_depth: int
     engine: dict = Field(description="Rows running and waiting, steps, KV cache and prefix cache use")
     adapter_cache: dict
+
+
+class WebhookDeliveryOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "msg_5b1f0c9e7a2d4b6c8e0f1a3b", "event_type": "fine_tuning.job.succeeded",
+        "url": "https://hooks.example.com", "status": "delivered", "attempts": 2,
+        "next_attempt_at": "2026-11-29T06:04:10Z", "last_error": None, "created_at": "2026-11-29T06:03:59Z",
+        "delivered_at": "2026-11-29T06:04:10Z",
+    }]})
+
+    id: str = Field(description="Its `webhook-id` header: the same on every attempt")
+    event_type: str
+    url: str = Field(description="The target's origin (its path and query may carry a token: not shown)")
+    status: Literal["pending", "delivered", "failed"] = Field(description="failed: given up")
+    attempts: int
+    next_attempt_at: datetime = Field(description="While pending, when it is tried again")
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
