@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.job_status import JobStatus
 from app.models import TrainJob, WebhookDelivery
+from app.webhook_urls import shape_problem
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -42,8 +43,10 @@ def session_info(settings: "Settings") -> dict:
 
 
 def job_webhook_url(metadata: dict | None) -> str | None:
+    """The job's own target; None for anything that is no URL (the API refuses those, but a
+    delivery row that could not be stored would fail the job's transition with it)."""
     url = (metadata or {}).get(METADATA_URL_KEY)
-    return url if isinstance(url, str) and url else None
+    return url if isinstance(url, str) and shape_problem(url) is None else None
 
 
 def enqueue_job_event(session: Session, job_id: str, status: JobStatus) -> None:
