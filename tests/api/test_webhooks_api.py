@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from openai import OpenAI
 from standardwebhooks import Webhook
 
 from tests.api.test_train_jobs_api import GOOD
@@ -31,6 +32,9 @@ def test_a_cancelled_job_is_announced_to_webhook_url_and_shown_on_the_job(make_c
     [received] = listener.received
     event = Webhook(SECRET).verify(received.body, received.headers)
     assert (event["type"], event["data"]) == ("fine_tuning.job.cancelled", {"id": job_id})
+    # ...and as OpenAI's client checks and reads its own webhooks.
+    unwrapped = OpenAI(api_key="unused", webhook_secret=SECRET).webhooks.unwrap(received.body, received.headers)
+    assert (unwrapped.type, unwrapped.data.id, unwrapped.id) == ("fine_tuning.job.cancelled", job_id, event["id"])
     deadline = time.monotonic() + 10
     while (deliveries := client.get(f"/train-jobs/{job_id}/webhooks").json())[0]["status"] == "pending":
         assert time.monotonic() < deadline

@@ -23,6 +23,8 @@ from app.models import TrainJob, WebhookDelivery, utcnow
 from app.webhook_delivery import Outcome, WebhookSender, backoff_s, claim_due, make_client, record
 from tests.conftest import make_settings
 from tests.webhook_listener import Listener
+from tests.worker.test_job_runner import queue_job
+from worker.job_runner import run_job
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 
@@ -121,6 +123,17 @@ def test_each_job_end_writes_its_event_with_the_state_change(make_env, listener)
         assert abs(row.payload["created_at"] - time.time()) < 60
 
 
+def test_a_job_trained_to_its_end_announces_it(tmp_path, sqlite_url, tiny_base):
+    settings = make_settings(tmp_path, sqlite_url, webhook_url="https://hooks.example.com/x", webhook_secret=SECRET,
+                             heartbeat_interval_s=0.2, job_stale_after_s=1.0)
+    engine = make_engine(sqlite_url)
+    sessions = make_session_factory(engine, webhooks.session_info(settings))
+    job_id = queue_job(settings, sessions)
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
+    assert [(row.job_id, row.event_type) for row in deliveries(sessions)] == [(job_id, "fine_tuning.job.succeeded")]
+    engine.dispose()
+
+
 def test_a_transition_that_fails_writes_no_event(make_env, listener):
     settings, sessions = make_env(webhook_url=listener.url)
     make_job(sessions)
@@ -207,16 +220,18 @@ async def test_delivery_is_signed_in_the_standard_webhooks_form(make_env, listen
 
 async def test_a_failed_attempt_is_retried_after_its_backoff(make_env):
     with Listener(statuses=[500, 204]) as listener:
-        settings, sessions = make_env(webhook_url=listener.url, webhook_backoff_base_s=0.5, webhook_max_attempts=3)
+        settings, sessions = make_env(webhook_url=listener.url, webhook_backoff_base_s=1.0, webhook_max_attempts=3)
         make_job(sessions)
         with sessions() as session:
             jobs.cancel(session, "job1")
+        before = utcnow()
         assert await run_pass(settings, sessions) == 1
+        after = utcnow()
         [row] = deliveries(sessions)
         assert (row.status, row.attempts, row.last_error) == ("pending", 1, "HTTP 500")
-        assert timedelta(seconds=0.3) < row.next_attempt_at - utcnow() <= timedelta(seconds=0.5)
+        assert before + timedelta(seconds=1) <= row.next_attempt_at <= after + timedelta(seconds=1)
         assert await run_pass(settings, sessions) == 0  # not due yet
-        await asyncio.sleep(0.6)
+        await asyncio.sleep((row.next_attempt_at - utcnow()).total_seconds() + 0.05)
         assert await run_pass(settings, sessions) == 1
         first, second = listener.received
     [row] = deliveries(sessions)
@@ -224,7 +239,7 @@ async def test_a_failed_attempt_is_retried_after_its_backoff(make_env):
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == row.id  # the same message, signed anew
     assert Webhook(SECRET).verify(second.body, second.headers) == row.payload
     where = f"webhook fine_tuning.job.cancelled to http://127.0.0.1:{listener.port}"
-    assert webhook_messages(sessions, "job1") == [f"{where}: attempt 1 of 3 failed (HTTP 500); next in 0.5 s",
+    assert webhook_messages(sessions, "job1") == [f"{where}: attempt 1 of 3 failed (HTTP 500); next in 1 s",
                                                   f"{where} delivered (HTTP 204, attempt 2)"]
 
 
