@@ -181,8 +181,10 @@ class WebhookSender:
 
 def make_client(settings: Settings) -> httpx.AsyncClient:
     # No redirects (a redirect could lead anywhere, past the address checks); no proxies from the
-    # environment (the checked address must be the one connected to).
-    return httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
+    # environment (the checked address must be the one connected to); no kept connections (one to
+    # an address, set up and verified for one name, must not carry a request for another).
+    return httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
+                             limits=httpx.Limits(max_keepalive_connections=0))
 
 
 async def deliver_forever(sessions: sessionmaker[Session], settings: Settings,

@@ -1,5 +1,6 @@
 """A real HTTP server on a free local port, in a thread, that records the webhooks it receives."""
 
+import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,9 +14,10 @@ class Received:
 
 
 class Listener:
-    """Answers each POST with the next of `statuses` (the last one once they run out)."""
+    """Answers each POST with the next of `statuses` (the last one once they run out); over TLS
+    with `tls` (a server context)."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.statuses = list(statuses or [200])
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -38,8 +40,10 @@ class Listener:
             request_queue_size = 128  # a node sends a whole batch at once
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hooks/softserve?token=abc"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/hooks/softserve?token=abc"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "Listener":

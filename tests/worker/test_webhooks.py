@@ -8,10 +8,13 @@ import hashlib
 import hmac
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from datetime import timedelta
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -348,6 +351,35 @@ async def test_a_name_is_resolved_again_at_delivery_and_the_checked_address_is_u
     [received] = listener.received
     assert (received.path, received.headers["host"]) == ("/rebind", f"hooks.test:{listener.port}")
     assert deliveries(sessions, "job2")[0].status == "delivered"
+
+
+async def test_a_checked_https_address_is_verified_as_its_name(make_env, tmp_path, monkeypatch):
+    """Over TLS, the request to the checked address still sends the name (SNI) and checks the
+    server's certificate against it: a name the certificate does not cover gets nothing."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=hooks.test", "-addext", "subjectAltName=DNS:hooks.test"],
+                   check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    monkeypatch.setattr(webhook_urls, "resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(webhook_urls, "is_public", lambda address: True)
+    settings, sessions = make_env(webhook_allowed_hosts="*")
+    with Listener(tls=server_tls) as listener:
+        make_job(sessions, "named", metadata={"webhook_url": f"https://hooks.test:{listener.port}/x"})
+        make_job(sessions, "other", metadata={"webhook_url": f"https://other.test:{listener.port}/x"})
+        for job_id in ("named", "other"):
+            with sessions() as session:
+                jobs.cancel(session, job_id)
+        # The node's client, trusting this test's certificate.
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert)), trust_env=False,
+                                     limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            assert await WebhookSender(sessions, settings, client).run_pass() == 2
+        [received] = listener.received
+    assert received.headers["host"] == f"hooks.test:{listener.port}"
+    assert deliveries(sessions, "named")[0].status == "delivered"
+    other = deliveries(sessions, "other")[0]
+    assert other.status == "pending" and "certificate" in other.last_error.lower()
 
 
 # --- one claim per row, across nodes ---
