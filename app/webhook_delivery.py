@@ -169,7 +169,11 @@ class WebhookSender:
         return Outcome(200 <= status < 300, f"HTTP {status}")
 
     async def _deliver(self, claim: Claim) -> None:
-        outcome = await self.attempt(claim)
+        try:
+            outcome = await self.attempt(claim)
+        except Exception as exc:  # recorded all the same, so that the attempts still count towards giving up
+            log.exception("webhook %s: the attempt failed", claim.id)
+            outcome = Outcome(False, f"{type(exc).__name__}: {exc}")
         await asyncio.to_thread(self._record, claim, outcome)
 
     async def run_pass(self) -> int:

@@ -284,6 +284,21 @@ async def test_an_unreachable_target_is_retried_with_the_error_recorded(make_env
     assert row.status == "pending" and row.last_error.startswith("ConnectError")
 
 
+async def test_an_attempt_that_breaks_still_counts(make_env, monkeypatch):
+    settings, sessions = make_env(webhook_url="https://hooks.example.com/x", webhook_max_attempts=1)
+    make_job(sessions)
+    with sessions() as session:
+        jobs.cancel(session, "job1")
+
+    async def broken(self, claim):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WebhookSender, "attempt", broken)
+    assert await run_pass(settings, sessions) == 1
+    [row] = deliveries(sessions)
+    assert (row.status, row.attempts, row.last_error) == ("failed", 1, "RuntimeError: boom")
+
+
 # --- where a delivery may go ---
 
 
