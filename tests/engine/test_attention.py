@@ -52,7 +52,7 @@ def test_a_rows_attention_is_the_same_bits_alone_and_beside_rows_of_any_length(h
     torch.manual_seed(0)
     keys, values = torch.randn(1, SLOTS, kv_heads, dim), torch.randn(1, SLOTS, kv_heads, dim)
     try:
-        for trial in range(4):
+        for _ in range(4):
             # decoding rows (one new token) of spread-out lengths, and prefilling chunks
             rows = [(generator.randint(1, 1500), 1) for _ in range(generator.randint(2, 9))]
             rows += [(generator.randint(40, 600), generator.choice([7, 32])) for _ in range(generator.randint(0, 2))]
