@@ -448,10 +448,12 @@ def train_adapter(
             evals_without_gain=evals_without_gain, elapsed_s=time.perf_counter() - started)
 
     stopped_early, step = False, first_step - 1
+    saved_at = first_step - 1 if resume else None  # the step whose state is stored already
     try:
         for step in range(first_step, total + 1):
             if hooks.should_pause():  # before the step draws its data: the state is the last step's
-                hooks.on_state(device.run_training_work(partial(state_at, step - 1)))
+                if saved_at != step - 1:
+                    hooks.on_state(device.run_training_work(partial(state_at, step - 1)))
                 return TrainResult(best_prompt.to("cpu"), step - 1, best_step, best_loss, best_accuracy, len(train),
                                    len(held_out), time.perf_counter() - started, False, False, paused=True)
             if len(order) < config.batch_size:
@@ -490,6 +492,7 @@ def train_adapter(
                         break
                 if step < total and not out_of_time:
                     hooks.on_state(device.run_training_work(partial(state_at, step)))
+                    saved_at = step
             if out_of_time:
                 break
     except Cancelled:
