@@ -264,7 +264,7 @@ def _store_checkpoint(sessions: sessionmaker[Session], storage: Storage, base: B
     learned = prompt.to("cpu")
     adapter, files = registry.new_adapter(
         name=name, prompt_embeddings=learned.peft_tensor(), base_fingerprint=base.fingerprint, base_model_name=base.name,
-        source="checkpoint", metrics=metrics | {"job_id": job_id}, template=config.template,
+        source=registry.CHECKPOINT, metrics=metrics | {"job_id": job_id}, template=config.template,
         original_files=_prefix_files(config, learned, base))
     try:
         with sessions() as session, storage.storing(session, adapter_key(adapter.id), files):

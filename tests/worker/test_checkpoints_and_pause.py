@@ -122,6 +122,8 @@ def test_pruning_waits_for_the_end_and_keeps_the_last_three_and_the_best(env, ti
     with sessions() as session:
         assert [c.step for c in jobs.list_checkpoints(session, job_id)] == [6, 5, 4, 1]
         assert registry.get_adapter(session, ids[1]) is None
+        # Listed with their job, not among the adapters unless asked.
+        assert registry.list_adapters(session)[1] == 0 and registry.list_adapters(session, include_checkpoints=True)[1] == 4
     assert chores.prune_ended_checkpoints() == []
 
 
