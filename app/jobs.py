@@ -286,7 +286,7 @@ def pause_run(session: Session, job_id: str, token: str, step: int) -> bool:
 def request_pause(session: Session, job_id: str) -> JobStatus | None:
     """Pause a queued job at once; ask a running one to stop at its next step boundary with its
     state saved (the run then calls pause_run). Returns the resulting status (None: no such job)."""
-    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.PAUSED, sent_at=None):
+    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.PAUSED, sent_at=None, pause_requested=False):
         _became_paused(session, job_id, "paused while queued")
     elif _rows_updated(session, update(TrainJob).where(
             TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING, TrainJob.pause_requested.is_(False))
@@ -300,7 +300,7 @@ def request_pause(session: Session, job_id: str) -> JobStatus | None:
 def resume(session: Session, job_id: str) -> bool:
     """paused -> queued, with no message in the broker yet: the caller sends one (`unsent` lists
     it otherwise). Whichever node claims it goes on from its saved state. False if it was not paused."""
-    if not _transition(session, job_id, JobStatus.PAUSED, status=JobStatus.QUEUED, sent_at=None):
+    if not _transition(session, job_id, JobStatus.PAUSED, status=JobStatus.QUEUED, sent_at=None, pause_requested=False):
         session.rollback()
         return False
     add_event(session, job_id, "message", message="resumed")
