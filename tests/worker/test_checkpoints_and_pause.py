@@ -290,3 +290,13 @@ def test_upkeep_leaves_a_paused_job_and_its_files_alone(env, tiny_base, slow_ste
     with sessions() as session:  # resumed, it is queued like any job and needs a message
         assert jobs.resume(session, job_id)
         assert jobs.unsent(session, unsent_after=timedelta(0), resend_after=timedelta(hours=1)) == [job_id]
+
+
+def test_a_pause_asked_of_a_run_that_gave_its_job_back_pauses_it_once(env):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:  # as a released run leaves it: queued, its pause still asked
+        session.execute(update(TrainJob).values(pause_requested=True))
+        session.commit()
+        assert jobs.request_pause(session, job_id) == "paused" and jobs.resume(session, job_id)
+        assert not jobs.get_job(session, job_id).pause_requested  # the next run is not paused again
