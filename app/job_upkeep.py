@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import jobs
+from app import checkpoints, jobs
 from app.storage import DATASETS, TRAIN_STATES, Storage, train_state_job
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,19 @@ class JobUpkeep:
             self.storage.delete(key)
         return ended
 
+    def prune_ended_checkpoints(self) -> list[str]:
+        """Prune the checkpoints of ended jobs that keep more than they should (app.checkpoints);
+        returns the pruned adapter ids. Paused jobs have not ended: theirs stay."""
+        pruned: list[str] = []
+        with self.sessions() as session:
+            for job_id in jobs.ended_jobs_with_checkpoints_over(session, checkpoints.KEEP_LAST):
+                pruned += checkpoints.prune(session, self.storage, job_id)
+        return pruned
+
     async def run_pass(self) -> None:
         """Each chore once, off the event loop; a failure is logged and the next chore runs."""
-        for chore in (self.reap_stale_jobs, self.send_unsent_jobs, self.delete_ended_job_files):
+        for chore in (self.reap_stale_jobs, self.send_unsent_jobs, self.delete_ended_job_files,
+                      self.prune_ended_checkpoints):
             try:
                 await asyncio.to_thread(chore)
             except Exception:

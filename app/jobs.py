@@ -1,4 +1,4 @@
-"""Training jobs in the registry: create, claim, progress, finish, cancel, reap.
+"""Training jobs in the registry: create, claim, progress, checkpoints, finish, pause, resume, cancel, reap.
 
 The database is the source of truth for job state. Every state change is a conditional
 update (`WHERE status = <expected>`), so two workers, a duplicate delivery or a racing cancel
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app import webhooks
 from app.db import get_by_id, paginate
 from app.job_status import TERMINAL, JobStatus
-from app.models import ERROR_MESSAGE_MAX, Adapter, JobEvent, TrainJob, utcnow
+from app.models import ERROR_MESSAGE_MAX, Adapter, JobCheckpoint, JobEvent, TrainJob, utcnow
 
 STATUSES = tuple(JobStatus)
 
@@ -137,6 +137,10 @@ def heartbeat(session: Session, job_id: str, token: str) -> bool:
     return bool(session.scalar(select(TrainJob.cancel_requested).where(TrainJob.id == job_id)))
 
 
+def pause_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(TrainJob.pause_requested).where(TrainJob.id == job_id)))
+
+
 def record_step(session: Session, job_id: str, token: str, step: int, total: int, epoch: float, loss: float) -> None:
     _update_run(session, job_id, token, step=step, total_steps=total, epoch=epoch, train_loss=loss, heartbeat_at=utcnow())
     add_event(session, job_id, "train", step, loss=loss, epoch=epoch)
@@ -160,6 +164,59 @@ def note(session: Session, job_id: str, token: str, message: str) -> None:
     hold(session, job_id, token)
     add_event(session, job_id, "message", message=message)
     session.commit()
+
+
+def checkpoint_id(adapter_id: str) -> str:
+    return f"ftckpt-{adapter_id}"
+
+
+def add_checkpoint(session: Session, job_id: str, token: str, adapter: Adapter, step: int, metrics: dict) -> bool:
+    """The run's checkpoint at `step`: its adapter row and the checkpoint, in the caller's
+    transaction (the adapter's files stored with it: app.storage), committed only while the run
+    holds the job (StaleRun otherwise). False, and nothing added, when the job has one at that
+    step already (a run that went on from an earlier saved state evaluates that step again, alike)."""
+    hold(session, job_id, token)
+    if session.scalar(select(JobCheckpoint.id).where(JobCheckpoint.job_id == job_id, JobCheckpoint.step == step)):
+        session.rollback()
+        return False
+    session.add(adapter)
+    session.add(JobCheckpoint(id=checkpoint_id(adapter.id), job_id=job_id, adapter_id=adapter.id, step=step,
+                              metrics=metrics))
+    add_event(session, job_id, "message", step, message=f"checkpoint {adapter.id} stored at step {step}")
+    session.commit()
+    return True
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
+    """The job's checkpoints whose adapter still exists, newest first."""
+    query = (select(JobCheckpoint).join(Adapter, Adapter.id == JobCheckpoint.adapter_id)
+             .where(JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.step.desc()))
+    return list(session.scalars(query))
+
+
+def _score(checkpoint: JobCheckpoint) -> tuple[float, float]:
+    """(accuracy, -loss): higher is better, as training ranks its evaluations."""
+    return (checkpoint.metrics.get("eval_accuracy") or 0.0, -(checkpoint.metrics.get("eval_loss") or 0.0))
+
+
+def prunable_checkpoints(session: Session, job_id: str, keep_last: int) -> list[JobCheckpoint]:
+    """An ended job's checkpoints beyond its last `keep_last` and its best; none while it may still run."""
+    if session.scalar(select(TrainJob.status).where(TrainJob.id == job_id)) not in TERMINAL:
+        return []
+    checkpoints = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+                                       .order_by(JobCheckpoint.step.desc())))
+    if not checkpoints:
+        return []
+    kept = {c.id for c in checkpoints[:keep_last]} | {max(checkpoints, key=_score).id}
+    return [c for c in checkpoints if c.id not in kept]
+
+
+def ended_jobs_with_checkpoints_over(session: Session, keep_last: int) -> list[str]:
+    """Ended jobs with more than `keep_last` checkpoints: maybe some to prune."""
+    query = (select(JobCheckpoint.job_id).join(TrainJob, TrainJob.id == JobCheckpoint.job_id)
+             .where(TrainJob.status.in_(TERMINAL)).group_by(JobCheckpoint.job_id)
+             .having(func.count() > keep_last).order_by(JobCheckpoint.job_id))
+    return list(session.scalars(query))
 
 
 def storable(message: str, limit: int = ERROR_MESSAGE_MAX) -> str:
@@ -209,13 +266,59 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     return True
 
 
+def _became_paused(session: Session, job_id: str, message: str) -> None:
+    """The one place a job becomes paused, in the transaction that pauses it: what a pause
+    brings with it (its event; a webhook) goes here."""
+    add_event(session, job_id, "message", message=message)
+    webhooks.enqueue_job_event(session, job_id, JobStatus.PAUSED)
+
+
+def pause_run(session: Session, job_id: str, token: str, step: int) -> bool:
+    """The run stopped at a pause, its state saved: running -> paused, the job no run's (no
+    attempt spent). False, and nothing written, if the run no longer held it."""
+    try:
+        _update_run(session, job_id, token, status=JobStatus.PAUSED, worker=None, run_token=None, sent_at=None,
+                    pause_requested=False, attempts=TrainJob.attempts - 1)
+    except StaleRun:
+        return False
+    _became_paused(session, job_id, f"paused at step {step}")
+    session.commit()
+    return True
+
+
+def request_pause(session: Session, job_id: str) -> JobStatus | None:
+    """Pause a queued job at once; ask a running one to stop at its next step boundary with its
+    state saved (the run then calls pause_run). Returns the resulting status (None: no such job)."""
+    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.PAUSED, sent_at=None, pause_requested=False):
+        _became_paused(session, job_id, "paused while queued")
+    elif _rows_updated(session, update(TrainJob).where(
+            TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING, TrainJob.pause_requested.is_(False))
+            .values(pause_requested=True)):
+        add_event(session, job_id, "message", message="pause requested")
+    session.commit()
+    status = session.scalar(select(TrainJob.status).where(TrainJob.id == job_id))
+    return JobStatus(status) if status else None
+
+
+def resume(session: Session, job_id: str) -> bool:
+    """paused -> queued, with no message in the broker yet: the caller sends one (`unsent` lists
+    it otherwise). Whichever node claims it goes on from its saved state. False if it was not paused."""
+    if not _transition(session, job_id, JobStatus.PAUSED, status=JobStatus.QUEUED, sent_at=None, pause_requested=False):
+        session.rollback()
+        return False
+    add_event(session, job_id, "message", message="resumed")
+    session.commit()
+    return True
+
+
 def cancel(session: Session, job_id: str) -> JobStatus | None:
-    """Cancel at once if queued; ask a running job to stop. Returns the resulting status (None: no such job)."""
-    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()):
-        add_event(session, job_id, "message", message="cancelled before it started")
-        webhooks.enqueue_job_event(session, job_id, JobStatus.CANCELLED)
-        session.commit()
-        return JobStatus.CANCELLED
+    """Cancel at once if queued or paused; ask a running job to stop. Returns the resulting status (None: no such job)."""
+    for waiting, message in ((JobStatus.QUEUED, "cancelled before it started"), (JobStatus.PAUSED, "cancelled while paused")):
+        if _transition(session, job_id, waiting, status=JobStatus.CANCELLED, finished_at=utcnow()):
+            add_event(session, job_id, "message", message=message)
+            webhooks.enqueue_job_event(session, job_id, JobStatus.CANCELLED)
+            session.commit()
+            return JobStatus.CANCELLED
     if _rows_updated(session, update(TrainJob).where(TrainJob.id == job_id, TrainJob.status == JobStatus.RUNNING)
                      .values(cancel_requested=True)):
         add_event(session, job_id, "message", message="cancel requested")

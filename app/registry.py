@@ -15,6 +15,8 @@ from app.db import get_by_id, paginate
 from app.models import Adapter, new_id
 from app.storage import Storage, adapter_key
 
+CHECKPOINT = "checkpoint"  # the source of a job's checkpoint adapters (worker.job_runner)
+
 
 def new_adapter(
     *,
@@ -87,8 +89,12 @@ def _order_by(sort: str) -> tuple:
 
 
 def list_adapters(session: Session, *, name: str | None = None, sort: str = DEFAULT_SORT, limit: int = 20,
-                  offset: int = 0) -> tuple[list[Adapter], int]:
+                  offset: int = 0, include_checkpoints: bool = False) -> tuple[list[Adapter], int]:
+    """A page of adapters. A job's checkpoints are listed with their job (app.jobs.list_checkpoints),
+    not here unless asked: each job keeps up to four, and they go when it ends."""
     query = select(Adapter)
+    if not include_checkpoints:
+        query = query.where(Adapter.source != CHECKPOINT)
     if name:
         escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Adapter.name.ilike(f"%{escaped}%", escape="\\"))

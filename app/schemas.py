@@ -77,7 +77,7 @@ JOB_EXAMPLE = {
     "progress": {"step": 120, "total_steps": 300, "epoch": 0.48}, "train_loss": 0.412, "eval_loss": 0.365,
     "eval_accuracy": 0.86, "estimated_finish": "2026-11-29T06:14:00Z", "adapter_id": None, "error": None,
     "params": {"num_virtual_tokens": 20, "learning_rate": 0.3, "max_steps": 300, "template": "Review: {input}\nSentiment:"},
-    "train_examples": 2000, "validation_examples": 200, "attempts": 1, "cancel_requested": False,
+    "train_examples": 2000, "validation_examples": 200, "attempts": 1, "cancel_requested": False, "pause_requested": False,
     "created_at": "2026-11-29T06:00:00Z", "started_at": "2026-11-29T06:00:02Z", "finished_at": None,
 }
 
@@ -153,6 +153,7 @@ class TrainJobOut(BaseModel):
     validation_examples: int
     attempts: int
     cancel_requested: bool
+    pause_requested: bool
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -177,6 +178,21 @@ class JobEventOut(BaseModel):
     kind: Literal["train", "eval", "message"]
     step: int
     data: dict
+    created_at: datetime
+
+
+class JobCheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [
+        {"id": "ftckpt-7c1e04a9b2d3", "job_id": "a41c9e2f0b7d", "adapter_id": "7c1e04a9b2d3", "step": 100,
+         "metrics": {"step": 100, "train_loss": 0.41, "eval_loss": 0.37, "eval_accuracy": 0.85},
+         "created_at": "2026-11-29T06:03:41Z"},
+    ]})
+
+    id: str
+    job_id: str
+    adapter_id: str = Field(description="Servable at once: use it as the adapter id (or model) anywhere")
+    step: int
+    metrics: dict
     created_at: datetime
 
 

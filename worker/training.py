@@ -82,6 +82,7 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     cancelled: bool
+    paused: bool = False  # stopped at a step boundary as asked, its state handed to on_state
 
 
 @dataclass
@@ -91,8 +92,12 @@ class Hooks:
     on_step: Callable[[int, int, float, float], None] = lambda step, total, epoch, loss: None
     on_eval: Callable[[int, float, float], None] = lambda step, loss, accuracy: None
     should_cancel: Callable[[], bool] = lambda: False
-    # After each evaluation the run goes on from: the state to go on from (worker.train_state).
+    # After each evaluation the run goes on from, and at a pause: the state to go on from (worker.train_state).
     on_state: Callable[[TrainState], None] = lambda state: None
+    # Checked at each step boundary: stop there, handing on_state the state to go on from later.
+    should_pause: Callable[[], bool] = lambda: False
+    # An evaluation improved the best result: (step, the prompt evaluated, eval loss, accuracy).
+    on_best: Callable[[int, VirtualTokens, float, float], None] = lambda step, prompt, loss, accuracy: None
 
 
 class Cancelled(Exception):
@@ -167,17 +172,24 @@ class Trainable(torch.nn.Module):
     or a prefix's keys and values [layers, 2, n, kv_heads, head_dim]. With prefix_projection it is
     PEFT's PrefixEncoder as it trains (an embedding [n, kv_heads * head_dim] through
     Linear-Tanh-Linear, hidden size wide); its output bias starts at the init's keys and values,
-    averaged over the virtual tokens (one bias serves them all)."""
+    averaged over the virtual tokens (one bias serves them all). `start`: an adapter's values to
+    warm-start from instead of the init (the same method and size; not through the MLP, which the
+    adapter does not keep)."""
 
-    def __init__(self, base: BaseModel, config: TrainConfig, examples: list[Example]):
+    def __init__(self, base: BaseModel, config: TrainConfig, examples: list[Example], start: VirtualTokens | None = None):
         super().__init__()
         self.method, self.shape, self.mlp = config.method, base.kv_shape, None
+        if start is not None:
+            if start.method != config.method or len(start) != config.num_virtual_tokens or config.prefix_projection:
+                raise ValueError("a warm start needs the job's method and size, without prefix_projection")
+            self.prompt = torch.nn.Parameter(start.values.detach().float().cpu().clone())
+            return
         if config.method == "prompt_tuning":
             self.prompt = torch.nn.Parameter(init_prompt(base, config, examples))
             return
-        start = init_prefix(base, config, examples)
+        init = init_prefix(base, config, examples)
         if not config.prefix_projection:
-            self.prompt = torch.nn.Parameter(start)
+            self.prompt = torch.nn.Parameter(init)
             return
         width = self.shape.kv_heads * self.shape.head_dim
         self.prompt = torch.nn.Parameter(torch.randn(config.num_virtual_tokens, width))
@@ -185,7 +197,7 @@ class Trainable(torch.nn.Module):
                                        torch.nn.Linear(base.hidden_size, self.shape.layers * 2 * width))
         if config.init != "random":
             with torch.no_grad():
-                self.mlp[2].bias.copy_(to_flat(start).mean(0))
+                self.mlp[2].bias.copy_(to_flat(init).mean(0))
 
     def forward(self) -> VirtualTokens:
         values = self.prompt if self.mlp is None else from_flat(self.mlp(self.prompt), self.shape)
@@ -387,16 +399,18 @@ def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
 def train_adapter(
     base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
     hooks: Hooks | None = None, device: Device = InlineDevice(), resume: TrainState | None = None,
+    start: VirtualTokens | None = None,
 ) -> TrainResult:
-    """Train a soft prompt or a prefix, as `config.method` says, from the start or from a state saved by an earlier run of the
-    same job (`resume`), which then goes on exactly as the earlier run would have."""
+    """Train a soft prompt or a prefix, as `config.method` says, from the start (the init, or an
+    adapter's values: `start`) or from a state saved by an earlier run of the same job (`resume`:
+    at an evaluation or a pause), which then goes on exactly as the earlier run would have."""
     hooks = hooks or Hooks()
     started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
     torch.manual_seed(config.seed)
     train, held_out = split_eval(examples, validation, config.seed)
     encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
     # float32, whatever the model's dtype
-    trainable = device.run_training_work(lambda: Trainable(base, config, train).to(base.device))
+    trainable = device.run_training_work(lambda: Trainable(base, config, train, start).to(base.device))
     optimizer = make_optimizer(trainable, config)
     # float16 gradients underflow: scale the loss up, and the gradients down before the step (a
     # step whose gradients overflowed is skipped and the scale lowered). bfloat16 needs none.
@@ -422,7 +436,8 @@ def train_adapter(
             scaler.load_state_dict(resume.loss_scale)
         order, best_prompt = list(resume.order), VirtualTokens(config.method, resume.best_prompt.to(base.device))
         best_step, best_loss, best_accuracy = resume.best_step, resume.best_loss, resume.best_accuracy
-        best = (best_accuracy, -best_loss)
+        # A state saved at a pause before the first evaluation has no best result yet.
+        best = (float("-inf"), float("-inf")) if best_loss is None else (best_accuracy, -best_loss)
         evals_without_gain, first_step = resume.evals_without_gain, resume.step + 1
 
     def state_at(step: int) -> TrainState:
@@ -433,8 +448,14 @@ def train_adapter(
             evals_without_gain=evals_without_gain, elapsed_s=time.perf_counter() - started)
 
     stopped_early, step = False, first_step - 1
+    saved_at = first_step - 1 if resume else None  # the step whose state is stored already
     try:
         for step in range(first_step, total + 1):
+            if hooks.should_pause():  # before the step draws its data: the state is the last step's
+                if saved_at != step - 1:
+                    hooks.on_state(device.run_training_work(partial(state_at, step - 1)))
+                return TrainResult(best_prompt.to("cpu"), step - 1, best_step, best_loss, best_accuracy, len(train),
+                                   len(held_out), time.perf_counter() - started, False, False, paused=True)
             if len(order) < config.batch_size:
                 fresh = list(range(len(encoded)))
                 order_rng.shuffle(fresh)
@@ -463,6 +484,7 @@ def train_adapter(
                     best = (accuracy, -eval_loss)
                     best_prompt, best_step, best_loss, best_accuracy = prompt, step, eval_loss, accuracy
                     evals_without_gain = 0
+                    hooks.on_best(step, prompt, eval_loss, accuracy)
                 else:
                     evals_without_gain += 1
                     if evals_without_gain >= config.early_stopping_patience:
@@ -470,6 +492,7 @@ def train_adapter(
                         break
                 if step < total and not out_of_time:
                     hooks.on_state(device.run_training_work(partial(state_at, step)))
+                    saved_at = step
             if out_of_time:
                 break
     except Cancelled:

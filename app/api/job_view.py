@@ -18,6 +18,6 @@ def job_out(job: TrainJob) -> TrainJobOut:
         estimated_finish=estimated, adapter_id=job.adapter_id,
         error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
         params=job.params, train_examples=job.train_examples, validation_examples=job.validation_examples,
-        attempts=job.attempts, cancel_requested=job.cancel_requested,
+        attempts=job.attempts, cancel_requested=job.cancel_requested, pause_requested=job.pause_requested,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )

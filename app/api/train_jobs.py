@@ -1,6 +1,8 @@
-"""Training jobs: upload a dataset to start one, watch it, read its events, cancel it."""
+"""Training jobs: upload a dataset to start one, watch it, read its events and checkpoints,
+pause, resume or cancel it."""
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -16,10 +18,11 @@ from app.db import MAX_INTEGER, MAX_OFFSET
 from app.job_status import TERMINAL, JobStatus
 from app.models import TrainJob, new_id
 from app.runtime import Runtime
-from app.schemas import JobEventOut, NoNul, TrainJobOut, TrainJobPage
+from app.schemas import JobCheckpointOut, JobEventOut, NoNul, TrainJobOut, TrainJobPage
 from app.storage import dataset_key
 from app.train_config import TrainConfig, TrainConfigBase, broken_rule
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
 
@@ -152,5 +155,54 @@ def cancel_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
     if job.status in TERMINAL:
         raise HTTPException(409, detail=f"job {job_id} has already {job.status}")
     jobs.cancel(session, job_id)
+    session.expire_all()
+    return job_out(_get_or_404(session, job_id))
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[JobCheckpointOut],
+            responses={404: {"description": "Unknown job"}})
+def get_train_job_checkpoints(job_id: JobId, session: SessionDep):
+    """The adapters stored at evaluations that improved the job's best result, newest first, each
+    servable by its `adapter_id` while the job still runs. Once the job ends, only the last three
+    and the best are kept."""
+    _get_or_404(session, job_id)
+    return jobs.list_checkpoints(session, job_id)
+
+
+@router.post(
+    "/{job_id}/pause",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainJobOut,
+    dependencies=[AdminAuth],
+    responses={404: {"description": "Unknown job"}, 409: {"description": "The job is neither queued nor running"}},
+)
+def pause_train_job(job_id: JobId, session: SessionDep) -> TrainJobOut:
+    """A queued job is paused at once; a running one stops at its next step boundary, saves its
+    state to shared storage and releases its device (`pause_requested` until then)."""
+    job = _get_or_404(session, job_id)
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise HTTPException(409, detail=f"job {job_id} is {job.status}: only a queued or running job can be paused")
+    jobs.request_pause(session, job_id)
+    session.expire_all()
+    return job_out(_get_or_404(session, job_id))
+
+
+@router.post(
+    "/{job_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainJobOut,
+    dependencies=[AdminAuth],
+    responses={404: {"description": "Unknown job"}, 409: {"description": "The job is not paused"}},
+)
+def resume_train_job(job_id: JobId, session: SessionDep, runtime: RuntimeDep) -> TrainJobOut:
+    """Queue a paused job again: any node goes on from its saved state, to the result it would
+    have reached without the pause."""
+    job = _get_or_404(session, job_id)
+    if not jobs.resume(session, job_id):
+        raise HTTPException(409, detail=f"job {job_id} is {job.status}: only a paused job can be resumed")
+    try:
+        runtime.enqueue_training(job_id)
+    except Exception:  # queued all the same: job upkeep sends its message once the broker answers
+        log.exception("job %s resumed, but its message could not be sent yet", job_id)
     session.expire_all()
     return job_out(_get_or_404(session, job_id))

@@ -20,6 +20,8 @@ ADMIN_ONLY = {
     ("DELETE", "/adapters/{adapter_id}"),
     ("POST", "/train-jobs"),
     ("POST", "/train-jobs/{job_id}/cancel"),
+    ("POST", "/train-jobs/{job_id}/pause"),
+    ("POST", "/train-jobs/{job_id}/resume"),
 }
 
 

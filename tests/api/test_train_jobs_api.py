@@ -1,13 +1,16 @@
-"""POST /train-jobs validation and the job routes, through the real app (no worker needed)."""
+"""POST /train-jobs validation and the job routes (pause, resume, checkpoints too), through the real app."""
 
 import json
+import threading
+import time
 
 import pytest
 from sqlalchemy import func, select
 
-from app import storage
+from app import jobs, storage
 from app.models import JobEvent
 from tests.conftest import DATASETS
+from worker.job_runner import run_job
 
 GOOD = b"".join(json.dumps({"input": f"text {i}", "output": "yes" if i % 2 else "no"}).encode() + b"\n" for i in range(10))
 
@@ -150,3 +153,64 @@ def test_broker_down_gives_503_and_stores_nothing(make_client, tiny_base):
     assert stored(client) == (0, [])
     with client.app.state.runtime.sessions() as session:  # not even the job's "queued" event
         assert session.scalar(select(func.count()).select_from(JobEvent)) == 0
+
+
+def test_pause_and_resume_a_queued_job_and_the_409s(client):
+    job_id = post(client).json()["id"]
+    response = client.post(f"/train-jobs/{job_id}/pause")
+    assert response.status_code == 202 and response.json()["status"] == "paused"
+    assert client.get("/train-jobs", params={"status": "paused"}).json()["total"] == 1
+    again = client.post(f"/train-jobs/{job_id}/pause")
+    assert again.status_code == 409 and "is paused: only a queued or running job can be paused" in again.json()["detail"]
+    response = client.post(f"/train-jobs/{job_id}/resume")
+    assert response.status_code == 202 and response.json()["status"] == "queued"
+    with client.app.state.runtime.sessions() as session:  # its message went to the broker
+        assert jobs.get_job(session, job_id).sent_at is not None
+    again = client.post(f"/train-jobs/{job_id}/resume")
+    assert again.status_code == 409 and "is queued: only a paused job can be resumed" in again.json()["detail"]
+    messages = [e["data"]["message"] for e in client.get(f"/train-jobs/{job_id}/events").json()]
+    assert messages == ["queued", "paused while queued", "resumed"]
+    client.post(f"/train-jobs/{job_id}/pause")
+    assert client.post(f"/train-jobs/{job_id}/cancel").json()["status"] == "cancelled"  # cancelled while paused
+    for action in ("pause", "resume"):
+        assert client.post(f"/train-jobs/{job_id}/{action}").status_code == 409
+        assert client.post(f"/train-jobs/nope/{action}").status_code == 404
+    assert client.get("/train-jobs/nope/checkpoints").status_code == 404
+
+
+def test_pausing_a_running_job_asks_its_run_to_stop(client):
+    job_id = post(client).json()["id"]
+    with client.app.state.runtime.sessions() as session:
+        assert jobs.claim(session, job_id, "a-worker")
+    response = client.post(f"/train-jobs/{job_id}/pause")
+    assert response.status_code == 202
+    assert (response.json()["status"], response.json()["pause_requested"]) == ("running", True)
+    assert client.get(f"/admin/jobs/{job_id}").status_code == 200 and "pausing" in client.get(f"/admin/jobs/{job_id}").text
+
+
+def test_a_checkpoint_serves_while_its_job_runs(make_client, tiny_base):
+    client = make_client(tiny_base, heartbeat_interval_s=0.2)
+    runtime = client.app.state.runtime
+    job_id = post(client, max_steps=100_000, eval_every=1, early_stopping_patience=1000).json()["id"]
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(run_job(
+        job_id, settings=runtime.settings, sessions=runtime.sessions, base=tiny_base, device=runtime.engine)))
+    run.start()
+    try:
+        deadline = time.monotonic() + 120  # generous: the test machine's cores are shared
+        while not (checkpoints := client.get(f"/train-jobs/{job_id}/checkpoints").json()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoints, f"no checkpoint within 120 s: {client.get(f'/train-jobs/{job_id}').json()}"
+        first = checkpoints[-1]
+        assert first["id"] == f"ftckpt-{first['adapter_id']}" and first["job_id"] == job_id
+        assert first["metrics"]["step"] == first["step"] and "eval_accuracy" in first["metrics"]
+        generated = client.post("/generate", json={"adapter_id": first["adapter_id"], "prompt": "text 3",
+                                                   "max_new_tokens": 2})
+        assert generated.status_code == 200, generated.text
+        assert client.get(f"/train-jobs/{job_id}").json()["status"] == "running"  # served while the job runs
+    finally:
+        client.post(f"/train-jobs/{job_id}/cancel")
+        run.join(timeout=120)
+    assert outcome == ["cancelled"], (outcome, client.get(f"/train-jobs/{job_id}/events").json()[-5:])
+    assert client.post("/generate", json={"adapter_id": first["adapter_id"], "prompt": "x",
+                                          "max_new_tokens": 1}).status_code == 200
