@@ -7,25 +7,30 @@ status codes as /generate; OpenAI fields softserve cannot honour (`n`, `logprobs
 are refused with 422 unless they ask for nothing, and fields it does not know are ignored.
 """
 
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from sqlalchemy import select
 
-from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
+from app.api.completion_service import check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
+from app.api.openai_common import (
+    CompletionUsage,
+    StopString,
+    StreamOptions,
+    model_soft_prompt,
+    refuse_unless_neutral,
+    text_pieces,
+    usage,
+)
 from app.api.openai_errors import OpenAIErrorRoute
-from app.api.streaming import merge, sse_response
+from app.api.streaming import sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
-from app.engine.text_stream import TextDeltas
-from app.model_names import adapter_for_model
 from app.models import Adapter
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
@@ -33,19 +38,12 @@ from app.schemas import NoNul, valid_unicode
 OWNER = "softserve"
 
 PromptText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 # OpenAI parameters that change results and are not supported, with the values that ask for
 # nothing: clients often send those explicitly.
 NEUTRAL = {
     "n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,), "suffix": (None, ""),
     "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
 }
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices")
 
 
 class CompletionRequest(BaseModel):
@@ -79,14 +77,7 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     _valid_unicode = field_validator("model", "prompt", "stop", mode="before")(valid_unicode)
-
-    @field_validator(*NEUTRAL)
-    @classmethod
-    def _unsupported(cls, value, info: ValidationInfo):
-        neutral = NEUTRAL[info.field_name]
-        if value not in neutral:
-            raise ValueError(f"is not supported: send {' or '.join(map(json.dumps, neutral))}, or leave it out")
-        return value
+    _unsupported = refuse_unless_neutral(NEUTRAL)
 
     @property
     def prompts(self) -> list[str]:
@@ -102,12 +93,6 @@ class CompletionChoice(BaseModel):
     index: int
     logprobs: None = None
     finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class CompletionResponse(BaseModel):
@@ -150,7 +135,7 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
     if len(body.prompts) > runtime.settings.max_queue_size:  # could never fit the queue: not worth a retry
         raise invalid("prompt", f"has {len(body.prompts)} prompts, more than the queue holds ({runtime.settings.max_queue_size})")
-    soft_prompt, _ = await adapter_soft_prompt(runtime, adapter_for_model(body.model, runtime.base.name))
+    soft_prompt = await model_soft_prompt(runtime, body.model)
     return [
         GenerationRequest(
             prompt_ids=encode_prompt(runtime, prompt), soft_prompt=soft_prompt, max_new_tokens=body.max_tokens,
@@ -160,31 +145,20 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     ]
 
 
-def _usage(results: Sequence[GenerationResult]) -> CompletionUsage:
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(len(r.token_ids) for r in results)
-    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           total_tokens=prompt_tokens + completion_tokens)
-
-
 async def _chunks(
     head: dict, requests: list[GenerationRequest], streams: list[RequestStream], include_usage: bool
 ) -> AsyncIterator[dict]:
     """OpenAI's stream chunks: text pieces by choice index as the rows make them, each choice's
     last with its finish_reason; with `include_usage`, a last chunk with usage and no choices."""
     head = head | ({"usage": None} if include_usage else {})
-    deltas = [TextDeltas(request.stop) for request in requests]
     results: list[GenerationResult] = []
-    async with aclosing(merge(streams)) as updates:
-        async for index, update in updates:
-            text = deltas[index].next(update.result.text, update.finished)
-            if update.finished:
-                results.append(update.result)
-            if text or update.finished:
-                reason = update.result.finish_reason if update.finished else None
-                yield head | {"choices": [CompletionChoice(text=text, index=index, finish_reason=reason).model_dump()]}
+    async for index, text, result in text_pieces(requests, streams):
+        if result is not None:
+            results.append(result)
+        reason = None if result is None else result.finish_reason
+        yield head | {"choices": [CompletionChoice(text=text, index=index, finish_reason=reason).model_dump()]}
     if include_usage:
-        yield head | {"choices": [], "usage": _usage(results).model_dump()}
+        yield head | {"choices": [], "usage": usage(results).model_dump()}
 
 
 @router.post(
@@ -208,7 +182,7 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_r
         return sse_response(_chunks(head, requests, start_streams(runtime, requests, "max_tokens"), include_usage))
     results = [completion.result for completion in await run_all(runtime, http_request, requests, "max_tokens")]
     choices = [CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-    return CompletionResponse(**head, choices=choices, usage=_usage(results))
+    return CompletionResponse(**head, choices=choices, usage=usage(results))
 
 
 @router.get("/models", response_model=ModelList)
