@@ -245,8 +245,9 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
             continue
         checked = problem or _check_record(record)
         if examples and not isinstance(checked, str) and type(checked) is not type(examples[0]):
-            checked = (f"a {_kind(checked)} example in a file of {_kind(examples[0])} examples (from line "
-                       f"{first_line}): a file holds one format")
+            kind = _kind(checked)
+            checked = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} example in a file of {_kind(examples[0])} "
+                       f"examples (from line {first_line}): a file holds one format")
         if isinstance(checked, str):
             errors.append((line, checked))
             if len(errors) == MAX_ERRORS_REPORTED:
