@@ -1,14 +1,21 @@
 """Training on chats: the loss covers exactly the assistant turns learnt, the text before each
-is exactly what /v1/chat/completions sends, and evaluation asks for the last turn's reply."""
+is exactly what /v1/chat/completions sends, evaluation asks for the last turn's reply, and a chat
+job's adapter is served by the chat route."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from app import chat_template
-from app.datasets import ChatExample, ChatMessage, Example
+from app import chat_template, jobs
+from app.adapter_files import read_served
+from app.datasets import ChatExample, ChatMessage, Example, to_jsonl
+from app.db import make_engine, make_session_factory
+from app.engine.reference import reference_greedy_decode
 from app.engine.requests import GenerationResult
+from app.storage import adapter_key, dataset_key, make_storage
 from app.train_config import TrainConfig
+from tests.conftest import make_settings
+from worker.job_runner import run_job
 from worker.training import (
     Hooks,
     Row,
@@ -133,3 +140,27 @@ def test_smollm2s_own_template_masks_its_assistant_turns(second_real_base):
     for (start, _), k in zip(runs, [2, 4]):
         assert row.ids[:start] == chat_template.prompt_ids(tokenizer, as_dicts(BOTH, k))
         assert tokenizer.decode(row.ids[:start]).endswith("<|im_start|>assistant\n")
+
+
+def test_a_chat_job_makes_an_adapter_the_chat_route_serves(tmp_path, sqlite_url, tiny_base, make_client):
+    settings = make_settings(tmp_path, sqlite_url)
+    engine = make_engine(sqlite_url)
+    sessions = make_session_factory(engine)
+    chats = [example(("user", f"review number {i}"), ("assistant", ["negative", "positive"][i % 2])) for i in range(8)]
+    params = TrainConfig(num_virtual_tokens=4, max_steps=4, eval_every=2, batch_size=4).to_dict()
+    storage, key = make_storage(settings, sessions), dataset_key("chatjob")
+    with sessions() as session, storage.storing(session, key, {"train.jsonl": to_jsonl(chats)}):
+        jobs.create_job(session, job_id="chatjob", name="chat", params=params, dataset_path=key, train_examples=8,
+                        validation_examples=0)
+    assert run_job("chatjob", settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
+    with sessions() as session:
+        adapter_id = jobs.get_job(session, "chatjob").adapter_id
+    prompt = read_served(storage.read_all(adapter_key(adapter_id)))[0]
+    messages = as_dicts(chats[0], 1)
+    response = make_client(tiny_base).post("/v1/chat/completions", json={
+        "model": adapter_id, "messages": messages, "max_completion_tokens": 5, "temperature": 0})
+    assert response.status_code == 200, response.text
+    ids = chat_template.prompt_ids(tiny_base.tokenizer, messages)
+    expected = tiny_base.tokenizer.decode(reference_greedy_decode(tiny_base, prompt, ids, 5), skip_special_tokens=True)
+    assert response.json()["choices"][0]["message"]["content"] == expected
+    engine.dispose()
