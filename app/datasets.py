@@ -1,4 +1,5 @@
-"""Training datasets: parse and validate uploads (JSONL or CSV of input/output pairs).
+"""Training datasets: parse and validate uploads: JSONL or CSV of input/output pairs, or JSONL of
+chats (`{"messages": [...]}` lines, OpenAI's fine-tuning format). A file holds one format only.
 
 Every problem is reported with its line number, so a user can fix many in one go; reading stops at
 the MAX_ERRORS_REPORTED-th problem, or when it has taken `time_budget_s`, so that a file of
@@ -15,7 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from app.chat_template import ROLES, canonical_role, text_of
 from app.schemas import SURROGATE
 
 ALIASES = {"input": ("input", "prompt"), "output": ("output", "completion")}
@@ -29,6 +32,36 @@ MAX_LINE_CHARS = 262_144
 class Example:
     input: str
     output: str
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+    weight: int = 1  # an assistant turn with weight 0 is context, not learnt (as OpenAI's format has it)
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    messages: tuple[ChatMessage, ...]
+
+    @property
+    def trained(self) -> list[bool]:
+        """For each message, whether it is an assistant turn to learn."""
+        return [m.role == "assistant" and m.weight == 1 for m in self.messages]
+
+    @property
+    def last_trained(self) -> int:
+        return max(k for k, learn in enumerate(self.trained) if learn)
+
+    @property
+    def output(self) -> str:
+        """The last assistant turn learnt: what the chat's reply should be (labels, accuracy)."""
+        return self.messages[self.last_trained].content
+
+
+Dataset = list[Example] | list[ChatExample]
+Format = Literal["completion", "chat"]
 
 
 class DatasetError(ValueError):
@@ -56,10 +89,77 @@ def _pick(record: dict, key: str):
     return None
 
 
-def _check_record(record) -> Example | str:
+def _check_text(value, what: str) -> str | None:
+    """What is wrong with a text value, if anything."""
+    if not isinstance(value, str):
+        return f"{what} must be a string"
+    if SURROGATE.search(value):  # from a "\\ud800" escape: not text, cannot be stored as UTF-8
+        return f"{what} is not valid Unicode: it holds an unpaired surrogate"
+    return None
+
+
+def _check_content(content, what: str) -> str:
+    """A message's content as text: a string, or a list of {"type": "text", "text"} parts; raises
+    ValueError saying what is wrong."""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"} for p in content):
+            raise ValueError(f"{what}: only text parts are supported, {{\"type\": \"text\", \"text\": ...}}")
+        texts = [p["text"] for p in content]
+    else:
+        texts = [content]
+    problem = next(filter(None, (_check_text(text, what) for text in texts)), None)
+    if problem:
+        raise ValueError(problem)
+    return text_of(texts)
+
+
+def _check_message(message, number: int) -> ChatMessage:
+    """One message of a chat; raises ValueError saying what is wrong."""
+    what = f"message {number}"
+    if not isinstance(message, dict):
+        raise ValueError(f"{what} must be an object with role and content")
+    extra = sorted(set(message) - {"role", "content", "weight"})
+    if extra:
+        raise ValueError(f"{what}: field {extra[0]!r} is not supported (role, content, and weight on assistant messages)")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"{what}: role {role!r} is not supported ({', '.join(ROLES)})")
+    if "content" not in message:
+        raise ValueError(f"{what}: missing field 'content'")
+    content = _check_content(message["content"], f"{what} content")
+    weight = message.get("weight", 1)
+    if "weight" in message and role != "assistant":
+        raise ValueError(f"{what}: weight is for assistant messages only")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"{what}: weight must be 0 or 1")
+    if role == "assistant" and weight == 1 and not content.strip():
+        raise ValueError(f"{what}: an assistant message to learn must have non-empty content")
+    return ChatMessage(canonical_role(role), content, weight)
+
+
+def _check_chat(record: dict) -> ChatExample | str:
+    """The chat, or what is wrong with the record."""
+    extra = sorted(set(record) - {"messages"})
+    if extra:
+        return f"field {extra[0]!r} is not supported in a chat example (only 'messages')"
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "field 'messages' must be a non-empty list of messages"
+    try:
+        chat = ChatExample(tuple(_check_message(m, n) for n, m in enumerate(messages, start=1)))
+    except ValueError as exc:
+        return str(exc)
+    if not any(chat.trained):
+        return "a chat example needs an assistant message to learn from (one without weight 0)"
+    return chat
+
+
+def _check_record(record) -> Example | ChatExample | str:
     """The example, or what is wrong with the record."""
     if not isinstance(record, dict):
-        return "expected a JSON object with input and output"
+        return "expected a JSON object with input and output, or with messages"
+    if "messages" in record:
+        return _check_chat(record)
     values = {}
     for key in ("input", "output"):
         value = _pick(record, key)
@@ -120,9 +220,14 @@ def _records(text: str, is_csv: bool):
         yield number, *(_parse_json_line(line) if line.strip() else (BLANK, None))
 
 
+def _kind(example: Example | ChatExample) -> str:
+    return "chat" if isinstance(example, ChatExample) else "input/output"
+
+
 def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: int,
-                  time_budget_s: float = 60.0) -> list[Example]:
-    """Parse a JSONL or CSV upload; raise DatasetError listing the offending lines."""
+                  time_budget_s: float = 60.0) -> Dataset:
+    """Parse a JSONL or CSV upload; raise DatasetError listing the offending lines. Its first
+    example sets the file's format; an example of the other format is an error."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -130,7 +235,8 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
     is_csv = (filename or "").lower().endswith(".csv")
     deadline = time.monotonic() + time_budget_s
     errors: list[tuple[int, str]] = []
-    examples: list[Example] = []
+    examples: list = []
+    first_line = 0
     for count, (line, record, problem) in enumerate(_records(text, is_csv), start=1):
         if count % 4096 == 0 and time.monotonic() > deadline:
             errors.append((line, f"reading the file took over {time_budget_s:g} s; stopped reading here"))
@@ -138,6 +244,10 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
         if record is BLANK:
             continue
         checked = problem or _check_record(record)
+        if examples and not isinstance(checked, str) and type(checked) is not type(examples[0]):
+            kind = _kind(checked)
+            checked = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} example in a file of {_kind(examples[0])} "
+                       f"examples (from line {first_line}): a file holds one format")
         if isinstance(checked, str):
             errors.append((line, checked))
             if len(errors) == MAX_ERRORS_REPORTED:
@@ -146,6 +256,7 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
             errors.append((line, f"too many examples, the limit is {max_examples}; stopped reading here"))
             break
         else:
+            first_line = first_line or line
             examples.append(checked)
     if errors:
         raise DatasetError(field, errors)
@@ -155,7 +266,9 @@ def parse_dataset(data: bytes, field: str, filename: str | None, max_examples: i
 
 
 def normalised(data: bytes, field: str, filename: str | None, max_examples: int, time_budget_s: float) -> bytes:
-    """The upload checked, and written as to_jsonl stores datasets (an example a line)."""
+    """The upload checked, and written as to_jsonl stores datasets (an example a line): an
+    {"input", "output"} object, or a {"messages": [...]} one (roles system, user, assistant;
+    content a string; "weight": 0 on assistant turns that are not learnt)."""
     return to_jsonl(parse_dataset(data, field, filename, max_examples, time_budget_s))
 
 
@@ -195,17 +308,35 @@ def _normalise_file() -> None:
     Path(result).write_bytes(normalised_data)
 
 
-def to_jsonl(examples: list[Example]) -> bytes:
+def _stored(example: Example | ChatExample) -> dict:
+    if isinstance(example, Example):
+        return {"input": example.input, "output": example.output}
+    return {"messages": [{"role": m.role, "content": m.content} | ({} if m.weight else {"weight": 0})
+                         for m in example.messages]}
+
+
+def to_jsonl(examples: Dataset) -> bytes:
     """The normalised form datasets are stored in."""
-    return "".join(json.dumps({"input": e.input, "output": e.output}, ensure_ascii=False) + "\n" for e in examples).encode()
+    return "".join(json.dumps(_stored(e), ensure_ascii=False) + "\n" for e in examples).encode()
 
 
-def from_jsonl(data: bytes) -> list[Example]:
+def _example(record: dict) -> Example | ChatExample:
+    if "messages" in record:
+        return ChatExample(tuple(ChatMessage(**m) for m in record["messages"]))
+    return Example(**record)
+
+
+def from_jsonl(data: bytes) -> Dataset:
     """Examples stored by to_jsonl (already validated), or a bundled sample file's."""
-    return [Example(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line.strip()]
+    return [_example(json.loads(line)) for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
-def read_jsonl(path: Path) -> list[Example]:
+def dataset_format(data: bytes) -> Format:
+    """The format of a stored (normalised) dataset, from its first line: the whole file has it."""
+    return "chat" if data.startswith(b'{"messages"') else "completion"
+
+
+def read_jsonl(path: Path) -> Dataset:
     return from_jsonl(path.read_bytes())
 
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import admin, auth
-from app.api import adapters, errors, generate, health, job_webhooks, metrics, openai_compat, train_jobs
+from app.api import adapters, errors, generate, health, job_webhooks, metrics, openai_chat, openai_compat, train_jobs
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.engine.loader import BaseModel
@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")
-    for router in (generate.router, openai_compat.router, adapters.router, train_jobs.router, job_webhooks.router,
+    for router in (generate.router, openai_compat.router, openai_chat.router, adapters.router, train_jobs.router,
+                   job_webhooks.router,
                    metrics.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
@@ -81,6 +82,8 @@ def document_limits(app: FastAPI, settings: Settings) -> None:
             models = schema["components"]["schemas"]
             models["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens_limit
             models["CompletionRequest"]["properties"]["max_tokens"]["maximum"] = settings.max_new_tokens_limit
+            for field in ("max_completion_tokens", "max_tokens"):  # integer or null: the integer's branch
+                models["ChatCompletionRequest"]["properties"][field]["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
             job = schema["paths"]["/train-jobs"]["post"]
             job["requestBody"] = copy.deepcopy(job["requestBody"])  # the route's own dict, shared by every app
             form = job["requestBody"]["content"]["multipart/form-data"]["schema"]

@@ -183,7 +183,7 @@ class RequestObserver:
             metrics = runtime.metrics
             metrics.http_requests.labels(scope["method"], path, str(status)).inc()
             metrics.http_duration.labels(scope["method"], path).observe(seconds)
-            if info.adapter_id is not None or path in ("/generate", "/v1/completions"):
+            if info.adapter_id is not None or path in ("/generate", "/v1/completions", "/v1/chat/completions"):
                 adapter = metrics.adapter_label(info.adapter_id)
                 metrics.adapter_requests.labels(adapter, str(status)).inc()
                 metrics.adapter_duration.labels(adapter).observe(seconds)

@@ -25,7 +25,7 @@ from app.config import Settings
 from app.engine.loader import load_base_model
 from app.train_config import TrainConfig
 from worker.model_view import training_view
-from worker.training import Trainable, make_optimizer, target_losses, wants_checkpointing
+from worker.training import Row, Trainable, make_optimizer, target_losses, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20
 TARGET_TOKENS = 2  # a label and EOS, as in classification tuning
@@ -55,8 +55,8 @@ def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool, confi
     generator = torch.Generator().manual_seed(0)
     text_len = seq_len - NUM_VIRTUAL_TOKENS  # the soft prompt counts towards the sequence length
     batch = [
-        (torch.randint(10, 20_000, (text_len - TARGET_TOKENS,), generator=generator).tolist(),
-         torch.randint(10, 20_000, (TARGET_TOKENS,), generator=generator).tolist())
+        Row.of(torch.randint(10, 20_000, (text_len - TARGET_TOKENS,), generator=generator).tolist(),
+               torch.randint(10, 20_000, (TARGET_TOKENS,), generator=generator).tolist())
         for _ in range(batch_size)
     ]
     trainable = Trainable(base, config, []).to(base.device)
@@ -72,7 +72,7 @@ def measure(mode: str, batch_size: int, seq_len: int, checkpointing: bool, confi
         prompt = embed(torch.arange(NUM_VIRTUAL_TOKENS, device=base.device))
         started = time.perf_counter()
         with torch.inference_mode():
-            ids = torch.tensor([p + t for p, t in batch], device=base.device)
+            ids = torch.tensor([row.ids for row in batch], device=base.device)
             soft = prompt.to(base.embed_dtype).unsqueeze(0).expand(batch_size, -1, -1)
             base.model(inputs_embeds=torch.cat([soft, embed(ids)], dim=1), use_cache=True, logits_to_keep=1)
         seconds = time.perf_counter() - started
@@ -93,7 +93,7 @@ def main() -> None:
     config = TrainConfig(method=args.method, prefix_projection=args.prefix_projection,
                          num_virtual_tokens=NUM_VIRTUAL_TOKENS, init="vocab")
     setting = {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]
-    checkpointing = wants_checkpointing(setting, [([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
+    checkpointing = wants_checkpointing(setting, [Row.of([0] * (args.seq_len - NUM_VIRTUAL_TOKENS), [])] * args.batch_size,
                                         NUM_VIRTUAL_TOKENS)
     if args.measure:  # child process: one side only
         print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, checkpointing, config)))

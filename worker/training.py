@@ -3,9 +3,11 @@
 The base model stays frozen; only the virtual tokens learn (`VirtualTokens`, which carries the
 job's PEFT method): a soft prompt `[num_virtual_tokens, hidden]` (prompt tuning), or every layer's
 keys and values at positions 0..n-1 (prefix tuning), learned directly or through PEFT's
-reparameterization MLP (`Trainable`). The loss covers the output tokens only, and logits are
-computed only at the positions that predict them: with a 262k vocabulary, full logits would
-dominate memory.
+reparameterization MLP (`Trainable`). Each example is one token sequence with a loss mask (`Row`):
+an input/output pair is the rendered prompt then the output, the loss on the output; a chat is
+rendered by app.chat_template exactly as /v1/chat/completions renders it, the loss on the assistant
+turns it learns. Logits are computed only at the positions that predict those tokens: with a 262k
+vocabulary, full logits would dominate memory.
 
 Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
 node that serves, the engine runs it on its own thread between serving steps, and the model is
@@ -22,22 +24,51 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from itertools import compress
 
 import torch
 import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
-from app.datasets import Example, render
+from app import chat_template
+from app.datasets import ChatExample, Dataset, Example, render
 from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
 from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
-from app.engine.requests import GenerationRequest, SoftPrompt
+from app.engine.requests import GenerationRequest, SoftPrompt, stop_token_ids
 from app.train_config import CHECKPOINT_MIN_TOKENS, Method, TrainConfig
 from worker.model_view import pause_in_backward, training_view
 from worker.train_state import TrainState, shuffler_from
 
-Batch = list[tuple[list[int], list[int]]]
+
+@dataclass(frozen=True)
+class Row:
+    """One training sequence: its token ids, and for each whether the loss covers it (never the
+    first: nothing before it predicts it)."""
+
+    ids: list[int]
+    scored: list[bool]
+
+    @classmethod
+    def of(cls, prompt: list[int], target: list[int]) -> "Row":
+        """A prompt, then the target the loss covers."""
+        return cls(prompt + target, [False] * len(prompt) + [True] * len(target))
+
+    @property
+    def targets(self) -> int:
+        return sum(self.scored)
+
+    def last_turn(self) -> tuple[list[int], list[int]]:
+        """(what comes before the last scored stretch, that stretch): the prompt and the reply an
+        evaluation generates and checks."""
+        start = len(self.ids)
+        while start > 1 and self.scored[start - 1]:
+            start -= 1
+        return self.ids[:start], self.ids[start:]
+
+
+Batch = list[Row]
 
 # Eval on more examples than this gets slow on CPU without changing the picture much.
 MAX_EVAL_EXAMPLES = 200
@@ -124,7 +155,24 @@ def encode_example(base: BaseModel, example: Example, template: str, max_length:
     return prompt, target
 
 
-def _init_ids(base: BaseModel, config: TrainConfig, examples: list[Example], generator: torch.Generator) -> list[int]:
+def encode_chat(base: BaseModel, example: ChatExample, max_length: int) -> Row:
+    """A chat as /v1/chat/completions renders it, the loss on the assistant turns it learns.
+    Over-long chats keep BOS and their end, where the last turn learnt is."""
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    ids, scored = chat_template.encode_conversation(base.tokenizer, messages, example.trained, stop_token_ids(base))
+    if len(ids) > max_length:
+        ids, scored = ids[:1] + ids[len(ids) - max_length + 1 :], [False] + scored[len(ids) - max_length + 1 :]
+    return Row(ids, scored)
+
+
+def encode_row(base: BaseModel, example: Example | ChatExample, template: str, max_length: int) -> Row:
+    """The training sequence of either kind of example (a template lays out input/output pairs only)."""
+    if isinstance(example, ChatExample):
+        return encode_chat(base, example, max_length)
+    return Row.of(*encode_example(base, example, template, max_length))
+
+
+def _init_ids(base: BaseModel, config: TrainConfig, examples: Dataset, generator: torch.Generator) -> list[int]:
     """The n tokens a non-random init starts from."""
     n, tokenizer = config.num_virtual_tokens, base.tokenizer
     if config.init == "vocab":
@@ -142,7 +190,7 @@ def _init_ids(base: BaseModel, config: TrainConfig, examples: list[Example], gen
     return ids
 
 
-def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -> torch.Tensor:
+def init_prompt(base: BaseModel, config: TrainConfig, examples: Dataset) -> torch.Tensor:
     """Initial soft prompt, in the space of the model's (scaled) input embeddings."""
     n, embed = config.num_virtual_tokens, base.model.get_input_embeddings()
     generator = torch.Generator().manual_seed(config.seed)
@@ -153,7 +201,7 @@ def init_prompt(base: BaseModel, config: TrainConfig, examples: list[Example]) -
         return embed(torch.tensor(_init_ids(base, config, examples, generator), device=base.device)).float().cpu()
 
 
-def init_prefix(base: BaseModel, config: TrainConfig, examples: list[Example]) -> torch.Tensor:
+def init_prefix(base: BaseModel, config: TrainConfig, examples: Dataset) -> torch.Tensor:
     """Initial keys and values [layers, 2, n, kv_heads, head_dim]: those the model computes for the
     init text (real activations), or for `random` standard normal ones (PEFT's initial prefix)."""
     shape, n = base.kv_shape, config.num_virtual_tokens
@@ -176,7 +224,7 @@ class Trainable(torch.nn.Module):
     warm-start from instead of the init (the same method and size; not through the MLP, which the
     adapter does not keep)."""
 
-    def __init__(self, base: BaseModel, config: TrainConfig, examples: list[Example], start: VirtualTokens | None = None):
+    def __init__(self, base: BaseModel, config: TrainConfig, examples: Dataset, start: VirtualTokens | None = None):
         super().__init__()
         self.method, self.shape, self.mlp = config.method, base.kv_shape, None
         if start is not None:
@@ -216,12 +264,12 @@ def _output_logits(base: BaseModel, hidden: torch.Tensor) -> torch.Tensor:
 
 def target_losses(base: BaseModel, prompt: VirtualTokens | None, batch: Batch,
                   model: torch.nn.Module | None = None) -> torch.Tensor:
-    """Cross-entropy of every target token, in batch order, with `prompt` (if any) before each row:
+    """Cross-entropy of every scored token, in batch order, with `prompt` (if any) before each row:
     a soft prompt [n, hidden] before its inputs, or a prefix [layers, 2, n, kv_heads, head_dim] as
     its past. `model`: the base model or a training view of it (the default: the model itself)."""
     embed = base.model.get_input_embeddings()
     n_virtual = 0 if prompt is None else len(prompt)
-    rows = [p + t for p, t in batch]
+    rows = [row.ids for row in batch]
     width = max(len(r) for r in rows)
     pad = base.tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
@@ -238,11 +286,11 @@ def target_losses(base: BaseModel, prompt: VirtualTokens | None, batch: Batch,
     hidden = body(inputs_embeds=inputs, attention_mask=mask, cache=past, use_cache=False).last_hidden_state
     # The hidden state at position i predicts token i+1: gather only the positions before each target token.
     row_index, positions, targets = [], [], []
-    for r, (p, t) in enumerate(batch):
-        start = n_inputs + len(p) - 1
-        row_index += [r] * len(t)
-        positions += range(start, start + len(t))
-        targets += t
+    for r, row in enumerate(batch):
+        scored = [i for i, covered in enumerate(row.scored) if covered]
+        row_index += [r] * len(scored)
+        positions += [n_inputs + i - 1 for i in scored]
+        targets += list(compress(row.ids, row.scored))
     picked = hidden[torch.tensor(row_index), torch.tensor(positions)]
     # The LM head reads all its weights whatever the rows: pause points around it (a no-op where
     # nothing serves) keep its forward and its backward apart from the layers'.
@@ -260,12 +308,12 @@ def label_choice_accuracy(base: BaseModel, prompt: VirtualTokens | None, example
     labels = sorted({e.output for e in examples})
     scores = torch.empty(len(examples), len(labels))
     for j, label in enumerate(labels):
-        pairs = [encode_example(base, Example(e.input, label), template, max_length) for e in examples]
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
+        rows = [Row.of(*encode_example(base, Example(e.input, label), template, max_length)) for e in examples]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
             per_token = target_losses(base, prompt, chunk).float().cpu()
-            sizes = [len(t) - 1 for _, t in chunk]  # the label's own tokens; EOS is not scored
-            pieces = per_token.split([len(t) for _, t in chunk])
+            sizes = [row.targets - 1 for row in chunk]  # the label's own tokens; EOS is not scored
+            pieces = per_token.split([row.targets for row in chunk])
             scores[start : start + len(chunk), j] = torch.stack([p[:n].sum() for p, n in zip(pieces, sizes)])
     chosen = scores.argmin(dim=1)
     return sum(labels[int(c)] == e.output for c, e in zip(chosen, examples)) / len(examples)
@@ -275,7 +323,7 @@ def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: 
     """The job's setting, else on where activations would dominate memory."""
     if setting is not None:
         return setting
-    return len(batch) * (num_virtual_tokens + max(len(p) + len(t) for p, t in batch)) >= CHECKPOINT_MIN_TOKENS
+    return len(batch) * (num_virtual_tokens + max(len(row.ids) for row in batch)) >= CHECKPOINT_MIN_TOKENS
 
 
 class MicroBatches:
@@ -326,17 +374,21 @@ def _accumulate(base: BaseModel, model: torch.nn.Module, trainable: Trainable, r
 
 
 @torch.no_grad()
-def exact_match_accuracy(base: BaseModel, prompt: VirtualTokens | None, examples: list[Example], template: str,
+def exact_match_accuracy(base: BaseModel, prompt: VirtualTokens | None, examples: Dataset, template: str,
                          max_length: int, device: Device = InlineDevice()) -> float:
-    """Share of examples whose greedy generation, up to a newline, equals the output. On a node that
-    serves, the generation runs through the serving engine's queue and pool, as any client's."""
-    encoded = [encode_example(base, e, template, max_length) for e in examples]
+    """Share of examples whose greedy generation equals the output: for an input/output pair, its
+    text up to a newline; for a chat, the reply to the messages before its last turn learnt, to
+    the end of the reply. On a node that serves, the generation runs through the serving engine's
+    queue and pool, as any client's."""
+    encoded = [encode_row(base, e, template, max_length).last_turn() for e in examples]
     longest = max(len(t) for _, t in encoded)
     soft = None
     if prompt is not None:  # keyed by its content: no other prompt's cached prefix is ever read for it
         values = prompt.values.to(base.device, base.embed_dtype)
         soft = SoftPrompt.prefix(values) if prompt.is_prefix else SoftPrompt(values)
-    requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest, stop=["\n"]) for p, _ in encoded]
+    requests = [GenerationRequest(prompt_ids=p, soft_prompt=soft, max_new_tokens=longest,
+                                  stop=[] if isinstance(e, ChatExample) else ["\n"])
+                for (p, _), e in zip(encoded, examples)]
     # Beside serving, each generation step is a work item of its own: keep them decode-sized.
     step_tokens = 512 if device.step_budget_s is None else 64
     correct = 0
@@ -347,7 +399,7 @@ def exact_match_accuracy(base: BaseModel, prompt: VirtualTokens | None, examples
     return correct / len(examples)
 
 
-def evaluate(base: BaseModel, prompt: VirtualTokens, examples: list[Example], config: TrainConfig,
+def evaluate(base: BaseModel, prompt: VirtualTokens, examples: Dataset, config: TrainConfig,
              device: Device = InlineDevice(), sizes: MicroBatches | None = None) -> tuple[float, float]:
     """(mean loss per target token, exact-match accuracy) on `examples`."""
     sizes = sizes or MicroBatches(device, config.batch_size)
@@ -355,9 +407,9 @@ def evaluate(base: BaseModel, prompt: VirtualTokens, examples: list[Example], co
 
     @torch.no_grad()
     def loss_sum(rows: Batch) -> tuple[float, int]:
-        return float(target_losses(base, prompt, rows, view).sum()), sum(len(t) for _, t in rows)
+        return float(target_losses(base, prompt, rows, view).sum()), sum(row.targets for row in rows)
 
-    encoded = [encode_example(base, e, config.template, config.max_length) for e in examples]
+    encoded = [encode_row(base, e, config.template, config.max_length) for e in examples]
     total, tokens = 0.0, 0
     for start in range(0, len(encoded), config.batch_size):
         for rows in sizes.split(encoded[start : start + config.batch_size]):
@@ -368,7 +420,7 @@ def evaluate(base: BaseModel, prompt: VirtualTokens, examples: list[Example], co
     return total / tokens, accuracy
 
 
-def split_eval(examples: list[Example], validation: list[Example] | None, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(examples: Dataset, validation: Dataset | None, seed: int) -> tuple[Dataset, Dataset]:
     """Validation set as given, or a held-out slice of train (10%, at most MAX_EVAL_EXAMPLES)."""
     if validation:
         return examples, validation[:MAX_EVAL_EXAMPLES]
@@ -397,7 +449,7 @@ def _snapshot(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def train_adapter(
-    base: BaseModel, config: TrainConfig, examples: list[Example], validation: list[Example] | None = None,
+    base: BaseModel, config: TrainConfig, examples: Dataset, validation: Dataset | None = None,
     hooks: Hooks | None = None, device: Device = InlineDevice(), resume: TrainState | None = None,
     start: VirtualTokens | None = None,
 ) -> TrainResult:
@@ -407,8 +459,10 @@ def train_adapter(
     hooks = hooks or Hooks()
     started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
     torch.manual_seed(config.seed)
+    if validation and type(validation[0]) is not type(examples[0]):
+        raise ValueError("the validation data and the training data are in different formats (chat, input/output)")
     train, held_out = split_eval(examples, validation, config.seed)
-    encoded = [encode_example(base, e, config.template, config.max_length) for e in train]
+    encoded = [encode_row(base, e, config.template, config.max_length) for e in train]
     # float32, whatever the model's dtype
     trainable = device.run_training_work(lambda: Trainable(base, config, train, start).to(base.device))
     optimizer = make_optimizer(trainable, config)
@@ -462,7 +516,7 @@ def train_adapter(
                 order += fresh
             indices, order = order[: config.batch_size], order[config.batch_size :]
             batch = [encoded[i] for i in indices]
-            targets = sum(len(t) for _, t in batch)
+            targets = sum(row.targets for row in batch)
             loss_sum = 0.0
             for rows in train_sizes.split(batch):
                 if hooks.should_cancel():  # the step's gradient so far is dropped with it

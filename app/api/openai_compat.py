@@ -1,32 +1,36 @@
 """OpenAI-compatible routes, so OpenAI clients and tools work unchanged: `POST /v1/completions`
-(whole or streamed) and `GET /v1/models`. `model` is an adapter id, or the base model's name.
+(whole or streamed) and `GET /v1/models`. `model` is an adapter id, a fine-tuned model's name
+(app.model_names), or the base model's name.
 
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the same
 status codes as /generate; OpenAI fields softserve cannot honour (`n`, `logprobs`, penalties...)
 are refused with 422 unless they ask for nothing, and fields it does not know are ignored.
 """
 
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from sqlalchemy import select
 
-from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
+from app.api.completion_service import check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
-from app.api.errors import validation_errors
-from app.api.streaming import merge, sse_response
+from app.api.openai_common import (
+    CompletionUsage,
+    StopString,
+    StreamOptions,
+    model_soft_prompt,
+    refuse_unless_neutral,
+    text_pieces,
+    usage,
+)
+from app.api.openai_errors import OpenAIErrorRoute
+from app.api.streaming import sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
-from app.engine.text_stream import TextDeltas
 from app.models import Adapter
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
@@ -34,19 +38,12 @@ from app.schemas import NoNul, valid_unicode
 OWNER = "softserve"
 
 PromptText = Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 # OpenAI parameters that change results and are not supported, with the values that ask for
 # nothing: clients often send those explicitly.
 NEUTRAL = {
     "n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,), "suffix": (None, ""),
     "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
 }
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices")
 
 
 class CompletionRequest(BaseModel):
@@ -58,7 +55,8 @@ class CompletionRequest(BaseModel):
     }]})
 
     model: Annotated[str, NoNul] = Field(
-        max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+        max_length=200, description=(
+            "An adapter id, a fine-tuned model's name (ft:...), or the base model's name (see GET /v1/models)"))
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts: one choice each, generated in the same batch"
     )
@@ -79,14 +77,7 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     _valid_unicode = field_validator("model", "prompt", "stop", mode="before")(valid_unicode)
-
-    @field_validator(*NEUTRAL)
-    @classmethod
-    def _unsupported(cls, value, info: ValidationInfo):
-        neutral = NEUTRAL[info.field_name]
-        if value not in neutral:
-            raise ValueError(f"is not supported: send {' or '.join(map(json.dumps, neutral))}, or leave it out")
-        return value
+    _unsupported = refuse_unless_neutral(NEUTRAL)
 
     @property
     def prompts(self) -> list[str]:
@@ -102,12 +93,6 @@ class CompletionChoice(BaseModel):
     index: int
     logprobs: None = None
     finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class CompletionResponse(BaseModel):
@@ -143,34 +128,6 @@ class ModelList(BaseModel):
     data: list[ModelOut]
 
 
-def _error(status: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
-    """FastAPI's `detail`, a message or a list of validation errors, in OpenAI's error shape."""
-    param = None
-    if isinstance(detail, list):  # locations start with "body", "query"...: name the top-level field
-        param = next((str(error["loc"][1]) for error in detail if len(error["loc"]) > 1), None)
-        detail = "; ".join(f"{'.'.join(map(str, error['loc'][1:])) or 'body'}: {error['msg']}" for error in detail)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    error = {"message": detail, "type": kind, "param": param, "code": None}
-    return JSONResponse({"error": error}, status, headers=headers)
-
-
-class OpenAIErrorRoute(APIRoute):
-    """A route whose errors (validation, HTTPException, auth included) use OpenAI's shape."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return _error(422, validation_errors(exc))
-            except HTTPException as exc:
-                return _error(exc.status_code, exc.detail, exc.headers)
-
-        return handle
-
-
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 
 
@@ -178,7 +135,7 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
     if len(body.prompts) > runtime.settings.max_queue_size:  # could never fit the queue: not worth a retry
         raise invalid("prompt", f"has {len(body.prompts)} prompts, more than the queue holds ({runtime.settings.max_queue_size})")
-    soft_prompt, _ = await adapter_soft_prompt(runtime, None if body.model == runtime.base.name else body.model)
+    soft_prompt = await model_soft_prompt(runtime, body.model)
     return [
         GenerationRequest(
             prompt_ids=encode_prompt(runtime, prompt), soft_prompt=soft_prompt, max_new_tokens=body.max_tokens,
@@ -188,31 +145,20 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     ]
 
 
-def _usage(results: Sequence[GenerationResult]) -> CompletionUsage:
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(len(r.token_ids) for r in results)
-    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           total_tokens=prompt_tokens + completion_tokens)
-
-
 async def _chunks(
     head: dict, requests: list[GenerationRequest], streams: list[RequestStream], include_usage: bool
 ) -> AsyncIterator[dict]:
     """OpenAI's stream chunks: text pieces by choice index as the rows make them, each choice's
     last with its finish_reason; with `include_usage`, a last chunk with usage and no choices."""
     head = head | ({"usage": None} if include_usage else {})
-    deltas = [TextDeltas(request.stop) for request in requests]
     results: list[GenerationResult] = []
-    async with aclosing(merge(streams)) as updates:
-        async for index, update in updates:
-            text = deltas[index].next(update.result.text, update.finished)
-            if update.finished:
-                results.append(update.result)
-            if text or update.finished:
-                reason = update.result.finish_reason if update.finished else None
-                yield head | {"choices": [CompletionChoice(text=text, index=index, finish_reason=reason).model_dump()]}
+    async for index, text, result in text_pieces(requests, streams):
+        if result is not None:
+            results.append(result)
+        reason = None if result is None else result.finish_reason
+        yield head | {"choices": [CompletionChoice(text=text, index=index, finish_reason=reason).model_dump()]}
     if include_usage:
-        yield head | {"choices": [], "usage": _usage(results).model_dump()}
+        yield head | {"choices": [], "usage": usage(results).model_dump()}
 
 
 @router.post(
@@ -236,7 +182,7 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_r
         return sse_response(_chunks(head, requests, start_streams(runtime, requests, "max_tokens"), include_usage))
     results = [completion.result for completion in await run_all(runtime, http_request, requests, "max_tokens")]
     choices = [CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-    return CompletionResponse(**head, choices=choices, usage=_usage(results))
+    return CompletionResponse(**head, choices=choices, usage=usage(results))
 
 
 @router.get("/models", response_model=ModelList)

@@ -42,7 +42,8 @@ async def _read_upload(upload: UploadedFile, field: str, settings: Settings) -> 
 # (No docstring: pydantic would show it in the API's docs.)
 class TrainJobForm(TrainConfigBase):
     file: Annotated[FileField, Field(
-        description='Training data: JSONL of {"input", "output"} objects, or CSV with those columns')]
+        description='Training data: JSONL of {"input", "output"} objects, CSV with those columns, or JSONL of chats '
+                    '({"messages": [...]}, OpenAI\'s format)')]
     validation_file: Annotated[FileField | None, Field(description="Optional validation data, same format")] = None
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
@@ -81,6 +82,9 @@ async def create_train_job(
         raise invalid("num_virtual_tokens", f"must be at most {settings.max_virtual_tokens}")
     train = await _read_upload(form.file, "file", settings)
     validation = await _read_upload(form.validation_file, "validation_file", settings) if form.validation_file else None
+    if validation is not None and datasets.dataset_format(validation) != datasets.dataset_format(train):
+        raise invalid("validation_file", f"is {datasets.dataset_format(validation)} data and file is "
+                                         f"{datasets.dataset_format(train)} data: use one format")
     config = TrainConfig(**form.model_dump(include=set(TrainConfigBase.model_fields)))
     return await asyncio.to_thread(_store_and_queue, runtime, form.name, config, train, validation)
 

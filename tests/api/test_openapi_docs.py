@@ -37,3 +37,12 @@ def test_the_example_check_notices_a_missing_example():
     assert not _has_example({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}}, schemas)
     schemas["Thing"]["properties"]["a"]["examples"] = ["x"]
     assert _has_example({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}}, schemas)
+
+
+def test_the_chat_route_is_documented_with_this_nodes_token_limit(make_client, tiny_base):
+    spec = make_client(tiny_base, max_new_tokens_limit=64).get("/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    fields = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for field in ("max_completion_tokens", "max_tokens"):
+        assert fields[field]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 64}

@@ -2,6 +2,7 @@
 
 import pytest
 
+from app import chat_template
 from app.adapter_files import CONFIG_NAME, WEIGHTS_NAME, encode_prefix_adapter
 from app.engine.prefix_kv import to_flat
 from app.engine.reference import check_against_reference
@@ -54,3 +55,23 @@ def test_a_prefix_tuned_adapter_generates_like_the_reference_on_the_real_model(m
     check = check_against_reference(real_base, SoftPrompt.prefix(prefix), ids, tokens, 8, INT8_TIE_TOLERANCE)
     assert check.agrees, (body, check)
     assert body["text"] != client.post("/generate", json=story).json()["text"]  # the prefix steers
+
+
+def test_a_chat_reply_with_an_adapter_is_the_reference_decode_of_the_rendered_chat(make_client, each_real_base):
+    """Gemma 3 270M has no chat template of its own (the plain one applies), SmolLM2 has ChatML."""
+    real_base = each_real_base
+    client = make_client(real_base)
+    prompt = random_soft_prompt(real_base, 10, seed=5)
+    adapter_id = upload_adapter(client, prompt, name="real-chat")["id"]
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."}]
+    request = {"model": adapter_id, "messages": messages, "max_completion_tokens": 8, "temperature": 0}
+    response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    reply = response.json()["choices"][0]["message"]["content"]
+    ids = chat_template.prompt_ids(real_base.tokenizer, messages)
+    assert response.json()["usage"]["prompt_tokens"] == len(ids)
+    tokens = real_base.tokenizer(reply, add_special_tokens=False).input_ids
+    check = check_against_reference(real_base, prompt, ids, tokens, 8, INT8_TIE_TOLERANCE)
+    assert check.agrees, (reply, check)
+    base_reply = client.post("/v1/chat/completions", json=request | {"model": real_base.name}).json()
+    assert base_reply["choices"][0]["message"]["content"] != reply  # the soft prompt steers the chat

@@ -8,14 +8,14 @@ import torch
 from app.engine.device import let_serving_run, pausing
 from tests.test_architectures import EXAMPLES, TEMPLATE
 from worker.model_view import training_view
-from worker.training import VirtualTokens, encode_example, target_losses
+from worker.training import Row, VirtualTokens, encode_example, target_losses
 
 
 def test_pause_points_in_a_backward_run_on_another_thread_still_pause(tiny_base):
     calls: list[int] = []
     view = training_view(tiny_base.model, checkpointed=True)
     prompt = (torch.randn(4, tiny_base.hidden_size) * 0.3).requires_grad_()
-    batch = [encode_example(tiny_base, e, TEMPLATE, 64) for e in EXAMPLES]
+    batch = [Row.of(*encode_example(tiny_base, e, TEMPLATE, 64)) for e in EXAMPLES]
     with pausing(tiny_base.model, lambda: calls.append(threading.get_ident())):
         loss = target_losses(tiny_base, VirtualTokens("prompt_tuning", prompt), batch, view).sum()
         in_forward = len(calls)

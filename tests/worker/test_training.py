@@ -11,6 +11,7 @@ from tests.conftest import random_prefix_kv
 from worker.model_view import training_view
 from worker.training import (
     Hooks,
+    Row,
     Trainable,
     VirtualTokens,
     encode_example,
@@ -25,8 +26,8 @@ EXAMPLES = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", LABELS
 
 
 def batch_loss(base, prompt: VirtualTokens, batch) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens, with `prompt` before every row."""
-    return target_losses(base, prompt, batch).mean()
+    """Mean cross-entropy of the target tokens of (prompt ids, target ids) pairs, with `prompt` before every row."""
+    return target_losses(base, prompt, [Row.of(p, t) for p, t in batch]).mean()
 
 
 def test_loss_covers_output_tokens_only(tiny_base):
@@ -126,7 +127,7 @@ def test_label_choice_accuracy_picks_the_likeliest_label(tiny_base):
         scores = {}
         for label in LABELS:
             p, t = encode_example(tiny_base, Example(e.input, label), "{input} =>", 64)
-            scores[label] = float(target_losses(tiny_base, None, [(p, t)])[:-1].sum())
+            scores[label] = float(target_losses(tiny_base, None, [Row.of(p, t)])[:-1].sum())
         correct += min(scores, key=scores.get) == e.output
     assert got == correct / len(examples)
 
@@ -134,8 +135,8 @@ def test_label_choice_accuracy_picks_the_likeliest_label(tiny_base):
 def test_checkpointing_is_automatic_for_large_batches_only():
     from worker.training import wants_checkpointing
 
-    short = [([1] * 20, [2, 3])] * 8  # 8 x (20 + 22) = 336 tokens
-    long = [([1] * 100, [2, 3])] * 8  # 8 x (20 + 102) = 976 tokens
+    short = [Row.of([1] * 20, [2, 3])] * 8  # 8 x (20 + 22) = 336 tokens
+    long = [Row.of([1] * 100, [2, 3])] * 8  # 8 x (20 + 102) = 976 tokens
     assert not wants_checkpointing(None, short, 20)
     assert wants_checkpointing(None, long, 20)
     assert wants_checkpointing(True, short, 20) and not wants_checkpointing(False, long, 20)
@@ -181,10 +182,10 @@ def test_a_checkpointed_prefix_step_gives_the_same_loss_and_gradients(tiny_base)
     # Recomputing a layer in backward must see the same past: the prefix cache stores nothing.
     config = TrainConfig(method="prefix_tuning", prefix_projection=True, num_virtual_tokens=3)
     trainable = Trainable(tiny_base, config, EXAMPLES)
-    pairs = [encode_example(tiny_base, e, "{input} =>", 64) for e in EXAMPLES[:4]]
+    rows = [Row.of(*encode_example(tiny_base, e, "{input} =>", 64)) for e in EXAMPLES[:4]]
     results = []
     for checkpointed in (False, True):
-        loss = target_losses(tiny_base, trainable(), pairs, training_view(tiny_base.model, checkpointed)).mean()
+        loss = target_losses(tiny_base, trainable(), rows, training_view(tiny_base.model, checkpointed)).mean()
         results.append((loss, torch.autograd.grad(loss, list(trainable.parameters()))))
     (loss, grads), (checkpointed_loss, checkpointed_grads) = results
     torch.testing.assert_close(checkpointed_loss, loss)
