@@ -1,5 +1,6 @@
 """OpenAI-compatible routes, so OpenAI clients and tools work unchanged: `POST /v1/completions`
-(whole or streamed) and `GET /v1/models`. `model` is an adapter id, or the base model's name.
+(whole or streamed) and `GET /v1/models`. `model` is an adapter id, a fine-tuned model's name
+(app.model_names), or the base model's name.
 
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the same
 status codes as /generate; OpenAI fields softserve cannot honour (`n`, `logprobs`, penalties...)
@@ -13,21 +14,19 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from sqlalchemy import select
 
 from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
-from app.api.errors import validation_errors
+from app.api.openai_errors import OpenAIErrorRoute
 from app.api.streaming import merge, sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.text_stream import TextDeltas
-from app.models import Adapter
+from app.model_names import adapter_for_model, fine_tuned_model
+from app.models import Adapter, TrainJob
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
 
@@ -58,7 +57,8 @@ class CompletionRequest(BaseModel):
     }]})
 
     model: Annotated[str, NoNul] = Field(
-        max_length=200, description="An adapter id, or the base model's name (see GET /v1/models)")
+        max_length=200, description=(
+            "An adapter id, a fine-tuned model's name (ft:...), or the base model's name (see GET /v1/models)"))
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts: one choice each, generated in the same batch"
     )
@@ -143,34 +143,6 @@ class ModelList(BaseModel):
     data: list[ModelOut]
 
 
-def _error(status: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
-    """FastAPI's `detail`, a message or a list of validation errors, in OpenAI's error shape."""
-    param = None
-    if isinstance(detail, list):  # locations start with "body", "query"...: name the top-level field
-        param = next((str(error["loc"][1]) for error in detail if len(error["loc"]) > 1), None)
-        detail = "; ".join(f"{'.'.join(map(str, error['loc'][1:])) or 'body'}: {error['msg']}" for error in detail)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    error = {"message": detail, "type": kind, "param": param, "code": None}
-    return JSONResponse({"error": error}, status, headers=headers)
-
-
-class OpenAIErrorRoute(APIRoute):
-    """A route whose errors (validation, HTTPException, auth included) use OpenAI's shape."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return _error(422, validation_errors(exc))
-            except HTTPException as exc:
-                return _error(exc.status_code, exc.detail, exc.headers)
-
-        return handle
-
-
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
 
 
@@ -178,7 +150,7 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
     if len(body.prompts) > runtime.settings.max_queue_size:  # could never fit the queue: not worth a retry
         raise invalid("prompt", f"has {len(body.prompts)} prompts, more than the queue holds ({runtime.settings.max_queue_size})")
-    soft_prompt, _ = await adapter_soft_prompt(runtime, None if body.model == runtime.base.name else body.model)
+    soft_prompt, _ = await adapter_soft_prompt(runtime, adapter_for_model(body.model, runtime.base.name))
     return [
         GenerationRequest(
             prompt_ids=encode_prompt(runtime, prompt), soft_prompt=soft_prompt, max_new_tokens=body.max_tokens,
@@ -241,12 +213,18 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_r
 
 @router.get("/models", response_model=ModelList)
 def list_models(runtime: RuntimeDep, session: SessionDep) -> ModelList:
-    """The base model, then every adapter made for it, newest first: each `id` is a valid `model`."""
-    adapters = session.scalars(
-        select(Adapter).where(Adapter.base_fingerprint == runtime.base.fingerprint)
+    """The base model, then every adapter made for it, newest first: each `id` is a valid `model`.
+    An adapter a training job made is listed again by its fine-tuned name (ft:...), after its id."""
+    base = runtime.base
+    adapters = session.execute(
+        select(Adapter, TrainJob.id, TrainJob.suffix).outerjoin(TrainJob, TrainJob.adapter_id == Adapter.id)
+        .where(Adapter.base_fingerprint == base.fingerprint)
         .order_by(Adapter.created_at.desc(), Adapter.id.desc())
-    )
-    return ModelList(data=[
-        ModelOut(id=runtime.base.name, created=0, owned_by=OWNER),
-        *(ModelOut(id=a.id, created=int(a.created_at.timestamp()), owned_by=OWNER) for a in adapters),
-    ])
+    ).all()
+    models = [ModelOut(id=base.name, created=0, owned_by=OWNER)]
+    for adapter, job_id, suffix in adapters:
+        created = int(adapter.created_at.timestamp())
+        models.append(ModelOut(id=adapter.id, created=created, owned_by=OWNER))
+        if job_id is not None:
+            models.append(ModelOut(id=fine_tuned_model(base.name, suffix, adapter.id), created=created, owned_by=OWNER))
+    return ModelList(data=models)
