@@ -37,7 +37,7 @@ from app.models import Adapter, TrainJob, UploadedFile
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
 from app.storage import NotStored, adapter_key
-from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig, TrainConfigBase, eval_within_the_run
+from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig, TrainConfigBase, broken_rule, eval_within_the_run
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=OpenAIErrorRoute)
 
@@ -87,7 +87,7 @@ class SoftserveOptions(TrainConfigBase):
     def _openai_fields_elsewhere(cls, values: Any) -> Any:
         given = [field for field in OPENAI_SET if isinstance(values, dict) and field in values]
         if given:
-            raise ValueError(f"{', '.join(given)}: set by OpenAI's fields here (seed, and n_epochs, batch_size and "
+            raise broken_rule(f"{', '.join(given)}: set by OpenAI's fields here (seed, and n_epochs, batch_size and "
                              "learning_rate_multiplier in method.supervised.hyperparameters)")
         return values
 
@@ -110,16 +110,23 @@ class FineTuningJobCreate(BaseModel):
     metadata: Annotated[dict[MetadataKey, MetadataValue] | None, Field(max_length=16)] = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI: use method")
-    integrations: Annotated[list | None, Field(max_length=0, description="Not supported: leave it out or empty")] = None
+    integrations: list | None = Field(None, description="Not supported: leave it out or empty")
     softserve: SoftserveOptions | None = None
 
     _valid_unicode = field_validator("model", "training_file", "validation_file", mode="before")(valid_unicode)
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list | None) -> list | None:
+        if value:
+            raise broken_rule("are not supported (such as wandb): leave them out, or send []")
+        return value
 
     @model_validator(mode="after")
     def _hyperparameters_once(self):
         if self.hyperparameters is not None and self.method is not None and self.method.supervised is not None \
                 and self.method.supervised.hyperparameters is not None:
-            raise ValueError("give hyperparameters in method.supervised.hyperparameters or at the top level, not both")
+            raise broken_rule("give hyperparameters in method.supervised.hyperparameters or at the top level, not both")
         return self
 
     def given_hyperparameters(self) -> tuple[Hyperparameters, tuple[str, ...]]:
@@ -174,6 +181,14 @@ def _check_warm_start(adapter: Adapter, defaults: dict, config: TrainConfig) -> 
                                                            "trained as it is, there is no projection to continue")
 
 
+def _as_sent(error: dict, locations: dict[str, tuple], values: dict) -> dict:
+    """A TrainConfig error, located where the client gave the field (the learning rate: its multiplier)."""
+    field = str(error["loc"][0])
+    if field == "learning_rate":
+        error = error | {"msg": f"gives a learning rate of {values[field]:g}, which {error['msg'].lower()}"}
+    return error | {"loc": ("body", *locations.get(field, ("softserve", *error["loc"])))}
+
+
 def _train_config(body: FineTuningJobCreate, defaults: dict, runtime: Runtime) -> TrainConfig:
     """softserve's configuration of the job: the adapter's defaults, the softserve object, then
     OpenAI's fields. A rule broken is a 422 naming the field as the client sent it."""
@@ -193,10 +208,8 @@ def _train_config(body: FineTuningJobCreate, defaults: dict, runtime: Runtime) -
     try:
         config = TrainConfig(**values)
     except ValidationError as exc:
-        raise RequestValidationError([
-            {**error, "loc": ("body", *locations.get(str(error["loc"][0]), ("softserve", *error["loc"])))}
-            for error in exc.errors(include_url=False, include_input=False)
-        ]) from None
+        raise RequestValidationError([_as_sent(error, locations, values) for error in exc.errors(
+            include_url=False, include_input=False)]) from None
     if config.num_virtual_tokens > runtime.settings.max_virtual_tokens:
         raise _invalid(("softserve", "num_virtual_tokens"), f"must be at most {runtime.settings.max_virtual_tokens}")
     return config
