@@ -219,7 +219,7 @@ def _train_config(body: FineTuningJobCreate, defaults: dict, runtime: Runtime) -
     "",
     response_model=FineTuningJob,
     dependencies=[AdminAuth],
-    responses={404: {"description": "Unknown model (adapter) or file"},
+    responses={400: {"description": "The body is not JSON"}, 404: {"description": "Unknown model (adapter) or file"},
                422: {"description": "Invalid field (named), or an adapter to continue that does not fit the job"},
                503: {"description": "The job queue (broker) is unreachable; nothing was stored"}},
 )
