@@ -74,10 +74,10 @@ def file_object(row: UploadedFile) -> FileObject:
                       purpose=row.purpose)
 
 
-def _get_or_404(session, file_id: str) -> UploadedFile:
+def _get_or_404(session, file_id: str, param: str = "file_id") -> UploadedFile:
     row = uploaded_files.get_file(session, file_id)
     if row is None:
-        raise openai_refusal(404, f"no such file: {file_id!r}", param="file_id", code="file_not_found")
+        raise openai_refusal(404, f"no such file: {file_id!r}", param=param, code="file_not_found")
     return row
 
 
@@ -119,7 +119,7 @@ def list_files(
     order: Annotated[Literal["asc", "desc"], Query(description="By upload time")] = "desc",
     after: Annotated[str | None, Query(max_length=40, description="A file id: list the files past it")] = None,
 ) -> FileList:
-    cursor = _get_or_404(session, after) if after is not None else None
+    cursor = _get_or_404(session, after, "after") if after is not None else None
     rows = uploaded_files.list_files(session, purpose=purpose, after=cursor, limit=limit + 1,
                                      newest_first=order == "desc")
     return FileList(data=[file_object(row) for row in rows[:limit]], has_more=len(rows) > limit)

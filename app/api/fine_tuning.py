@@ -246,10 +246,10 @@ def create_fine_tuning_job(body: FineTuningJobCreate, runtime: RuntimeDep, sessi
     return fine_tuning_job(job, runtime.base.name)
 
 
-def _get_or_404(session: Session, job_id: str) -> TrainJob:
+def _get_or_404(session: Session, job_id: str, param: str = "fine_tuning_job_id") -> TrainJob:
     job = jobs.get_job(session, job_id)
     if job is None:
-        raise openai_refusal(404, f"no such fine-tuning job: {job_id!r}", param="fine_tuning_job_id",
+        raise openai_refusal(404, f"no such fine-tuning job: {job_id!r}", param=param,
                              code="fine_tuning_job_not_found")
     return job
 
@@ -261,7 +261,7 @@ def list_fine_tuning_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> FineTuningJobList:
     """Every training job, newest first, however it was made (here or through /train-jobs)."""
-    cursor = _get_or_404(session, after) if after is not None else None
+    cursor = _get_or_404(session, after, "after") if after is not None else None
     found = jobs.list_jobs_after(session, after=cursor, limit=limit + 1)
     return FineTuningJobList(data=[fine_tuning_job(job, runtime.base.name) for job in found[:limit]],
                              has_more=len(found) > limit)

@@ -4,7 +4,7 @@ JobEvent rows. Any job reads this way, however it was made; its /train-jobs view
 the `softserve` extension. A service module, so that every router showing OpenAI's jobs uses it."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,8 @@ EVENT_PREFIX = "ftevent-"
 # it is queued at once. Every JobStatus has OpenAI's name for it.
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 Auto = Literal["auto"]
+Level = Literal["info", "warn", "error"]
+LEVELS = get_args(Level)
 
 JOB_EXAMPLE = {
     "id": "a41c9e2f0b7d", "object": "fine_tuning.job", "created_at": 1796014800, "finished_at": 1796015100,
@@ -93,7 +95,7 @@ class FineTuningJobEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: Literal["info", "warn", "error"]
+    level: Level
     message: str
     type: Literal["message", "metrics"]
     data: dict | None = None
@@ -117,7 +119,8 @@ def _unix(moment: datetime | None) -> int | None:
 
 def job_hyperparameters(params: dict) -> JobHyperparameters:
     """OpenAI's three, from the job's stored configuration (app.train_config)."""
-    multiplier = params["learning_rate"] / DEFAULT_LEARNING_RATES[params["method"]]
+    # Jobs stored before prefix tuning existed name no method: they are prompt tuning.
+    multiplier = params["learning_rate"] / DEFAULT_LEARNING_RATES[params.get("method", "prompt_tuning")]
     return JobHyperparameters(n_epochs=params["epochs"] if params.get("epochs") is not None else "auto",
                               batch_size=params["batch_size"], learning_rate_multiplier=round(multiplier, 12))
 
@@ -159,5 +162,5 @@ def fine_tuning_event(event: JobEvent, job: TrainJob) -> FineTuningJobEvent:
             data={"step": event.step, "valid_loss": data["loss"], "valid_mean_token_accuracy": data["accuracy"]})
     message = str(data.get("message", data))
     failed = job.status == JobStatus.FAILED and message == job.error_message
-    return FineTuningJobEvent(**head, level=data.get("level") or ("error" if failed else "info"), type="message",
-                              message=message)
+    level = data["level"] if data.get("level") in LEVELS else "error" if failed else "info"
+    return FineTuningJobEvent(**head, level=level, type="message", message=message)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from app import auth, storage
-from app.models import UploadedFile
+from app.job_status import JobStatus
+from app.models import TrainJob, UploadedFile
 from tests.conftest import DATASETS
 
 GOOD = b"".join(json.dumps({"prompt": f"text {i}", "completion": "yes" if i % 2 else "no"}).encode() + b"\n"
@@ -120,7 +121,7 @@ def test_list_pages_with_after_and_order(client):
     rest = client.get("/v1/files", params={"limit": 2, "after": newest_first[1]}).json()
     assert [f["id"] for f in rest["data"]] == newest_first[2:] and not rest["has_more"]
     assert client.get("/v1/files", params={"purpose": "batch"}).json()["data"] == []
-    openai_error(client.get("/v1/files", params={"after": "file-nope"}), 404, "file_id")
+    openai_error(client.get("/v1/files", params={"after": "file-nope"}), 404, "after")
 
 
 def test_a_file_a_job_uses_is_kept_until_the_job_ends(client):
@@ -130,7 +131,14 @@ def test_a_file_a_job_uses_is_kept_until_the_job_ends(client):
     assert job.status_code == 200, job.text
     error = openai_error(client.delete(f"/v1/files/{file_id}"), 409, "file_id")
     assert job.json()["id"] in error["message"] and error["code"] == "file_in_use"
-    client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel")
+    runtime = client.app.state.runtime
+    with runtime.sessions() as session:  # a paused job will go on: it still needs the file
+        session.get(TrainJob, job.json()["id"]).status = JobStatus.PAUSED
+        session.commit()
+    openai_error(client.delete(f"/v1/files/{file_id}"), 409, "file_id")
+    with runtime.sessions() as session:
+        session.get(TrainJob, job.json()["id"]).status = JobStatus.CANCELLED
+        session.commit()
     assert client.delete(f"/v1/files/{file_id}").status_code == 200
 
 

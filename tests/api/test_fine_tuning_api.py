@@ -174,7 +174,6 @@ def storage_format_update(file_id, file_format):
 def test_a_job_continues_from_an_adapter_of_the_same_method_and_size(client, tiny_base):
     adapter = upload_adapter(client, random_soft_prompt(tiny_base, 5, seed=1), name="start")
     adapter_id = adapter["id"]
-    client.app.state.runtime.base  # noqa: B018
     with client.app.state.runtime.sessions() as session:
         session.get(Adapter, adapter_id).template = "Q: {input}\nA:"
         session.commit()
@@ -226,7 +225,7 @@ def test_list_newest_first_with_after_and_limit_including_train_jobs(client):
     assert [j["id"] for j in page["data"]] == newest_first[:2] and page["has_more"]
     rest = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": newest_first[1]}).json()
     assert [j["id"] for j in rest["data"]] == newest_first[2:] and not rest["has_more"]
-    openai_error(client.get("/v1/fine_tuning/jobs", params={"after": "nope"}), 404, "fine_tuning_job_id")
+    openai_error(client.get("/v1/fine_tuning/jobs", params={"after": "nope"}), 404, "after")
     openai_error(client.get("/v1/fine_tuning/jobs/nope"), 404, "fine_tuning_job_id")
     openai_error(client.get("/v1/fine_tuning/jobs/nope/events"), 404, "fine_tuning_job_id")
     openai_error(client.post("/v1/fine_tuning/jobs/nope/cancel"), 404, "fine_tuning_job_id")
@@ -247,6 +246,7 @@ def test_events_newest_first_as_openai_metrics_and_messages(client):
         session.get(TrainJob, job_id).total_steps = 4
         jobs.add_event(session, job_id, "train", 1, loss=1.25, epoch=0.1)
         jobs.add_event(session, job_id, "eval", 2, loss=0.75, accuracy=0.5)
+        jobs.add_event(session, job_id, "message", message="webhook not delivered yet", level="warn")
         session.get(TrainJob, job_id).status = JobStatus.FAILED
         session.get(TrainJob, job_id).error_code = "training_error"
         session.get(TrainJob, job_id).error_message = "training failed: boom"
@@ -255,7 +255,7 @@ def test_events_newest_first_as_openai_metrics_and_messages(client):
         session.commit()
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
     assert events["object"] == "list" and not events["has_more"]
-    failed, evaluated, trained, queued = events["data"]
+    failed, warned, evaluated, trained, queued = events["data"]
     assert all(e["object"] == "fine_tuning.job.event" and e["id"].startswith("ftevent-") for e in events["data"])
     assert (queued["type"], queued["level"], queued["message"], queued["data"]) == ("message", "info", "queued", None)
     assert (trained["type"], trained["level"]) == ("metrics", "info")
@@ -263,6 +263,7 @@ def test_events_newest_first_as_openai_metrics_and_messages(client):
     assert trained["message"] == "Step 1/4: training loss=1.2500"
     assert evaluated["data"] == {"step": 2, "valid_loss": 0.75, "valid_mean_token_accuracy": 0.5}
     assert (failed["level"], failed["message"]) == ("error", "training failed: boom")
+    assert (warned["level"], warned["type"]) == ("warn", "message")  # a level the event names itself
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2, "after": evaluated["id"]}).json()
     assert [e["id"] for e in page["data"]] == [trained["id"], queued["id"]] and not page["has_more"]
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1}).json()["has_more"]
