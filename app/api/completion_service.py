@@ -13,6 +13,7 @@ from app.api.errors import public_message
 from app.engine.core import EngineFault, EngineOverloaded, RequestTooLarge, RowFailed
 from app.engine.engine import Completion, EngineBroken, QueueFull, RequestStream, TooMuchWork
 from app.engine.requests import GenerationRequest, SoftPrompt
+from app.model_names import adapter_for_model
 from app.observability import note_adapter
 from app.runtime import Runtime
 
@@ -35,6 +36,12 @@ async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple
         raise HTTPException(404, detail=f"adapter {adapter_id!r} not found") from None
     except AdapterBaseMismatch as exc:
         raise HTTPException(409, detail=str(exc)) from None
+
+
+async def model_soft_prompt(runtime: Runtime, model: str) -> tuple[SoftPrompt | None, str | None]:
+    """`adapter_soft_prompt` for what an OpenAI route's `model` names (app.model_names): the base
+    model, an adapter id, or a fine-tuned model's ft: name."""
+    return await adapter_soft_prompt(runtime, adapter_for_model(model, runtime.base.name))
 
 
 def encode_prompt(runtime: Runtime, prompt: str) -> list[int]:

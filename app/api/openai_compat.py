@@ -18,14 +18,14 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from sqlalchemy import select
 
-from app.api.completion_service import adapter_soft_prompt, check_max_new_tokens, encode_prompt, run_all, start_streams
+from app.api.completion_service import check_max_new_tokens, encode_prompt, model_soft_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
 from app.api.openai_errors import OpenAIErrorRoute
 from app.api.streaming import merge, sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
 from app.engine.text_stream import TextDeltas
-from app.model_names import adapter_for_model, fine_tuned_model
+from app.model_names import fine_tuned_model
 from app.models import Adapter, TrainJob
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
@@ -150,7 +150,7 @@ async def _requests(runtime: Runtime, body: CompletionRequest) -> list[Generatio
     check_max_new_tokens(runtime, body.max_tokens, "max_tokens")
     if len(body.prompts) > runtime.settings.max_queue_size:  # could never fit the queue: not worth a retry
         raise invalid("prompt", f"has {len(body.prompts)} prompts, more than the queue holds ({runtime.settings.max_queue_size})")
-    soft_prompt, _ = await adapter_soft_prompt(runtime, adapter_for_model(body.model, runtime.base.name))
+    soft_prompt, _ = await model_soft_prompt(runtime, body.model)
     return [
         GenerationRequest(
             prompt_ids=encode_prompt(runtime, prompt), soft_prompt=soft_prompt, max_new_tokens=body.max_tokens,
