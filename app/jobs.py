@@ -60,9 +60,10 @@ live_runs = LiveRuns()  # one per process: every run in it, whichever node objec
 
 
 def create_job(session: Session, *, job_id: str, name: str, params: dict, dataset_path: str,
-               train_examples: int, validation_examples: int) -> TrainJob:
+               train_examples: int, validation_examples: int, **fields: object) -> TrainJob:
+    """A queued job; `fields`: more of its columns (the OpenAI API's suffix, files, metadata...)."""
     job = TrainJob(id=job_id, name=name, params=params, dataset_path=dataset_path, status=JobStatus.QUEUED,
-                   train_examples=train_examples, validation_examples=validation_examples)
+                   train_examples=train_examples, validation_examples=validation_examples, **fields)
     session.add(job)
     session.flush()  # the job row first: events reference it
     add_event(session, job_id, "message", message="queued")
@@ -82,6 +83,15 @@ def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int =
     return paginate(session, query, TrainJob.created_at.desc(), TrainJob.id, limit=limit, offset=offset)
 
 
+def list_jobs_after(session: Session, *, after: TrainJob | None, limit: int) -> list[TrainJob]:
+    """Up to `limit` jobs, newest first (ties by id), only those past the `after` cursor if given."""
+    query = select(TrainJob)
+    if after is not None:
+        query = query.where(or_(TrainJob.created_at < after.created_at,
+                                and_(TrainJob.created_at == after.created_at, TrainJob.id < after.id)))
+    return list(session.scalars(query.order_by(TrainJob.created_at.desc(), TrainJob.id.desc()).limit(limit)))
+
+
 def count_by_status(session: Session) -> dict[str, int]:
     return dict(session.execute(select(TrainJob.status, func.count()).group_by(TrainJob.status)).all())
 
@@ -94,6 +104,15 @@ def job_for_adapter(session: Session, adapter_id: str) -> TrainJob | None:
 def list_events(session: Session, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
     query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(limit)
     return list(session.scalars(query))
+
+
+def list_events_newest_first(session: Session, job_id: str, *, before_id: int | None = None,
+                             limit: int = 20) -> list[JobEvent]:
+    """Up to `limit` of the job's events, newest first, only those older than `before_id` if given."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before_id is not None:
+        query = query.where(JobEvent.id < before_id)
+    return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
 
 
 def _rows_updated(session: Session, statement: Update) -> int:

@@ -10,7 +10,19 @@ from fastapi.exceptions import RequestValidationError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import admin, auth
-from app.api import adapters, errors, generate, health, job_webhooks, metrics, openai_chat, openai_compat, train_jobs
+from app.api import (
+    adapters,
+    errors,
+    files,
+    fine_tuning,
+    generate,
+    health,
+    job_webhooks,
+    metrics,
+    openai_chat,
+    openai_compat,
+    train_jobs,
+)
 from app.api.limits import BodySizeLimit
 from app.config import Settings, get_settings
 from app.engine.loader import BaseModel
@@ -50,6 +62,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
         limits={
             ("POST", "/adapters"): settings.max_adapter_upload_bytes * 2 + 64 * 1024,
             ("POST", "/train-jobs"): settings.max_dataset_bytes * 2 + 64 * 1024,
+            ("POST", "/v1/files"): settings.max_dataset_bytes + 64 * 1024,
         },
         default=DEFAULT_BODY_LIMIT,
     )
@@ -64,9 +77,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     app.include_router(health.router)
     app.include_router(admin.router)
     app.mount(admin.STATIC_PATH, admin.static_files, name="admin-static")
-    for router in (generate.router, openai_compat.router, openai_chat.router, adapters.router, train_jobs.router,
-                   job_webhooks.router,
-                   metrics.router):
+    for router in (generate.router, openai_compat.router, openai_chat.router, files.router, fine_tuning.router,
+                   adapters.router, train_jobs.router, job_webhooks.router, metrics.router):
         app.include_router(router, dependencies=[auth.InferenceAuth])
     return app
 

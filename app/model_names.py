@@ -1,7 +1,7 @@
 """What OpenAI routes accept as `model`: the base model's name, an adapter id, or a fine-tuned
 model's name as the fine-tuning API reports it, "ft:<base name>:<suffix>:<adapter id>" (a
 checkpoint's may carry more, ":ckpt-step-<n>": the fourth field is always the adapter's id). One
-resolution, which every route that takes `model` uses."""
+resolution, which every route that takes `model` uses (app.api.completion_service.model_soft_prompt)."""
 
 FT_PREFIX = "ft"
 DEFAULT_SUFFIX = "softserve"  # the suffix field of a job made without one

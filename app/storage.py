@@ -1,6 +1,6 @@
 """Shared storage for adapter weights, uploaded datasets and the saved states of training runs:
 named files under server-made keys ("adapters/<adapter id>", "datasets/<job id>",
-"train-states/<job id>-<step>"), which every node reads alike. Two backends:
+"train-states/<job id>-<step>", "files/<file id>" for `POST /v1/files`), which every node reads alike. Two backends:
 
 - database (the default): a table of blobs in the registry's own database, so a shared
   DATABASE_URL is all a cluster needs, and a row and its files commit in one transaction;
@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import StoredFile
 
-ADAPTERS, DATASETS, TRAIN_STATES = "adapters", "datasets", "train-states"
-_KEY = re.compile(rf"({ADAPTERS}|{DATASETS}|{TRAIN_STATES})/[A-Za-z0-9_-]{{1,64}}")
+ADAPTERS, DATASETS, TRAIN_STATES, FILES = "adapters", "datasets", "train-states", "files"
+_KEY = re.compile(rf"({ADAPTERS}|{DATASETS}|{TRAIN_STATES}|{FILES})/[A-Za-z0-9_-]{{1,64}}")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
@@ -36,6 +36,11 @@ def adapter_key(adapter_id: str) -> str:
 
 def dataset_key(job_id: str) -> str:
     return _checked(f"{DATASETS}/{job_id}")
+
+
+def file_key(file_id: str) -> str:
+    """Where an uploaded file (app.uploaded_files) is kept: its normalised dataset."""
+    return _checked(f"{FILES}/{file_id}")
 
 
 def train_state_key(job_id: str, step: int) -> str:

@@ -30,6 +30,15 @@ def broken_rule(message: str) -> PydanticCustomError:
     return PydanticCustomError("value_error", message)
 
 
+def eval_within_the_run(value: int, info: ValidationInfo) -> int:
+    """A field validator for a client's own eval_every: at most its max_steps. Only a client's: a
+    stored job, a test or a bench may evaluate less often than it steps (then only at the end)."""
+    max_steps = info.data.get("max_steps")
+    if max_steps is not None and value > max_steps:
+        raise broken_rule(f"must be at most max_steps ({max_steps})")
+    return value
+
+
 class TrainConfigBase(BaseModel):
     # prompt_tuning learns input embeddings; prefix_tuning learns every layer's keys and values
     # (Li & Liang; P-tuning v2), through PEFT's reparameterization MLP when prefix_projection is on.

@@ -37,6 +37,7 @@ async def adapter_soft_prompt(runtime: Runtime, adapter_id: str | None) -> tuple
         raise HTTPException(409, detail=str(exc)) from None
 
 
+
 def encode_prompt(runtime: Runtime, prompt: str) -> list[int]:
     prompt_ids = runtime.base.tokenizer(prompt).input_ids
     if len(prompt_ids) > runtime.settings.max_prompt_tokens:

@@ -31,7 +31,8 @@ from app.api.openai_errors import OpenAIErrorRoute
 from app.api.streaming import sse_response
 from app.engine.engine import RequestStream
 from app.engine.requests import GenerationRequest, GenerationResult
-from app.models import Adapter
+from app.model_names import fine_tuned_model
+from app.models import Adapter, TrainJob
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
 
@@ -187,12 +188,18 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_r
 
 @router.get("/models", response_model=ModelList)
 def list_models(runtime: RuntimeDep, session: SessionDep) -> ModelList:
-    """The base model, then every adapter made for it, newest first: each `id` is a valid `model`."""
-    adapters = session.scalars(
-        select(Adapter).where(Adapter.base_fingerprint == runtime.base.fingerprint)
+    """The base model, then every adapter made for it, newest first: each `id` is a valid `model`.
+    An adapter a training job made is listed again by its fine-tuned name (ft:...), after its id."""
+    base = runtime.base
+    adapters = session.execute(
+        select(Adapter, TrainJob.id, TrainJob.suffix).outerjoin(TrainJob, TrainJob.adapter_id == Adapter.id)
+        .where(Adapter.base_fingerprint == base.fingerprint)
         .order_by(Adapter.created_at.desc(), Adapter.id.desc())
-    )
-    return ModelList(data=[
-        ModelOut(id=runtime.base.name, created=0, owned_by=OWNER),
-        *(ModelOut(id=a.id, created=int(a.created_at.timestamp()), owned_by=OWNER) for a in adapters),
-    ])
+    ).all()
+    models = [ModelOut(id=base.name, created=0, owned_by=OWNER)]
+    for adapter, job_id, suffix in adapters:
+        created = int(adapter.created_at.timestamp())
+        models.append(ModelOut(id=adapter.id, created=created, owned_by=OWNER))
+        if job_id is not None:
+            models.append(ModelOut(id=fine_tuned_model(base.name, suffix, adapter.id), created=created, owned_by=OWNER))
+    return ModelList(data=models)

@@ -6,21 +6,20 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from app import datasets, jobs
 from app.api.deps import JobId, RuntimeDep, SessionDep, invalid
+from app.api.job_submission import store_and_queue
 from app.api.job_view import job_out
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
 from app.config import Settings
 from app.db import MAX_INTEGER, MAX_OFFSET
 from app.job_status import TERMINAL, JobStatus
-from app.models import TrainJob, new_id
-from app.runtime import Runtime
+from app.models import TrainJob
 from app.schemas import JobCheckpointOut, JobEventOut, NoNul, TrainJobOut, TrainJobPage
-from app.storage import dataset_key
-from app.train_config import TrainConfig, TrainConfigBase, broken_rule
+from app.train_config import TrainConfig, TrainConfigBase, eval_within_the_run
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
@@ -48,15 +47,7 @@ class TrainJobForm(TrainConfigBase):
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Name of the adapter it makes",
                                       examples=["sst2-sentiment"]), NoNul] = None
 
-    # The client's own eval_every only: a stored job, a test or a bench may evaluate less often
-    # than it steps (eval_every past max_steps: only at the end).
-    @field_validator("eval_every")
-    @classmethod
-    def _eval_within_the_run(cls, value: int, info: ValidationInfo) -> int:
-        max_steps = info.data.get("max_steps")
-        if max_steps is not None and value > max_steps:
-            raise broken_rule(f"must be at most max_steps ({max_steps})")
-        return value
+    _eval_within_the_run = field_validator("eval_every")(eval_within_the_run)
 
 
 @router.post(
@@ -86,30 +77,8 @@ async def create_train_job(
         raise invalid("validation_file", f"is {datasets.dataset_format(validation)} data and file is "
                                          f"{datasets.dataset_format(train)} data: use one format")
     config = TrainConfig(**form.model_dump(include=set(TrainConfigBase.model_fields)))
-    return await asyncio.to_thread(_store_and_queue, runtime, form.name, config, train, validation)
-
-
-def _store_and_queue(runtime: Runtime, name: str | None, config: TrainConfig, train: bytes,
-                     validation: bytes | None) -> TrainJobOut:
-    """Store the dataset and the job in one transaction, then send the job's message; if the
-    broker is down, take both back (503), so nothing half-made remains."""
-    job_id = new_id()
-    key = dataset_key(job_id)  # server-made; the client's filename is never a key
-    files = {"train.jsonl": train} | ({"validation.jsonl": validation} if validation else {})
-    storage = runtime.storage
-    with runtime.sessions() as session:
-        with storage.storing(session, key, files):
-            job = jobs.create_job(session, job_id=job_id, name=name or f"adapter-{job_id}", params=config.to_dict(),
-                                  dataset_path=key, train_examples=train.count(b"\n"),
-                                  validation_examples=validation.count(b"\n") if validation else 0)
-        try:
-            runtime.enqueue_training(job_id)
-        except Exception as exc:
-            with storage.deleting(session, key):
-                session.delete(job)
-                session.commit()
-            raise HTTPException(503, detail=f"job queue unavailable: {exc}", headers={"Retry-After": "5"}) from None
-        return job_out(job)
+    job = await asyncio.to_thread(store_and_queue, runtime, form.name, config, train, validation)
+    return job_out(job)
 
 
 @router.get("", response_model=TrainJobPage)

@@ -28,6 +28,10 @@ def test_every_route_has_an_example_and_docs_render(make_client, tiny_base):
             if "requestBody" in operation and not _has_example(operation["requestBody"], schemas):
                 missing.append(f"{method.upper()} {path} (request body)")
     assert not missing, f"routes without an example: {missing}"
+    openai_paths = {"/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs",
+                    "/v1/fine_tuning/jobs/{fine_tuning_job_id}", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
+                    "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"}
+    assert openai_paths <= set(spec["paths"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
 
