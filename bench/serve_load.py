@@ -27,7 +27,7 @@ the 4-token requests), ttft_p50_s / ttft_p90_s (time to first token), makespan_s
 
     python -m bench.serve_load [--model FOLDER] [--rates 1,2,4] [--template review|few-shot]
         [--servers softserve,softserve_no_prefix_cache,vllm] [--vllm-dtypes float32,bfloat16]
-        [--vllm-threads default,all]
+        [--vllm-threads default,all] [--closed-requests 32] [--open-loop-requests 48]
 
 The last stdout line is one JSON object with the table, the ratios and the targets checked.
 """
@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,10 @@ class Outcome:
 # -- workload ------------------------------------------------------------------------------------
 
 
-def build_scenarios(rates: list[float], seed: int, prefixes: list[str]) -> dict[str, list[Job]]:
-    """The scenarios' requests; adapter i's prompts start with `prefixes[i]`."""
+def build_scenarios(rates: list[float], seed: int, prefixes: list[str], closed: int = CLOSED_REQUESTS,
+                    open_loop: int = OPEN_LOOP_REQUESTS) -> dict[str, list[Job]]:
+    """The scenarios' requests (`closed` at once, `open_loop` per rate); adapter i's prompts start
+    with `prefixes[i]`."""
     phrases = [json.loads(line)["input"] for line in SST2.read_text().splitlines()]
     generator = torch.Generator().manual_seed(seed)
     popularity = 1.0 / torch.arange(1, ADAPTERS + 1, dtype=torch.float64) ** 1.1  # Zipf-like
@@ -104,16 +107,21 @@ def build_scenarios(rates: list[float], seed: int, prefixes: list[str]) -> dict[
         phrase = phrases[int(torch.randint(len(phrases), (1,), generator=generator))]
         return prefixes[adapter] + TEMPLATE.format(input=phrase)
 
-    scenarios = {"closed": [Job(0.0, i, prompt(i), CLOSED_TOKENS) for i in range(CLOSED_REQUESTS)]}
+    scenarios = {"closed": [Job(0.0, i % ADAPTERS, prompt(i % ADAPTERS), CLOSED_TOKENS) for i in range(closed)]}
     for rate in rates:
-        gaps = torch.empty(OPEN_LOOP_REQUESTS, dtype=torch.float64).exponential_(rate, generator=generator)
-        arrivals = (gaps.cumsum(0) - gaps[0]).tolist()
-        adapters = torch.multinomial(popularity, OPEN_LOOP_REQUESTS, replacement=True, generator=generator).tolist()
-        short = (torch.rand(OPEN_LOOP_REQUESTS, generator=generator) < SHORT_SHARE).tolist()
-        scenarios[f"rate_{rate:g}"] = [
-            Job(t, a, prompt(a), SHORT_TOKENS if s else LONG_TOKENS) for t, a, s in zip(arrivals, adapters, short)
-        ]
+        scenarios[f"rate_{rate:g}"] = open_loop_jobs(rate, open_loop, popularity, prompt, generator)
     return scenarios
+
+
+def open_loop_jobs(rate: float, count: int, popularity: torch.Tensor, prompt: Callable[[int], str],
+                   generator: torch.Generator) -> list[Job]:
+    """`count` requests with Poisson arrivals at `rate` req/s, adapters drawn by `popularity`
+    (weights over adapter indexes), SHORT_SHARE of them asking for SHORT_TOKENS, the rest LONG_TOKENS."""
+    gaps = torch.empty(count, dtype=torch.float64).exponential_(rate, generator=generator)
+    arrivals = (gaps.cumsum(0) - gaps[0]).tolist()
+    adapters = torch.multinomial(popularity, count, replacement=True, generator=generator).tolist()
+    short = (torch.rand(count, generator=generator) < SHORT_SHARE).tolist()
+    return [Job(t, a, prompt(a), SHORT_TOKENS if s else LONG_TOKENS) for t, a, s in zip(arrivals, adapters, short)]
 
 
 def few_shot_prefixes(tokenizer, seed: int) -> list[str]:
@@ -221,6 +229,12 @@ def start_softserve(name: str, work: Path, port: int, prefix_cache_tokens: int, 
         response.raise_for_status()
         ids.append(response.json()["id"])
     return server, ids
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a killed job) raises SystemExit, so `finally` stops the servers,
+    which run in sessions of their own and would otherwise outlive the bench."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def ensure_vllm_venv() -> Path:
@@ -444,6 +458,8 @@ def main() -> None:
                         help="vLLM dtypes to try on the closed batch; the fastest serves every scenario")
     parser.add_argument("--vllm-threads", default=",".join(VLLM_THREADS),
                         help="vLLM passes: default (one worker thread, one core kept for its API server), all (every core)")
+    parser.add_argument("--closed-requests", type=int, default=CLOSED_REQUESTS, help="requests of the closed batch")
+    parser.add_argument("--open-loop-requests", type=int, default=OPEN_LOOP_REQUESTS, help="requests per rate")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -452,6 +468,7 @@ def main() -> None:
     dtypes, threads = args.vllm_dtypes.split(","), args.vllm_threads.split(",")
     if unknown := set(servers) - set(SERVERS) or set(dtypes) - set(VLLM_DTYPES) or set(threads) - set(VLLM_THREADS):
         parser.error(f"unknown choice(s): {', '.join(sorted(unknown))}")
+    exit_on_sigterm()
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     settings = Settings()
     model_dir = args.model or model_dir_and_name(settings.base_model, settings.model_cache_dir)[0]
@@ -460,7 +477,7 @@ def main() -> None:
     prefix_tokens = [len(embeddings.tokenizer(p).input_ids) for p in prefixes]
     # room for every adapter's soft prompt and prefix, and a review, so the cache never has to choose
     cache_tokens = max(PREFIX_CACHE_TOKENS, ADAPTERS * (VIRTUAL_TOKENS + max(prefix_tokens) + 64))
-    scenarios = build_scenarios(rates, args.seed, prefixes)
+    scenarios = build_scenarios(rates, args.seed, prefixes, args.closed_requests, args.open_loop_requests)
     results: dict[str, dict[str, dict]] = {}
     probe, best = {}, None
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
