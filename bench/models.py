@@ -55,7 +55,7 @@ SHAPES: dict[str, dict] = {
     },
 }
 TOKENIZER_MODEL = "smollm2-135m"  # the packaged model whose tokenizer the bench folders use
-SPECIAL = "<|endoftext|>"  # id 0 of that tokenizer: BOS, EOS and padding of the bench models
+SPECIAL_ID = 0  # BOS, EOS and padding of the bench models: SmolLM2's <|endoftext|>
 INIT_STD = 0.02
 
 
@@ -89,22 +89,26 @@ def _initial(name: str, shape: torch.Size, generator: torch.Generator) -> torch.
     return torch.randn(shape, generator=generator) * INIT_STD
 
 
-def write_tokenizer(folder: Path, vocab_size: int, max_length: int) -> None:
-    """The packaged SmolLM2 tokenizer, its BPE vocabulary padded to `vocab_size` ids."""
-    from app.config import Settings
-    from app.engine.loader import packaged_model_dir
+def write_tokenizer(folder: Path, vocab_size: int, max_length: int, source: Path | None = None) -> None:
+    """A BPE tokenizer.json (`source`; default the packaged SmolLM2 one), its vocabulary padded
+    to `vocab_size` ids."""
+    if source is None:
+        from app.config import Settings
+        from app.engine.loader import packaged_model_dir
 
-    source = packaged_model_dir(TOKENIZER_MODEL, Settings().model_cache_dir) / "tokenizer.json"
+        source = packaged_model_dir(TOKENIZER_MODEL, Settings().model_cache_dir) / "tokenizer.json"
     spec = json.loads(source.read_text())
     vocab = spec["model"]["vocab"]
     taken = len(vocab) + sum(token["id"] not in vocab.values() for token in spec["added_tokens"])
     if taken > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {taken} tokens")
     vocab |= {f"<|bench_pad_{i}|>": i for i in range(taken, vocab_size)}  # no merge makes them: decode only
+    special = next(token for token, i in [*vocab.items(), *((t["content"], t["id"]) for t in spec["added_tokens"])]
+                   if i == SPECIAL_ID)
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",  # a name both transformers 4 (vLLM) and 5 know
-        "bos_token": SPECIAL, "eos_token": SPECIAL, "pad_token": SPECIAL, "unk_token": SPECIAL,
+        "tokenizer_class": "PreTrainedTokenizerFast",  # a name both transformers 4 and 5 know
+        "bos_token": special, "eos_token": special, "pad_token": special, "unk_token": special,
         "model_max_length": max_length, "clean_up_tokenization_spaces": False,
     }, indent=2))
 
@@ -115,13 +119,14 @@ def write_bench_model(shape: str, folder: Path, seed: int = 0) -> Path:
 
     spec = copy.deepcopy(SHAPES[shape])
     # the tokenizer's end of text, inside every vocabulary here (the models' own ids are the hub tokenizers')
-    spec |= {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    spec |= {"bos_token_id": SPECIAL_ID, "eos_token_id": SPECIAL_ID, "pad_token_id": SPECIAL_ID}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(spec, indent=2))
     config = AutoConfig.from_pretrained(folder)
     write_random_weights(config, folder, getattr(torch, spec["torch_dtype"]), seed)
     write_tokenizer(folder, spec["vocab_size"], spec["max_position_embeddings"])
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": SPECIAL_ID, "eos_token_id": SPECIAL_ID, "pad_token_id": SPECIAL_ID}))
     return folder
 
 

@@ -135,11 +135,12 @@ def few_shot_prefixes(tokenizer, seed: int) -> list[str]:
         text = FEW_SHOT_INSTRUCTION
         for i in torch.randperm(len(examples), generator=generator).tolist():
             shot = TEMPLATE.format(input=examples[i]["input"]) + f" {examples[i]['output']}\n\n"
-            if len(tokenizer(text + shot).input_ids) > goal:
-                if len(tokenizer(text).input_ids) >= FEW_SHOT_TOKENS[0]:
-                    break
+            length = len(tokenizer(text + shot).input_ids)
+            if length > FEW_SHOT_TOKENS[1]:
                 continue  # too long to fit: a shorter example may
             text += shot
+            if length >= goal:
+                break
         prefixes.append(text)
     return prefixes
 
