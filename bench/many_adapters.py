@@ -11,6 +11,7 @@ server's database as `bench.cold_adapters` does (10,000 take seconds, not an upl
 The rate puts the engine about `--busy` (70%) busy: a closed batch of 64 requests with the same
 mix of lengths, all at once, gives the requests/s the server completes at full load, and the rate
 is that times `--busy` (or `--rate`). The server's CPU share during each pass is reported, to check.
+Every pass replays the same arrivals, prompts and lengths; only the adapter each request names differs.
 
 Where time goes, per pass, from the server's /metrics counters: registry lookups (count, total
 and mean time), adapter loads on cache misses (count, total time), prefix cache hits and misses.
@@ -28,6 +29,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -209,12 +211,16 @@ def main() -> None:
             rate = args.rate or args.busy * full_load_rate(server, softserve_body(probe_ids, base_name), prompt,
                                                            generator, len(probe_ids))
             log(f"offering {rate:.2f} req/s")
+            # every pass the same arrivals, prompts and lengths: only which adapter each request names differs
+            load = open_loop_jobs(rate, args.requests, popularity(1, "zipf"), prompt, generator)
             offset = 0
             for count, distribution in plan:
                 name = "n1" if count == 1 else f"n{count}_{distribution}"
                 own = ids[offset:offset + count]
                 offset += count
-                jobs = open_loop_jobs(rate, args.requests, popularity(count, distribution), prompt, generator)
+                drawn = torch.multinomial(popularity(count, distribution), len(load), replacement=True,
+                                          generator=generator).tolist()
+                jobs = [replace(job, adapter=adapter) for job, adapter in zip(load, drawn)]
                 passes[name] = run_pass(server, softserve_body(own, base_name), jobs)
                 log(f"  {name}: {json.dumps(passes[name])}")
             final = httpx.get(server.url + "/health").json()["adapter_cache"]
