@@ -17,7 +17,7 @@ Where time goes, per pass, from the server's /metrics counters: registry lookups
 and mean time), adapter loads on cache misses (count, total time), prefix cache hits and misses.
 
     python -m bench.many_adapters [--counts 1,100,1000,10000] [--distributions zipf,uniform]
-        [--requests 240] [--rate R | --busy 0.7] [--model FOLDER]
+        [--requests N] [--rate R | --busy 0.7] [--model FOLDER]
 
 Targets: tok/s at the largest N >= 0.9x N = 1, short p90 <= 1.5x N = 1 (each distribution), and no
 failed request. The last stdout line is one JSON object.
@@ -62,6 +62,7 @@ from bench.serve_load import (
 )
 
 PROBE_REQUESTS = 64  # the closed batch that measures full-load requests/s
+MIN_REQUESTS, MAX_REQUESTS = 48, 240  # per pass, by default a minute of arrivals: 7 passes fit in 20 minutes
 INSERT_BATCH = 250
 COUNTERS = {  # /metrics counter -> report key
     "softserve_registry_lookups_total": "registry_lookups",
@@ -171,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", default="1,100,1000,10000", help="distinct adapters the load spreads over")
     parser.add_argument("--distributions", default="zipf,uniform", help="zipf, uniform or both")
-    parser.add_argument("--requests", type=int, default=240, help="requests per pass")
+    parser.add_argument("--requests", type=int, default=None,
+                        help=f"requests per pass (default: a minute of arrivals, {MIN_REQUESTS} to {MAX_REQUESTS})")
     parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default: from --busy)")
     parser.add_argument("--busy", type=float, default=0.7, help="share of the full-load request rate to offer")
     parser.add_argument("--model", type=Path, default=None, help="a Hugging Face model folder (default: BASE_MODEL"
@@ -210,9 +212,10 @@ def main() -> None:
             log(f"registered {total} adapters in {registered:.1f} s")
             rate = args.rate or args.busy * full_load_rate(server, softserve_body(probe_ids, base_name), prompt,
                                                            generator, len(probe_ids))
-            log(f"offering {rate:.2f} req/s")
+            requests = args.requests or max(MIN_REQUESTS, min(MAX_REQUESTS, round(60 * rate)))
+            log(f"offering {rate:.2f} req/s, {requests} requests a pass")
             # every pass the same arrivals, prompts and lengths: only which adapter each request names differs
-            load = open_loop_jobs(rate, args.requests, popularity(1, "zipf"), prompt, generator)
+            load = open_loop_jobs(rate, requests, popularity(1, "zipf"), prompt, generator)
             offset = 0
             for count, distribution in plan:
                 name = "n1" if count == 1 else f"n{count}_{distribution}"
@@ -228,7 +231,7 @@ def main() -> None:
             server.stop()
     targets = targets_of(passes, counts[-1], distributions)
     print(json.dumps({
-        "model": str(model_dir), "rate_req_s": round(rate, 3), "requests_per_pass": args.requests,
+        "model": str(model_dir), "rate_req_s": round(rate, 3), "requests_per_pass": requests,
         "registered_adapters": total + len(probe_ids), "register_s": round(registered, 1),
         "adapter_cache_capacity": final["capacity"], **passes, "targets": targets,
         "all_targets_met": all(t["met"] for t in targets.values()),
