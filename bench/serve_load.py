@@ -420,10 +420,10 @@ def _target(value: float | None, target: float | None, relation: str) -> dict:
 
 
 def measure_vllm(model_dir: Path, work: Path, port: int, scenarios: dict[str, list[Job]], embeddings: Embeddings,
-                 dtypes: list[str], threads: list[str]) -> tuple[dict, dict[str, dict[str, dict]]]:
+                 dtypes: list[str], threads: list[str]) -> tuple[str, dict, dict[str, dict[str, dict]]]:
     """vLLM in its fastest dtype (each of `dtypes` serves the closed batch with vLLM's default
     threads; the fastest is kept), then every scenario with each setting of `threads`.
-    Returns {dtype: closed figures} of the probe and {pass name: scenario figures}."""
+    Returns the dtype kept, {dtype: closed figures} of the probe and {pass name: scenario figures}."""
     probe: dict[str, dict] = {}
     if len(dtypes) > 1:
         for dtype in dtypes:
@@ -443,7 +443,7 @@ def measure_vllm(model_dir: Path, work: Path, port: int, scenarios: dict[str, li
             passes[server.name] = run_scenarios(server, scenarios, vllm_body(model_dir, embeddings, dtype))
         finally:
             server.stop()
-    return probe, passes
+    return dtype, probe, passes
 
 
 def main() -> None:
@@ -480,7 +480,7 @@ def main() -> None:
     cache_tokens = max(PREFIX_CACHE_TOKENS, ADAPTERS * (VIRTUAL_TOKENS + max(prefix_tokens) + 64))
     scenarios = build_scenarios(rates, args.seed, prefixes, args.closed_requests, args.open_loop_requests)
     results: dict[str, dict[str, dict]] = {}
-    probe, best = {}, None
+    probe, best, dtype = {}, None, None
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         for name, tokens in (("softserve", cache_tokens), ("softserve_no_prefix_cache", 0)):
@@ -494,7 +494,7 @@ def main() -> None:
             finally:
                 server.stop()
         if "vllm" in servers:
-            probe, passes = measure_vllm(model_dir, work, args.port, scenarios, embeddings, dtypes, threads)
+            dtype, probe, passes = measure_vllm(model_dir, work, args.port, scenarios, embeddings, dtypes, threads)
             results |= passes
             best = vllm_best(list(passes.values()), list(probe.values()), rates)
     ratios, targets = ratios_and_targets(results, best, rates)
@@ -504,7 +504,8 @@ def main() -> None:
     print(json.dumps({
         "model": str(model_dir), "adapters": ADAPTERS, "virtual_tokens": VIRTUAL_TOKENS, "template": args.template,
         "prefix_tokens": {"min": min(prefix_tokens), "max": max(prefix_tokens)}, "prefix_cache_tokens": cache_tokens,
-        "vllm": {"package": VLLM_SPEC, "dtype_probe_closed": probe, "threads": threads} if "vllm" in servers else None,
+        "vllm": ({"package": VLLM_SPEC, "dtype": dtype, "dtype_probe_closed": probe, "threads": threads}
+                 if "vllm" in servers else None),
         **table, "targets": targets, "all_targets_met": all(t["met"] for t in targets.values()),
         "loadavg_1m_before": round(load_before, 2), "total_runtime_s": round(time.perf_counter() - started, 1),
     }))
