@@ -182,6 +182,14 @@ class Server:
         )
 
     def wait_ready(self, timeout: float) -> None:
+        """Until /health answers; on any failure (its exit, the timeout, SIGTERM) the server is stopped."""
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -219,6 +227,14 @@ def start_softserve(name: str, work: Path, port: int, prefix_cache_tokens: int, 
                    check=True, capture_output=True)
     server = Server(name, [sys.executable, "-m", *module, "--port", str(port)], env, port, work / f"{name}.log")
     server.wait_ready(600)
+    try:
+        return server, upload_adapters(server, embeddings)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def upload_adapters(server: Server, embeddings: Embeddings) -> list[str]:
     from safetensors.torch import save
 
     ids = []
@@ -229,7 +245,7 @@ def start_softserve(name: str, work: Path, port: int, prefix_cache_tokens: int, 
         response = httpx.post(server.url + "/adapters", data={"name": f"bench-{i}"}, files=files, timeout=60)
         response.raise_for_status()
         ids.append(response.json()["id"])
-    return server, ids
+    return ids
 
 
 def exit_on_sigterm() -> None:
