@@ -522,7 +522,7 @@ def main() -> None:
         "prefix_tokens": {"min": min(prefix_tokens), "max": max(prefix_tokens)}, "prefix_cache_tokens": cache_tokens,
         "vllm": ({"package": VLLM_SPEC, "dtype": dtype, "dtype_probe_closed": probe, "threads": threads}
                  if "vllm" in servers else None),
-        **table, "targets": targets, "all_targets_met": all(t["met"] for t in targets.values()),
+        **table, "targets": targets, "all_targets_met": bool(targets) and all(t["met"] for t in targets.values()),
         "loadavg_1m_before": round(load_before, 2), "total_runtime_s": round(time.perf_counter() - started, 1),
     }))
 
