@@ -7,6 +7,7 @@ adapter made for the resident base model (same fingerprint) is served.
 """
 
 import asyncio
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,10 +35,15 @@ class AdapterResolver:
     sessions: sessionmaker[Session]
     storage: Storage
     cache: AdapterCache
+    lookups: int = 0
+    lookup_seconds: float = 0.0  # wall time of the registry lookups every request makes
 
     async def soft_prompt(self, adapter_id: str) -> tuple[SoftPrompt, str | None]:
         """The adapter's prompt embeddings on the model's device, and its template."""
+        started = time.perf_counter()
         found = await asyncio.to_thread(self._lookup, adapter_id)
+        self.lookups += 1  # on the event loop: one writer
+        self.lookup_seconds += time.perf_counter() - started
         if found is None:
             raise AdapterNotFound(adapter_id)
         fingerprint, sha256, template = found
@@ -50,6 +56,9 @@ class AdapterResolver:
         except NotStored:  # deleted between the lookup and the load
             raise AdapterNotFound(adapter_id) from None
         return soft_prompt, template
+
+    def stats(self) -> dict:
+        return {"lookups": self.lookups, "lookup_seconds": round(self.lookup_seconds, 6)}
 
     def forget(self, adapter_id: str) -> None:
         """After a delete: drop its cached weights."""

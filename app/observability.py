@@ -98,7 +98,8 @@ class _Reader(Collector):
 
 
 def runtime_families(engine_stats: dict, cache_stats: dict, job_counts: dict[str, int]) -> Iterable:
-    """The engine's, the adapter cache's and the registry's figures as metric families."""
+    """The engine's, the adapter cache's and the registry's figures as metric families. `cache_stats`:
+    the adapter cache's and the resolver's (its registry lookups)."""
     kv, prefix = engine_stats["kv_cache"], engine_stats["prefix_cache"]
 
     def gauge(name, doc, value):
@@ -127,6 +128,10 @@ def runtime_families(engine_stats: dict, cache_stats: dict, job_counts: dict[str
     yield gauge("softserve_adapter_cache_entries", "Adapters resident on the device", cache_stats["size"])
     yield counter("softserve_adapter_cache_hits", "Adapter lookups served from the cache", cache_stats["hits"])
     yield counter("softserve_adapter_cache_misses", "Adapter lookups that loaded weights", cache_stats["misses"])
+    yield counter("softserve_adapter_load_seconds", "Time spent loading adapters on cache misses", cache_stats["load_seconds"])
+    yield counter("softserve_registry_lookups", "Registry lookups of adapters (one per request)", cache_stats["lookups"])
+    yield counter("softserve_registry_lookup_seconds", "Time spent in registry lookups of adapters",
+                  cache_stats["lookup_seconds"])
     for name, stats in (("prefix", prefix), ("adapter", cache_stats)):
         if stats.get("hit_rate") is not None:
             yield gauge(f"softserve_{name}_cache_hit_ratio", f"{name} cache hits / lookups so far", stats["hit_rate"])

@@ -89,10 +89,10 @@ class Runtime:
         )
 
     def _figures(self):
-        """What /metrics reads at scrape time: the engine, the adapter cache, the registry's jobs."""
+        """What /metrics reads at scrape time: the engine, the adapter cache and lookups, the registry's jobs."""
         with self.sessions() as session:
             job_counts = jobs.count_by_status(session)
-        return runtime_families(self.engine.stats(), self.adapter_cache.stats(), job_counts)
+        return runtime_families(self.engine.stats(), self.adapter_cache.stats() | self.adapter_resolver.stats(), job_counts)
 
     def enqueue_training(self, job_id: str) -> None:
         """Send the job's message to the broker, then record that it was sent."""

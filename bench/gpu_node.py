@@ -51,29 +51,17 @@ def log(message: str) -> None:
 def build_folder(folder: Path, size: str) -> None:
     """A random model of `size` as a Hugging Face folder (float16 safetensors, one shard per
     layer, made on the CPU one at a time), with a word-level tokenizer ("w0" ...) of its vocabulary."""
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, OPTConfig, PreTrainedTokenizerFast
+
+    from bench.models import write_random_weights
 
     family, shape = SIZES[size]
     special = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
     config = (OPTConfig(**shape, do_layer_norm_before=True, **special) if family == "opt"
               else LlamaConfig(**shape, **special, tie_word_embeddings=False))
     config.torch_dtype = "float16"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in model.state_dict().items():
-        shard = next((f"layer{part}" for part in name.split(".") if part.isdigit()), "rest")
-        shards.setdefault(shard, {})[name] = tensor
-    generator = torch.Generator().manual_seed(0)
-    index = {}
-    for shard, tensors in shards.items():
-        made = {name: (torch.ones(t.shape) if name.endswith(("norm.weight", "layer_norm.weight", "ln.weight"))
-                       else torch.randn(t.shape, generator=generator) * 0.02).half() for name, t in tensors.items()}
-        save_file(made, folder / f"{shard}.safetensors", metadata={"format": "pt"})
-        index |= {name: f"{shard}.safetensors" for name in made}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    write_random_weights(config, folder, torch.float16)
     config.save_pretrained(folder)
     vocab = {"<pad>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, config.vocab_size)} | {"w0": 0}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -28,7 +28,19 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve_load import REPO, TEMPLATE, Embeddings, build_scenarios, log, replay, softserve_body, start_softserve, summarise
+from bench.serve_load import (
+    ADAPTERS,
+    PREFIX_CACHE_TOKENS,
+    REPO,
+    TEMPLATE,
+    Embeddings,
+    build_scenarios,
+    log,
+    replay,
+    softserve_body,
+    start_softserve,
+    summarise,
+)
 
 SAMPLE = REPO / "examples" / "sst2" / "train.jsonl"
 RATE = 1.0
@@ -88,12 +100,13 @@ def main() -> None:
 
     settings = Settings()
     model_dir = model_dir_and_name(settings.base_model, settings.model_cache_dir)[0]
-    jobs = build_scenarios([RATE], args.seed)[f"rate_{RATE:g}"]
+    jobs = build_scenarios([RATE], args.seed, [""] * ADAPTERS)[f"rate_{RATE:g}"]
     embeddings = Embeddings(model_dir, args.seed)
     log(f"the bare training loop, {args.bare_steps} steps...")
     bare_before = bare_loop(args.bare_steps)
     with tempfile.TemporaryDirectory(prefix="serve-while-training-") as tmp:
-        node, adapter_ids = start_softserve("node", Path(tmp), args.port, True, embeddings, module=("worker.node", "serve"))
+        node, adapter_ids = start_softserve("node", Path(tmp), args.port, PREFIX_CACHE_TOKENS, embeddings,
+                                            module=("worker.node", "serve"))
         try:
             url = node.url
             body = softserve_body(adapter_ids, httpx.get(url + "/health").json()["base_model"])

@@ -6,6 +6,7 @@ thread so the event loop keeps serving.
 """
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
@@ -26,6 +27,7 @@ class AdapterCache:
         self._loading: dict[Key, asyncio.Future] = {}
         self.hits = 0
         self.misses = 0
+        self.load_seconds = 0.0  # wall time of the misses' loads (blob read, decode, copy to the device)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,6 +51,7 @@ class AdapterCache:
         self.misses += 1
         future = asyncio.get_running_loop().create_future()
         self._loading[key] = future
+        started = time.perf_counter()
         try:
             soft_prompt = await asyncio.to_thread(self._load, load)
         except BaseException as exc:
@@ -57,6 +60,7 @@ class AdapterCache:
             raise
         finally:
             del self._loading[key]
+            self.load_seconds += time.perf_counter() - started  # on the event loop: one writer
         self._entries[key] = soft_prompt
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
@@ -77,4 +81,5 @@ class AdapterCache:
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hits / lookups if lookups else None,
+            "load_seconds": round(self.load_seconds, 6),
         }

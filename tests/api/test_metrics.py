@@ -47,6 +47,9 @@ def test_counters_move_with_requests_and_jobs(make_client, tiny_base):
     assert value(after, "softserve_memory_plan_bytes", part="kv_cache") == plan.kv_cache_bytes
     assert value(after, "softserve_memory_plan_bytes", part="weights") == plan.weights_bytes > 0
     assert value(after, "softserve_adapter_cache_misses_total") >= 1
+    assert value(after, "softserve_adapter_load_seconds_total") > 0  # the adapter's first use loaded it
+    assert moved("softserve_registry_lookups_total") == 2  # the adapter and "nope"; the base model has none
+    assert moved("softserve_registry_lookup_seconds_total") > 0
 
 
 def test_request_ids_are_taken_or_made_and_every_request_is_logged(make_client, tiny_base, caplog):

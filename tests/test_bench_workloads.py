@@ -1,0 +1,57 @@
+"""The issue-24 bench workloads' own logic: the bench models' padded tokenizer, and how
+bench.serve_load takes vLLM's best figure and checks its targets against it."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from app.config import Settings
+from app.engine.loader import DEFAULT_MODEL_NAME, packaged_model_dir
+from bench.models import write_tokenizer
+from bench.serve_load import ratios_and_targets, vllm_best
+
+
+@pytest.mark.real_model
+def test_padded_tokenizer_decodes_every_id_and_encodes_text_as_before(tmp_path):
+    source = packaged_model_dir(DEFAULT_MODEL_NAME, Settings().model_cache_dir)
+    original = AutoTokenizer.from_pretrained(source)
+    size = len(original) + 100
+    write_tokenizer(tmp_path, size, 1024, source=source / "tokenizer.json")
+    padded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(padded) == size
+    assert padded.decode([size - 1]) == f"<|bench_pad_{size - 1}|>"  # the model may generate any id
+    text = "Review: a gorgeous, witty, seductive film\nSentiment: <|bench_pad_5|>"
+    assert padded(text).input_ids[1:] == original(text).input_ids[1:]  # no text encodes to a padding id
+
+
+def figures(tok_s, short_p90, ttft_p50, makespan=10.0, span=10.0):
+    return {"tok_s": tok_s, "short_p90_s": short_p90, "ttft_p50_s": ttft_p50, "makespan_s": makespan,
+            "arrival_span_s": span}
+
+
+def test_targets_compare_with_vllms_best_figure_of_the_passes_that_kept_up():
+    one = {"closed": figures(100, None, 1.0), "rate_1": figures(10, 0.5, 0.2),
+           "rate_4": figures(30, 0.9, 0.4, makespan=30)}  # rate 4: fell behind
+    all_cores = {"closed": figures(140, None, 0.8), "rate_1": figures(10, 0.6, 0.1),
+                 "rate_4": figures(30, 0.7, 0.3, makespan=11)}
+    best = vllm_best([one, all_cores], [figures(150, None, 0.9)], [1, 4])  # the dtype probe's closed counts
+    assert best["closed"]["tok_s"] == 150
+    assert best["rate_1"] == {"sustained": True, "tok_s": 10, "short_p90_s": 0.5, "ttft_p50_s": 0.1}
+    assert best["rate_4"]["short_p90_s"] == 0.7  # only the pass that kept up
+    ours = {"closed": figures(160, None, 0.5), "rate_1": figures(10, 0.45, 0.15), "rate_4": figures(30, 0.6, 0.2)}
+    no_cache = {"closed": figures(150, None, 0.6), "rate_1": figures(10, 0.5, 0.3), "rate_4": figures(30, 0.6, 0.3)}
+    ratios, targets = ratios_and_targets({"softserve": ours, "softserve_no_prefix_cache": no_cache}, best, [1, 4])
+    assert targets["closed_tok_s_at_least_vllm_best"] == {"value": 160, "target": ">= 150", "met": True}
+    assert targets["rate_1_short_p90_at_most_vllm_best"]["met"]
+    assert targets["rate_1_ttft_p50_at_most_vllm_best"] == {"value": 0.15, "target": "<= 0.1", "met": False}
+    assert targets["rate_4_ttft_p50_at_most_vllm_best"]["met"]
+    assert "prefix_cache_ttft_p50_at_2_at_most_half_of_cache_off" not in targets  # no 2 req/s pass
+    assert ratios["closed"]["vs_vllm_best_tok_s"] == round(160 / 150, 3)
+
+
+def test_a_rate_vllm_never_sustains_sets_no_latency_target():
+    behind = {"closed": figures(100, None, 1.0), "rate_8": figures(30, 2.0, 1.0, makespan=40)}
+    best = vllm_best([behind], [], [8])
+    assert best["rate_8"] == {"sustained": False, "tok_s": 30, "short_p90_s": None, "ttft_p50_s": None}
+    ours = {"closed": figures(90, None, 1.0), "rate_8": figures(30, 3.0, 2.0)}
+    _, targets = ratios_and_targets({"softserve": ours}, best, [8])
+    assert set(targets) == {"closed_tok_s_at_least_vllm_best"} and not targets["closed_tok_s_at_least_vllm_best"]["met"]
