@@ -298,3 +298,104 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
     finally:
         layer.packed_weight = saved
     assert torch.equal(packed, plain)
+
+
+# The AVX2 path (no VNNI): int8 weights held only in oneDNN's packed layout, rows split by sign.
+# Forced here whatever this CPU is, so it is tested on every machine.
+
+
+def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate():
+    from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums
+
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    # What it asks of oneDNN is exact even with vpmaddubsw's 16-bit pair sums (no VNNI): each part
+    # is in [0, 127] with zero point 0, so the saturating product of the old shifted scheme is exact.
+    rows, weight = adversarial_operands()
+    positive, negative = rows.clamp(min=0), rows.clamp(max=0).neg()
+
+    def saturating_unshifted(part: torch.Tensor) -> torch.Tensor:
+        products = part.int()[:, None, :] * weight.int()[None, :, :]
+        return (products[..., 0::2] + products[..., 1::2]).clamp(-(2**15), 2**15 - 1).sum(-1)
+
+    assert torch.equal(saturating_unshifted(positive) - saturating_unshifted(negative), rows.int() @ weight.int().t())
+
+
+@pytest.mark.parametrize("k", [64, 640, 2048])
+def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
+    from app.engine.int8 import SplitSignInt8
+
+    torch.manual_seed(k)
+    weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
+    weight[0] = 127  # sums past 2**24 at k=2048
+    split = SplitSignInt8(weight)
+    batch = torch.randint(-127, 128, (40, k), dtype=torch.int8)
+    batch[0] = 127
+    exact = (batch.double() @ weight.double().t()).to(torch.int32)
+    for rows in (1, 2, 5, 40):
+        got = split(batch[:rows])
+        assert got.dtype == torch.int32 and torch.equal(got, exact[:rows])
+    assert torch.equal(split.plain(), weight)
+
+
+@pytest.fixture(scope="module")
+def split_sign_base(tiny_model_dir):
+    """The tiny model loaded as on a CPU without a fast torch._int_mm (an AVX2 one)."""
+    from app.engine import int8
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "int_mm_is_fast", lambda: False)
+        if not int8.split_sign_is_exact():
+            pytest.skip("no exact oneDNN int8 linear in this torch")
+        base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
+    return base
+
+
+def test_on_the_avx2_path_the_weights_stay_int8_in_one_copy(split_sign_base):
+    from app.engine.int8 import SplitSignInt8
+
+    layers = int8_layers(split_sign_base)
+    head = split_sign_base.model.get_output_embeddings()
+    assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers)
+    assert all(layer.state.CB is None and layer.shared_input is None for layer in layers)
+    assert isinstance(head.weight, SplitSignInt8) and head.packed is None
+    held = sum(packed.numel() * packed.element_size()
+               for weight in [layer.product_weight for layer in layers] + [head.weight] for packed in weight.slices)
+    assert held == sum(layer.in_features * layer.out_features for layer in layers) + head.weight.shape.numel()
+    assert split_sign_base.int8_kernels.startswith("cpu: oneDNN packed int8, rows split by sign")
+
+
+def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(split_sign_base, tiny_model_dir):
+    plain = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+    torch.manual_seed(4)
+    ids = torch.randint(0, plain.model.config.vocab_size, (5, 9))
+    with torch.inference_mode():
+        for rows in (1, 2, 5):
+            assert torch.equal(split_sign_base.model(ids[:rows]).logits, plain.model(ids[:rows]).logits)
+    # training's backward reads the int8 weights back from the packed slices
+    grads = []
+    for base in (split_sign_base, plain):
+        embeds = base.model.get_input_embeddings()(ids[:2]).detach().requires_grad_()
+        base.model(inputs_embeds=embeds).logits.float().square().mean().backward()
+        grads.append(embeds.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.real_model
+def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly():
+    from app.config import Settings
+    from app.engine import int8
+    from app.engine.generation import generate_batch
+    from app.engine.reference import check_against_reference
+    from tests.conftest import INT8_TIE_TOLERANCE
+    from tests.engine.test_generation import mixed_requests
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "int_mm_is_fast", lambda: False)
+        base = load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+    assert base.int8_kernels.startswith("cpu: oneDNN packed int8")
+    requests = mixed_requests(base, 5, max_new_tokens=8)
+    batched = generate_batch(base, requests)
+    assert [r.token_ids for r in batched] == [generate_batch(base, [r])[0].token_ids for r in requests]
+    checks = [check_against_reference(base, r.soft_prompt, r.prompt_ids, res.token_ids, 8, INT8_TIE_TOLERANCE)
+              for r, res in zip(requests, batched)]
+    assert all(c.agrees for c in checks), checks
