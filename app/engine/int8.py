@@ -97,7 +97,7 @@ def int_mm_is_fast() -> bool:
     """Whether torch._int_mm gives exact sums here and beats a float32 product of the same shape
     (a decode-sized one)."""
     if not gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t())):
-        log.warning("torch._int_mm gives inexact sums on this CPU: int8 products run on float32 copies")
+        log.warning("torch._int_mm gives inexact sums on this CPU: not used")
         return False
     a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     af, bf = a.float(), b.float()
