@@ -29,6 +29,7 @@ from app.engine.requests import GenerationRequest
 
 PROMPTS = ["Review: a gripping , funny and moving film\nSentiment:", "Once upon a time", "The capital of France is",
            "Review: the plot is a mess and the acting is worse\nSentiment:"]
+HEAD = "LM head"
 
 
 class Sections:
@@ -52,9 +53,12 @@ class Sections:
                 self._stack[-1][1] += spent
 
     def wrap(self, owner, attribute: str, name: str) -> None:
+        """Time calls of owner.attribute as `name`, except within the LM head (its own product)."""
         original = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
+            if self._stack and self._stack[-1][0] == HEAD:
+                return original(*args, **kwargs)
             with self.section(name):
                 return original(*args, **kwargs)
 
@@ -99,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
-    sections.wrap(int8.Int8Head, "forward", "LM head")
+    sections.wrap(int8.Int8Head, "forward", HEAD)
     sections.wrap(attention, "_paged_attention", "attention")
     sections.wrap(core, "sample", "sampling")
     models = {"split_sign": load(False)}
