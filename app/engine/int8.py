@@ -22,10 +22,13 @@ plain one); INT8_PACKED_WEIGHTS=false keeps one. With it, projections that read 
 also share one product (`SharedInputProduct`).
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
-AMD EPYC) it is far slower than float32. There the int8 values are also kept as float32 and
-multiplied in float32, in slices of K short enough that every partial sum is an integer below
-2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
-docs/engine.md, property 6).
+AMD EPYC) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There the weights stay
+int8, held only in oneDNN's packed layout (`SplitSignInt8`): each input row is split into its
+positive and negative parts, both in [0, 127], so oneDNN's u8 x s8 pair sums stay below 2**15 even
+without VNNI, and K is cut into slices whose sums stay below 2**24: exact, so the results are the
+very bits `_int_mm` gives (rows stay batch-invariant: docs/engine.md, property 6). Only where that
+product is inexact too are the int8 values kept as float32 and multiplied in float32, in such
+slices of K (4x the weight memory).
 
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
 property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which
@@ -94,7 +97,7 @@ def int_mm_is_fast() -> bool:
     """Whether torch._int_mm gives exact sums here and beats a float32 product of the same shape
     (a decode-sized one)."""
     if not gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t())):
-        log.warning("torch._int_mm gives inexact sums on this CPU: int8 products run on float32 copies")
+        log.warning("torch._int_mm gives inexact sums on this CPU: not used")
         return False
     a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     af, bf = a.float(), b.float()
@@ -111,9 +114,54 @@ def one_row_products_win() -> bool:
     return one_row_each < _seconds(lambda: torch._int_mm(a, w.t()), 20)
 
 
-def product_weight(weight: torch.Tensor) -> torch.Tensor:
-    """What the integer products read: the int8 weight, or its values as float32 where _int_mm is slow."""
-    return weight if int_mm_is_fast() else weight.float()
+class SplitSignInt8:
+    """An int8 weight [N, K] held only in oneDNN's packed layout, in slices of K of at most
+    _EXACT_K. Calling it with int8 rows [M, K] gives their exact int32 products: the rows' positive
+    and negative parts, each in [0, 127] as u8, go through oneDNN's u8 x s8 linear as 2M rows.
+    Adjacent u8 x s8 products then add to at most 2 * 127 * 127 < 2**15, so the 16-bit pair sums
+    that oneDNN uses without VNNI (vpmaddubsw) never saturate, and every slice's sum is an integer
+    below 2**24, exact as float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.shape = weight.shape
+        self.slices = [torch.ops.onednn.qlinear_prepack(weight[:, start : start + _EXACT_K].contiguous(), None)
+                       for start in range(0, weight.shape[1], _EXACT_K)]
+        self.ones = torch.ones(weight.shape[0])
+        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+
+    def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
+        rows = quantized.shape[0]
+        parts = torch.cat([quantized.clamp(min=0), quantized.clamp(max=0).neg_()]).view(torch.uint8)
+        out = None
+        for index, packed in enumerate(self.slices):
+            start = index * _EXACT_K
+            sums = torch.ops.onednn.qlinear_pointwise(
+                parts[:, start : start + _EXACT_K].contiguous(), 1.0, 0, packed, self.ones, self.zero_points,
+                None, 1.0, 0, torch.float32, "none", [], "")
+            part = (sums[:rows] - sums[rows:]).to(torch.int32)
+            out = part if out is None else out.add_(part)
+        return cast(torch.Tensor, out)  # K > 0: set
+
+    def plain(self) -> torch.Tensor:
+        """The int8 weight [N, K] back from the packed slices (a temporary, for the backward)."""
+        return torch.cat([packed.to_dense() for packed in self.slices]).t()
+
+
+@functools.cache
+def split_sign_is_exact() -> bool:
+    """Whether SplitSignInt8 gives exact sums here (a torch without oneDNN's int8 linear: no)."""
+    try:
+        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def product_weight(weight: torch.Tensor) -> "torch.Tensor | SplitSignInt8":
+    """What the integer products read: the int8 weight where torch._int_mm is fast, else the int8
+    weight packed for SplitSignInt8, else (neither exact here) its values as float32."""
+    if int_mm_is_fast():
+        return weight
+    return SplitSignInt8(weight) if split_sign_is_exact() else weight.float()
 
 
 def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -163,16 +211,20 @@ def packed_products_win() -> bool:
 def int8_kernel_name(packed: bool) -> str:
     """What computes the int8 products on this CPU, as /health reports it."""
     if not int_mm_is_fast():
+        if split_sign_is_exact():
+            return "cpu: oneDNN packed int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
     return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
 
 
-def pack(weight: torch.Tensor) -> PackedInt8 | None:
+def pack(weight: "torch.Tensor | SplitSignInt8") -> PackedInt8 | None:
     """`weight` (see product_weight) packed for oneDNN where that is faster here, else None."""
-    return PackedInt8(weight) if weight.dtype == torch.int8 and packed_products_win() else None
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
+        return None
+    return PackedInt8(weight) if packed_products_win() else None
 
 
-def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int,
+def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", split_up_to: int,
             packed: PackedInt8 | None = None) -> torch.Tensor:
     """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight), or those sums as
     float32 from `packed`, the same weight packed for oneDNN. torch._int_mm has a fast path for one
@@ -181,6 +233,8 @@ def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int,
     (see packed_products_win). Integer products are exact, so how rows are grouped never changes a
     result."""
     rows = quantized.shape[0]
+    if isinstance(weight, SplitSignInt8):
+        return weight(quantized)
     if weight.dtype == torch.float32:
         return _float_int_mm(quantized, weight)
     if 1 < rows <= split_up_to and one_row_products_win():
@@ -190,7 +244,7 @@ def _int_mm(quantized: torch.Tensor, weight: torch.Tensor, split_up_to: int,
     return torch._int_mm(quantized, weight.t())
 
 
-def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, split_up_to: int,
+def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", weight_scale: torch.Tensor, split_up_to: int,
                  packed: PackedInt8 | None = None) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
@@ -199,10 +253,12 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _dequantized_product(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _dequantized_product(grad: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", scale: torch.Tensor) -> torch.Tensor:
     """grad [M, N] x (weight [N, K] * scale [N])  -> float32 [M, K], in slices of N so that an
     int8 weight is never dequantized whole."""
     scaled = (grad * scale).float()
+    if isinstance(weight, SplitSignInt8):
+        weight = weight.plain()
     if weight.dtype == torch.float32:
         return scaled @ weight
     out = torch.zeros(scaled.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
@@ -216,13 +272,14 @@ class _Int8MatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, split_up_to, packed):
-        ctx.save_for_backward(weight, scale)
+        ctx.weight = weight  # frozen, and not always a tensor (SplitSignInt8): kept as it is
+        ctx.save_for_backward(scale)
         ctx.x_dtype = x.dtype
         return _int8_matmul(x, weight, scale, split_up_to, packed)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, scale = ctx.saved_tensors
+        weight, (scale,) = ctx.weight, ctx.saved_tensors
         grad = _dequantized_product(grad_out.reshape(-1, weight.shape[0]), weight, scale)
         return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None
 
@@ -298,10 +355,13 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
         layer.product_weight = product_weight(layer.state.CB)
+        if isinstance(layer.product_weight, SplitSignInt8):
+            layer.state.CB = None  # the packed slices are the only copy: int8 stays int8 in memory
         layer.packed_weight = None
         layer.shared_input = None
         layer.forward = types.MethodType(fast_int8_forward, layer)
-    if packed:
+    # A shared product would hold a second copy of the split weights: not on that path.
+    if packed and not any(isinstance(layer.product_weight, SplitSignInt8) for layer in layers):
         for module in model.modules():
             for names in SHARED_INPUTS:
                 group: list[Any] = [getattr(module, name, None) for name in names]
@@ -318,13 +378,17 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
 
-    weight: torch.Tensor  # buffers
-    scale: torch.Tensor
+    weight: "torch.Tensor | SplitSignInt8"  # a buffer where it is a tensor
+    scale: torch.Tensor  # buffer
 
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        self.register_buffer("weight", product_weight(quantized))
+        held = product_weight(quantized)
+        if isinstance(held, torch.Tensor):
+            self.register_buffer("weight", held)
+        else:
+            self.weight = held
         self.register_buffer("scale", scale.clamp(min=1e-12))
         self.packed = pack(self.weight) if packed else None
 

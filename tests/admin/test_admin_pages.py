@@ -128,3 +128,16 @@ def test_the_overview_shows_the_engine_its_caches_and_recent_latency(make_client
     assert "1 cached" in page and "of 256 positions" in page  # the base model's prefix
     assert "median" in page and "2 requests, last minute" in page  # queue, first token, engine time
     assert "idle" in page and "0 training work items run on this model" in page
+
+
+def test_the_overview_names_the_int8_kernels_chosen_at_load(make_client, tiny_base):
+    import dataclasses
+
+    kernels = "cpu: oneDNN packed int8, rows split by sign (exact without VNNI)"
+    client = make_client(dataclasses.replace(tiny_base, quantization="int8", int8_kernels=kernels))
+    with client.app.state.runtime.sessions() as session:
+        _, admin_key = auth.create_key(session, "admin", "ops")
+    log_in(client, admin_key)
+    page = client.get("/admin")
+    assert page.status_code == 200 and "<dt>int8 kernels</dt><dd>" + kernels + "</dd>" in page.text
+    assert client.get("/health").json()["int8_kernels"] == kernels

@@ -20,6 +20,24 @@ def int8_layers(base) -> list[Linear8bitLt]:
     return [m for m in base.model.modules() if isinstance(m, Linear8bitLt)]
 
 
+def held_values(weight) -> torch.Tensor:
+    """The int8 values a layer or the head holds, whichever form it holds them in (see product_weight)."""
+    from app.engine.int8 import SplitSignInt8
+
+    return weight.plain() if isinstance(weight, SplitSignInt8) else weight
+
+
+@pytest.fixture
+def bitsandbytes_weights(int8_base):
+    """bitsandbytes' own int8 weights, for its forward, where the fast path dropped them (AVX2)."""
+    layers = [layer for layer in int8_layers(int8_base) if layer.state.CB is None]
+    for layer in layers:
+        layer.state.CB = held_values(layer.product_weight)
+    yield
+    for layer in layers:
+        layer.state.CB = None
+
+
 def test_every_int8_layer_and_the_head_are_on_the_fast_path(int8_base):
     layers = int8_layers(int8_base)
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
@@ -28,7 +46,7 @@ def test_every_int8_layer_and_the_head_are_on_the_fast_path(int8_base):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_the_fast_forward_computes_what_bitsandbytes_computes(int8_base, rows):
+def test_the_fast_forward_computes_what_bitsandbytes_computes(int8_base, rows, bitsandbytes_weights):
     torch.manual_seed(rows)
     for layer in int8_layers(int8_base):
         x = torch.randn(1, rows, layer.in_features) * 3
@@ -39,7 +57,7 @@ def test_the_fast_forward_computes_what_bitsandbytes_computes(int8_base, rows):
         assert not torch.equal(fast, torch.zeros_like(fast))
 
 
-def test_with_gradients_the_layer_runs_bitsandbytes_path_and_gradients_flow(int8_base):
+def test_with_gradients_the_layer_runs_bitsandbytes_path_and_gradients_flow(int8_base, bitsandbytes_weights):
     layer = int8_layers(int8_base)[0]
     x = (torch.randn(2, layer.in_features) * 3).requires_grad_()
     layer(x).sum().backward()
@@ -55,8 +73,9 @@ def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
     torch.manual_seed(0)
     weight = torch.randn(5000, 64) * 0.05
     head = Int8Head(weight)
-    # int8 values (held as float32 where the int8 kernel is slow: see product_weight)
-    assert torch.equal(head.weight.to(torch.int8).to(head.weight.dtype), head.weight) and head.scale.shape == (5000,)
+    # int8 values (held packed, or as float32, where the int8 kernel is slow: see product_weight)
+    values = held_values(head.weight)
+    assert torch.equal(values.to(torch.int8).to(values.dtype), values) and head.scale.shape == (5000,)
     hidden = torch.randn(7, 64, requires_grad=True)
     exact = hidden @ weight.t()
     logits = head(hidden)
@@ -65,7 +84,7 @@ def test_the_int8_head_is_close_to_the_float_head_and_trains_like_it():
     assert (logits.argmax(-1) == exact.argmax(-1)).float().mean() >= 6 / 7
     grad_out = torch.randn_like(logits)
     (logits * grad_out).sum().backward()
-    straight_through = grad_out @ (head.weight.float() * head.scale.unsqueeze(-1))
+    straight_through = grad_out @ (values.float() * head.scale.unsqueeze(-1))
     torch.testing.assert_close(hidden.grad, straight_through, atol=1e-4, rtol=1e-4)
     exact_grad = grad_out @ weight
     assert (hidden.grad - exact_grad).norm() < 0.02 * exact_grad.norm()
@@ -93,18 +112,22 @@ def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows
     weight[0] = 127  # worst case: sums far past 2**24 over the whole K
     quantized = torch.randint(-127, 128, (rows, 2048), dtype=torch.int8)
     quantized[0] = 127
-    expected = torch._int_mm(torch.cat([quantized, quantized[:1].expand(17 - rows, -1)])[:max(rows, 17)], weight.t())
+    expected = (quantized.double() @ weight.double().t()).to(torch.int32)  # exact (torch._int_mm is not, on AVX2)
     got = _int_mm(quantized, weight.float(), split_up_to=3)
-    assert got.dtype == torch.int32 and torch.equal(got, expected[:rows])
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
     assert got[0, 0] == 2048 * 127 * 127  # 33,032,192: not representable in float32 as one sum
 
 
 def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
-    from app.engine.int8 import int_mm_is_fast
+    from app.engine.int8 import SplitSignInt8, int_mm_is_fast, split_sign_is_exact
 
-    dtype = torch.int8 if int_mm_is_fast() else torch.float32
-    assert all(layer.product_weight.dtype == dtype for layer in int8_layers(int8_base))
-    assert int8_base.model.get_output_embeddings().weight.dtype == dtype
+    held = [layer.product_weight for layer in int8_layers(int8_base)] + [int8_base.model.get_output_embeddings().weight]
+    if int_mm_is_fast():
+        assert all(weight.dtype == torch.int8 for weight in held)
+    elif split_sign_is_exact():
+        assert all(isinstance(weight, SplitSignInt8) for weight in held)
+    else:
+        assert all(weight.dtype == torch.float32 for weight in held)
 
 
 def saturating_u8s8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -117,10 +140,11 @@ def saturating_u8s8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
-    from app.engine.int8 import adversarial_operands, gives_exact_sums
+    from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
-    assert gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
     assert not gives_exact_sums(saturating_u8s8_product)
     rows, weight = adversarial_operands()
     assert (rows.int() @ weight.int().t()).abs().max() > 2**24  # past float32's integers as well
@@ -205,6 +229,8 @@ def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
     layers = int8_layers(int8_base)
     assert {packed(layer) for layer in layers} | {int8_base.model.get_output_embeddings().packed is not None} == {
         packed_products_win()}
+    if not isinstance(layers[0].product_weight, torch.Tensor):
+        return  # the AVX2 path: no shared products (a second copy), see test_on_the_avx2_path_...
     # q, k, v and gate, up read the same input: one product each in both layers; o and down alone
     assert sum(layer.shared_input is not None for layer in layers) == 2 * 5
     attention = int8_base.model.model.layers[0].self_attn
@@ -233,6 +259,8 @@ def test_a_shared_product_gives_each_layer_its_own_output(int8_base, rows, monke
 
     attention = int8_base.model.model.layers[1].self_attn
     mlp = int8_base.model.model.layers[1].mlp
+    if attention.q_proj.shared_input is None:
+        pytest.skip("no shared products on this CPU's int8 path (AVX2)")
     torch.manual_seed(rows)
     x = torch.randn(1, rows, attention.q_proj.in_features) * 3
     with torch.inference_mode():
@@ -263,6 +291,8 @@ def test_a_shared_product_never_hands_out_an_output_for_another_input(int8_base)
     import threading
 
     attention = int8_base.model.model.layers[0].self_attn
+    if attention.q_proj.shared_input is None:
+        pytest.skip("no shared products on this CPU's int8 path (AVX2)")
     torch.manual_seed(3)
     x, y = torch.randn(2, 1, 4, attention.q_proj.in_features)
     with torch.inference_mode():
@@ -283,8 +313,8 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
     from app.engine.int8 import PackedInt8
 
     layer = int8_base.model.model.layers[0].self_attn.o_proj  # a layer with a product of its own
-    if layer.product_weight.dtype != torch.int8:
-        pytest.skip("the int8 kernel is slow here: the layers keep float32 values, never packed")
+    if not isinstance(layer.product_weight, torch.Tensor) or layer.product_weight.dtype != torch.int8:
+        pytest.skip("the int8 kernel is slow here: the layers' weights are never packed for it")
     torch.manual_seed(1)
     x = torch.randn(1, 9, layer.in_features) * 3
     saved = layer.packed_weight
@@ -298,3 +328,104 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
     finally:
         layer.packed_weight = saved
     assert torch.equal(packed, plain)
+
+
+# The AVX2 path (no VNNI): int8 weights held only in oneDNN's packed layout, rows split by sign.
+# Forced here whatever this CPU is, so it is tested on every machine.
+
+
+def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate():
+    from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums
+
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    # What it asks of oneDNN is exact even with vpmaddubsw's 16-bit pair sums (no VNNI): each part
+    # is in [0, 127] with zero point 0, so the saturating product of the old shifted scheme is exact.
+    rows, weight = adversarial_operands()
+    positive, negative = rows.clamp(min=0), rows.clamp(max=0).neg()
+
+    def saturating_unshifted(part: torch.Tensor) -> torch.Tensor:
+        products = part.int()[:, None, :] * weight.int()[None, :, :]
+        return (products[..., 0::2] + products[..., 1::2]).clamp(-(2**15), 2**15 - 1).sum(-1)
+
+    assert torch.equal(saturating_unshifted(positive) - saturating_unshifted(negative), rows.int() @ weight.int().t())
+
+
+@pytest.mark.parametrize("k", [64, 640, 2048])
+def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
+    from app.engine.int8 import SplitSignInt8
+
+    torch.manual_seed(k)
+    weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
+    weight[0] = 127  # sums past 2**24 at k=2048
+    split = SplitSignInt8(weight)
+    batch = torch.randint(-127, 128, (40, k), dtype=torch.int8)
+    batch[0] = 127
+    exact = (batch.double() @ weight.double().t()).to(torch.int32)
+    for rows in (1, 2, 5, 40):
+        got = split(batch[:rows])
+        assert got.dtype == torch.int32 and torch.equal(got, exact[:rows])
+    assert torch.equal(split.plain(), weight)
+
+
+@pytest.fixture(scope="module")
+def split_sign_base(tiny_model_dir):
+    """The tiny model loaded as on a CPU without a fast torch._int_mm (an AVX2 one)."""
+    from app.engine import int8
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "int_mm_is_fast", lambda: False)
+        if not int8.split_sign_is_exact():
+            pytest.skip("no exact oneDNN int8 linear in this torch")
+        base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
+    return base
+
+
+def test_on_the_avx2_path_the_weights_stay_int8_in_one_copy(split_sign_base):
+    from app.engine.int8 import SplitSignInt8
+
+    layers = int8_layers(split_sign_base)
+    head = split_sign_base.model.get_output_embeddings()
+    assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers)
+    assert all(layer.state.CB is None and layer.shared_input is None for layer in layers)
+    assert isinstance(head.weight, SplitSignInt8) and head.packed is None
+    held = sum(packed.numel() * packed.element_size()
+               for weight in [layer.product_weight for layer in layers] + [head.weight] for packed in weight.slices)
+    assert held == sum(layer.in_features * layer.out_features for layer in layers) + head.weight.shape.numel()
+    assert split_sign_base.int8_kernels.startswith("cpu: oneDNN packed int8, rows split by sign")
+
+
+def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(split_sign_base, tiny_model_dir):
+    plain = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+    torch.manual_seed(4)
+    ids = torch.randint(0, plain.model.config.vocab_size, (5, 9))
+    with torch.inference_mode():
+        for rows in (1, 2, 5):
+            assert torch.equal(split_sign_base.model(ids[:rows]).logits, plain.model(ids[:rows]).logits)
+    # training's backward reads the int8 weights back from the packed slices
+    grads = []
+    for base in (split_sign_base, plain):
+        embeds = base.model.get_input_embeddings()(ids[:2]).detach().requires_grad_()
+        base.model(inputs_embeds=embeds).logits.float().square().mean().backward()
+        grads.append(embeds.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.real_model
+def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly():
+    from app.config import Settings
+    from app.engine import int8
+    from app.engine.generation import generate_batch
+    from app.engine.reference import check_against_reference
+    from tests.conftest import INT8_TIE_TOLERANCE
+    from tests.engine.test_generation import mixed_requests
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "int_mm_is_fast", lambda: False)
+        base = load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+    assert base.int8_kernels.startswith("cpu: oneDNN packed int8")
+    requests = mixed_requests(base, 5, max_new_tokens=8)
+    batched = generate_batch(base, requests)
+    assert [r.token_ids for r in batched] == [generate_batch(base, [r])[0].token_ids for r in requests]
+    checks = [check_against_reference(base, r.soft_prompt, r.prompt_ids, res.token_ids, 8, INT8_TIE_TOLERANCE)
+              for r, res in zip(requests, batched)]
+    assert all(c.agrees for c in checks), checks

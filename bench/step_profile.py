@@ -1,0 +1,130 @@
+"""Where a decode step's time goes, and how int8 kernels compare, on the default model.
+
+For each batch size, rows decode greedily together (one engine, no adapters, SST-2-like prompts);
+every decode step after the first token is timed whole and in sections, each exclusive of the
+sections inside it: the layers' int8 products, the int8 LM head, attention, sampling, and the rest
+(norms, rotary, activations, embedding, the engine's bookkeeping: per-op overhead). Medians over
+steps. With `--compare-float-copies`, a second copy of the model is loaded with the int8 values held
+as float32 (the path CPUs without a fast torch._int_mm took before SplitSignInt8), and the two are
+timed interleaved. To see an AVX2 CPU's figures on a newer one:
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. The last stdout line is one JSON object.
+
+    python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from app.config import Settings
+from app.engine import attention, core, int8
+from app.engine.generation import _engine_for
+from app.engine.loader import BaseModel, load_base_model
+from app.engine.requests import GenerationRequest
+
+PROMPTS = ["Review: a gripping , funny and moving film\nSentiment:", "Once upon a time", "The capital of France is",
+           "Review: the plot is a mess and the acting is worse\nSentiment:"]
+HEAD = "LM head"
+
+
+class Sections:
+    """Exclusive wall time per named section, for the step in progress."""
+
+    def __init__(self):
+        self.times: dict[str, float] = defaultdict(float)
+        self._stack: list[list] = []
+
+    @contextmanager
+    def section(self, name: str):
+        start = time.perf_counter()
+        self._stack.append([name, 0.0])
+        try:
+            yield
+        finally:
+            _, inner = self._stack.pop()
+            spent = time.perf_counter() - start
+            self.times[name] += spent - inner
+            if self._stack:
+                self._stack[-1][1] += spent
+
+    def wrap(self, owner, attribute: str, name: str) -> None:
+        """Time calls of owner.attribute as `name`, except within the LM head (its own product)."""
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            if self._stack and self._stack[-1][0] == HEAD:
+                return original(*args, **kwargs)
+            with self.section(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+
+
+def load(float_copies: bool) -> BaseModel:
+    if not float_copies:
+        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+    split_sign_is_exact = int8.split_sign_is_exact
+    int8.split_sign_is_exact = lambda: False  # type: ignore[assignment]
+    try:
+        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+    finally:
+        int8.split_sign_is_exact = split_sign_is_exact  # type: ignore[assignment]
+
+
+@torch.inference_mode()
+def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> list[dict[str, float]]:
+    requests = [GenerationRequest(prompt_ids=base.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids,
+                                  soft_prompt=None, max_new_tokens=steps + 1) for i in range(rows)]
+    engine = _engine_for(base, requests)
+    handles = [engine.add(request) for request in requests]
+    engine.step()  # prefill and the first token
+    measured = []
+    for _ in range(steps):
+        if any(handle.finished_at is not None for handle in handles):
+            break  # a row stopped: later steps would have fewer rows
+        sections.times.clear()
+        start = time.perf_counter()
+        engine.step()
+        measured.append({**sections.times, "step": time.perf_counter() - start})
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-float-copies", action="store_true")
+    args = parser.parse_args()
+    sections = Sections()
+    sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
+    sections.wrap(int8.Int8Head, "forward", HEAD)
+    sections.wrap(attention, "_paged_attention", "attention")
+    sections.wrap(core, "sample", "sampling")
+    models = {"split_sign": load(False)}
+    if args.compare_float_copies:
+        models["float_copies"] = load(True)
+    report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                    "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
+    for rows in args.rows:
+        samples: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for _ in range(args.repeats):  # interleaved
+            for name, base in models.items():
+                samples[name] += decode_steps(base, rows, args.steps, sections)
+        for name, steps in samples.items():
+            keys = sorted({key for step in steps for key in step})
+            median = {key: round(statistics.median(step.get(key, 0.0) for step in steps) * 1e3, 2) for key in keys}
+            median["other (per-op overhead)"] = round(median["step"] - sum(
+                v for k, v in median.items() if k != "step"), 2)
+            report["ms"][f"{name} rows={rows}"] = median
+            print(f"{name:12s} rows={rows:2d} steps={len(steps)}", json.dumps(median), flush=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
