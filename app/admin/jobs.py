@@ -4,11 +4,13 @@ from typing import Annotated, Literal
 
 from fastapi import Query, Request
 
-from app import jobs
+from app import jobs, webhooks
 from app.admin.pages import not_found, page_router, render
 from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
 from app.api.deps import RuntimeDep, SettingsDep
 from app.api.job_view import job_out
+from app.api.job_webhooks import delivery_out
+from app.schemas import JobCheckpointOut
 from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig
 
 router = page_router()
@@ -42,4 +44,7 @@ def job_detail(request: Request, job_id: str, runtime: RuntimeDep):
         job = jobs.get_job(session, job_id)
         if job is None:
             raise not_found(request, f"Training job {job_id}")
-    return render(request, "job.html", nav="jobs", job=job_out(job), terminal=jobs.TERMINAL)
+        checkpoints = [JobCheckpointOut.model_validate(c) for c in jobs.list_checkpoints(session, job_id)]
+        deliveries = [delivery_out(d) for d in webhooks.list_deliveries(session, job_id)]
+    return render(request, "job.html", nav="jobs", job=job_out(job), terminal=jobs.TERMINAL,
+                  checkpoints=checkpoints, deliveries=deliveries)

@@ -20,6 +20,9 @@ def playground(request: Request, session: SessionDep, settings: SettingsDep,
     choices, total = registry.list_adapters(session, limit=PICKER_SIZE)
     chosen = registry.get_adapter(session, adapter) if adapter else None
     if chosen is not None and chosen.id not in {a.id for a in choices}:
-        choices = [chosen, *choices]  # linked from an adapter's page: offer it even when it is old
+        # Linked from an adapter's or a job's page: offer it even when it is old or a job's
+        # checkpoint (the picker lists neither).
+        choices = [chosen, *choices]
     return render(request, "playground.html", nav="playground", adapters=choices, total=total,
-                  chosen=chosen, max_new_tokens_limit=settings.max_new_tokens_limit)
+                  chosen=chosen, missing=adapter if adapter and chosen is None else None,
+                  max_new_tokens_limit=settings.max_new_tokens_limit)

@@ -13,7 +13,8 @@ const adapterHref = (job) => `/admin/adapters/${job.adapter_id}`;
 const FIELDS = {
   status(el, job) {
     el.className = `badge badge-${job.status}`;
-    el.textContent = job.status + (job.cancel_requested && job.status === "running" ? " · cancelling" : "");
+    const running = job.status === "running";
+    el.textContent = job.status + (running && job.cancel_requested ? " · cancelling" : running && job.pause_requested ? " · pausing" : "");
   },
   progress(el, job) {
     const { step, total_steps: total, epoch } = job.progress;

@@ -8,6 +8,7 @@ import pytest
 
 from app import jobs, registry
 from app.models import new_id
+from app.storage import adapter_key
 from app.train_config import TrainConfig
 from tests.conftest import REPO, random_soft_prompt
 
@@ -84,3 +85,16 @@ def record_progress(session, job_id: str, steps, total: int, eval_every: int) ->
         jobs.record_step(session, job_id, token, step, total, step / 25, loss)
         if step % eval_every == 0:
             jobs.record_eval(session, job_id, token, step, 1.9 * math.exp(-step / 15) + 0.45, min(0.95, 0.5 + step / 100))
+
+
+def add_checkpoint(runtime, job_id: str, step: int, metrics: dict) -> str:
+    """A checkpoint adapter of the running job at `step`, stored as its run stores one; its id."""
+    with runtime.sessions() as session:
+        token = jobs.get_job(session, job_id).run_token
+    adapter, files = registry.new_adapter(
+        name=f"checkpoint-step-{step}", prompt_embeddings=random_soft_prompt(runtime.base, 8, step),
+        base_fingerprint=runtime.base.fingerprint, base_model_name=runtime.base.name, source=registry.CHECKPOINT,
+        metrics=metrics | {"step": step, "job_id": job_id}, template=TEMPLATE)
+    with runtime.sessions() as session, runtime.storage.storing(session, adapter_key(adapter.id), files):
+        assert jobs.add_checkpoint(session, job_id, token, adapter, step, metrics | {"step": step})
+    return adapter.id

@@ -1,5 +1,6 @@
 """The admin UI in a real headless Chromium against the real app over HTTP (tiny model)."""
 
+import base64
 import re
 
 import httpx
@@ -7,16 +8,18 @@ from playwright.sync_api import expect
 from sqlalchemy import insert
 
 from app import auth, jobs
-from app.models import Adapter
+from app.models import Adapter, new_id
 from tests.admin.conftest import (
     TEMPLATE,
     add_adapter,
+    add_checkpoint,
     add_running_job,
     open_page,
     record_progress,
     screenshot,
 )
 from tests.conftest import DATASETS
+from tests.webhook_listener import Listener
 
 METRICS = {"eval_accuracy": 0.884, "eval_loss": 0.3127, "steps": 425, "best_step": 400, "duration_s": 900.2,
            "stopped_early": False}
@@ -330,3 +333,72 @@ def test_login_with_api_keys(make_live_server, tiny_base, browser):
     assert httpx.get(f"{server.url}/admin/playground", headers={"Authorization": f"Bearer {inference_key}"}).status_code == 403
     # Expected: the refused logins (401, 403) and the refused fetches (403, 404) log failed loads.
     assert all(re.search(r"Failed to load resource: .* status of (401|403|404)", e) for e in console.errors), console.errors
+
+
+def test_pause_resume_checkpoints_and_webhook_deliveries_on_the_job_page(make_live_server, tiny_base, browser):
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    with Listener() as listener:
+        server = make_live_server(tiny_base, webhook_url=listener.url, webhook_secret=secret)
+        runtime = server.runtime
+        job_id = new_id()
+        with runtime.sessions() as session:
+            jobs.create_job(session, job_id=job_id, name="pause-me", params={}, dataset_path=f"datasets/{job_id}",
+                            train_examples=20, validation_examples=0)
+        page, console = open_page(browser, server)
+        page.goto(f"/admin/jobs/{job_id}", wait_until="networkidle")
+        status, pause, resume = page.locator("h1 [data-field=status]"), page.locator("#pause-job"), page.locator("#resume-job")
+        expect(status).to_have_text("queued")
+        expect(page.locator("#checkpoints-empty")).to_be_visible()
+        expect(page.locator("#deliveries-empty")).to_be_visible()
+        expect(resume).to_be_hidden()
+
+        pause.click()
+        expect(status).to_have_text("paused")
+        expect(page.locator("#flash")).to_have_text("Paused.")
+        expect(pause).to_be_hidden()
+        expect(resume).to_be_visible()
+        expect(page.locator("#cancel-job")).to_be_visible()
+        # The pause is announced: the node's delivery loop sends it, and the page follows it live.
+        delivery = page.locator("#deliveries tbody tr")
+        expect(delivery).to_have_count(1)
+        expect(delivery).to_contain_text("fine_tuning.job.paused")
+        expect(delivery).to_contain_text(f"http://127.0.0.1:{listener.port}")
+        expect(delivery.locator(".badge")).to_have_text("delivered")
+        expect(delivery.locator("td").nth(3)).to_have_text("1")
+        expect(delivery).not_to_contain_text("token=abc")
+        expect(page.locator("#deliveries-empty")).to_be_hidden()
+        assert [r.headers["webhook-id"] for r in listener.received] == [delivery.get_attribute("data-delivery-id")]
+        screenshot(page, "job_paused")
+
+        resume.click()
+        expect(status).to_have_text("queued")
+        expect(page.locator("#flash")).to_have_text("Resumed: the job is queued again.")
+        expect(resume).to_be_hidden()
+        expect(pause).to_be_visible()
+        assert httpx.get(f"{server.url}/train-jobs/{job_id}").json()["status"] == "queued"
+
+        # A worker runs it and stores a checkpoint: it shows up live, with a way into the playground.
+        with runtime.sessions() as session:
+            assert jobs.claim(session, job_id, "test-worker")
+        expect(status).to_have_text("running")
+        checkpoint = add_checkpoint(runtime, job_id, 10, {"eval_loss": 0.4321, "eval_accuracy": 0.875, "train_loss": 0.61})
+        row = page.locator(f"#checkpoints tbody tr[data-adapter-id='{checkpoint}']")
+        expect(row).to_contain_text("0.4321")
+        expect(row).to_contain_text("87.5%")
+        expect(page.locator("#checkpoints-empty")).to_be_hidden()
+        pause.click()  # running: it stops at its next step, so the page says it is pausing
+        expect(status).to_have_text("running · pausing")
+        expect(pause).to_be_hidden()
+        expect(resume).to_be_hidden()
+        screenshot(page, "job_checkpoints")
+
+        row.get_by_role("link", name="Try in playground").click()
+        page.wait_for_url(f"**/admin/playground?adapter={checkpoint}")
+        expect(page.locator("#adapter")).to_have_value(checkpoint)
+        expect(page.locator("#template-preview")).to_have_text(TEMPLATE)
+        page.fill("#prompt", "a gorgeous, witty film")
+        page.fill("#max_new_tokens", "4")
+        page.click("#run")
+        expect(page.locator("#out-adapter [data-role=meta]")).to_contain_text("finished:")
+        expect(page.locator("#out-adapter h2")).to_contain_text(checkpoint)
+        assert console.errors == []

@@ -1,11 +1,14 @@
-"""Admin pages on the server side (no browser): the login gate, roles, CSRF, 404s, the schema."""
+"""Admin pages on the server side (no browser): the login gate, roles, CSRF, 404s, the schema, and
+what the job and playground pages render."""
 
 import re
+from datetime import timedelta
 
 import pytest
 
-from app import auth
-from app.models import ApiKey
+from app import auth, jobs
+from app.models import ApiKey, WebhookDelivery, utcnow
+from tests.admin.conftest import add_checkpoint, add_running_job
 
 PAGES = ["/admin", "/admin/adapters", "/admin/adapters/abc", "/admin/jobs", "/admin/jobs/new", "/admin/jobs/abc",
          "/admin/playground"]
@@ -141,3 +144,91 @@ def test_the_overview_names_the_int8_kernels_chosen_at_load(make_client, tiny_ba
     page = client.get("/admin")
     assert page.status_code == 200 and "<dt>int8 kernels</dt><dd>" + kernels + "</dd>" in page.text
     assert client.get("/health").json()["int8_kernels"] == kernels
+
+
+def button_shown(page: str, button: str) -> bool:
+    tag = re.search(rf'<button [^>]*id="{button}"[^>]*>', page).group(0)
+    return " hidden" not in tag
+
+
+def test_the_job_page_shows_checkpoints_deliveries_and_the_buttons_each_state_allows(make_client, tiny_base):
+    client = make_client(tiny_base)
+    runtime = client.app.state.runtime
+    job_id = add_running_job(runtime, "sst2-checkpointed")
+    best = add_checkpoint(runtime, job_id, 20, {"eval_loss": 0.4321, "eval_accuracy": 0.875, "train_loss": 0.5})
+    later = add_checkpoint(runtime, job_id, 30, {"eval_loss": 0.4012, "eval_accuracy": 0.9, "train_loss": None})
+    soon = utcnow() + timedelta(minutes=5)
+    with runtime.sessions() as session:
+        session.add_all([
+            WebhookDelivery(id="msg_given_up", job_id=job_id, event_type="fine_tuning.job.paused", payload={},
+                            url="https://hooks.example.com/path?token=s3cret", status="failed", attempts=10,
+                            last_error="HTTP 503"),
+            WebhookDelivery(id="msg_waiting", job_id=job_id, event_type="fine_tuning.job.paused", payload={},
+                            url="https://other.example.com/x", status="pending", attempts=2, next_attempt_at=soon,
+                            last_error="connection refused"),
+        ])
+        session.commit()
+
+    page = client.get(f"/admin/jobs/{job_id}").text
+    checkpoints = page.split('id="checkpoints"')[1].split("</table>")[0]
+    assert checkpoints.index(later) < checkpoints.index(best)  # newest first
+    for text in ["0.4321", "87.5%", "0.4012", "90.0%", f'href="/admin/playground?adapter={best}"',
+                 f'href="/admin/adapters/{later}"']:
+        assert text in checkpoints, text
+    assert 'id="checkpoints-empty" hidden' in page
+    deliveries = page.split('id="deliveries"')[1].split("</table>")[0]
+    for text in ["fine_tuning.job.paused", "https://hooks.example.com", "badge-failed", "HTTP 503", "given up",
+                 "https://other.example.com", "badge-pending", "connection refused", f"next try {soon:%Y-%m-%d %H:%M:%S}"]:
+        assert text in deliveries, text
+    assert "s3cret" not in page and "/path" not in deliveries  # the target's origin only
+
+    def buttons() -> tuple[bool, bool, bool]:
+        page = client.get(f"/admin/jobs/{job_id}").text
+        return tuple(button_shown(page, b) for b in ("pause-job", "resume-job", "cancel-job"))
+
+    assert buttons() == (True, False, True)  # running
+    with runtime.sessions() as session:
+        jobs.request_pause(session, job_id)
+    assert buttons() == (False, False, True)  # asked to pause: the run stops at its next step
+    assert "running · pausing" in client.get(f"/admin/jobs/{job_id}").text
+    with runtime.sessions() as session:
+        assert jobs.pause_run(session, job_id, jobs.get_job(session, job_id).run_token, 30)
+    assert buttons() == (False, True, True)  # paused
+    with runtime.sessions() as session:
+        assert jobs.resume(session, job_id)
+    assert buttons() == (True, False, True)  # queued again
+    assert client.post(f"/train-jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert buttons() == (False, False, False)
+
+
+def test_a_job_without_checkpoints_or_deliveries_says_so(make_client, tiny_base):
+    client = make_client(tiny_base)
+    job_id = add_running_job(client.app.state.runtime, "fresh", done=0)
+    page = client.get(f"/admin/jobs/{job_id}").text
+    assert "No checkpoints yet" in page and "No webhook deliveries" in page
+    assert 'id="checkpoints-empty" hidden' not in page and 'id="deliveries-empty" hidden' not in page
+
+
+def test_the_jobs_list_filters_paused_jobs(make_client, tiny_base):
+    client = make_client(tiny_base)
+    runtime = client.app.state.runtime
+    paused, queued = add_running_job(runtime, "paused-one"), add_running_job(runtime, "still-running")
+    with runtime.sessions() as session:
+        jobs.request_pause(session, paused)
+        assert jobs.pause_run(session, paused, jobs.get_job(session, paused).run_token, 40)
+    page = client.get("/admin/jobs?status=paused").text
+    assert re.search(r'href="[^"]*status=paused[^"]*" aria-current="page">Paused <span class="tab-count">1</span>', page)
+    assert f'data-job-id="{paused}"' in page and f'data-job-id="{queued}"' not in page
+
+
+def test_the_playground_takes_a_checkpoint_by_id_and_says_when_one_is_gone(make_client, tiny_base):
+    client = make_client(tiny_base)
+    runtime = client.app.state.runtime
+    job_id = add_running_job(runtime, "sst2-checkpointed")
+    checkpoint = add_checkpoint(runtime, job_id, 10, {"eval_loss": 0.5, "eval_accuracy": 0.8})
+    assert client.get("/adapters").json()["total"] == 0  # checkpoints are not in the adapter list...
+    page = client.get(f"/admin/playground?adapter={checkpoint}").text
+    assert f'<option value="{checkpoint}"' in page and "selected" in page.split(checkpoint)[1].split(">")[0]
+    assert "missing-adapter" not in page
+    page = client.get("/admin/playground?adapter=0123456789ab").text
+    assert "Adapter <code>0123456789ab</code> does not exist" in page
