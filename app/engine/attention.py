@@ -79,23 +79,6 @@ def engine_step(step: StepAttention):
         _current.reset(token)
 
 
-@contextmanager
-def _one_thread_on_cpu(device: torch.device):
-    """On several threads torch's CPU attention kernels split a call's work by its shape, so a
-    row's sums would change with the rows beside it (seen: 1e-7 apart at 2 threads, in the fused
-    kernel and the softcap path alike). On one thread each row is summed on its own, in the same
-    order in any batch and with any padding past its keys (docs/engine.md, property 6)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _attend(query, keys, values, bias, scaling: float, softcap: float | None) -> torch.Tensor:
     """query [R, H, Q, D], keys/values [R, L, KVH, D], bias [R, Q, L] -> [R, H, Q, D]. Query heads
     are grouped under their key/value head, so keys are never repeated per head."""
@@ -134,8 +117,7 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
             q = flat_query.index_select(0, tokens).view(rows, group.queries, heads, dim).transpose(1, 2)
             k = cache_k.index_select(0, slots).view(rows, group.keys, *cache_k.shape[1:])
             v = cache_v.index_select(0, slots).view(rows, group.keys, *cache_v.shape[1:])
-            with _one_thread_on_cpu(q.device):
-                attended = _attend(q, k, v, bias[first : first + rows], scaling, softcap)
+            attended = _attend(q, k, v, bias[first : first + rows], scaling, softcap)
             out.index_copy_(0, tokens, attended.transpose(1, 2).reshape(rows * group.queries, heads, dim).to(out.dtype))
     return out.unsqueeze(0), None  # [1, T, H, D], as transformers' attention functions return
 

@@ -50,9 +50,6 @@ class ModelRunner:
         self._embed = base.model.get_input_embeddings()
         config = base.model.config.get_text_config()
         self.vocab_size = config.vocab_size
-        # Capped attention logits (Gemma 2) go through softcap arithmetic whose sums do change with
-        # padding: there decoding rows keep to their own buckets.
-        self.pad_decoding_rows = getattr(config, "attn_logit_softcapping", None) is None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, hidden]: the space soft prompts live in (Gemma's scaling included)."""
@@ -103,7 +100,7 @@ class ModelRunner:
         ids_in, positions_in, slots_in = inputs.ints(ids), inputs.ints(positions), inputs.ints(step_slots)
         virtual_at_in, logits_at_in = inputs.ints(virtual_at), inputs.ints(logits_at)
         writes = [(row, inputs.ints(slots.slot_table[row.slot_table_row, : row.num_virtual_tokens])) for row in prefix_writes]
-        groups = _groups(work, slots.slot_table, inputs, self.pad_decoding_rows)
+        groups = _groups(work, slots.slot_table, inputs)
         sampling_params = SamplingParams.add_to(inputs, [row.sampling for row in sampled_rows])
         return PreparedStep(inputs, ids_in, positions_in, slots_in, virtual_at_in, virtual_embeddings, logits_at_in,
                             sampled_rows, writes, groups, sampling_params)
@@ -130,21 +127,16 @@ class ModelRunner:
         return self.forward(embeds, step.positions.tensor, attention_step, step.logits_at.tensor)
 
 
-def _groups(work: list[ScheduledChunk], slot_table: torch.Tensor, inputs: StepInputs,
-            pad_decoding_rows: bool = True) -> list[Callable[[], RowGroup]]:
-    """Rows attend in groups of the same number of new tokens, keys padded to a whole number of
-    KEY_BUCKETs. With `pad_decoding_rows` every decoding row attends in ONE group, padded to the
-    longest one's bucket, so rows of any lengths cost one call per layer: a one-query row's sums
-    in torch's fused kernel do not change with padding past its own keys (masked keys add exact
-    zeros: tests/engine/test_attention.py). Other rows are grouped by chunk length and bucket,
-    where padding would change a row's sums. Either way a row's result never depends on which
-    rows share its step."""
-    decode_bucket = max((-(-item.end // KEY_BUCKET) for item in work if item.num_positions == 1), default=0)
-    if not pad_decoding_rows:
-        decode_bucket = 0
+def _groups(work: list[ScheduledChunk], slot_table: torch.Tensor, inputs: StepInputs) -> list[Callable[[], RowGroup]]:
+    """Rows attend in groups of the same number of new tokens whose keys fit the same bucket of
+    KEY_BUCKET positions, padded to the bucket's end. How a row's attention sums its keys then
+    depends on that row alone, never on which rows share its step (softmax and the weighted
+    sum of values reduce over the padded length): a row's greedy output is the same alone or
+    in any batch, bit for bit. Decoding rows mostly share a few buckets, so they still attend
+    in a few batched calls."""
     groups: dict[tuple[int, int], list[ScheduledChunk]] = {}
     for item in work:
-        bucket = decode_bucket if item.num_positions == 1 and decode_bucket else -(-item.end // KEY_BUCKET)
+        bucket = -(-item.end // KEY_BUCKET)
         groups.setdefault((item.num_positions, bucket), []).append(item)
     return [_group(items, bucket * KEY_BUCKET, slot_table, inputs) for (_, bucket), items in groups.items()]
 
