@@ -256,7 +256,7 @@ def finish(session: Session, job_id: str, token: str, status: JobStatus, *, mess
     in the same transaction (its files stored in it too, or written before it: app.storage). False, and nothing written, when
     the run no longer holds the job."""
     message = storable(message)
-    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None,
+    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None, pause_requested=False,
                   error_code=error_code, error_message=message if status == JobStatus.FAILED else None)
     if eval_loss is not None:  # the kept (best) prompt's figures, not the last evaluation's
         values |= dict(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
@@ -333,7 +333,7 @@ def resume(session: Session, job_id: str) -> bool:
 def cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel at once if queued or paused; ask a running job to stop. Returns the resulting status (None: no such job)."""
     for waiting, message in ((JobStatus.QUEUED, "cancelled before it started"), (JobStatus.PAUSED, "cancelled while paused")):
-        if _transition(session, job_id, waiting, status=JobStatus.CANCELLED, finished_at=utcnow()):
+        if _transition(session, job_id, waiting, status=JobStatus.CANCELLED, finished_at=utcnow(), pause_requested=False):
             add_event(session, job_id, "message", message=message)
             webhooks.enqueue_job_event(session, job_id, JobStatus.CANCELLED)
             session.commit()
@@ -374,7 +374,7 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
             reason = "cancelled; its worker stopped responding" if cancel_requested else (
                 f"worker {worker} stopped responding (attempt {attempts} of {max_attempts})")
             status = JobStatus.CANCELLED if cancel_requested else JobStatus.FAILED
-            if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(),
+            if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(), pause_requested=False,
                      error_code=None if cancel_requested else "worker_lost",
                      error_message=None if cancel_requested else reason):
                 add_event(session, job_id, "message", message=reason)

@@ -268,6 +268,21 @@ def test_pause_and_cancel_asked_of_a_running_job_cancel_it(env, tiny_base):
         session.execute(update(TrainJob).values(pause_requested=True, cancel_requested=True))
         session.commit()
     assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "cancelled"
+    with sessions() as session:  # an ended job has no pause pending
+        assert not jobs.get_job(session, job_id).pause_requested
+
+
+def test_a_job_reaped_as_failed_has_no_pause_pending(env):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        jobs.claim(session, job_id, "w")
+        assert jobs.request_pause(session, job_id) == "running"
+        session.execute(update(TrainJob).values(heartbeat_at=utcnow() - timedelta(hours=1)))
+        session.commit()
+        assert jobs.reap_stale(session, stale_after=timedelta(seconds=1), max_attempts=1) == []
+        job = jobs.get_job(session, job_id)
+        assert (job.status, job.pause_requested) == ("failed", False)
 
 
 def test_upkeep_leaves_a_paused_job_and_its_files_alone(env, tiny_base, slow_steps):
