@@ -61,9 +61,9 @@ def backoff_s(attempt: int, base_s: float) -> float:
 
 
 def origin(url: str) -> str:
-    """The URL as the job's events show it: its path and query may carry a token."""
+    """The URL as the job's events show it: its path and query, and any credentials, may carry a token."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _rows_updated(session: Session, statement) -> int:
