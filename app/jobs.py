@@ -206,6 +206,17 @@ def add_checkpoint(session: Session, job_id: str, token: str, adapter: Adapter, 
     return True
 
 
+def _warm_start_adapters():
+    """The adapters that jobs not yet ended (queued, running or paused) will start from."""
+    return select(TrainJob.base_adapter_id).where(TrainJob.base_adapter_id.is_not(None), TrainJob.status.not_in(TERMINAL))
+
+
+def job_starting_from(session: Session, adapter_id: str) -> str | None:
+    """A job not yet ended that will start from this adapter, if any."""
+    return session.scalars(select(TrainJob.id).where(TrainJob.base_adapter_id == adapter_id,
+                                                     TrainJob.status.not_in(TERMINAL)).order_by(TrainJob.id).limit(1)).first()
+
+
 def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
     """The job's checkpoints whose adapter still exists, newest first."""
     query = (select(JobCheckpoint).join(Adapter, Adapter.id == JobCheckpoint.adapter_id)
@@ -219,7 +230,8 @@ def _score(checkpoint: JobCheckpoint) -> tuple[float, float]:
 
 
 def prunable_checkpoints(session: Session, job_id: str, keep_last: int) -> list[JobCheckpoint]:
-    """An ended job's checkpoints beyond its last `keep_last` and its best; none while it may still run."""
+    """An ended job's checkpoints beyond its last `keep_last` and its best; none while it may still
+    run. A checkpoint that a job not yet ended will start from stays too (job upkeep looks again later)."""
     if session.scalar(select(TrainJob.status).where(TrainJob.id == job_id)) not in TERMINAL:
         return []
     checkpoints = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
@@ -227,7 +239,9 @@ def prunable_checkpoints(session: Session, job_id: str, keep_last: int) -> list[
     if not checkpoints:
         return []
     kept = {c.id for c in checkpoints[:keep_last]} | {max(checkpoints, key=_score).id}
-    return [c for c in checkpoints if c.id not in kept]
+    needed = set(session.scalars(_warm_start_adapters().where(
+        TrainJob.base_adapter_id.in_([c.adapter_id for c in checkpoints]))))
+    return [c for c in checkpoints if c.id not in kept and c.adapter_id not in needed]
 
 
 def ended_jobs_with_checkpoints_over(session: Session, keep_last: int) -> list[str]:

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from app import checkpoints, jobs, registry
 from app.adapter_files import read_served
 from app.db import make_engine, make_session_factory
+from app.job_status import JobStatus
 from app.job_upkeep import JobUpkeep
 from app.models import TrainJob, utcnow
 from app.storage import DATASETS, TRAIN_STATES, NotStored, adapter_key, make_storage
@@ -125,6 +126,28 @@ def test_pruning_waits_for_the_end_and_keeps_the_last_three_and_the_best(env, ti
         # Listed with their job, not among the adapters unless asked.
         assert registry.list_adapters(session)[1] == 0 and registry.list_adapters(session, include_checkpoints=True)[1] == 4
     assert chores.prune_ended_checkpoints() == []
+
+
+def test_pruning_keeps_a_checkpoint_a_job_not_ended_starts_from(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        token = jobs.claim(session, job_id, "w")
+    ids = add_checkpoints(settings, sessions, tiny_base, job_id, token, [0.9, 0.1, 0.2, 0.3, 0.4])
+    queue_job(settings, sessions, "next")
+    with sessions() as session:  # a job that will warm-start from the step-2 checkpoint
+        session.execute(update(TrainJob).where(TrainJob.id == "next").values(base_adapter_id=ids[1]))
+        session.commit()
+        assert jobs.finish(session, job_id, token, JobStatus.FAILED, message="failed")
+    chores = upkeep(settings, sessions)
+    assert chores.prune_ended_checkpoints() == []  # step 2 is needed; no other is beyond the last three and the best
+    with sessions() as session:
+        assert [c.step for c in jobs.list_checkpoints(session, job_id)] == [5, 4, 3, 2, 1]
+        assert jobs.request_pause(session, "next") == "paused"  # paused: still to start from it
+    assert chores.prune_ended_checkpoints() == []
+    with sessions() as session:
+        assert jobs.cancel(session, "next") == "cancelled"
+    assert chores.prune_ended_checkpoints() == [ids[1]]
 
 
 def test_a_run_writes_no_checkpoint_once_it_has_lost_its_job(env, tiny_base):
