@@ -319,6 +319,15 @@ def pause_run(session: Session, job_id: str, token: str, step: int) -> bool:
     return True
 
 
+def drop_pause(session: Session, job_id: str, token: str, reason: str) -> None:
+    """The run could not pause as asked (its state could not be stored): it goes on, the request
+    dropped (asking again tries again), the reason a warning on the job's events. StaleRun if the
+    run no longer holds the job."""
+    _update_run(session, job_id, token, pause_requested=False)
+    add_event(session, job_id, "message", message=storable(reason), level="warn")
+    session.commit()
+
+
 def request_pause(session: Session, job_id: str) -> JobStatus | None:
     """Pause a queued job at once; ask a running one to stop at its next step boundary with its
     state saved (the run then calls pause_run). Returns the resulting status (None: no such job)."""

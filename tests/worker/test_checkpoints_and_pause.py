@@ -19,6 +19,7 @@ from app.storage import DATASETS, TRAIN_STATES, NotStored, adapter_key, make_sto
 from app.warm_start import warm_start_problem
 from tests.conftest import make_settings
 from tests.worker.test_job_runner import queue_job
+from worker import train_state
 from worker.job_runner import run_job
 
 
@@ -282,6 +283,28 @@ def test_a_paused_job_resumed_by_a_fresh_run_ends_as_an_uninterrupted_run(env, t
         a, b = jobs.get_job(session, paused), jobs.get_job(session, whole)
         assert (a.eval_loss, a.eval_accuracy, a.step) == pytest.approx((b.eval_loss, b.eval_accuracy, b.step))
         assert [c.step for c in jobs.list_checkpoints(session, paused)] == [c.step for c in jobs.list_checkpoints(session, whole)]
+
+
+def test_a_pause_whose_state_cannot_be_stored_does_not_pause_the_job(env, tiny_base, slow_steps, monkeypatch):
+    """Paused, the job's state must be in storage for any node to go on from: without it the run
+    goes on, the pause dropped with a warning."""
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, max_steps=20, eval_every=100)
+
+    def broken(state):
+        raise OSError("storage is down")
+
+    monkeypatch.setattr(train_state, "encode", broken)
+    with sessions() as session:
+        session.execute(update(TrainJob).values(pause_requested=True))
+        session.commit()
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert (job.step, job.pause_requested) == (20, False)
+        warnings = [e.data for e in jobs.list_events(session, job_id) if e.data.get("level") == "warn"]
+    assert warnings and warnings[0]["message"].startswith("could not pause at step ")
+    assert not any(m.startswith("paused") for m in messages(sessions, job_id))
 
 
 def test_pause_and_cancel_asked_of_a_running_job_cancel_it(env, tiny_base):
