@@ -206,6 +206,17 @@ def add_checkpoint(session: Session, job_id: str, token: str, adapter: Adapter, 
     return True
 
 
+def _warm_start_adapters():
+    """The adapters that jobs not yet ended (queued, running or paused) will start from."""
+    return select(TrainJob.base_adapter_id).where(TrainJob.base_adapter_id.is_not(None), TrainJob.status.not_in(TERMINAL))
+
+
+def job_starting_from(session: Session, adapter_id: str) -> str | None:
+    """A job not yet ended that will start from this adapter, if any."""
+    return session.scalars(select(TrainJob.id).where(TrainJob.base_adapter_id == adapter_id,
+                                                     TrainJob.status.not_in(TERMINAL)).order_by(TrainJob.id).limit(1)).first()
+
+
 def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
     """The job's checkpoints whose adapter still exists, newest first."""
     query = (select(JobCheckpoint).join(Adapter, Adapter.id == JobCheckpoint.adapter_id)
@@ -219,7 +230,8 @@ def _score(checkpoint: JobCheckpoint) -> tuple[float, float]:
 
 
 def prunable_checkpoints(session: Session, job_id: str, keep_last: int) -> list[JobCheckpoint]:
-    """An ended job's checkpoints beyond its last `keep_last` and its best; none while it may still run."""
+    """An ended job's checkpoints beyond its last `keep_last` and its best; none while it may still
+    run. A checkpoint that a job not yet ended will start from stays too (job upkeep looks again later)."""
     if session.scalar(select(TrainJob.status).where(TrainJob.id == job_id)) not in TERMINAL:
         return []
     checkpoints = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
@@ -227,7 +239,9 @@ def prunable_checkpoints(session: Session, job_id: str, keep_last: int) -> list[
     if not checkpoints:
         return []
     kept = {c.id for c in checkpoints[:keep_last]} | {max(checkpoints, key=_score).id}
-    return [c for c in checkpoints if c.id not in kept]
+    needed = set(session.scalars(_warm_start_adapters().where(
+        TrainJob.base_adapter_id.in_([c.adapter_id for c in checkpoints]))))
+    return [c for c in checkpoints if c.id not in kept and c.adapter_id not in needed]
 
 
 def ended_jobs_with_checkpoints_over(session: Session, keep_last: int) -> list[str]:
@@ -256,7 +270,7 @@ def finish(session: Session, job_id: str, token: str, status: JobStatus, *, mess
     in the same transaction (its files stored in it too, or written before it: app.storage). False, and nothing written, when
     the run no longer holds the job."""
     message = storable(message)
-    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None,
+    values = dict(status=status, finished_at=utcnow(), adapter_id=adapter.id if adapter else None, pause_requested=False,
                   error_code=error_code, error_message=message if status == JobStatus.FAILED else None)
     if eval_loss is not None:  # the kept (best) prompt's figures, not the last evaluation's
         values |= dict(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
@@ -305,6 +319,15 @@ def pause_run(session: Session, job_id: str, token: str, step: int) -> bool:
     return True
 
 
+def drop_pause(session: Session, job_id: str, token: str, reason: str) -> None:
+    """The run could not pause as asked (its state could not be stored): it goes on, the request
+    dropped (asking again tries again), the reason a warning on the job's events. StaleRun if the
+    run no longer holds the job."""
+    _update_run(session, job_id, token, pause_requested=False)
+    add_event(session, job_id, "message", message=storable(reason), level="warn")
+    session.commit()
+
+
 def request_pause(session: Session, job_id: str) -> JobStatus | None:
     """Pause a queued job at once; ask a running one to stop at its next step boundary with its
     state saved (the run then calls pause_run). Returns the resulting status (None: no such job)."""
@@ -333,7 +356,7 @@ def resume(session: Session, job_id: str) -> bool:
 def cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel at once if queued or paused; ask a running job to stop. Returns the resulting status (None: no such job)."""
     for waiting, message in ((JobStatus.QUEUED, "cancelled before it started"), (JobStatus.PAUSED, "cancelled while paused")):
-        if _transition(session, job_id, waiting, status=JobStatus.CANCELLED, finished_at=utcnow()):
+        if _transition(session, job_id, waiting, status=JobStatus.CANCELLED, finished_at=utcnow(), pause_requested=False):
             add_event(session, job_id, "message", message=message)
             webhooks.enqueue_job_event(session, job_id, JobStatus.CANCELLED)
             session.commit()
@@ -374,7 +397,7 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int,
             reason = "cancelled; its worker stopped responding" if cancel_requested else (
                 f"worker {worker} stopped responding (attempt {attempts} of {max_attempts})")
             status = JobStatus.CANCELLED if cancel_requested else JobStatus.FAILED
-            if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(),
+            if _reap(session, job_id, cutoff, status=status, finished_at=utcnow(), pause_requested=False,
                      error_code=None if cancel_requested else "worker_lost",
                      error_message=None if cancel_requested else reason):
                 add_event(session, job_id, "message", message=reason)

@@ -2,12 +2,12 @@
 dataset it holds, normalised as training stores datasets (app.datasets), in shared storage under a
 server-made key. Row and data are committed together, and deleted together."""
 
-import json
 import secrets
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.datasets import dataset_format
 from app.db import get_by_id
 from app.job_status import TERMINAL
 from app.jobs import storable
@@ -20,13 +20,6 @@ FILENAME_MAX = 255  # the column's width
 
 def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
-
-
-def dataset_format(normalised: bytes) -> str:
-    """"chat" when the dataset's lines are OpenAI chat examples ({"messages": [...]}), else
-    "completion" (input/output pairs). Every line of a normalised dataset has one form."""
-    first = json.loads(normalised.split(b"\n", 1)[0])
-    return "chat" if "messages" in first else "completion"
 
 
 def store_file(session: Session, storage: Storage, *, purpose: str, filename: str, normalised: bytes) -> UploadedFile:

@@ -61,9 +61,9 @@ def backoff_s(attempt: int, base_s: float) -> float:
 
 
 def origin(url: str) -> str:
-    """The URL as the job's events show it: its path and query may carry a token."""
+    """The URL as the job's events show it: its path and query, and any credentials, may carry a token."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _rows_updated(session: Session, statement) -> int:
@@ -125,12 +125,15 @@ class WebhookSender:
             raise ValueError("webhooks are off without WEBHOOK_SECRET")
         self.sessions, self.settings, self.client = sessions, settings, client
         self.signer = Webhook(settings.webhook_secret)
-        # Longer than an attempt can take: a claim outlives its attempt unless its node died.
+        # An attempt, name resolution included, is cut off after WEBHOOK_TIMEOUT_S; the lease is
+        # longer still (recording the outcome takes a moment), so a claim outlives its attempt
+        # unless its node died.
         self.lease = timedelta(seconds=2 * settings.webhook_timeout_s + 60)
+        self.in_flight: set[asyncio.Task] = set()  # the attempts under way, at most BATCH
 
-    def _claim(self) -> list[Claim]:
+    def _claim(self, limit: int) -> list[Claim]:
         with self.sessions() as session:
-            return claim_due(session, lease=self.lease)
+            return claim_due(session, lease=self.lease, limit=limit)
 
     def _record(self, claim: Claim, outcome: Outcome) -> None:
         with self.sessions() as session:
@@ -169,18 +172,34 @@ class WebhookSender:
         return Outcome(200 <= status < 300, f"HTTP {status}")
 
     async def _deliver(self, claim: Claim) -> None:
+        timeout_s = self.settings.webhook_timeout_s
         try:
-            outcome = await self.attempt(claim)
+            # httpx's timeout is per connect, write and read: a target that trickles its answer, or
+            # a name that is slow to resolve, would outlast it (and the claim's lease) without this.
+            outcome = await asyncio.wait_for(self.attempt(claim), timeout_s)
+        except TimeoutError:
+            outcome = Outcome(False, f"no answer within {timeout_s:g} s")
         except Exception as exc:  # recorded all the same, so that the attempts still count towards giving up
             log.exception("webhook %s: the attempt failed", claim.id)
             outcome = Outcome(False, f"{type(exc).__name__}: {exc}")
         await asyncio.to_thread(self._record, claim, outcome)
 
+    async def start_pass(self) -> list[asyncio.Task]:
+        """Claim what is due, as many as there is room for beside the attempts under way, and start
+        delivering it without waiting: a slow target holds up only its own delivery."""
+        room = BATCH - len(self.in_flight)
+        claims = await asyncio.to_thread(self._claim, room) if room > 0 else []
+        tasks = [asyncio.create_task(self._deliver(claim)) for claim in claims]
+        for task in tasks:
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+        return tasks
+
     async def run_pass(self) -> int:
-        """Claim what is due and deliver it; returns how many attempts were made."""
-        claims = await asyncio.to_thread(self._claim)
-        await asyncio.gather(*(self._deliver(claim) for claim in claims))
-        return len(claims)
+        """Claim what is due and deliver it, waiting for those attempts; returns how many were made."""
+        tasks = await self.start_pass()
+        await asyncio.gather(*tasks)
+        return len(tasks)
 
 
 def make_client(settings: Settings) -> httpx.AsyncClient:
@@ -197,11 +216,18 @@ async def deliver_forever(sessions: sessionmaker[Session], settings: Settings,
     mid-attempt leaves the claimed rows to come due again when their leases end."""
     async with make_client(settings) as client:
         sender = WebhookSender(sessions, settings, client)
-        while True:
-            try:
-                full = await sender.run_pass() == BATCH
-            except Exception:
-                log.exception("webhook delivery pass failed")
-                full = False
-            if not full:  # after a full batch more may be due already
-                await asyncio.sleep(interval_s)
+        try:
+            while True:
+                room = BATCH - len(sender.in_flight)
+                try:
+                    full = room > 0 and len(await sender.start_pass()) == room
+                except Exception:
+                    log.exception("webhook delivery pass failed")
+                    full = False
+                if not full:  # after a full claim more may be due already
+                    await asyncio.sleep(interval_s)
+        finally:  # the attempts under way end with the loop, before their client closes
+            running = list(sender.in_flight)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)

@@ -85,11 +85,31 @@ def allowed_hosts(setting: str) -> frozenset[str]:
     return frozenset(entry.strip().lower().strip("[]").rstrip(".") for entry in setting.split(",") if entry.strip())
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix: its last 32 bits are the IPv4 address
+# IPv4-compatible addresses (deprecated), local-use NAT64 (where the IPv4 address sits depends on the
+# network's own prefix length) and Teredo (a client behind NAT): all may reach IPv4 hosts, and no
+# public webhook needs them.
+REFUSED_V6 = tuple(ipaddress.IPv6Network(net) for net in ("::/96", "64:ff9b:1::/48", "2001::/32"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a packet to this IPv6 address reaches through a translator or tunnel, if any."""
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.ipv4_mapped or ip.sixtofour  # ::ffff:127.0.0.1 is 127.0.0.1; 2002:7f00:1:: goes through it
+
+
+def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast
+
+
 def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope ("%eth0") names no other address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in network for network in REFUSED_V6):
+            return False
+        ip = _embedded_ipv4(ip) or ip
+    return _is_global(ip)
 
 
 def resolve(host: str, port: int) -> list[str]:

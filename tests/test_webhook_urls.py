@@ -38,6 +38,26 @@ def test_public_addresses_pass_under_any_public_host(tmp_path):
     assert is_public("2606:4700:4700::1111") and not is_public("::ffff:10.0.0.1")
 
 
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a9fe:a9fe",  # NAT64 to 169.254.169.254
+    "64:ff9b::7f00:1",  # NAT64 to 127.0.0.1
+    "64:ff9b:1::808:808",  # local-use NAT64: refused whatever it embeds
+    "2002:a9fe:a9fe::1",  # 6to4 through 169.254.169.254
+    "2002:7f00:1::",  # 6to4 through 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+    "2001:0:808:808:0:0:f7f7:f7f7",  # Teredo: refused whatever it embeds
+    "::7f00:1",  # IPv4-compatible 127.0.0.1
+    "::808:808",  # IPv4-compatible (deprecated): refused whatever it embeds
+])
+def test_ipv6_addresses_that_reach_ipv4_hosts_are_refused(tmp_path, address):
+    assert not is_public(address)
+    assert "non-public address" in webhook_url_problem(f"http://[{address}]/", settings(tmp_path, webhook_allowed_hosts="*"))
+
+
+def test_ipv6_addresses_that_reach_public_ipv4_hosts_pass():
+    assert is_public("64:ff9b::808:808") and is_public("2002:808:808::1")
+
+
 def test_only_listed_hosts_without_any_public_host(tmp_path):
     node = settings(tmp_path, webhook_allowed_hosts="hooks.example.com")
     assert webhook_url_problem("https://93.184.215.14/", node) == "host 93.184.215.14 is not on WEBHOOK_ALLOWED_HOSTS"

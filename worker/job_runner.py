@@ -132,8 +132,14 @@ def run_job(job_id: str, *, settings: Settings, sessions: sessionmaker[Session],
         with sessions() as session:
             jobs.record_eval(session, job_id, token, step, loss, accuracy)
 
-    def on_state(state: TrainState):
-        _save_state(sessions, storage, job_id, token, state)
+    def on_state(state: TrainState) -> bool:
+        stored = _save_state(sessions, storage, job_id, token, state)
+        if not stored and beat.pause_requested.is_set():  # a pause needs its state stored: none without it
+            with sessions() as session:
+                jobs.drop_pause(session, job_id, token, f"could not pause at step {state.step}: its state could not "
+                                                        "be stored (see the node's log); the job goes on, ask again to pause")
+            beat.pause_requested.clear()
+        return stored
 
     def on_best(step: int, prompt: VirtualTokens, loss: float, accuracy: float):
         metrics = {"step": step, "train_loss": step_loss.get(step), "eval_loss": loss, "eval_accuracy": accuracy}
@@ -220,10 +226,10 @@ def _saved_state(storage: Storage, job_id: str) -> TrainState | None:
     return train_state.decode(storage.read_all(states[-1][1])) if states else None
 
 
-def _save_state(sessions: sessionmaker[Session], storage: Storage, job_id: str, token: str, state: TrainState) -> None:
+def _save_state(sessions: sessionmaker[Session], storage: Storage, job_id: str, token: str, state: TrainState) -> bool:
     """Store the run's state, only while it holds the job (StaleRun otherwise: nothing stays
-    stored), then drop the job's older states. A save that fails otherwise costs only the head
-    start a later run would have had: the run goes on."""
+    stored), then drop the job's older states; whether it was stored. A save that fails otherwise
+    costs only the head start a later run would have had: the run goes on."""
     try:
         with sessions() as session, storage.storing(session, train_state_key(job_id, state.step),
                                                     train_state.encode(state)):
@@ -233,10 +239,11 @@ def _save_state(sessions: sessionmaker[Session], storage: Storage, job_id: str, 
         raise
     except Exception:
         log.exception("job %s: could not save its state at step %d", job_id, state.step)
-        return
+        return False
     for step, key in _job_states(storage, job_id):
         if step < state.step:
             storage.delete(key)
+    return True
 
 
 def _prefix_files(config: TrainConfig, learned: VirtualTokens, base: BaseModel) -> dict[str, bytes] | None:

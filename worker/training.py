@@ -123,9 +123,10 @@ class Hooks:
     on_step: Callable[[int, int, float, float], None] = lambda step, total, epoch, loss: None
     on_eval: Callable[[int, float, float], None] = lambda step, loss, accuracy: None
     should_cancel: Callable[[], bool] = lambda: False
-    # After each evaluation the run goes on from, and at a pause: the state to go on from (worker.train_state).
-    on_state: Callable[[TrainState], None] = lambda state: None
-    # Checked at each step boundary: stop there, handing on_state the state to go on from later.
+    # After each evaluation the run goes on from, and at a pause: the state to go on from
+    # (worker.train_state). False: it could not be stored (then a pause does not stop the run).
+    on_state: Callable[[TrainState], bool | None] = lambda state: None
+    # Checked at each step boundary: stop there, once on_state has stored the state to go on from later.
     should_pause: Callable[[], bool] = lambda: False
     # An evaluation improved the best result: (step, the prompt evaluated, eval loss, accuracy).
     on_best: Callable[[int, VirtualTokens, float, float], None] = lambda step, prompt, loss, accuracy: None
@@ -505,9 +506,9 @@ def train_adapter(
     saved_at = first_step - 1 if resume else None  # the step whose state is stored already
     try:
         for step in range(first_step, total + 1):
-            if hooks.should_pause():  # before the step draws its data: the state is the last step's
-                if saved_at != step - 1:
-                    hooks.on_state(device.run_training_work(partial(state_at, step - 1)))
+            # Before the step draws its data: the state is the last step's. Unstored, the run goes on.
+            if hooks.should_pause() and (saved_at == step - 1 or
+                                         hooks.on_state(device.run_training_work(partial(state_at, step - 1))) is not False):
                 return TrainResult(best_prompt.to("cpu"), step - 1, best_step, best_loss, best_accuracy, len(train),
                                    len(held_out), time.perf_counter() - started, False, False, paused=True)
             if len(order) < config.batch_size:
@@ -545,8 +546,8 @@ def train_adapter(
                         stopped_early = True
                         break
                 if step < total and not out_of_time:
-                    hooks.on_state(device.run_training_work(partial(state_at, step)))
-                    saved_at = step
+                    if hooks.on_state(device.run_training_work(partial(state_at, step))) is not False:
+                        saved_at = step
             if out_of_time:
                 break
     except Cancelled:

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
-from app import adapter_files, registry
+from app import adapter_files, jobs, registry
 from app.api.deps import AdapterId, RuntimeDep, SessionDep
 from app.api.uploads import FileField, UploadedFile, admin_form, openapi_form
 from app.auth import AdminAuth
@@ -125,9 +125,13 @@ def download_adapter(adapter_id: AdapterId, session: SessionDep, runtime: Runtim
 
 @router.delete(
     "/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminAuth],
-    responses={404: {"description": "Unknown adapter"}},
+    responses={404: {"description": "Unknown adapter"},
+               409: {"description": "A job not yet ended (queued, running or paused) will start from it"}},
 )
 def delete_adapter(adapter_id: AdapterId, session: SessionDep, runtime: RuntimeDep) -> None:
     adapter = _get_or_404(session, adapter_id)
+    if job_id := jobs.job_starting_from(session, adapter.id):
+        raise HTTPException(409, detail=f"adapter {adapter.id} is the starting point of job {job_id}, which has "
+                                        "not ended; cancel the job or wait for it to end first")
     registry.delete_adapter(session, storage=runtime.storage, adapter=adapter)
     runtime.forget_adapter(adapter_id)

@@ -14,6 +14,8 @@ from app.model_names import fine_tuned_model
 from app.models import JobEvent, TrainJob
 from app.schemas import TrainJobOut
 from app.train_config import DEFAULT_LEARNING_RATES
+from app.webhook_delivery import origin
+from app.webhooks import METADATA_URL_KEY
 
 EVENT_PREFIX = "ftevent-"
 
@@ -117,6 +119,20 @@ def _unix(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp())
 
 
+def shown_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """The job's metadata as anyone who may read the job sees it: its webhook URL cut to its origin,
+    since the path and query may carry a token (an inference key reads jobs; the admin sees the
+    origin too, as on the job's webhook deliveries)."""
+    if not metadata or METADATA_URL_KEY not in metadata:
+        return metadata
+    shown = dict(metadata)
+    try:
+        shown[METADATA_URL_KEY] = origin(metadata[METADATA_URL_KEY])
+    except ValueError:  # not a URL at all: nothing of it is shown
+        del shown[METADATA_URL_KEY]
+    return shown
+
+
 def job_hyperparameters(params: dict) -> JobHyperparameters:
     """OpenAI's three, from the job's stored configuration (app.train_config)."""
     # Jobs stored before prefix tuning existed name no method: they are prompt tuning.
@@ -135,7 +151,7 @@ def fine_tuning_job(job: TrainJob, base_name: str) -> FineTuningJob:
         status=job.status, hyperparameters=hyperparameters, training_file=job.training_file,
         validation_file=job.validation_file,
         error=FineTuningError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-        seed=job.params["seed"], suffix=job.suffix, metadata=job.job_metadata,
+        seed=job.params["seed"], suffix=job.suffix, metadata=shown_metadata(job.job_metadata),
         method=MethodOut(supervised=SupervisedOut(hyperparameters=hyperparameters)),
         estimated_finish=_unix(view.estimated_finish), softserve=view,
     )

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from sqlalchemy import select
 
+from app import registry
 from app.api.completion_service import check_max_new_tokens, encode_prompt, run_all, start_streams
 from app.api.deps import RuntimeDep, SessionDep, invalid
 from app.api.openai_common import (
@@ -189,11 +190,12 @@ async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_r
 @router.get("/models", response_model=ModelList)
 def list_models(runtime: RuntimeDep, session: SessionDep) -> ModelList:
     """The base model, then every adapter made for it, newest first: each `id` is a valid `model`.
-    An adapter a training job made is listed again by its fine-tuned name (ft:...), after its id."""
+    An adapter a training job made is listed again by its fine-tuned name (ft:...), after its id.
+    Checkpoints are left out, as from GET /adapters: a job's checkpoints list lists them."""
     base = runtime.base
     adapters = session.execute(
         select(Adapter, TrainJob.id, TrainJob.suffix).outerjoin(TrainJob, TrainJob.adapter_id == Adapter.id)
-        .where(Adapter.base_fingerprint == base.fingerprint)
+        .where(Adapter.base_fingerprint == base.fingerprint, Adapter.source != registry.CHECKPOINT)
         .order_by(Adapter.created_at.desc(), Adapter.id.desc())
     ).all()
     models = [ModelOut(id=base.name, created=0, owned_by=OWNER)]

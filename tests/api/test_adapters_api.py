@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 
+from app import jobs
 from app.storage import ADAPTERS
 from tests.conftest import adapter_file_bytes, random_soft_prompt, upload_adapter
 
@@ -200,3 +201,16 @@ def test_delete_removes_row_files_and_serving(client, tiny_base):
     assert client.delete(f"/adapters/{adapter_id}").status_code == 404
     gone = client.post("/generate", json={"adapter_id": adapter_id, "prompt": "a fine film", "max_new_tokens": 2})
     assert gone.status_code == 404
+
+
+def test_delete_of_an_adapter_a_job_not_ended_starts_from_gets_409_naming_the_job(client, tiny_base):
+    adapter_id = upload_adapter(client, random_soft_prompt(tiny_base, 3, seed=7))["id"]
+    with client.app.state.runtime.sessions() as session:
+        jobs.create_job(session, job_id="warm", name="warm", params={}, dataset_path="datasets/warm", train_examples=1,
+                        validation_examples=0, base_adapter_id=adapter_id)
+    refused = client.delete(f"/adapters/{adapter_id}")
+    assert refused.status_code == 409 and "job warm" in refused.json()["detail"]
+    assert client.get(f"/adapters/{adapter_id}").status_code == 200
+    with client.app.state.runtime.sessions() as session:
+        assert jobs.cancel(session, "warm") == "cancelled"
+    assert client.delete(f"/adapters/{adapter_id}").status_code == 204

@@ -310,6 +310,20 @@ def test_an_inference_key_reads_jobs_but_cannot_create_or_cancel(client):
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=inference).json()["status"] == "queued"
 
 
+def test_a_jobs_webhook_url_shows_only_its_origin(client):
+    """Its path, query and credentials may carry a token, and inference keys read jobs."""
+    job_id = created(client, metadata={"team": "reviews"})["id"]
+    with client.app.state.runtime.sessions() as session, session.begin():
+        session.get(TrainJob, job_id).job_metadata = {
+            "team": "reviews", "webhook_url": "https://user:pw@hooks.example.com:8443/t/SECRET?token=abc"}
+    shown = {"team": "reviews", "webhook_url": "https://hooks.example.com:8443"}
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["metadata"] == shown
+    assert client.get("/v1/fine_tuning/jobs").json()["data"][0]["metadata"] == shown
+    with client.app.state.runtime.sessions() as session, session.begin():
+        session.get(TrainJob, job_id).job_metadata = {"webhook_url": "http://[::1/SECRET"}  # no URL: nothing shown
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["metadata"] == {}
+
+
 def test_broker_down_gives_503_and_stores_nothing(make_client, tiny_base):
     client = make_client(tiny_base, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
     response = create(client)

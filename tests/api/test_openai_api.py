@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from app import registry
 from app.models import Adapter
 from tests.api.test_generate_api import PROMPTS, expected_text
 from tests.api.test_streaming import assert_leaving_frees_the_rows, fail_at_third_step, split_stop
@@ -167,8 +168,10 @@ def test_models_lists_the_base_model_then_its_adapters(server, client, tiny_base
     first = upload(server, random_soft_prompt(tiny_base, 3, seed=1), name="first")
     second = upload(server, random_soft_prompt(tiny_base, 3, seed=2), name="second")
     foreign = upload(server, random_soft_prompt(tiny_base, 3, seed=3), name="foreign")
+    checkpoint = upload(server, random_soft_prompt(tiny_base, 3, seed=4), name="checkpoint")
     with server.runtime.sessions() as session, session.begin():
         session.get(Adapter, foreign).base_fingerprint = "other@0000"
+        session.get(Adapter, checkpoint).source = registry.CHECKPOINT  # listed with its job, not here
     models = client.models.list().data
     assert [m.id for m in models] == [tiny_base.name, second, first]
     assert all(m.object == "model" and m.owned_by == "softserve" for m in models)

@@ -12,12 +12,14 @@ from sqlalchemy import update
 from app import checkpoints, jobs, registry
 from app.adapter_files import read_served
 from app.db import make_engine, make_session_factory
+from app.job_status import JobStatus
 from app.job_upkeep import JobUpkeep
 from app.models import TrainJob, utcnow
 from app.storage import DATASETS, TRAIN_STATES, NotStored, adapter_key, make_storage
 from app.warm_start import warm_start_problem
 from tests.conftest import make_settings
 from tests.worker.test_job_runner import queue_job
+from worker import train_state
 from worker.job_runner import run_job
 
 
@@ -125,6 +127,28 @@ def test_pruning_waits_for_the_end_and_keeps_the_last_three_and_the_best(env, ti
         # Listed with their job, not among the adapters unless asked.
         assert registry.list_adapters(session)[1] == 0 and registry.list_adapters(session, include_checkpoints=True)[1] == 4
     assert chores.prune_ended_checkpoints() == []
+
+
+def test_pruning_keeps_a_checkpoint_a_job_not_ended_starts_from(env, tiny_base):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        token = jobs.claim(session, job_id, "w")
+    ids = add_checkpoints(settings, sessions, tiny_base, job_id, token, [0.9, 0.1, 0.2, 0.3, 0.4])
+    queue_job(settings, sessions, "next")
+    with sessions() as session:  # a job that will warm-start from the step-2 checkpoint
+        session.execute(update(TrainJob).where(TrainJob.id == "next").values(base_adapter_id=ids[1]))
+        session.commit()
+        assert jobs.finish(session, job_id, token, JobStatus.FAILED, message="failed")
+    chores = upkeep(settings, sessions)
+    assert chores.prune_ended_checkpoints() == []  # step 2 is needed; no other is beyond the last three and the best
+    with sessions() as session:
+        assert [c.step for c in jobs.list_checkpoints(session, job_id)] == [5, 4, 3, 2, 1]
+        assert jobs.request_pause(session, "next") == "paused"  # paused: still to start from it
+    assert chores.prune_ended_checkpoints() == []
+    with sessions() as session:
+        assert jobs.cancel(session, "next") == "cancelled"
+    assert chores.prune_ended_checkpoints() == [ids[1]]
 
 
 def test_a_run_writes_no_checkpoint_once_it_has_lost_its_job(env, tiny_base):
@@ -261,6 +285,28 @@ def test_a_paused_job_resumed_by_a_fresh_run_ends_as_an_uninterrupted_run(env, t
         assert [c.step for c in jobs.list_checkpoints(session, paused)] == [c.step for c in jobs.list_checkpoints(session, whole)]
 
 
+def test_a_pause_whose_state_cannot_be_stored_does_not_pause_the_job(env, tiny_base, slow_steps, monkeypatch):
+    """Paused, the job's state must be in storage for any node to go on from: without it the run
+    goes on, the pause dropped with a warning."""
+    settings, sessions = env
+    job_id = queue_job(settings, sessions, max_steps=20, eval_every=100)
+
+    def broken(state):
+        raise OSError("storage is down")
+
+    monkeypatch.setattr(train_state, "encode", broken)
+    with sessions() as session:
+        session.execute(update(TrainJob).values(pause_requested=True))
+        session.commit()
+    assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "succeeded"
+    with sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert (job.step, job.pause_requested) == (20, False)
+        warnings = [e.data for e in jobs.list_events(session, job_id) if e.data.get("level") == "warn"]
+    assert warnings and warnings[0]["message"].startswith("could not pause at step ")
+    assert not any(m.startswith("paused") for m in messages(sessions, job_id))
+
+
 def test_pause_and_cancel_asked_of_a_running_job_cancel_it(env, tiny_base):
     settings, sessions = env
     job_id = queue_job(settings, sessions, max_steps=100_000, eval_every=100_000)
@@ -268,6 +314,21 @@ def test_pause_and_cancel_asked_of_a_running_job_cancel_it(env, tiny_base):
         session.execute(update(TrainJob).values(pause_requested=True, cancel_requested=True))
         session.commit()
     assert run_job(job_id, settings=settings, sessions=sessions, base=tiny_base) == "cancelled"
+    with sessions() as session:  # an ended job has no pause pending
+        assert not jobs.get_job(session, job_id).pause_requested
+
+
+def test_a_job_reaped_as_failed_has_no_pause_pending(env):
+    settings, sessions = env
+    job_id = queue_job(settings, sessions)
+    with sessions() as session:
+        jobs.claim(session, job_id, "w")
+        assert jobs.request_pause(session, job_id) == "running"
+        session.execute(update(TrainJob).values(heartbeat_at=utcnow() - timedelta(hours=1)))
+        session.commit()
+        assert jobs.reap_stale(session, stale_after=timedelta(seconds=1), max_attempts=1) == []
+        job = jobs.get_job(session, job_id)
+        assert (job.status, job.pause_requested) == ("failed", False)
 
 
 def test_upkeep_leaves_a_paused_job_and_its_files_alone(env, tiny_base, slow_steps):

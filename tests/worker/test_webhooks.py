@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from app import jobs, webhook_urls, webhooks
+from app import jobs, webhook_delivery, webhook_urls, webhooks
 from app.db import make_engine, make_session_factory
 from app.job_status import JobStatus
 from app.models import TrainJob, WebhookDelivery, utcnow
@@ -297,6 +297,54 @@ async def test_an_attempt_that_breaks_still_counts(make_env, monkeypatch):
     assert await run_pass(settings, sessions) == 1
     [row] = deliveries(sessions)
     assert (row.status, row.attempts, row.last_error) == ("failed", 1, "RuntimeError: boom")
+
+
+async def test_an_attempt_resolution_included_is_cut_off_at_the_timeout(make_env, monkeypatch):
+    settings, sessions = make_env(webhook_url="https://hooks.example.com/x", webhook_timeout_s=0.2)
+    make_job(sessions)
+    with sessions() as session:
+        jobs.cancel(session, "job1")
+
+    def slow_to_resolve(url, settings):
+        time.sleep(1)
+
+    monkeypatch.setattr(webhook_delivery, "destination", slow_to_resolve)
+    started = time.monotonic()
+    assert await run_pass(settings, sessions) == 1
+    assert time.monotonic() - started < 0.9
+    [row] = deliveries(sessions)
+    assert (row.status, row.attempts, row.last_error) == ("pending", 1, "no answer within 0.2 s")
+
+
+async def test_a_slow_delivery_does_not_hold_up_the_next(make_env, listener, monkeypatch):
+    settings, sessions = make_env(webhook_url=listener.url)
+    attempt = WebhookSender.attempt
+
+    async def slow_for_one_job(self, claim):
+        if claim.job_id == "slow":
+            await asyncio.sleep(30)
+        return await attempt(self, claim)
+
+    monkeypatch.setattr(WebhookSender, "attempt", slow_for_one_job)
+    make_job(sessions, "slow")
+    with sessions() as session:
+        jobs.cancel(session, "slow")
+    loop = asyncio.create_task(webhook_delivery.deliver_forever(sessions, settings, interval_s=0.05))
+    try:
+        deadline = time.monotonic() + 5
+        while deliveries(sessions, "slow")[0].attempts == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        make_job(sessions, "fast")
+        with sessions() as session:
+            jobs.cancel(session, "fast")
+        while not listener.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(listener.received) == 1 and deliveries(sessions, "fast")[0].status == "delivered"
+        assert deliveries(sessions, "slow")[0].status == "pending"  # still under way
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
 
 
 # --- where a delivery may go ---
