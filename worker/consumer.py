@@ -26,12 +26,15 @@ class TrainingConsumer:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.stopping = threading.Event()  # the running job gives itself back at its next micro-step
-        runtime.celery.task(name=TRAIN_TASK)(self.train)
+        # Not shared (a shared task joins every Celery app of the process, the first callable
+        # winning), and the worker thread's current app is the node's: with several nodes in one
+        # process (tests), each consumer runs its own node's jobs.
+        runtime.celery.task(name=TRAIN_TASK, shared=False)(self.train)
         self._worker = runtime.celery.WorkController(
             pool="solo", concurrency=1, hostname=f"softserve-{os.getpid()}@{socket.gethostname()}",
             without_heartbeat=True, without_mingle=True, without_gossip=True,  # one consumer, no peers to talk to
         )
-        self._thread = threading.Thread(target=self._worker.start, name="training-consumer", daemon=True)
+        self._thread = threading.Thread(target=self._consume, name="training-consumer", daemon=True)
 
     def train(self, job_id: str) -> RunOutcome:
         runtime, started = self.runtime, time.perf_counter()
@@ -45,6 +48,10 @@ class TrainingConsumer:
             except Exception:
                 log.exception("job %s: could not send it again; the reaper will", job_id)
         return outcome
+
+    def _consume(self) -> None:
+        self.runtime.celery.set_current()
+        self._worker.start()
 
     def start(self) -> None:
         self._thread.start()

@@ -1,4 +1,4 @@
-"""OpenAI's fine-tuning jobs API: create, list, retrieve, cancel, events. One more face of the job
+"""OpenAI's fine-tuning jobs API: create, list, retrieve, cancel, pause, resume, events, checkpoints. One more face of the job
 machinery behind /train-jobs (app.jobs, app.api.job_submission), not a second one: the same jobs
 show through both, and a job made here is queued, run and cancelled as any other.
 
@@ -9,8 +9,9 @@ base model's name, or an adapter (by id or fine-tuned name) to continue training
 hyperparameters map onto softserve's (n_epochs -> epochs, learning_rate_multiplier x the
 method's default rate); softserve's own settings go in the `softserve` object.
 
-Auth: creating and cancelling need an admin key; an inference key may read."""
+Auth: creating, cancelling, pausing and resuming need an admin key; an inference key may read."""
 
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, status
@@ -23,21 +24,27 @@ from app.api.deps import JobId, RuntimeDep, SessionDep
 from app.api.fine_tuning_view import (
     EVENT_PREFIX,
     FineTuningJob,
+    FineTuningJobCheckpointList,
     FineTuningJobEventList,
     FineTuningJobList,
+    fine_tuning_checkpoint,
     fine_tuning_event,
     fine_tuning_job,
 )
 from app.api.job_submission import store_and_queue
 from app.api.openai_errors import OpenAIErrorRoute, openai_refusal
 from app.auth import AdminAuth
-from app.job_status import TERMINAL
+from app.job_status import TERMINAL, JobStatus
 from app.model_names import adapter_for_model
 from app.models import Adapter, TrainJob, UploadedFile
 from app.runtime import Runtime
 from app.schemas import NoNul, valid_unicode
 from app.storage import NotStored, adapter_key
 from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig, TrainConfigBase, broken_rule, eval_within_the_run
+from app.webhook_urls import webhook_url_problem
+from app.webhooks import METADATA_URL_KEY
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=OpenAIErrorRoute)
 
@@ -226,7 +233,12 @@ def _train_config(body: FineTuningJobCreate, defaults: dict, runtime: Runtime) -
 def create_fine_tuning_job(body: FineTuningJobCreate, runtime: RuntimeDep, session: SessionDep) -> FineTuningJob:
     """Queue a fine-tuning job (admin) on uploaded files: prompt tuning by default, or what the
     `softserve` object asks for. With `model` an adapter, the job starts from its prompt (same
-    method and num_virtual_tokens; both, and the template, default to the adapter's)."""
+    method and num_virtual_tokens; both, and the template, default to the adapter's). A
+    `metadata.webhook_url` is told when the job ends or pauses, if its host is allowed
+    (WEBHOOK_ALLOWED_HOSTS); 422 saying why not otherwise."""
+    webhook_url = (body.metadata or {}).get(METADATA_URL_KEY)
+    if webhook_url is not None and (problem := webhook_url_problem(webhook_url, runtime.settings)):
+        raise _invalid(("metadata", METADATA_URL_KEY), f"webhook_url: {problem}")
     adapter, defaults = _warm_start(runtime, session, body.model)
     config = _train_config(body, defaults, runtime)
     if adapter is not None:
@@ -307,3 +319,68 @@ def list_fine_tuning_events(
     found = jobs.list_events_newest_first(session, job.id, before_id=before, limit=limit + 1)
     return FineTuningJobEventList(data=[fine_tuning_event(event, job) for event in found[:limit]],
                                   has_more=len(found) > limit)
+
+
+@router.post(
+    "/{fine_tuning_job_id}/pause",
+    response_model=FineTuningJob,
+    dependencies=[AdminAuth],
+    responses={404: {"description": "Unknown job"}, 409: {"description": "The job is neither queued nor running"}},
+)
+def pause_fine_tuning_job(fine_tuning_job_id: JobId, runtime: RuntimeDep, session: SessionDep) -> FineTuningJob:
+    """Pause (admin): a queued job at once; a running one stops at its next step boundary, saves
+    its state to shared storage and releases its device (`softserve.pause_requested` until then)."""
+    job = _get_or_404(session, fine_tuning_job_id)
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise openai_refusal(409, f"job {job.id} is {job.status}: only a queued or running job can be paused",
+                             param="fine_tuning_job_id")
+    jobs.request_pause(session, job.id)
+    session.expire_all()
+    return fine_tuning_job(_get_or_404(session, job.id), runtime.base.name)
+
+
+@router.post(
+    "/{fine_tuning_job_id}/resume",
+    response_model=FineTuningJob,
+    dependencies=[AdminAuth],
+    responses={404: {"description": "Unknown job"}, 409: {"description": "The job is not paused"}},
+)
+def resume_fine_tuning_job(fine_tuning_job_id: JobId, runtime: RuntimeDep, session: SessionDep) -> FineTuningJob:
+    """Queue a paused job again (admin): any node goes on from its saved state, to the result it
+    would have reached without the pause."""
+    job = _get_or_404(session, fine_tuning_job_id)
+    if not jobs.resume(session, job.id):
+        raise openai_refusal(409, f"job {job.id} is {job.status}: only a paused job can be resumed",
+                             param="fine_tuning_job_id")
+    try:
+        runtime.enqueue_training(job.id)
+    except Exception:  # queued all the same: job upkeep sends its message once the broker answers
+        log.exception("job %s resumed, but its message could not be sent yet", job.id)
+    session.expire_all()
+    return fine_tuning_job(_get_or_404(session, job.id), runtime.base.name)
+
+
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    response_model=FineTuningJobCheckpointList,
+    responses={404: {"description": "Unknown job, or an `after` that is none of its checkpoints"}},
+)
+def list_fine_tuning_checkpoints(
+    fine_tuning_job_id: JobId, runtime: RuntimeDep, session: SessionDep,
+    after: Annotated[str | None, Query(max_length=48, description=(
+        "A checkpoint id: list the checkpoints older than it"), examples=["ftckpt-7c1e04a9b2d3"])] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> FineTuningJobCheckpointList:
+    """The adapters stored at evaluations that improved the job's best result, newest first, each
+    servable at once by its `fine_tuned_model_checkpoint` name while the job still runs. Once the
+    job ends, only the last three and the best are kept."""
+    job = _get_or_404(session, fine_tuning_job_id)
+    found = jobs.list_checkpoints(session, job.id)  # a handful: kept few by pruning
+    if after is not None:
+        ids = [checkpoint.id for checkpoint in found]
+        if after not in ids:
+            raise openai_refusal(404, f"job {job.id} has no checkpoint {after!r}", param="after")
+        found = found[ids.index(after) + 1:]
+    data = [fine_tuning_checkpoint(checkpoint, job, runtime.base.name) for checkpoint in found[:limit]]
+    return FineTuningJobCheckpointList(data=data, has_more=len(found) > limit, first_id=data[0].id if data else None,
+                                       last_id=data[-1].id if data else None)

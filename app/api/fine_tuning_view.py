@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.job_view import job_out
 from app.job_status import JobStatus
 from app.model_names import fine_tuned_model
-from app.models import JobEvent, TrainJob
+from app.models import JobCheckpoint, JobEvent, TrainJob
 from app.schemas import TrainJobOut
 from app.train_config import DEFAULT_LEARNING_RATES
 from app.webhook_delivery import origin
@@ -115,6 +115,38 @@ class FineTuningJobEventList(BaseModel):
     has_more: bool
 
 
+class CheckpointMetrics(BaseModel):
+    step: int
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str = Field(description="The checkpoint's adapter by its OpenAI name: a valid `model`")
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class FineTuningJobCheckpointList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "has_more": False, "data": [
+        {"id": "ftckpt-7c1e04a9b2d3", "object": "fine_tuning.job.checkpoint", "created_at": 1796015000,
+         "fine_tuned_model_checkpoint": "ft:gemma-3-270m:sst2:7c1e04a9b2d3:ckpt-step-100",
+         "fine_tuning_job_id": "a41c9e2f0b7d", "step_number": 100,
+         "metrics": {"step": 100, "train_loss": 0.41, "valid_loss": 0.37, "valid_mean_token_accuracy": 0.85}},
+    ]}]})
+
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
 def _unix(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp())
 
@@ -180,3 +212,16 @@ def fine_tuning_event(event: JobEvent, job: TrainJob) -> FineTuningJobEvent:
     failed = job.status == JobStatus.FAILED and message == job.error_message
     level = data["level"] if data.get("level") in LEVELS else "error" if failed else "info"
     return FineTuningJobEvent(**head, level=level, type="message", message=message)
+
+
+def fine_tuning_checkpoint(checkpoint: JobCheckpoint, job: TrainJob, base_name: str) -> FineTuningJobCheckpoint:
+    """A checkpoint, named as its job's fine-tuned model is with ":ckpt-step-<n>" after it (the
+    name's fourth field is the checkpoint's own adapter: app.model_names)."""
+    metrics = checkpoint.metrics
+    name = f"{fine_tuned_model(base_name, job.suffix, checkpoint.adapter_id)}:ckpt-step-{checkpoint.step}"
+    return FineTuningJobCheckpoint(
+        id=checkpoint.id, created_at=int(checkpoint.created_at.timestamp()), fine_tuned_model_checkpoint=name,
+        fine_tuning_job_id=job.id, step_number=checkpoint.step,
+        metrics=CheckpointMetrics(step=checkpoint.step, train_loss=metrics.get("train_loss"),
+                                  valid_loss=metrics.get("eval_loss"),
+                                  valid_mean_token_accuracy=metrics.get("eval_accuracy")))

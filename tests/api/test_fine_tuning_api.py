@@ -16,7 +16,7 @@ from app.engine.prefix_kv import to_flat
 from app.job_status import JobStatus
 from app.main import create_app
 from app.model_names import adapter_for_model, fine_tuned_model
-from app.models import Adapter, JobEvent, TrainJob, utcnow
+from app.models import Adapter, JobCheckpoint, JobEvent, TrainJob, utcnow
 from tests.api.test_files_api import GOOD, openai_error
 from tests.conftest import LiveServer, make_settings, random_prefix_kv, random_soft_prompt, upload_adapter
 from tests.worker.test_end_to_end import sst2_slice
@@ -380,3 +380,95 @@ def test_the_openai_client_uploads_tunes_watches_and_serves_the_result(node, tin
         client.files.retrieve(training.id)
     with httpx.Client(base_url=node.url) as http:  # the same job through /train-jobs
         assert http.get(f"/train-jobs/{job.id}").json()["adapter_id"] == done.fine_tuned_model.split(":")[3]
+
+
+def test_pause_and_resume_a_queued_job_then_409_when_the_state_does_not_allow_it(client):
+    job_id = created(client)["id"]
+    openai_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 409, "fine_tuning_job_id")  # not paused
+    paused = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert paused.status_code == 200 and paused.json()["object"] == "fine_tuning.job"
+    assert paused.json()["status"] == "paused" and client.get(f"/train-jobs/{job_id}").json()["status"] == "paused"
+    assert "paused" in openai_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 409,
+                                    "fine_tuning_job_id")["message"]
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+    assert messages[:2] == ["resumed", "paused while queued"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    openai_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 409, "fine_tuning_job_id")
+    openai_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 409, "fine_tuning_job_id")
+    for action in ("pause", "resume"):
+        openai_error(client.post(f"/v1/fine_tuning/jobs/nope/{action}"), 404, "fine_tuning_job_id")
+
+
+def test_resume_sends_the_job_to_the_queue(client, monkeypatch):
+    job_id = created(client)["id"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    sent = []
+    monkeypatch.setattr(client.app.state.runtime, "enqueue_training", sent.append)
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    assert sent == [job_id]
+
+
+def test_checkpoints_list_newest_first_with_openai_names_that_serve(client, tiny_base):
+    job_id = created(client, suffix="ck")["id"]
+    adapters = [upload_adapter(client, random_soft_prompt(tiny_base, 4, seed=s), name=f"c{s}")["id"] for s in (1, 2, 3)]
+    with client.app.state.runtime.sessions() as session:  # as a run stores them at steps 2, 4, 6
+        for step, adapter_id in zip((2, 4, 6), adapters, strict=True):
+            session.add(JobCheckpoint(id=jobs.checkpoint_id(adapter_id), job_id=job_id, adapter_id=adapter_id, step=step,
+                                      metrics={"step": step, "train_loss": 1.0 / step, "eval_loss": 2.0 / step,
+                                               "eval_accuracy": step / 10}))
+        session.commit()
+    listed = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+    assert listed["object"] == "list" and not listed["has_more"]
+    newest = listed["data"][0]
+    assert [c["step_number"] for c in listed["data"]] == [6, 4, 2]
+    assert newest == {"id": f"ftckpt-{adapters[2]}", "object": "fine_tuning.job.checkpoint",
+                      "created_at": newest["created_at"], "fine_tuning_job_id": job_id, "step_number": 6,
+                      "fine_tuned_model_checkpoint": f"ft:{tiny_base.name}:ck:{adapters[2]}:ckpt-step-6",
+                      "metrics": {"step": 6, "train_loss": 1 / 6, "valid_loss": 2 / 6, "valid_mean_token_accuracy": 0.6}}
+    assert (listed["first_id"], listed["last_id"]) == (newest["id"], listed["data"][-1]["id"])
+    page = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 1, "after": newest["id"]}).json()
+    assert [c["step_number"] for c in page["data"]] == [4] and page["has_more"]
+    openai_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"after": "ftckpt-nope"}), 404, "after")
+    openai_error(client.get("/v1/fine_tuning/jobs/nope/checkpoints"), 404, "fine_tuning_job_id")
+    # A checkpoint's name is a `model` for completions and chat: its own adapter's prompt.
+    ask = {"max_tokens": 4, "temperature": 0}
+    name = newest["fine_tuned_model_checkpoint"]
+    by_id = client.post("/v1/completions", json=ask | {"model": adapters[2], "prompt": "a film"}).json()
+    by_name = client.post("/v1/completions", json=ask | {"model": name, "prompt": "a film"}).json()
+    assert by_name["choices"][0]["text"] == by_id["choices"][0]["text"] and by_name["model"] == name
+    chat = {"messages": [{"role": "user", "content": "a film"}]} | ask
+    chat_by_id = client.post("/v1/chat/completions", json=chat | {"model": adapters[2]}).json()
+    chat_by_name = client.post("/v1/chat/completions", json=chat | {"model": name})
+    assert chat_by_name.status_code == 200, chat_by_name.text
+    assert chat_by_name.json()["choices"][0]["message"] == chat_by_id["choices"][0]["message"]
+
+
+def test_a_webhook_url_in_metadata_must_be_allowed(make_client, tiny_base):
+    secret = "whsec_" + "A" * 40
+    off = make_client(tiny_base)
+    error = openai_error(create(off, metadata={"webhook_url": "https://hooks.example.com/x"}), 422, "metadata")
+    assert "webhooks are off" in error["message"]
+    client = make_client(tiny_base, webhook_secret=secret, webhook_allowed_hosts="hooks.example.com,*")
+    for url, text in (("http://127.0.0.1:9/x", "private, loopback"), ("ftp://hooks.example.com/x", "http or https"),
+                      ("https://user:pw@hooks.example.com/x", "credentials")):
+        assert text in openai_error(create(client, metadata={"webhook_url": url}), 422, "metadata")["message"], url
+    assert client.get("/train-jobs").json()["total"] == 0
+    job = created(client, metadata={"webhook_url": "https://hooks.example.com/x", "team": "a"})
+    assert job["metadata"]["webhook_url"] == "https://hooks.example.com/x"
+
+
+def test_an_inference_key_reads_checkpoints_but_cannot_pause_or_resume(client):
+    with client.app.state.runtime.sessions() as session:
+        _, admin_key = auth.create_key(session, "admin", "ops")
+        _, inference_key = auth.create_key(session, "inference", "app")
+    admin, inference = {"Authorization": f"Bearer {admin_key}"}, {"Authorization": f"Bearer {inference_key}"}
+    file_id = client.post("/v1/files", files={"file": ("t.jsonl", GOOD)}, data={"purpose": "fine-tune"},
+                          headers=admin).json()["id"]
+    body = {"model": client.app.state.runtime.base.name, "training_file": file_id}
+    job_id = client.post("/v1/fine_tuning/jobs", json=body, headers=admin).json()["id"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=inference).json()["data"] == []
+    for action in ("pause", "resume"):
+        openai_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=inference), 403)
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=admin).json()["status"] == "paused"
