@@ -456,7 +456,7 @@ def test_a_webhook_url_in_metadata_must_be_allowed(make_client, tiny_base):
         assert text in openai_error(create(client, metadata={"webhook_url": url}), 422, "metadata")["message"], url
     assert client.get("/train-jobs").json()["total"] == 0
     job = created(client, metadata={"webhook_url": "https://hooks.example.com/x", "team": "a"})
-    assert job["metadata"]["webhook_url"] == "https://hooks.example.com/x"
+    assert job["metadata"]["webhook_url"] == "https://hooks.example.com"  # shown as its origin only: a path may carry a token
 
 
 def test_an_inference_key_reads_checkpoints_but_cannot_pause_or_resume(client):
