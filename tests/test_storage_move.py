@@ -2,13 +2,14 @@
 Alembic adds the blob table, `python -m app.cli move-files-to-database` moves the files in, and
 the adapters serve exactly as they did from the files."""
 
+import json
 import os
 import subprocess
 import sys
 
 from alembic import command
+from sqlalchemy import text
 
-from app import jobs
 from app.adapter_files import content_sha256, encode_adapter
 from app.datasets import Example, to_jsonl
 from app.db import make_engine, make_session_factory
@@ -34,12 +35,17 @@ def install_the_old_way(data_dir, sessions, base) -> dict[str, object]:
                                 num_virtual_tokens=prompt.shape[0], sha256=content_sha256(prompt),
                                 size_bytes=sum(map(len, files.values())), source="imported", metrics={}))
         session.commit()
-        for job_id in ("queuedjob", "endedjob"):
+        # Rows as the schema of migration 0006 has them (today's model has columns it lacks).
+        for job_id, status in (("queuedjob", "queued"), ("endedjob", "cancelled")):
             (data_dir / "datasets" / job_id).mkdir(parents=True)
             (data_dir / "datasets" / job_id / "train.jsonl").write_bytes(to_jsonl([Example("in", "out")]))
-            jobs.create_job(session, job_id=job_id, name=job_id, params=TrainConfig().to_dict(),
-                            dataset_path=f"datasets/{job_id}", train_examples=1, validation_examples=0)
-        jobs.cancel(session, "endedjob")
+            session.execute(text(
+                "INSERT INTO train_jobs (id, name, status, params, dataset_path, train_examples, validation_examples,"
+                " step, total_steps, epoch, attempts, cancel_requested, created_at) VALUES (:id, :id, :status,"
+                " :params, :path, 1, 0, 0, 0, 0, 0, 0, CURRENT_TIMESTAMP)"),
+                {"id": job_id, "status": status, "params": json.dumps(TrainConfig().to_dict()),
+                 "path": f"datasets/{job_id}"})
+        session.commit()
     (data_dir / "adapters" / "orphan").mkdir()  # a folder whose row was deleted: not the move's to judge
     return prompts
 

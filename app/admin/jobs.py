@@ -8,8 +8,7 @@ from app import jobs, webhooks
 from app.admin.pages import not_found, page_router, render
 from app.admin.paging import MAX_PAGE, PER_PAGE_CHOICES, Pager
 from app.api.deps import RuntimeDep, SettingsDep
-from app.api.job_view import job_out
-from app.api.job_webhooks import delivery_out
+from app.api.job_view import delivery_out, job_out
 from app.schemas import JobCheckpointOut
 from app.train_config import DEFAULT_LEARNING_RATES, TrainConfig
 

@@ -22,6 +22,13 @@ ADMIN_ONLY = {
     ("POST", "/train-jobs/{job_id}/cancel"),
     ("POST", "/train-jobs/{job_id}/pause"),
     ("POST", "/train-jobs/{job_id}/resume"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/{file_id}/content"),  # training data
+    ("DELETE", "/v1/files/{file_id}"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
 }
 
 
