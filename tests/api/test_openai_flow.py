@@ -132,7 +132,9 @@ def slow_steps(monkeypatch):
 
 def test_the_openai_client_pauses_and_resumes_a_job_to_the_result_of_a_run_without_the_pause(
         tmp_path, sqlite_url, tiny_base, slow_steps):
-    with training_node(tmp_path, sqlite_url, tiny_base) as node:
+    # A run notices a pause at its next heartbeat: beat often, or the job may end before it does
+    # (the default 2 s outlasted the ~1.5 s left of this job in CI).
+    with training_node(tmp_path, sqlite_url, tiny_base, heartbeat_interval_s=0.2) as node:
         client = openai_client(node)
         training = upload(client, tmp_path, "train.jsonl", sst2_slice("train", 30))
         validation = upload(client, tmp_path, "valid.jsonl", sst2_slice("validation", 4))
