@@ -22,6 +22,7 @@ from app.api.openai_common import (
     CompletionUsage,
     StopString,
     StreamOptions,
+    generation_responses,
     model_soft_prompt,
     refuse_unless_neutral,
     text_pieces,
@@ -197,12 +198,7 @@ async def _chunks(head: dict, request: GenerationRequest, stream: RequestStream,
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "The chat completion, or its event stream"},
-               400: {"description": "The body is not JSON"},
-               404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
-               500: {"description": "The engine failed this request (the message carries the request id)"},
-               503: {"description": "Queue full, memory short, or this node cannot serve; retry after Retry-After"},
-               504: {"description": "Not finished before the request deadline"}},
+    responses=generation_responses("chat completion"),
 )
 async def create_chat_completion(body: ChatCompletionRequest, runtime: RuntimeDep, http_request: Request):
     """OpenAI's chat completions API: the assistant's reply to `messages`. With `stream: true` the

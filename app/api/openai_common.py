@@ -71,3 +71,13 @@ async def text_pieces(
             text = deltas[index].next(update.result.text, update.finished)
             if text or update.finished:
                 yield index, text, update.result if update.finished else None
+
+
+def generation_responses(what: str) -> dict:
+    """The answers an OpenAI generation route documents besides its body: the same for every one."""
+    return {200: {"content": {"text/event-stream": {}}, "description": f"The {what}, or its event stream"},
+            400: {"description": "The body is not JSON"},
+            404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
+            500: {"description": "The engine failed this request (the message carries the request id)"},
+            503: {"description": "Queue full, memory short, or this node cannot serve; retry after Retry-After"},
+            504: {"description": "Not finished before the request deadline"}}

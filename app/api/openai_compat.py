@@ -23,6 +23,7 @@ from app.api.openai_common import (
     CompletionUsage,
     StopString,
     StreamOptions,
+    generation_responses,
     model_soft_prompt,
     refuse_unless_neutral,
     text_pieces,
@@ -166,12 +167,7 @@ async def _chunks(
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "The completion, or its event stream"},
-               400: {"description": "The body is not JSON"},
-               404: {"description": "Unknown model"}, 409: {"description": "Adapter made for another base model"},
-               500: {"description": "The engine failed this request (the message carries the request id)"},
-               503: {"description": "Queue full, memory short, or this node cannot serve; retry after Retry-After"},
-               504: {"description": "Not finished before the request deadline"}},
+    responses=generation_responses("completion"),
 )
 async def create_completion(body: CompletionRequest, runtime: RuntimeDep, http_request: Request):
     """OpenAI's legacy completions API. With `stream: true` the answer is `text/event-stream`:
