@@ -23,12 +23,13 @@ also share one product (`SharedInputProduct`).
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
 AMD EPYC) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There the weights stay
-int8, held only in oneDNN's packed layout (`SplitSignInt8`): each input row is split into its
-positive and negative parts, both in [0, 127], so oneDNN's u8 x s8 pair sums stay below 2**15 even
-without VNNI, and K is cut into slices whose sums stay below 2**24: exact, so the results are the
-very bits `_int_mm` gives (rows stay batch-invariant: docs/engine.md, property 6). Only where that
-product is inexact too are the int8 values kept as float32 and multiplied in float32, in such
-slices of K (4x the weight memory).
+int8, held only in fbgemm's packed layout (`SplitSignInt8`; fbgemm was built for AVX2 servers,
+and its small-M products read the weight near the memory bound where oneDNN's take 10x longer):
+each input row is split into its positive and negative parts, both in [0, 127], so the u8 x s8
+pair sums stay below 2**15 even without VNNI, and K is cut into slices whose sums stay below
+2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
+docs/engine.md, property 6). Only where that product is inexact too are the int8 values kept as
+float32 and multiplied in float32, in such slices of K (4x the weight memory).
 
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
 property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which
@@ -45,6 +46,7 @@ import logging
 import threading
 import time
 import types
+import warnings
 from typing import Any, cast
 
 import torch
@@ -52,6 +54,7 @@ import torch
 log = logging.getLogger(__name__)
 _INV_127 = 1.0 / 127.0
 _EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this long are exact
+_FBGEMM_K = 512  # fbgemm pads K to a multiple of this (its K block on AVX2; measured: bench/README.md)
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,41 +118,94 @@ def one_row_products_win() -> bool:
 
 
 class SplitSignInt8:
-    """An int8 weight [N, K] held only in oneDNN's packed layout, in slices of K of at most
-    _EXACT_K. Calling it with int8 rows [M, K] gives their exact int32 products: the rows' positive
-    and negative parts, each in [0, 127] as u8, go through oneDNN's u8 x s8 linear as 2M rows.
-    Adjacent u8 x s8 products then add to at most 2 * 127 * 127 < 2**15, so the 16-bit pair sums
-    that oneDNN uses without VNNI (vpmaddubsw) never saturate, and every slice's sum is an integer
-    below 2**24, exact as float32."""
+    """An int8 weight [N, K] held only in fbgemm's packed layout. Calling it with int8 rows [M, K]
+    gives their exact products as float32: the rows' positive and negative parts, each in [0, 127],
+    go through fbgemm's u8 x s8 linear as 2M rows. Adjacent u8 x s8 products then add to at most
+    2 * 127 * 127 < 2**15, so the 16-bit pair sums of AVX2's vpmaddubsw never saturate; sums over
+    at most _EXACT_K columns are integers below 2**24, exact in float32, and longer K adds such
+    slices in int32 (the very bits torch._int_mm gives, converted as `.float()` converts them).
+
+    fbgemm pads K to a multiple of _FBGEMM_K (1.6x the bytes for K = 640). So K is cut into
+    slices of whole blocks, and the remainder r of K (if any) is folded: f = _FBGEMM_K / w
+    weight rows' remainders (padded to w, the power of two at or above r), N/f rows apart, side
+    by side make one row of an [N/f, _FBGEMM_K] weight, which f copies of the parts' remainders
+    multiply, each copy in its own columns (a block-diagonal input of f * 2M rows). The weight
+    stays one int8 copy; the remainder's arithmetic grows f-fold, which costs little where
+    reading the weight bounds the product."""
 
     def __init__(self, weight: torch.Tensor):
         self.shape = weight.shape
-        self.slices = [torch.ops.onednn.qlinear_prepack(weight[:, start : start + _EXACT_K].contiguous(), None)
-                       for start in range(0, weight.shape[1], _EXACT_K)]
-        self.ones = torch.ones(weight.shape[0])
-        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+        n, k = weight.shape
+        whole = k - k % _FBGEMM_K
+        self.fold = _FBGEMM_K >> (k - whole - 1).bit_length() if whole < k else 1
+        padded = torch.zeros(-(-n // self.fold) * self.fold, k, dtype=torch.int8)  # rows for an even fold
+        padded[:n] = weight
+        self.slices = [(start, min(start + _EXACT_K, whole), _fbgemm_prepack(padded[:, start : min(start + _EXACT_K, whole)]))
+                       for start in range(0, whole, _EXACT_K)]
+        self.rest = None
+        if whole < k:
+            width = _FBGEMM_K // self.fold
+            rest = torch.nn.functional.pad(padded[:, whole:], (0, width - (k - whole)))
+            folded = rest.view(self.fold, -1, width).transpose(0, 1).reshape(-1, _FBGEMM_K)
+            self.rest = (whole, width, _fbgemm_prepack(folded))
 
     def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
-        rows = quantized.shape[0]
-        parts = torch.cat([quantized.clamp(min=0), quantized.clamp(max=0).neg_()]).view(torch.uint8)
-        out = None
-        for index, packed in enumerate(self.slices):
-            start = index * _EXACT_K
-            sums = torch.ops.onednn.qlinear_pointwise(
-                parts[:, start : start + _EXACT_K].contiguous(), 1.0, 0, packed, self.ones, self.zero_points,
-                None, 1.0, 0, torch.float32, "none", [], "")
-            part = (sums[:rows] - sums[rows:]).to(torch.int32)
-            out = part if out is None else out.add_(part)
-        return cast(torch.Tensor, out)  # K > 0: set
+        rows, k = quantized.shape
+        parts = torch.cat([quantized.clamp(min=0), quantized.clamp(max=0).neg_()]).float()
+        sums = [_fbgemm_product(parts[:, start:end], packed) for start, end, packed in self.slices]
+        if self.rest is not None:
+            whole, width, packed = self.rest
+            tail = torch.nn.functional.pad(parts[:, whole:], (0, width - (k - whole)))
+            folded = _fbgemm_product(torch.block_diag(*[tail] * self.fold), packed)  # [f * 2M, N/f]
+            into = sums[-1] if sums and k <= _EXACT_K else torch.zeros(2 * rows, folded.shape[1] * self.fold)
+            into.view(2 * rows, self.fold, -1).add_(folded.view(self.fold, 2 * rows, -1).transpose(0, 1))
+            sums += [] if sums and into is sums[-1] else [into]
+        if len(sums) == 1:
+            return (sums[0][:rows] - sums[0][rows:])[:, : self.shape[0]]
+        total = sum((part[:rows] - part[rows:]).to(torch.int32) for part in sums)
+        return cast(torch.Tensor, total)[:, : self.shape[0]].float()
 
     def plain(self) -> torch.Tensor:
         """The int8 weight [N, K] back from the packed slices (a temporary, for the backward)."""
-        return torch.cat([packed.to_dense() for packed in self.slices]).t()
+        columns = [_fbgemm_unpack(packed) for _, _, packed in self.slices]
+        if self.rest is not None:
+            whole, width, packed = self.rest
+            rest = _fbgemm_unpack(packed).view(-1, self.fold, width).transpose(0, 1).reshape(-1, width)
+            columns.append(rest[:, : self.shape[1] - whole])
+        return torch.cat(columns, dim=1)[: self.shape[0]]
+
+    def held_bytes(self) -> int:
+        """The int8 bytes fbgemm holds for this weight, its padding included."""
+        rows = -(-self.shape[0] // self.fold) * self.fold
+        return sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices) + (
+            rows * (_FBGEMM_K // self.fold) if self.rest is not None else 0)
+
+
+def _fbgemm_prepack(weight: torch.Tensor):
+    """An int8 weight [N, K] packed for fbgemm's u8 x s8 linear, with scale 1 and zero point 0."""
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing still takes them
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch._make_per_tensor_quantized_tensor(weight.contiguous(), 1.0, 0)
+        return torch.ops.quantized.linear_prepack(quantized, None)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def _fbgemm_product(parts: torch.Tensor, packed) -> torch.Tensor:
+    """Rows of integers in [0, 127] (as float32) times a packed weight: their sums as float32."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(parts.contiguous(), 1.0, 0, packed)
+
+
+def _fbgemm_unpack(packed) -> torch.Tensor:
+    return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
 
 
 @functools.cache
 def split_sign_is_exact() -> bool:
-    """Whether SplitSignInt8 gives exact sums here (a torch without oneDNN's int8 linear: no)."""
+    """Whether SplitSignInt8 gives exact sums here (a torch without fbgemm: no)."""
     try:
         return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     except (RuntimeError, AttributeError):
@@ -212,7 +268,7 @@ def int8_kernel_name(packed: bool) -> str:
     """What computes the int8 products on this CPU, as /health reports it."""
     if not int_mm_is_fast():
         if split_sign_is_exact():
-            return "cpu: oneDNN packed int8, rows split by sign (exact without VNNI)"
+            return "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
     return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
 

@@ -136,7 +136,7 @@ def test_the_overview_shows_the_engine_its_caches_and_recent_latency(make_client
 def test_the_overview_names_the_int8_kernels_chosen_at_load(make_client, tiny_base):
     import dataclasses
 
-    kernels = "cpu: oneDNN packed int8, rows split by sign (exact without VNNI)"
+    kernels = "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
     client = make_client(dataclasses.replace(tiny_base, quantization="int8", int8_kernels=kernels))
     with client.app.state.runtime.sessions() as session:
         _, admin_key = auth.create_key(session, "admin", "ops")
