@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _INV_127 = 1.0 / 127.0
 _EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this long are exact
 _FBGEMM_K = 512  # fbgemm pads K to a multiple of this (its K block on AVX2; measured: bench/README.md)
+_SPLIT_SIGN_ROWS = 48  # past this many rows, converting an int8 weight to float32 beats fbgemm on AVX2 (bench/README.md)
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +130,19 @@ class SplitSignInt8:
     slices of whole blocks, and the remainder r of K (if any) is folded: f = _FBGEMM_K / w
     weight rows' remainders (padded to w, the power of two at or above r), N/f rows apart, side
     by side make one row of an [N/f, _FBGEMM_K] weight, which f copies of the parts' remainders
-    multiply, each copy in its own columns (a block-diagonal input of f * 2M rows). The weight
-    stays one int8 copy; the remainder's arithmetic grows f-fold, which costs little where
-    reading the weight bounds the product."""
+    multiply, each copy in its own columns (a block-diagonal input of f * 2M rows). The packed
+    weight stays one int8 copy; the remainder's arithmetic grows f-fold, which costs little where
+    reading the weight bounds the product.
 
-    def __init__(self, weight: torch.Tensor):
+    Past _SPLIT_SIGN_ROWS rows (prefill) the doubled rows and fbgemm's per-output cost make this
+    2-3x slower than float32; with `keep_plain` the plain int8 weight is kept too, and such
+    products convert it to float32 slice by slice (`_float_int_mm`: exact, the same bits), a
+    cost spread over the rows. The head, which prefill calls only for each prompt's last token,
+    keeps no plain copy."""
+
+    def __init__(self, weight: torch.Tensor, keep_plain: bool):
         self.shape = weight.shape
+        self.weight = weight if keep_plain else None
         n, k = weight.shape
         whole = k - k % _FBGEMM_K
         self.fold = _FBGEMM_K >> (k - whole - 1).bit_length() if whole < k else 1
@@ -151,6 +159,8 @@ class SplitSignInt8:
 
     def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
         rows, k = quantized.shape
+        if self.weight is not None and rows > _SPLIT_SIGN_ROWS:
+            return _float_int_mm(quantized, self.weight).float()
         parts = torch.cat([quantized.clamp(min=0), quantized.clamp(max=0).neg_()]).float()
         sums = [_fbgemm_product(parts[:, start:end], packed) for start, end, packed in self.slices]
         if self.rest is not None:
@@ -166,7 +176,10 @@ class SplitSignInt8:
         return cast(torch.Tensor, total)[:, : self.shape[0]].float()
 
     def plain(self) -> torch.Tensor:
-        """The int8 weight [N, K] back from the packed slices (a temporary, for the backward)."""
+        """The int8 weight [N, K]: the one kept, else read back from the packed slices (a
+        temporary, for the backward)."""
+        if self.weight is not None:
+            return self.weight
         columns = [_fbgemm_unpack(packed) for _, _, packed in self.slices]
         if self.rest is not None:
             whole, width, packed = self.rest
@@ -175,9 +188,9 @@ class SplitSignInt8:
         return torch.cat(columns, dim=1)[: self.shape[0]]
 
     def held_bytes(self) -> int:
-        """The int8 bytes fbgemm holds for this weight, its padding included."""
+        """The int8 bytes held for this weight: fbgemm's, its padding included, and the plain copy."""
         rows = -(-self.shape[0] // self.fold) * self.fold
-        return sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices) + (
+        return (0 if self.weight is None else self.weight.numel()) + sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices) + (
             rows * (_FBGEMM_K // self.fold) if self.rest is not None else 0)
 
 
@@ -207,25 +220,27 @@ def _fbgemm_unpack(packed) -> torch.Tensor:
 def split_sign_is_exact() -> bool:
     """Whether SplitSignInt8 gives exact sums here (a torch without fbgemm: no)."""
     try:
-        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
     except (RuntimeError, AttributeError):
         return False
 
 
-def product_weight(weight: torch.Tensor) -> "torch.Tensor | SplitSignInt8":
+def product_weight(weight: torch.Tensor, keep_plain: bool) -> "torch.Tensor | SplitSignInt8":
     """What the integer products read: the int8 weight where torch._int_mm is fast, else the int8
-    weight packed for SplitSignInt8, else (neither exact here) its values as float32."""
+    weight packed for SplitSignInt8 (and kept plain if `keep_plain`, for products of many rows),
+    else (neither exact here) its values as float32."""
     if int_mm_is_fast():
         return weight
-    return SplitSignInt8(weight) if split_sign_is_exact() else weight.float()
+    return SplitSignInt8(weight, keep_plain) if split_sign_is_exact() else weight.float()
 
 
 def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """quantized [M, K] x weight[N, K]^T in int32, from int8 values held as float32: exact."""
+    """quantized [M, K] x weight[N, K]^T in int32, with the int8 values of `weight` (int8, or held
+    as float32) multiplied in float32 over slices of K: exact."""
     x = quantized.float()
     out = None
     for start in range(0, x.shape[1], _EXACT_K):
-        part = (x[:, start : start + _EXACT_K] @ weight[:, start : start + _EXACT_K].t()).to(torch.int32)
+        part = (x[:, start : start + _EXACT_K] @ weight[:, start : start + _EXACT_K].float().t()).to(torch.int32)
         out = part if out is None else out.add_(part)
     return cast(torch.Tensor, out)  # K > 0: set
 
@@ -410,7 +425,7 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
-        layer.product_weight = product_weight(layer.state.CB)
+        layer.product_weight = product_weight(layer.state.CB, keep_plain=True)
         if isinstance(layer.product_weight, SplitSignInt8):
             layer.state.CB = None  # the packed slices are the only copy: int8 stays int8 in memory
         layer.packed_weight = None
@@ -440,7 +455,7 @@ class Int8Head(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        held = product_weight(quantized)
+        held = product_weight(quantized, keep_plain=False)  # prefill multiplies only each prompt's last row
         if isinstance(held, torch.Tensor):
             self.register_buffer("weight", held)
         else:

@@ -143,7 +143,7 @@ def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
     from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
-    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
     assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
     assert not gives_exact_sums(saturating_u8s8_product)
     rows, weight = adversarial_operands()
@@ -337,7 +337,7 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
 def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate():
     from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums
 
-    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
     # What it asks of fbgemm is exact even with vpmaddubsw's 16-bit pair sums (no VNNI): each part
     # is in [0, 127] with zero point 0, so the saturating product of the old shifted scheme is exact.
     rows, weight = adversarial_operands()
@@ -357,14 +357,15 @@ def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
     torch.manual_seed(k)
     weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     weight[0] = 127  # sums past 2**24 at k=2048
-    split = SplitSignInt8(weight)
-    batch = torch.randint(-127, 128, (40, k), dtype=torch.int8)
+    split, kept = SplitSignInt8(weight, keep_plain=False), SplitSignInt8(weight, keep_plain=True)
+    batch = torch.randint(-127, 128, (100, k), dtype=torch.int8)
     batch[0] = 127
     exact = (batch.double() @ weight.double().t()).to(torch.int32).float()  # as the layers convert them
-    for rows in (1, 2, 5, 40):
-        got = split(batch[:rows])
-        assert got.dtype == torch.float32 and torch.equal(got, exact[:rows])
-    assert torch.equal(split.plain(), weight)
+    for rows in (1, 2, 5, 40, 100):  # 100 rows: past _SPLIT_SIGN_ROWS, `kept` multiplies its plain copy
+        for product in (split, kept):
+            got = product(batch[:rows])
+            assert got.dtype == torch.float32 and torch.equal(got, exact[:rows])
+    assert torch.equal(split.plain(), weight) and kept.plain() is weight
     # the remainder of K past fbgemm's blocks is folded (to a power of two wide), not padded to a block
     assert split.held_bytes() <= 1.1 * weight.numel() + 512 * 8
 
@@ -382,7 +383,7 @@ def split_sign_base(tiny_model_dir):
     return base
 
 
-def test_on_the_avx2_path_the_weights_stay_int8_in_one_copy(split_sign_base):
+def test_on_the_avx2_path_the_weights_stay_int8(split_sign_base):
     from app.engine.int8 import SplitSignInt8
 
     layers = int8_layers(split_sign_base)
@@ -390,9 +391,11 @@ def test_on_the_avx2_path_the_weights_stay_int8_in_one_copy(split_sign_base):
     assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers)
     assert all(layer.state.CB is None and layer.shared_input is None for layer in layers)
     assert isinstance(head.weight, SplitSignInt8) and head.packed is None
-    held = sum(weight.held_bytes() for weight in [layer.product_weight for layer in layers] + [head.weight])
-    int8_bytes = sum(layer.in_features * layer.out_features for layer in layers) + head.weight.shape.numel()
-    assert int8_bytes <= held <= 1.05 * int8_bytes
+    # the layers keep their plain int8 too (for prefill's many rows), the head only the packed one
+    layers_held, layers_int8 = (sum(layer.product_weight.held_bytes() for layer in layers),
+                                sum(layer.in_features * layer.out_features for layer in layers))
+    assert 2 * layers_int8 <= layers_held <= 2.05 * layers_int8
+    assert head.weight.shape.numel() <= head.weight.held_bytes() <= 1.05 * head.weight.shape.numel()
     assert split_sign_base.int8_kernels.startswith("cpu: fbgemm int8, rows split by sign")
 
 
