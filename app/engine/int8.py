@@ -190,8 +190,9 @@ class SplitSignInt8:
     def held_bytes(self) -> int:
         """The int8 bytes held for this weight: fbgemm's, its padding included, and the plain copy."""
         rows = -(-self.shape[0] // self.fold) * self.fold
-        return (0 if self.weight is None else self.weight.numel()) + sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices) + (
-            rows * (_FBGEMM_K // self.fold) if self.rest is not None else 0)
+        packed = sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices)
+        rest = rows * (_FBGEMM_K // self.fold) if self.rest is not None else 0
+        return packed + rest + (0 if self.weight is None else self.weight.numel())
 
 
 def _fbgemm_prepack(weight: torch.Tensor):
