@@ -58,11 +58,12 @@ _FBGEMM_K = 512  # fbgemm pads K to a multiple of this (its K block on AVX2; mea
 _SPLIT_SIGN_ROWS = 48  # past this many rows, converting an int8 weight to float32 beats fbgemm on AVX2 (bench/README.md)
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x [M, K] as int8, scaled by their absmax (LLM.int8's vector-wise quantization),
-    and the scale that undoes it [M]."""
+def _quantize_rows(x: torch.Tensor, as_int8: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [M, K] as int8 (or those integers in x's float dtype), scaled by their absmax
+    (LLM.int8's vector-wise quantization), and the scale that undoes it [M]."""
     scale = x.abs().amax(dim=1).float().mul_(_INV_127)
-    return (x / scale.unsqueeze(-1)).round_().to(torch.int8), scale
+    values = (x / scale.unsqueeze(-1)).round_()
+    return values.to(torch.int8) if as_int8 else values, scale
 
 
 def _seconds(product, repeats: int) -> float:
@@ -120,7 +121,7 @@ def one_row_products_win() -> bool:
 
 class SplitSignInt8:
     """An int8 weight [N, K] held only in fbgemm's packed layout. Calling it with int8 rows [M, K]
-    gives their exact products as float32: the rows' positive and negative parts, each in [0, 127],
+    (or their integers as float32) gives their exact products as float32: the rows' positive and negative parts, each in [0, 127],
     go through fbgemm's u8 x s8 linear as 2M rows. Adjacent u8 x s8 products then add to at most
     2 * 127 * 127 < 2**15, so the 16-bit pair sums of AVX2's vpmaddubsw never saturate; sums over
     at most _EXACT_K columns are integers below 2**24, exact in float32, and longer K adds such
@@ -161,7 +162,7 @@ class SplitSignInt8:
         rows, k = quantized.shape
         if self.weight is not None and rows > _SPLIT_SIGN_ROWS:
             return _float_int_mm(quantized, self.weight).float()
-        parts = torch.cat([quantized.clamp(min=0), quantized.clamp(max=0).neg_()]).float()
+        parts = torch.cat([quantized, quantized.neg()]).clamp_(min=0).float()  # float input: no conversion
         sums = [_fbgemm_product(parts[:, start:end], packed) for start, end, packed in self.slices]
         if self.rest is not None:
             whole, width, packed = self.rest
@@ -320,7 +321,9 @@ def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", weight
                  packed: PackedInt8 | None = None) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
-    quantized, scale = _quantize_rows(rows)
+    # SplitSignInt8 reads the integers as float32: two conversions fewer per product, where
+    # per-op overhead is a good part of a small step
+    quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, SplitSignInt8) and rows.dtype == torch.float32))
     out = _int_mm(quantized, weight, split_up_to, packed).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 

@@ -1,6 +1,7 @@
 """The CPU int8 fast path: the same bits as bitsandbytes at inference, its own path for training,
 and the int8 LM head, on the tiny model loaded in int8 as the server loads the real one."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -362,8 +363,8 @@ def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
     batch[0] = 127
     exact = (batch.double() @ weight.double().t()).to(torch.int32).float()  # as the layers convert them
     for rows in (1, 2, 5, 40, 100):  # 100 rows: past _SPLIT_SIGN_ROWS, `kept` multiplies its plain copy
-        for product in (split, kept):
-            got = product(batch[:rows])
+        for product, values in itertools.product((split, kept), (batch[:rows], batch[:rows].float())):
+            got = product(values)
             assert got.dtype == torch.float32 and torch.equal(got, exact[:rows])
     assert torch.equal(split.plain(), weight) and kept.plain() is weight
     # the remainder of K past fbgemm's blocks is folded (to a power of two wide), not padded to a block
