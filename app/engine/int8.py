@@ -308,7 +308,7 @@ def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", spl
     rows = quantized.shape[0]
     if isinstance(weight, SplitSignInt8):
         return weight(quantized)
-    if weight.dtype == torch.float32:
+    if weight.dtype == torch.float32 or not int_mm_is_fast():  # int8 values as float32, or a layer's plain int8 view
         return _float_int_mm(quantized, weight)
     if 1 < rows <= split_up_to and one_row_products_win():
         return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(rows)])
@@ -376,11 +376,19 @@ class SharedInputProduct:
 
     def __init__(self, layers: list):
         self.layers = layers
-        self.weight = torch.cat([layer.product_weight for layer in layers])
-        self.scale = torch.cat([layer.dequantize_scale for layer in layers])
-        self.packed = pack(self.weight)
         ends = itertools.accumulate(layer.out_features for layer in layers)
         self.columns = {layer: slice(end - layer.out_features, end) for layer, end in zip(layers, ends)}
+        self.weight: torch.Tensor | SplitSignInt8
+        if isinstance(layers[0].product_weight, SplitSignInt8):
+            # One packed copy for the group instead of one per layer, and one plain copy whose rows
+            # the layers keep as views (for products alone: training's): no more memory than apart.
+            self.weight = SplitSignInt8(torch.cat([layer.product_weight.plain() for layer in layers]), keep_plain=True)
+            for layer in layers:
+                layer.product_weight = cast(torch.Tensor, self.weight.weight)[self.columns[layer]]
+        else:
+            self.weight = torch.cat([layer.product_weight for layer in layers])
+        self.scale = torch.cat([layer.dequantize_scale for layer in layers])
+        self.packed = pack(self.weight)
         self._kept = threading.local()  # per thread: (input, {layer: output}) not yet taken
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -435,8 +443,7 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
         layer.packed_weight = None
         layer.shared_input = None
         layer.forward = types.MethodType(fast_int8_forward, layer)
-    # A shared product would hold a second copy of the split weights: not on that path.
-    if packed and not any(isinstance(layer.product_weight, SplitSignInt8) for layer in layers):
+    if packed:
         for module in model.modules():
             for names in SHARED_INPUTS:
                 group: list[Any] = [getattr(module, name, None) for name in names]

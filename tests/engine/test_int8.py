@@ -122,11 +122,13 @@ def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows
 def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
     from app.engine.int8 import SplitSignInt8, int_mm_is_fast, split_sign_is_exact
 
-    held = [layer.product_weight for layer in int8_layers(int8_base)] + [int8_base.model.get_output_embeddings().weight]
+    layers = int8_layers(int8_base)
+    held = [layer.product_weight for layer in layers] + [int8_base.model.get_output_embeddings().weight]
     if int_mm_is_fast():
         assert all(weight.dtype == torch.int8 for weight in held)
-    elif split_sign_is_exact():
-        assert all(isinstance(weight, SplitSignInt8) for weight in held)
+    elif split_sign_is_exact():  # (a layer in a shared product holds a view of the group's plain int8)
+        products = [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]
+        assert all(isinstance(weight, SplitSignInt8) for weight in products + held[-1:])
     else:
         assert all(weight.dtype == torch.float32 for weight in held)
 
@@ -389,12 +391,20 @@ def test_on_the_avx2_path_the_weights_stay_int8(split_sign_base):
 
     layers = int8_layers(split_sign_base)
     head = split_sign_base.model.get_output_embeddings()
-    assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers)
-    assert all(layer.state.CB is None and layer.shared_input is None for layer in layers)
+    shared = [layer for layer in layers if layer.shared_input is not None]
+    assert len(shared) == 5 * len(split_sign_base.model.model.layers)
+    # q/k/v and gate/up: one packed and one plain copy per group, the layers' weights views of it
+    for layer in shared:
+        group = layer.shared_input.weight
+        assert isinstance(group, SplitSignInt8) and layer.product_weight.dtype == torch.int8
+        assert layer.product_weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers if layer.shared_input is None)
+    assert all(layer.state.CB is None for layer in layers)
     assert isinstance(head.weight, SplitSignInt8) and head.packed is None
     # the layers keep their plain int8 too (for prefill's many rows), the head only the packed one
-    layers_held, layers_int8 = (sum(layer.product_weight.held_bytes() for layer in layers),
-                                sum(layer.in_features * layer.out_features for layer in layers))
+    holders = {id(w): w for w in [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]}
+    layers_held = sum(weight.held_bytes() for weight in holders.values())
+    layers_int8 = sum(layer.in_features * layer.out_features for layer in layers)
     assert 2 * layers_int8 <= layers_held <= 2.05 * layers_int8
     assert head.weight.shape.numel() <= head.weight.held_bytes() <= 1.05 * head.weight.shape.numel()
     assert split_sign_base.int8_kernels.startswith("cpu: fbgemm int8, rows split by sign")
