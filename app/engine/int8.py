@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _INV_127 = 1.0 / 127.0
 _EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this long are exact
 _FBGEMM_K = 512  # fbgemm pads K to a multiple of this (its K block on AVX2; measured: bench/README.md)
+_CONVERTED_ROWS = 1 << 14  # rows of an int8 weight converted to float32 at a time (42 MB at K = 640)
 _SPLIT_SIGN_ROWS = 48  # past this many rows, converting an int8 weight to float32 beats fbgemm on AVX2 (bench/README.md)
 
 
@@ -138,8 +139,8 @@ class SplitSignInt8:
     Past _SPLIT_SIGN_ROWS rows (prefill) the doubled rows and fbgemm's per-output cost make this
     2-3x slower than float32; with `keep_plain` the plain int8 weight is kept too, and such
     products convert it to float32 slice by slice (`_float_int_mm`: exact, the same bits), a
-    cost spread over the rows. The head, which prefill calls only for each prompt's last token,
-    keeps no plain copy."""
+    cost spread over the rows; training's backward reads it too (fbgemm's unpacking takes
+    seconds for the head)."""
 
     def __init__(self, weight: torch.Tensor, keep_plain: bool):
         self.shape = weight.shape
@@ -238,13 +239,16 @@ def product_weight(weight: torch.Tensor, keep_plain: bool) -> "torch.Tensor | Sp
 
 def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """quantized [M, K] x weight[N, K]^T in int32, with the int8 values of `weight` (int8, or held
-    as float32) multiplied in float32 over slices of K: exact."""
+    as float32) multiplied in float32 over slices of K: exact. An int8 weight is converted
+    _CONVERTED_ROWS rows at a time, never whole (the head's would take 640 MiB)."""
     x = quantized.float()
-    out = None
-    for start in range(0, x.shape[1], _EXACT_K):
-        part = (x[:, start : start + _EXACT_K] @ weight[:, start : start + _EXACT_K].float().t()).to(torch.int32)
-        out = part if out is None else out.add_(part)
-    return cast(torch.Tensor, out)  # K > 0: set
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.int32)
+    for first in range(0, weight.shape[0], _CONVERTED_ROWS):
+        block = weight[first : first + _CONVERTED_ROWS]
+        into = out[:, first : first + _CONVERTED_ROWS].zero_()
+        for start in range(0, x.shape[1], _EXACT_K):
+            into.add_((x[:, start : start + _EXACT_K] @ block[:, start : start + _EXACT_K].float().t()).to(torch.int32))
+    return out
 
 
 class PackedInt8:
@@ -337,8 +341,8 @@ def _dequantized_product(grad: torch.Tensor, weight: "torch.Tensor | SplitSignIn
     if weight.dtype == torch.float32:
         return scaled @ weight
     out = torch.zeros(scaled.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
-    for start in range(0, weight.shape[0], 1 << 14):
-        out.addmm_(scaled[:, start : start + (1 << 14)], weight[start : start + (1 << 14)].float())
+    for start in range(0, weight.shape[0], _CONVERTED_ROWS):
+        out.addmm_(scaled[:, start : start + _CONVERTED_ROWS], weight[start : start + _CONVERTED_ROWS].float())
     return out
 
 
@@ -466,7 +470,7 @@ class Int8Head(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        held = product_weight(quantized, keep_plain=False)  # prefill multiplies only each prompt's last row
+        held = product_weight(quantized, keep_plain=True)  # for many rows, and the backward (unpacking is slow)
         if isinstance(held, torch.Tensor):
             self.register_buffer("weight", held)
         else:
