@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Gemma 3 (fast), the real default model (int8), databases, Redis."""
 
+import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,66 @@ def tiny_gemma2_base(tmp_path_factory) -> BaseModel:
 def real_base() -> BaseModel:
     """The default Gemma 3 270M, int8, as `make run` serves it."""
     return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+# Where tests of the GPU path run: the CPU, or a GPU (bench/gpu_check.sh sets DEVICE=cuda).
+DEVICE = os.environ.get("DEVICE") or "cpu"
+
+
+def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
+    """The model as a CUDA node loads it (bitsandbytes' own int8 forward, half-precision
+    activations): on the CPU, or on DEVICE."""
+    return load_base_model(folder, Settings().model_cache_dir, quantization="int8", device=DEVICE,
+                           compute_dtype=dtype, int8_kernels="bitsandbytes")
+
+
+@contextmanager
+def int8_as_on_avx2() -> Iterator[None]:
+    """Load and run int8 as a CPU without a fast torch._int_mm does (AVX2 only: fbgemm's products
+    on rows split by sign), whatever this CPU is."""
+    from app.engine import int8
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "int_mm_is_fast", lambda: False)
+        if not int8.split_sign_is_exact():
+            pytest.skip("no exact fbgemm int8 linear in this torch")
+        yield
+
+
+@pytest.fixture(scope="session")
+def avx2_real_base() -> BaseModel:
+    """The default model as an AVX2-only CPU loads it."""
+    with int8_as_on_avx2():
+        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+
+
+# The int8 paths a node can take: this CPU's own choice, an AVX2 CPU's (forced where this one has
+# a fast torch._int_mm), and a CUDA node's (bitsandbytes in bfloat16, on DEVICE).
+NODE_CLASSES = ["this-cpu", "avx2", "gpu-path"]
+
+
+@pytest.fixture(params=NODE_CLASSES)
+def real_base_each_node_class(request) -> Iterator[BaseModel]:
+    """The default model as each class of node loads and runs it."""
+    from app.engine.int8 import int_mm_is_fast
+
+    if request.param == "gpu-path":
+        yield request.getfixturevalue("gemma_on_gpu_path")
+    elif request.param == "avx2":
+        if not int_mm_is_fast():
+            pytest.skip("this CPU takes the AVX2 path itself (this-cpu)")
+        with int8_as_on_avx2():
+            yield request.getfixturevalue("avx2_real_base")
+    else:
+        yield request.getfixturevalue("real_base")
+
+
+@pytest.fixture(scope="session")
+def gemma_on_gpu_path() -> BaseModel:
+    """The default model as a CUDA node loads it (bfloat16: Gemma 3 overflows float16)."""
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("DEVICE=cuda and no GPU here")
+    return on_gpu_path(None, "bfloat16")
 
 
 SECOND_REAL_MODEL = "smollm2-135m"

@@ -11,27 +11,27 @@ Gemma 3, whose activations overflow it, and gives it bfloat16.
 With DEVICE=cuda (bench/gpu_check.sh) the same tests run on a GPU, and skip where there is none.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from app import jobs
-from app.config import Settings
 from app.datasets import Example
 from app.db import make_engine, make_session_factory
 from app.engine import dtypes
 from app.engine.core import EngineCore
-from app.engine.loader import BaseModel, load_base_model
+from app.engine.loader import BaseModel
 from app.engine.reference import check_against_reference
 from app.engine.requests import GenerationRequest
 from app.train_config import TrainConfig
 from tests.conftest import (
+    DEVICE,
     HALF_TIE_TOLERANCE,
     SECOND_REAL_MODEL,
     build_tiny_model,
     make_settings,
+    on_gpu_path,
     random_prefix_kv,
     random_soft_prompt,
 )
@@ -41,21 +41,16 @@ from worker.job_runner import run_job
 from worker.training import Hooks, train_adapter
 
 HALF = ["bfloat16", "float16"]
-DEVICE = os.environ.get("DEVICE") or "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="DEVICE=cuda and no GPU here")
 PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Once upon a time", "The capital of France is", "ok"]
-
-
-def gpu_path(folder: Path | None, dtype: str) -> BaseModel:
-    """The model as a CUDA node loads it: on the CPU, or on DEVICE."""
-    return load_base_model(folder, Settings().model_cache_dir, quantization="int8", device=DEVICE,
-                           compute_dtype=dtype, int8_kernels="bitsandbytes")
 
 
 @pytest.fixture(scope="module", params=["gemma-3-270m", SECOND_REAL_MODEL])
 def packaged_on_gpu_path(request) -> BaseModel:
     """Each packaged real model as a CUDA node with bfloat16 would load it (Gemma 3 overflows float16)."""
-    return gpu_path(None if request.param == "gemma-3-270m" else Path(request.param), "bfloat16")
+    if request.param == "gemma-3-270m":
+        return request.getfixturevalue("gemma_on_gpu_path")
+    return on_gpu_path(Path(request.param), "bfloat16")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -102,7 +97,7 @@ def assert_match_the_reference(base: BaseModel, requests: list[GenerationRequest
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_the_engine_on_the_gpu_path_matches_the_reference_on_every_architecture(family_folder, dtype):
-    base = gpu_path(family_folder, dtype)
+    base = on_gpu_path(family_folder, dtype)
     assert base.embed_dtype == dtypes.DTYPES[dtype] and base.int8_kernels == "bitsandbytes"
     assert base.kv_shape.dtype == dtypes.DTYPES[dtype]  # a half-precision KV cache
     requests = mixed_requests(base, 8, max_new_tokens=8)
@@ -114,7 +109,7 @@ def test_the_engine_on_the_gpu_path_matches_the_reference_on_every_architecture(
 def test_every_architecture_trains_in_half_precision_without_a_dtype_error(family_folder, dtype, method):
     """The seed's failure on a GPU was a norm in float32 fed float16 int8 outputs ("expected scalar
     type Float but found Half"); float16 also needs its loss scaled, or small gradients vanish."""
-    base = gpu_path(family_folder, dtype)
+    base = on_gpu_path(family_folder, dtype)
     # float16's first steps may be skipped while the loss scale comes down to where gradients fit.
     config = TrainConfig(method=method, num_virtual_tokens=4, max_steps=6, eval_every=6, batch_size=len(EXAMPLES),
                          learning_rate=0.05, template=TEMPLATE, init="random")
@@ -142,20 +137,20 @@ def test_the_float16_probe_refuses_gemma_3_and_the_policy_gives_it_bfloat16(real
     assert dtypes.plan("auto", cuda, bfloat16_capable=False) == dtypes.Plan(torch.float16, probe_float16=True)
     assert dtypes.plan("auto", torch.device("cpu"), bfloat16_capable=True).dtype == torch.float32
     with pytest.raises(dtypes.Float16Overflow, match=f"{found.module} reaches"):
-        gpu_path(None, "float16")
+        on_gpu_path(None, "float16")
 
 
 def test_a_model_that_fits_float16_gets_it_and_one_that_does_not_falls_back_to_float32(family_folder, monkeypatch):
-    assert gpu_path(family_folder, "float16").embed_dtype == torch.float16  # tiny models fit
+    assert on_gpu_path(family_folder, "float16").embed_dtype == torch.float16  # tiny models fit
     monkeypatch.setattr(dtypes, "bfloat16_capable", lambda device: False)  # a GPU older than Ampere...
     monkeypatch.setattr(dtypes, "FLOAT16_MAX", 1.0)  # ...and a model whose activations overflow float16
-    assert gpu_path(family_folder, "auto").embed_dtype == torch.float32
+    assert on_gpu_path(family_folder, "auto").embed_dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_training_on_the_gpu_path_lowers_the_eval_loss(tmp_path, dtype):
     folder = build_tiny_model(tmp_path / "tiny")
-    base = gpu_path(folder, dtype)
+    base = on_gpu_path(folder, dtype)
     examples = [Example(f"review number {i} is {'good' if i % 2 else 'bad'}", ["negative", "positive"][i % 2])
                 for i in range(24)]
     evals = []

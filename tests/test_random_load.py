@@ -8,6 +8,8 @@ strings, greedy and sampled decoding, /generate and /v1/completions, whole and s
 abandoned mid-way and waits cancelled, while adapters are uploaded and deleted. Each request must
 succeed (a deleted adapter may answer 404), and after each batch a greedy canary must give the
 text it gave on the fresh engine. At the end the engine holds nothing and healed no fault.
+It runs on every class of node: as this CPU loads the model, as an AVX2-only CPU does (fbgemm's
+split-sign products: a step that samples no row once failed only there), and on the GPU path.
 
 A request asks for up to 512 tokens but reads at most GENERATED_AT_MOST of them whole (the rest
 are abandoned or cancelled, or have small limits): what breaks an engine is admitting, reserving
@@ -213,8 +215,9 @@ def wait_until_idle(http: httpx.Client, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("seed", seeds())
-def test_a_random_mix_of_legal_requests_never_breaks_the_engine(make_live_server, real_base, seed):
+def test_a_random_mix_of_legal_requests_never_breaks_the_engine(make_live_server, real_base_each_node_class, seed):
     print(f"random load seed {seed} (replay: LOAD_TEST_SEEDS={seed})")
+    real_base = real_base_each_node_class
     server = make_live_server(real_base)
     settings = server.runtime.settings
     limits = {"prompt": settings.max_prompt_tokens, "new": settings.max_new_tokens_limit}

@@ -23,8 +23,9 @@ also share one product (`SharedInputProduct`).
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
 AMD EPYC) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There the weights stay
-int8, held only in fbgemm's packed layout (`SplitSignInt8`; fbgemm was built for AVX2 servers,
-and its small-M products read the weight near the memory bound where oneDNN's take 10x longer):
+int8, in fbgemm's packed layout for products of few rows and plain for many (`SplitSignInt8`: half
+the bytes of float32 copies; fbgemm was built for AVX2 servers, and its small-M products read the
+weight near the memory bound where oneDNN's take 10x longer):
 each input row is split into its positive and negative parts, both in [0, 127], so the u8 x s8
 pair sums stay below 2**15 even without VNNI, and K is cut into slices whose sums stay below
 2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
@@ -68,12 +69,15 @@ def _quantize_rows(x: torch.Tensor, as_int8: bool = True) -> tuple[torch.Tensor,
 
 
 def _seconds(product, repeats: int) -> float:
-    """How long `repeats` calls of `product` take, after one to warm up."""
+    """The fastest of `repeats` calls of `product`, after one to warm up: the least disturbed by
+    other work on the node (a load-time choice made under load once picked a kernel 10x slower)."""
     product()
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         product()
-    return time.perf_counter() - start
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 def adversarial_operands(k: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +111,7 @@ def int_mm_is_fast() -> bool:
         return False
     a, b = torch.ones(32, 640, dtype=torch.int8), torch.ones(2048, 640, dtype=torch.int8)
     af, bf = a.float(), b.float()
-    return _seconds(lambda: torch._int_mm(a, b.t()), 3) <= 2 * _seconds(lambda: af @ bf.t(), 3)
+    return _seconds(lambda: torch._int_mm(a, b.t()), 5) <= 2 * _seconds(lambda: af @ bf.t(), 5)
 
 
 @functools.cache
@@ -137,14 +141,13 @@ class SplitSignInt8:
     reading the weight bounds the product.
 
     Past _SPLIT_SIGN_ROWS rows (prefill) the doubled rows and fbgemm's per-output cost make this
-    2-3x slower than float32; with `keep_plain` the plain int8 weight is kept too, and such
-    products convert it to float32 slice by slice (`_float_int_mm`: exact, the same bits), a
-    cost spread over the rows; training's backward reads it too (fbgemm's unpacking takes
-    seconds for the head)."""
+    2-3x slower than float32; so the plain int8 weight is kept too, and such products convert it
+    to float32 slice by slice (`_float_int_mm`: exact, the same bits), a cost spread over the
+    rows; training's backward reads it too (fbgemm's unpacking takes seconds for the head)."""
 
-    def __init__(self, weight: torch.Tensor, keep_plain: bool):
+    def __init__(self, weight: torch.Tensor):
         self.shape = weight.shape
-        self.weight = weight if keep_plain else None
+        self.weight = weight
         n, k = weight.shape
         whole = k - k % _FBGEMM_K
         self.fold = _FBGEMM_K >> (k - whole - 1).bit_length() if whole < k else 1
@@ -161,7 +164,9 @@ class SplitSignInt8:
 
     def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
         rows, k = quantized.shape
-        if self.weight is not None and rows > _SPLIT_SIGN_ROWS:
+        if rows == 0:  # a step whose chunks all end short of sampling asks the head for no rows
+            return torch.zeros(0, self.shape[0])
+        if rows > _SPLIT_SIGN_ROWS:
             return _float_int_mm(quantized, self.weight).float()
         parts = torch.cat([quantized, quantized.neg()]).clamp_(min=0).float()  # float input: no conversion
         sums = [_fbgemm_product(parts[:, start:end], packed) for start, end, packed in self.slices]
@@ -177,24 +182,12 @@ class SplitSignInt8:
         total = sum((part[:rows] - part[rows:]).to(torch.int32) for part in sums)
         return cast(torch.Tensor, total)[:, : self.shape[0]].float()
 
-    def plain(self) -> torch.Tensor:
-        """The int8 weight [N, K]: the one kept, else read back from the packed slices (a
-        temporary, for the backward)."""
-        if self.weight is not None:
-            return self.weight
-        columns = [_fbgemm_unpack(packed) for _, _, packed in self.slices]
-        if self.rest is not None:
-            whole, width, packed = self.rest
-            rest = _fbgemm_unpack(packed).view(-1, self.fold, width).transpose(0, 1).reshape(-1, width)
-            columns.append(rest[:, : self.shape[1] - whole])
-        return torch.cat(columns, dim=1)[: self.shape[0]]
-
     def held_bytes(self) -> int:
         """The int8 bytes held for this weight: fbgemm's, its padding included, and the plain copy."""
         rows = -(-self.shape[0] // self.fold) * self.fold
         packed = sum(rows * -(-(end - start) // _FBGEMM_K) * _FBGEMM_K for start, end, _ in self.slices)
         rest = rows * (_FBGEMM_K // self.fold) if self.rest is not None else 0
-        return packed + rest + (0 if self.weight is None else self.weight.numel())
+        return packed + rest + self.weight.numel()
 
 
 def _fbgemm_prepack(weight: torch.Tensor):
@@ -215,26 +208,22 @@ def _fbgemm_product(parts: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(parts.contiguous(), 1.0, 0, packed)
 
 
-def _fbgemm_unpack(packed) -> torch.Tensor:
-    return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
-
-
 @functools.cache
 def split_sign_is_exact() -> bool:
     """Whether SplitSignInt8 gives exact sums here (a torch without fbgemm: no)."""
     try:
-        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
+        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     except (RuntimeError, AttributeError):
         return False
 
 
-def product_weight(weight: torch.Tensor, keep_plain: bool) -> "torch.Tensor | SplitSignInt8":
+def product_weight(weight: torch.Tensor) -> "torch.Tensor | SplitSignInt8":
     """What the integer products read: the int8 weight where torch._int_mm is fast, else the int8
-    weight packed for SplitSignInt8 (and kept plain if `keep_plain`, for products of many rows),
-    else (neither exact here) its values as float32."""
+    weight packed for SplitSignInt8 (which keeps it plain too), else (neither exact here) its values
+    as float32."""
     if int_mm_is_fast():
         return weight
-    return SplitSignInt8(weight, keep_plain) if split_sign_is_exact() else weight.float()
+    return SplitSignInt8(weight) if split_sign_is_exact() else weight.float()
 
 
 def _float_int_mm(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -337,7 +326,7 @@ def _dequantized_product(grad: torch.Tensor, weight: "torch.Tensor | SplitSignIn
     int8 weight is never dequantized whole."""
     scaled = (grad * scale).float()
     if isinstance(weight, SplitSignInt8):
-        weight = weight.plain()
+        weight = weight.weight
     if weight.dtype == torch.float32:
         return scaled @ weight
     out = torch.zeros(scaled.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
@@ -386,9 +375,9 @@ class SharedInputProduct:
         if isinstance(layers[0].product_weight, SplitSignInt8):
             # One packed copy for the group instead of one per layer, and one plain copy whose rows
             # the layers keep as views (for products alone: training's): no more memory than apart.
-            self.weight = SplitSignInt8(torch.cat([layer.product_weight.plain() for layer in layers]), keep_plain=True)
+            self.weight = SplitSignInt8(torch.cat([layer.product_weight.weight for layer in layers]))
             for layer in layers:
-                layer.product_weight = cast(torch.Tensor, self.weight.weight)[self.columns[layer]]
+                layer.product_weight = self.weight.weight[self.columns[layer]]
         else:
             self.weight = torch.cat([layer.product_weight for layer in layers])
         self.scale = torch.cat([layer.dequantize_scale for layer in layers])
@@ -441,9 +430,9 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
-        layer.product_weight = product_weight(layer.state.CB, keep_plain=True)
+        layer.product_weight = product_weight(layer.state.CB)
         if isinstance(layer.product_weight, SplitSignInt8):
-            layer.state.CB = None  # the packed slices are the only copy: int8 stays int8 in memory
+            layer.state.CB = None  # the product weight holds it: int8 stays int8 in memory
         layer.packed_weight = None
         layer.shared_input = None
         layer.forward = types.MethodType(fast_int8_forward, layer)
@@ -470,7 +459,7 @@ class Int8Head(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        held = product_weight(quantized, keep_plain=True)  # for many rows, and the backward (unpacking is slow)
+        held = product_weight(quantized)
         if isinstance(held, torch.Tensor):
             self.register_buffer("weight", held)
         else:

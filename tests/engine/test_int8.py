@@ -10,6 +10,7 @@ from bitsandbytes.nn import Linear8bitLt
 
 from app.engine.int8 import Int8Head, _int8_matmul, fast_int8_forward
 from app.engine.loader import load_base_model
+from tests.conftest import int8_as_on_avx2
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def held_values(weight) -> torch.Tensor:
     """The int8 values a layer or the head holds, whichever form it holds them in (see product_weight)."""
     from app.engine.int8 import SplitSignInt8
 
-    return weight.plain() if isinstance(weight, SplitSignInt8) else weight
+    return weight.weight if isinstance(weight, SplitSignInt8) else weight
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
     from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
-    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
     assert not gives_exact_sums(saturating_u8s8_product)
     rows, weight = adversarial_operands()
@@ -212,7 +213,7 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(mo
     monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
     packed = Int8Head(weight)
     if packed.packed is None:
-        pytest.skip("the int8 kernel is slow here: the head keeps float32 values, never packed")
+        pytest.skip("torch._int_mm is slow here: the head is never packed for oneDNN")
     for rows in (1, 2, 7):
         hidden = torch.randn(rows, 64, requires_grad=True)
         logits = packed(hidden)
@@ -344,7 +345,7 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
 def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate():
     from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums
 
-    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight, keep_plain=False)(rows))
+    assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     # What it asks of fbgemm is exact even with vpmaddubsw's 16-bit pair sums (no VNNI): each part
     # is in [0, 127] with zero point 0, so the saturating product of the old shifted scheme is exact.
     rows, weight = adversarial_operands()
@@ -364,17 +365,17 @@ def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
     torch.manual_seed(k)
     weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     weight[0] = 127  # sums past 2**24 at k=2048
-    split, kept = SplitSignInt8(weight, keep_plain=False), SplitSignInt8(weight, keep_plain=True)
+    product = SplitSignInt8(weight)
     batch = torch.randint(-127, 128, (100, k), dtype=torch.int8)
     batch[0] = 127
     exact = (batch.double() @ weight.double().t()).to(torch.int32).float()  # as the layers convert them
-    for rows in (1, 2, 5, 40, 100):  # 100 rows: past _SPLIT_SIGN_ROWS, `kept` multiplies its plain copy
-        for product, values in itertools.product((split, kept), (batch[:rows], batch[:rows].float())):
-            got = product(values)
-            assert got.dtype == torch.float32 and torch.equal(got, exact[:rows])
-    assert torch.equal(split.plain(), weight) and kept.plain() is weight
+    # 0 rows: a step whose chunks all stop short of sampling; 100: past _SPLIT_SIGN_ROWS, the plain copy
+    for rows, values in itertools.product((0, 1, 2, 5, 40, 100), ("int8", "float32")):
+        got = product(batch[:rows].to(getattr(torch, values)))
+        assert got.dtype == torch.float32 and got.shape == (rows, 300) and torch.equal(got, exact[:rows])
+    assert product.weight is weight
     # the remainder of K past fbgemm's blocks is folded (to a power of two wide), not padded to a block
-    assert split.held_bytes() <= 1.1 * weight.numel() + 512 * 8
+    assert product.held_bytes() <= 2.1 * weight.numel() + 512 * 8
 
 
 def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly():
@@ -384,20 +385,14 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
     weight = torch.randint(-127, 128, (2 * _CONVERTED_ROWS + 5, 96), dtype=torch.int8)  # three blocks, one short
     rows = torch.randint(-127, 128, (_SPLIT_SIGN_ROWS + 1, 96), dtype=torch.int8)
     exact = (rows.double() @ weight.double().t()).float()
-    assert torch.equal(SplitSignInt8(weight, keep_plain=True)(rows), exact)
+    assert torch.equal(SplitSignInt8(weight)(rows), exact)
 
 
 @pytest.fixture(scope="module")
 def split_sign_base(tiny_model_dir):
     """The tiny model loaded as on a CPU without a fast torch._int_mm (an AVX2 one)."""
-    from app.engine import int8
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8, "int_mm_is_fast", lambda: False)
-        if not int8.split_sign_is_exact():
-            pytest.skip("no exact fbgemm int8 linear in this torch")
-        base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
-    return base
+    with int8_as_on_avx2():
+        return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
 
 
 def test_on_the_avx2_path_the_weights_stay_int8(split_sign_base):
@@ -431,7 +426,7 @@ def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(
     with torch.inference_mode():
         for rows in (1, 2, 5):
             assert torch.equal(split_sign_base.model(ids[:rows]).logits, plain.model(ids[:rows]).logits)
-    # training's backward reads the int8 weights back from the packed slices
+    # training's backward reads the plain int8 copies
     grads = []
     for base in (split_sign_base, plain):
         embeds = base.model.get_input_embeddings()(ids[:2]).detach().requires_grad_()
@@ -441,17 +436,13 @@ def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(
 
 
 @pytest.mark.real_model
-def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly():
-    from app.config import Settings
-    from app.engine import int8
+def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly(avx2_real_base):
     from app.engine.generation import generate_batch
     from app.engine.reference import check_against_reference
     from tests.conftest import INT8_TIE_TOLERANCE
     from tests.engine.test_generation import mixed_requests
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8, "int_mm_is_fast", lambda: False)
-        base = load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+    base = avx2_real_base
     assert base.int8_kernels.startswith("cpu: fbgemm int8, rows split by sign")
     requests = mixed_requests(base, 5, max_new_tokens=8)
     batched = generate_batch(base, requests)
