@@ -106,7 +106,7 @@ def main() -> None:
     sections.wrap(int8.Int8Head, "forward", HEAD)
     sections.wrap(attention, "_paged_attention", "attention")
     sections.wrap(core, "sample", "sampling")
-    models = {"split_sign": load(False)}
+    models = {"chosen": load(False)}  # the kernels this CPU picks at load
     if args.compare_float_copies:
         models["float_copies"] = load(True)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),

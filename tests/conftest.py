@@ -153,45 +153,67 @@ def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
                            compute_dtype=dtype, int8_kernels="bitsandbytes")
 
 
-@contextmanager
-def int8_as_on_avx2() -> Iterator[None]:
-    """Load and run int8 as a CPU without a fast torch._int_mm does (AVX2 only: fbgemm's products
-    on rows split by sign), whatever this CPU is."""
+# How each class of CPU routes its int8 products (the choices app.engine.int8 makes at load, by
+# exactness and measured speed; bench/README.md): AVX2 only, fbgemm on rows split by sign; AVX-512
+# VNNI, torch._int_mm for one row, one-row products for a few and oneDNN's packed weights past
+# that; AMX, torch._int_mm alone.
+CPU_CLASSES = {
+    "avx2": {"int_mm_is_fast": False},
+    "avx512-vnni": {"int_mm_is_fast": True, "one_row_products_win": True, "packed_products_win": True},
+    "amx": {"int_mm_is_fast": True, "one_row_products_win": False, "packed_products_win": False},
+}
+
+
+def chosen_here(choices: dict[str, bool]) -> bool:
+    """Whether this CPU makes these choices itself."""
     from app.engine import int8
 
+    return all(getattr(int8, name)() == value for name, value in choices.items())
+
+
+@contextmanager
+def int8_as_on(cpu_class: str) -> Iterator[None]:
+    """Load and run int8 as a CPU of `cpu_class` does, whatever this CPU is, where this CPU can
+    compute that route exactly (torch._int_mm without VNNI is exact but far too slow to force)."""
+    from app.engine import int8
+
+    choices = CPU_CLASSES[cpu_class]
+    if not choices["int_mm_is_fast"] and not int8.split_sign_is_exact():
+        pytest.skip("no exact fbgemm int8 linear in this torch")
+    if choices["int_mm_is_fast"] and not int8.int_mm_is_fast():
+        pytest.skip(f"torch._int_mm is slow on this CPU: the {cpu_class} route can't be run here")
+    if choices.get("packed_products_win") and not int8.gives_exact_sums(lambda rows, w: int8.PackedInt8(w)(rows)):
+        pytest.skip(f"oneDNN's packed int8 product is inexact on this CPU: the {cpu_class} route can't be run here")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8, "int_mm_is_fast", lambda: False)
-        if not int8.split_sign_is_exact():
-            pytest.skip("no exact fbgemm int8 linear in this torch")
+        for name, value in choices.items():
+            patch.setattr(int8, name, lambda value=value: value)
         yield
 
 
 @pytest.fixture(scope="session")
 def avx2_real_base() -> BaseModel:
     """The default model as an AVX2-only CPU loads it."""
-    with int8_as_on_avx2():
+    with int8_as_on("avx2"):
         return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
 
 
-# The int8 paths a node can take: this CPU's own choice, an AVX2 CPU's (forced where this one has
-# a fast torch._int_mm), and a CUDA node's (bitsandbytes in bfloat16, on DEVICE).
-NODE_CLASSES = ["this-cpu", "avx2", "gpu-path"]
+# Every class of node: this CPU as it chooses, each CPU class's int8 route (forced where this CPU
+# would choose another), and a CUDA node's path (bitsandbytes in bfloat16, on DEVICE).
+NODE_CLASSES = ["this-cpu", *CPU_CLASSES, "gpu-path"]
 
 
 @pytest.fixture(params=NODE_CLASSES)
 def real_base_each_node_class(request) -> Iterator[BaseModel]:
     """The default model as each class of node loads and runs it."""
-    from app.engine.int8 import int_mm_is_fast
-
     if request.param == "gpu-path":
         yield request.getfixturevalue("gemma_on_gpu_path")
-    elif request.param == "avx2":
-        if not int_mm_is_fast():
-            pytest.skip("this CPU takes the AVX2 path itself (this-cpu)")
-        with int8_as_on_avx2():
-            yield request.getfixturevalue("avx2_real_base")
-    else:
+    elif request.param == "this-cpu":
         yield request.getfixturevalue("real_base")
+    else:
+        if chosen_here(CPU_CLASSES[request.param]):
+            pytest.skip(f"this CPU takes the {request.param} route itself (this-cpu)")
+        with int8_as_on(request.param):
+            yield load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ strings, greedy and sampled decoding, /generate and /v1/completions, whole and s
 abandoned mid-way and waits cancelled, while adapters are uploaded and deleted. Each request must
 succeed (a deleted adapter may answer 404), and after each batch a greedy canary must give the
 text it gave on the fresh engine. At the end the engine holds nothing and healed no fault.
-It runs on every class of node: as this CPU loads the model, as an AVX2-only CPU does (fbgemm's
-split-sign products: a step that samples no row once failed only there), and on the GPU path.
+It runs on every class of node: as this CPU loads the model, with each CPU class's int8 route
+(AVX2's fbgemm split-sign products, where a step that samples no row once failed; AVX-512 VNNI's
+and AMX's torch._int_mm routes), forced where this CPU would choose another, and on the GPU path.
 
 A request asks for up to 512 tokens but reads at most GENERATED_AT_MOST of them whole (the rest
 are abandoned or cancelled, or have small limits): what breaks an engine is admitting, reserving

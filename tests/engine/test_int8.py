@@ -10,7 +10,7 @@ from bitsandbytes.nn import Linear8bitLt
 
 from app.engine.int8 import Int8Head, _int8_matmul, fast_int8_forward
 from app.engine.loader import load_base_model
-from tests.conftest import int8_as_on_avx2
+from tests.conftest import int8_as_on
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,7 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
 @pytest.fixture(scope="module")
 def split_sign_base(tiny_model_dir):
     """The tiny model loaded as on a CPU without a fast torch._int_mm (an AVX2 one)."""
-    with int8_as_on_avx2():
+    with int8_as_on("avx2"):
         return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
 
 
