@@ -70,7 +70,7 @@ def _quantize_rows(x: torch.Tensor, as_int8: bool = True) -> tuple[torch.Tensor,
 
 def _seconds(product, repeats: int) -> float:
     """The fastest of `repeats` calls of `product`, after one to warm up: the least disturbed by
-    other work on the node (a load-time choice made under load once picked a kernel 10x slower)."""
+    other work on the node (a load-time choice made under load once picked a far slower kernel)."""
     product()
     fastest = float("inf")
     for _ in range(repeats):
