@@ -144,6 +144,7 @@ def real_base() -> BaseModel:
 
 # Where tests of the GPU path run: the CPU, or a GPU (bench/gpu_check.sh sets DEVICE=cuda).
 DEVICE = os.environ.get("DEVICE") or "cpu"
+NO_GPU_FOR_DEVICE = DEVICE == "cuda" and not torch.cuda.is_available()  # such tests then skip
 
 
 def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
@@ -182,7 +183,7 @@ def int8_as_on(cpu_class: str) -> Iterator[None]:
         pytest.skip("no exact fbgemm int8 linear in this torch")
     if choices["int_mm_is_fast"] and not int8.int_mm_is_fast():
         pytest.skip(f"torch._int_mm is slow on this CPU: the {cpu_class} route can't be run here")
-    if choices.get("packed_products_win") and not int8.gives_exact_sums(lambda rows, w: int8.PackedInt8(w)(rows)):
+    if choices.get("packed_products_win") and not int8.packed_int8_is_exact():
         pytest.skip(f"oneDNN's packed int8 product is inexact on this CPU: the {cpu_class} route can't be run here")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in choices.items():
@@ -212,14 +213,17 @@ def real_base_each_node_class(request) -> Iterator[BaseModel]:
     else:
         if chosen_here(CPU_CLASSES[request.param]):
             pytest.skip(f"this CPU takes the {request.param} route itself (this-cpu)")
-        with int8_as_on(request.param):
-            yield load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+        with int8_as_on(request.param):  # for the test's whole run, not just the load
+            if request.param == "avx2":  # loaded once for the session (tests/engine/test_int8.py uses it too)
+                yield request.getfixturevalue("avx2_real_base")
+            else:
+                yield load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def gemma_on_gpu_path() -> BaseModel:
     """The default model as a CUDA node loads it (bfloat16: Gemma 3 overflows float16)."""
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    if NO_GPU_FOR_DEVICE:
         pytest.skip("DEVICE=cuda and no GPU here")
     return on_gpu_path(None, "bfloat16")
 

@@ -26,8 +26,8 @@ from app.engine.reference import check_against_reference
 from app.engine.requests import GenerationRequest
 from app.train_config import TrainConfig
 from tests.conftest import (
-    DEVICE,
     HALF_TIE_TOLERANCE,
+    NO_GPU_FOR_DEVICE,
     SECOND_REAL_MODEL,
     build_tiny_model,
     make_settings,
@@ -41,7 +41,7 @@ from worker.job_runner import run_job
 from worker.training import Hooks, train_adapter
 
 HALF = ["bfloat16", "float16"]
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="DEVICE=cuda and no GPU here")
+pytestmark = pytest.mark.skipif(NO_GPU_FOR_DEVICE, reason="DEVICE=cuda and no GPU here")
 PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Once upon a time", "The capital of France is", "ok"]
 
 

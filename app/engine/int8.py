@@ -257,16 +257,25 @@ class PackedInt8:
         )
 
 
+def packed_int8_is_exact() -> bool:
+    """Whether PackedInt8 gives exact sums here (without VNNI its pair sums saturate; a torch
+    without oneDNN's int8 linear: no)."""
+    try:
+        return gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 @functools.cache
 def packed_products_win() -> bool:
     """Whether oneDNN's int8 linear on a weight packed once gives exact sums here and beats
     torch._int_mm for a few rows (four rows over an [8192, 640] weight)."""
     if not int_mm_is_fast():
         return False
+    if not packed_int8_is_exact():
+        log.warning("oneDNN's packed int8 product gives inexact sums on this CPU: not used")
+        return False
     try:
-        if not gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows)):
-            log.warning("oneDNN's packed int8 product gives inexact sums on this CPU: not used")
-            return False
         weight, rows = torch.ones(8192, 640, dtype=torch.int8), torch.ones(4, 640, dtype=torch.int8)
         packed = PackedInt8(weight)
         return _seconds(lambda: packed(rows), 10) < _seconds(lambda: torch._int_mm(rows, weight.t()), 10)

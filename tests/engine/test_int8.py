@@ -172,13 +172,9 @@ def test_a_faster_kernel_that_saturates_is_never_chosen(monkeypatch):
 
 
 def test_the_packed_product_is_chosen_only_where_it_gives_exact_sums():
-    from app.engine.int8 import PackedInt8, gives_exact_sums, int_mm_is_fast, packed_products_win
+    from app.engine.int8 import int_mm_is_fast, packed_int8_is_exact, packed_products_win
 
-    try:
-        exact = gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows))
-    except AttributeError:  # no oneDNN int8 linear in this torch
-        exact = False
-    assert not packed_products_win() or (exact and int_mm_is_fast())
+    assert not packed_products_win() or (packed_int8_is_exact() and int_mm_is_fast())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 40])
@@ -208,7 +204,7 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(mo
     torch.manual_seed(0)
     weight = torch.randn(5000, 64) * 0.05
     plain = Int8Head(weight, packed=False)
-    if not int8.gives_exact_sums(lambda rows, weight: int8.PackedInt8(weight)(rows)):
+    if not int8.packed_int8_is_exact():
         pytest.skip("oneDNN's packed int8 product is inexact on this CPU (no VNNI): never chosen here")
     monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
     packed = Int8Head(weight)
@@ -316,12 +312,12 @@ def test_a_shared_product_never_hands_out_an_output_for_another_input(int8_base)
 
 
 def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
-    from app.engine.int8 import PackedInt8, gives_exact_sums
+    from app.engine.int8 import PackedInt8, packed_int8_is_exact
 
     layer = int8_base.model.model.layers[0].self_attn.o_proj  # a layer with a product of its own
     if not isinstance(layer.product_weight, torch.Tensor) or layer.product_weight.dtype != torch.int8:
         pytest.skip("the int8 kernel is slow here: the layers' weights are never packed for it")
-    if not gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows)):
+    if not packed_int8_is_exact():
         pytest.skip("oneDNN's packed int8 product is inexact on this CPU (no VNNI): never chosen here")
     torch.manual_seed(1)
     x = torch.randn(1, 9, layer.in_features) * 3
