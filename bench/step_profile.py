@@ -6,10 +6,12 @@ sections inside it: the layers' int8 products, the int8 LM head, attention, samp
 (norms, rotary, activations, embedding, the engine's bookkeeping: per-op overhead). Medians over
 steps. With `--compare-float-copies`, a second copy of the model is loaded with the int8 values held
 as float32 (the path CPUs without a fast torch._int_mm took before SplitSignInt8), and the two are
-timed interleaved. To see an AVX2 CPU's figures on a newer one:
+timed interleaved. With `--compare-transformers-norms`, another copy keeps transformers' own RMS
+norms (not app.engine.fused_norms'), timed interleaved too. To see an AVX2 CPU's figures on a newer one:
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
+                                [--compare-transformers-norms]
 """
 
 import argparse
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from app.config import Settings
-from app.engine import attention, core, int8
+from app.engine import attention, core, int8, loader
 from app.engine.generation import _engine_for
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import GenerationRequest
@@ -65,7 +67,14 @@ class Sections:
         setattr(owner, attribute, timed)
 
 
-def load(float_copies: bool) -> BaseModel:
+def load(float_copies: bool = False, fused_norms: bool = True) -> BaseModel:
+    if not fused_norms:
+        fuse_rms_norms = loader.fuse_rms_norms
+        loader.fuse_rms_norms = lambda model, dtype: 0  # type: ignore[assignment]
+        try:
+            return load()
+        finally:
+            loader.fuse_rms_norms = fuse_rms_norms  # type: ignore[assignment]
     if not float_copies:
         return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
     split_sign_is_exact = int8.split_sign_is_exact
@@ -100,15 +109,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-float-copies", action="store_true")
+    parser.add_argument("--compare-transformers-norms", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
     sections.wrap(int8.Int8Head, "forward", HEAD)
     sections.wrap(attention, "_paged_attention", "attention")
     sections.wrap(core, "sample", "sampling")
-    models = {"chosen": load(False)}  # the kernels this CPU picks at load
+    models = {"chosen": load()}  # the kernels this CPU picks at load
     if args.compare_float_copies:
-        models["float_copies"] = load(True)
+        models["float_copies"] = load(float_copies=True)
+    if args.compare_transformers_norms:
+        models["transformers_norms"] = load(fused_norms=False)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from app.engine import dtypes
+from app.engine.fused_norms import fuse_rms_norms
 from app.engine.int8 import Int8Head, int8_kernel_name, speed_up_int8_layers
 from app.engine.kv_cache import KVShape
 
@@ -177,9 +178,11 @@ def fingerprint(model_dir: Path, name: str) -> str:
 
 def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
     """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
-    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8).
+    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8);
+    RMS norms as one fused op where that gives the same bits (app.engine.fused_norms).
     Returns the kernels chosen."""
     speed_up_int8_layers(model, packed)
+    fuse_rms_norms(model, model.dtype)
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and head.bias is None:
         model.set_output_embeddings(Int8Head(head.weight, packed))
