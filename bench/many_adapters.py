@@ -10,7 +10,9 @@ server's database as `bench.cold_adapters` does (10,000 take seconds, not an upl
 
 The rate puts the engine about `--busy` (70%) busy: a closed batch of 64 requests with the same
 mix of lengths, all at once, gives the requests/s the server completes at full load, and the rate
-is that times `--busy` (or `--rate`). The server's CPU share during each pass is reported, to check.
+is that times `--busy` (or `--rate`). To check, each pass reports how busy the engine was (its step
+time over the pass's span, from /metrics) and the server's CPU share (its compute threads spin
+between steps, so this reads higher).
 Every pass replays the same arrivals, prompts and lengths; only the adapter each request names differs.
 
 Where time goes, per pass, from the server's /metrics counters: registry lookups (count, total
@@ -72,6 +74,7 @@ COUNTERS = {  # /metrics counter -> report key
     "softserve_prefix_cache_hits_total": "prefix_hits",
     "softserve_prefix_cache_misses_total": "prefix_misses",
     "softserve_engine_steps_total": "engine_steps",
+    "softserve_engine_step_seconds_total": "engine_step_s",
 }
 
 
@@ -119,6 +122,7 @@ def run_pass(server, body, jobs: list[Job]) -> dict:
     figures = summarise(outcomes)
     moved = {key: after[key] - before[key] for key in after}
     lookups, loads = moved["registry_lookups"], moved["adapter_loads"]
+    figures["engine_busy_share"] = round(moved["engine_step_s"] / figures["makespan_s"], 3)
     figures["server_cpu_share"] = round(cpu / (figures["makespan_s"] * len(os.sched_getaffinity(0))), 3)
     figures["distinct_adapters"] = len({job.adapter for job in jobs})
     figures["where_time_goes"] = {

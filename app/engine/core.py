@@ -107,6 +107,7 @@ class EngineCore:
         self.requests_admitted = 0
         self.tokens_generated = 0
         self.rows_stepped = 0  # rows summed over steps: over `steps`, the mean batch size
+        self.step_seconds = 0.0  # wall time in forward steps: over a span of time, how busy the engine was
         self.rows_shed = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
 
@@ -188,10 +189,12 @@ class EngineCore:
     def forward_step(self) -> list[EngineEvent]:
         """One forward pass over the running rows, and a token for each row it completes."""
         events: list[EngineEvent] = []
+        started = time.perf_counter()
         try:
             self._forward_step(events)
         except Exception as exc:
             self._heal(exc, events)
+        self.step_seconds += time.perf_counter() - started
         return events
 
     def _forward_step(self, events: list[EngineEvent]) -> None:
@@ -401,6 +404,7 @@ class EngineCore:
             "requests_admitted": self.requests_admitted,
             "tokens_generated": self.tokens_generated,
             "rows_stepped": self.rows_stepped,
+            "step_seconds": self.step_seconds,
             "rows_shed": self.rows_shed,
             "faults": self.faults,
             "kv_cache": self.kv.stats(),

@@ -41,6 +41,7 @@ def test_counters_move_with_requests_and_jobs(make_client, tiny_base):
     assert moved("softserve_adapter_requests_total", adapter="base", status="200") == 1
     assert moved("softserve_adapter_requests_total", adapter="nope", status="404") == 1
     assert moved("softserve_tokens_generated_total") >= 2 and moved("softserve_engine_steps_total") >= 2
+    assert moved("softserve_engine_step_seconds_total") > 0
     assert value(after, "softserve_jobs", status="queued") == 1
     plan = client.app.state.runtime.engine.core.memory_plan  # the pool as the memory plan sized it
     assert value(after, "softserve_kv_cache_capacity_tokens") == plan.kv_cache_tokens > 0
