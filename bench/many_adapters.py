@@ -10,9 +10,9 @@ server's database as `bench.cold_adapters` does (10,000 take seconds, not an upl
 
 The rate puts the engine about `--busy` (70%) busy: a closed batch of 64 requests with the same
 mix of lengths, all at once, gives the requests/s the server completes at full load, and the rate
-is that times `--busy` (or `--rate`). To check, each pass reports how busy the engine was (its step
-time over the pass's span, from /metrics) and the server's CPU share (its compute threads spin
-between steps, so this reads higher).
+is that times `--busy` (or `--rate`). Each pass reports the share of its span the engine spent in
+steps (from /metrics: with continuous batching a step runs while any row is active, so this shows
+how seldom the engine idles, not how near it is to full) and the server's CPU share.
 Every pass replays the same arrivals, prompts and lengths; only the adapter each request names differs.
 
 Where time goes, per pass, from the server's /metrics counters: registry lookups (count, total
