@@ -112,7 +112,7 @@ def runtime_families(engine_stats: dict, cache_stats: dict, job_counts: dict[str
     yield counter("softserve_engine_steps", "Engine steps (forward passes)", engine_stats["steps"])
     yield counter("softserve_engine_rows_stepped", "Rows summed over engine steps (over steps: the mean batch size)",
                   engine_stats["rows_stepped"])
-    yield counter("softserve_engine_step_seconds", "Wall time in engine forward passes (its rate: how busy the engine is)",
+    yield counter("softserve_engine_step_seconds", "Wall time in engine steps (its rate: the share of time the engine steps)",
                   engine_stats["step_seconds"])
     yield gauge("softserve_engine_running_rows", "Rows in the running batch (the batch size now)", engine_stats["running"])
     yield gauge("softserve_engine_queue_depth", "Requests waiting for admission", engine_stats["queue_depth"])

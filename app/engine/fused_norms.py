@@ -29,8 +29,8 @@ def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_rms_norms(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Give every RMS norm of `model` that computes on `dtype` inputs the same bits through
-    `F.rms_norm` the fused forward. Returns how many were switched."""
+    """Give the fused forward to every RMS norm of `model` whose output `F.rms_norm` reproduces bit
+    for bit on `dtype` inputs. Returns how many were switched."""
     fused = 0
     module: Any  # a norm gains attributes and a forward of ours
     for module in model.modules():
