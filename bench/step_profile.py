@@ -19,7 +19,8 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from unittest.mock import patch
 
 import torch
 
@@ -68,21 +69,14 @@ class Sections:
 
 
 def load(float_copies: bool = False, fused_norms: bool = True) -> BaseModel:
-    if not fused_norms:
-        fuse_rms_norms = loader.fuse_rms_norms
-        loader.fuse_rms_norms = lambda model, dtype: 0  # type: ignore[assignment]
-        try:
-            return load()
-        finally:
-            loader.fuse_rms_norms = fuse_rms_norms  # type: ignore[assignment]
-    if not float_copies:
+    """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
+    with transformers' own RMS norms."""
+    with ExitStack() as changes:
+        if float_copies:
+            changes.enter_context(patch.object(int8, "split_sign_is_exact", lambda: False))
+        if not fused_norms:
+            changes.enter_context(patch.object(loader, "fuse_rms_norms", lambda model, dtype: 0))
         return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
-    split_sign_is_exact = int8.split_sign_is_exact
-    int8.split_sign_is_exact = lambda: False  # type: ignore[assignment]
-    try:
-        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
-    finally:
-        int8.split_sign_is_exact = split_sign_is_exact  # type: ignore[assignment]
 
 
 @torch.inference_mode()
