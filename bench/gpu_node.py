@@ -193,7 +193,7 @@ def main() -> None:
         base = load_base_model(folder, Path(tmp) / "cache", quantization="int8", device=str(device))
     parameters = sum(p.numel() for p in base.model.parameters())
     log(f"loaded int8 on {device}: {parameters / 1e9:.2f}B parameters, computing in {base.embed_dtype}")
-    memory = Memory(device)
+    memory = Memory(base.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if device.type == "cuda":

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.config import Settings
 from app.engine.loader import (
@@ -13,6 +14,7 @@ from app.engine.loader import (
     load_base_model,
     model_dir_and_name,
     packaged_model_dir,
+    resolve_device,
 )
 from tests.conftest import SECOND_REAL_MODEL
 
@@ -38,6 +40,22 @@ def test_any_local_hf_folder_loads_with_its_name(tiny_model_dir):
     assert base.name == tiny_model_dir.name and base.fingerprint.startswith(tiny_model_dir.name + "@")
     assert base.hidden_size == 64 and str(base.embed_dtype) == "torch.bfloat16"
     assert not any(p.requires_grad for p in base.model.parameters())
+
+
+@pytest.mark.parametrize("quantization", ["int8", "bf16"])
+def test_the_model_keeps_its_own_layers_not_hub_kernels(tiny_model_dir, quantization):
+    # transformers 5 swaps layers for kernels from the hub unless told not to: on a GPU that
+    # fetch fails offline (seen on an H200), and the swapped kernels are not what the reference checks.
+    base = load_base_model(tiny_model_dir, tiny_model_dir, quantization=quantization, device="cpu")
+    assert base.model.use_kernels is False
+
+
+def test_a_gpu_device_is_resolved_with_its_index(monkeypatch):
+    # torch.cuda's memory queries (the memory plan's) refuse a "cuda" device without an index
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

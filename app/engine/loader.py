@@ -209,9 +209,12 @@ def keep_freed_memory() -> None:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """DEVICE as a torch device; a GPU always with its index, which torch.cuda's memory queries
+    (the memory plan's) require."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 def _load_kwargs(quantization: str, dtype: torch.dtype, int8_threshold: float) -> dict:
@@ -229,8 +232,11 @@ def _load_kwargs(quantization: str, dtype: torch.dtype, int8_threshold: float) -
 
 def _load_model(model_dir: Path, device: torch.device, quantization: str, dtype: torch.dtype,
                 int8_threshold: float) -> PreTrainedModel:
+    # use_kernels=False: transformers otherwise swaps layers (rotary, activations) for kernels it
+    # fetches from the Hugging Face hub on a GPU, which fails offline and would change the numerics
+    # the engine is checked against.
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, device_map={"": str(device)}, **_load_kwargs(quantization, dtype, int8_threshold))
+        model_dir, device_map={"": str(device)}, use_kernels=False, **_load_kwargs(quantization, dtype, int8_threshold))
 
 
 def _load_in_compute_dtype(model_dir: Path, device: torch.device, quantization: str, compute_dtype: str,

@@ -113,8 +113,9 @@ class ModelRunner:
             soft_prompt = row.request.soft_prompt
             assert soft_prompt is not None and soft_prompt.prefix_kv is not None  # only prefix-tuned rows are written
             prefix_kv = soft_prompt.prefix_kv  # [layers, 2, n, kv_heads, head_dim]
-            kv.keys[:, prefix_slots.tensor] = prefix_kv[:, 0].to(kv.keys.dtype)
-            kv.values[:, prefix_slots.tensor] = prefix_kv[:, 1].to(kv.values.dtype)
+            # an adapter's keys and values may come from anywhere (the host, a training job): to the cache's device
+            kv.keys[:, prefix_slots.tensor] = prefix_kv[:, 0].to(kv.keys.device, kv.keys.dtype)
+            kv.values[:, prefix_slots.tensor] = prefix_kv[:, 1].to(kv.values.device, kv.values.dtype)
 
     def run_step(self, step: PreparedStep, kv: KVCache, attention_temporary_bytes: int) -> torch.Tensor:
         """The sent step's forward pass: logits of its sampled rows."""
