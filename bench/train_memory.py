@@ -23,8 +23,8 @@ import torch
 
 from app.config import Settings
 from app.engine.loader import load_base_model
+from app.engine.model_view import training_view
 from app.train_config import TrainConfig
-from worker.model_view import training_view
 from worker.training import Row, Trainable, make_optimizer, target_losses, wants_checkpointing
 
 NUM_VIRTUAL_TOKENS = 20

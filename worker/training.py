@@ -11,7 +11,7 @@ vocabulary, full logits would dominate memory.
 
 Every computation on the model is a work item handed to a `Device` (app.engine.device): on a
 node that serves, the engine runs it on its own thread between serving steps, and the model is
-called through a view (worker.model_view) that pauses for serving between layers. Where the
+called through a view (app.engine.model_view) that pauses for serving between layers. Where the
 device bounds how long training may hold it, a step's batch is split into micro-batches whose
 gradients add up to the whole batch's (gradient accumulation), sized so that one stretch between
 pause points stays within the bound.
@@ -35,10 +35,10 @@ from app.datasets import ChatExample, Dataset, Example, render
 from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
+from app.engine.model_view import pause_in_backward, training_view
 from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
 from app.engine.requests import GenerationRequest, SoftPrompt, stop_token_ids
 from app.train_config import CHECKPOINT_MIN_TOKENS, Method, TrainConfig
-from worker.model_view import pause_in_backward, training_view
 from worker.train_state import TrainState, shuffler_from
 
 

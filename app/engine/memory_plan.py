@@ -19,10 +19,16 @@ from app.engine.attention import RowGroup, StepAttention
 from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
 from app.engine.model_runner import ModelRunner
+from app.engine.model_view import training_view
+from app.train_config import CHECKPOINT_MIN_TOKENS
 
-# A training micro-step as profiled: the default job's batch (8 rows of 128 tokens), without
-# activation checkpointing, an upper bound of what a default job holds.
+# A training micro-step as profiled: the default job's batch (8 rows of 128 tokens), called as the
+# trainer calls it, through the training view, with each layer checkpointed where the trainer
+# checkpoints such a batch. Without checkpointing the profile held every layer's activations: on an
+# OPT-6.7B under a 12 GiB cap it left no room for the KV cache, and on a Llama-3-8B it ran out of
+# memory itself (bench.gpu_node on an H200, 2026-12-04).
 TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS = 8, 128
+TRAIN_PROFILE_CHECKPOINTED = TRAIN_PROFILE_ROWS * TRAIN_PROFILE_TOKENS >= CHECKPOINT_MIN_TOKENS
 
 
 class NotEnoughMemory(RuntimeError):
@@ -78,7 +84,13 @@ def plan_memory(base: BaseModel, settings: MemorySettings) -> MemoryPlan:
         tokens = settings.kv_cache_tokens
         return MemoryPlan("KV_CACHE_TOKENS", total, weights, 0, tokens, tokens * per_token, free - tokens * per_token)
     if base.device.type == "cuda":
-        activations = _serving_peak(base, settings) + (_training_peak(base) if settings.trains else 0)
+        try:
+            activations = _serving_peak(base, settings) + (_training_peak(base) if settings.trains else 0)
+        except torch.OutOfMemoryError as exc:
+            profiled = "a serving step and a training micro-step" if settings.trains else "a serving step"
+            raise NotEnoughMemory(
+                f"the device ran out of memory profiling {profiled} beside the weights ({weights / 2**20:,.0f} MiB):"
+                " lower MAX_STEP_TOKENS, serve a smaller model, or train on a node of its own") from exc
         budget = int(total * settings.gpu_memory_utilization) - (total - free) - activations
         basis = f"GPU_MEMORY_UTILIZATION={settings.gpu_memory_utilization:g} of the device"
     else:
@@ -131,12 +143,13 @@ def _serving_peak(base: BaseModel, settings: MemorySettings) -> int:
 def _training_peak(base: BaseModel) -> int:
     """A training micro-step's forward and backward: a soft prompt's gradient through every layer."""
     device, rows, length = base.device, TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS
+    view = training_view(base.model, checkpointed=TRAIN_PROFILE_CHECKPOINTED)
 
     def micro_step() -> None:
         with torch.enable_grad():
             embeds = base.model.get_input_embeddings()(torch.zeros(rows, length, dtype=torch.long, device=device))
             embeds = embeds.detach().requires_grad_()
-            hidden = base.model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            hidden = view.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
             logits = base.model.get_output_embeddings()(hidden[:, -16:]).float()  # the target tokens' logits
             logits.logsumexp(-1).sum().backward()
 

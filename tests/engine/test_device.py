@@ -6,8 +6,8 @@ import threading
 import torch
 
 from app.engine.device import let_serving_run, pausing
+from app.engine.model_view import training_view
 from tests.test_architectures import EXAMPLES, TEMPLATE
-from worker.model_view import training_view
 from worker.training import Row, VirtualTokens, encode_example, target_losses
 
 

@@ -86,6 +86,35 @@ def test_the_profiling_passes_run_on_every_model_shape(tiny_base, monkeypatch):
     assert not any(p.grad is not None for p in tiny_base.model.parameters())  # the model stays frozen
 
 
+def test_the_training_profile_is_a_default_job_s_micro_step_as_the_trainer_runs_it(tiny_base, monkeypatch):
+    """Checkpointed layer by layer, as the trainer runs a default job: the profile without it held
+    every layer's activations and left an OPT-6.7B under a 12 GiB cap no KV cache (an H200)."""
+    from app.engine import model_view
+    from app.train_config import TrainConfig
+    from worker.training import Row, wants_checkpointing
+
+    job = TrainConfig()
+    rows = [Row.of(list(range(job.max_length - 1)), [1])] * job.batch_size
+    assert (memory_plan.TRAIN_PROFILE_ROWS, memory_plan.TRAIN_PROFILE_TOKENS) == (job.batch_size, job.max_length)
+    assert memory_plan.TRAIN_PROFILE_CHECKPOINTED == wants_checkpointing(None, rows, job.num_virtual_tokens) is True
+    checkpointed, checkpoint = [], model_view.checkpoint
+    monkeypatch.setattr(model_view, "checkpoint", lambda *a, **k: checkpointed.append(1) or checkpoint(*a, **k))
+    monkeypatch.setattr(memory_plan, "_peak_beyond_now", lambda device, work: work() or 0)
+    memory_plan._training_peak(tiny_base)
+    assert len(checkpointed) == tiny_base.model.config.num_hidden_layers
+
+
+def test_running_out_of_memory_while_profiling_is_a_clear_refusal(tiny_base, monkeypatch):
+    FakeCuda(monkeypatch, used=9.0, serving=0.5, training=0.0)
+
+    def out_of_memory(base):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 MiB.")
+
+    monkeypatch.setattr(memory_plan, "_training_peak", out_of_memory)
+    with pytest.raises(NotEnoughMemory, match="ran out of memory profiling a serving step and a training micro-step"):
+        plan_memory(on_cuda(tiny_base), settings())
+
+
 def test_a_train_only_node_allocates_no_serving_pool(tmp_path, sqlite_url, tiny_base):
     import asyncio
 

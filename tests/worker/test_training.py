@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from app.datasets import Example
+from app.engine.model_view import training_view
 from app.train_config import TrainConfig
 from tests.conftest import random_prefix_kv
-from worker.model_view import training_view
 from worker.training import (
     Hooks,
     Row,
