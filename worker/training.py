@@ -35,6 +35,7 @@ from app.datasets import ChatExample, Dataset, Example, render
 from app.engine.device import Device, InlineDevice, let_serving_run
 from app.engine.generation import generate_batch
 from app.engine.loader import BaseModel
+from app.engine.memory_plan import TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS
 from app.engine.model_view import pause_in_backward, training_view
 from app.engine.prefix_kv import PrefixPast, from_flat, to_flat
 from app.engine.requests import GenerationRequest, SoftPrompt, stop_token_ids
@@ -334,18 +335,36 @@ class MicroBatches:
     every RETRY_EVERY items (one slow stretch may have been noise). Part of a stretch does not
     shrink with fewer rows (the LM head reads all its weights for one row as for eight): where
     even one row overruns the budget, the largest size no more than 10% slower than the fastest is
-    kept, since smaller ones would only make training slower."""
+    kept, since smaller ones would only make training slower.
+
+    With `max_tokens` (a GPU node, whose memory plan reserved room for one micro-step of that
+    many positions, soft prompt included), each micro-batch is also cut to fit it, rows padded to
+    the longest as the trainer pads them; a row longer than that alone is a micro-batch of its own."""
 
     RETRY_EVERY = 20
 
-    def __init__(self, device: Device, batch_size: int):
+    def __init__(self, device: Device, batch_size: int, max_tokens: int | None = None, virtual_tokens: int = 0):
         self.device, self.limit = device, batch_size
+        self.max_tokens, self.virtual_tokens = max_tokens, virtual_tokens
         self.rows = batch_size if device.step_budget_s is None else 1
         self.longest: dict[int, float] = {}  # rows -> longest stretch (moving average)
         self._since_retry = 0
 
     def split(self, batch: Batch) -> list[Batch]:
-        return [batch[i : i + self.rows] for i in range(0, len(batch), self.rows)]
+        pieces = [batch[i : i + self.rows] for i in range(0, len(batch), self.rows)]
+        if self.max_tokens is None:
+            return pieces
+        return [part for piece in pieces for part in self._within_tokens(piece)]
+
+    def _within_tokens(self, rows: Batch) -> list[Batch]:
+        parts: list[Batch] = [[]]
+        for row in rows:
+            grown = parts[-1] + [row]
+            if len(grown) > 1 and len(grown) * (self.virtual_tokens + max(len(r.ids) for r in grown)) > self.max_tokens:
+                parts.append([row])
+            else:
+                parts[-1] = grown
+        return parts
 
     def observe(self) -> None:
         """After each work item: choose the next size from its longest stretch."""
@@ -470,7 +489,10 @@ def train_adapter(
     # float16 gradients underflow: scale the loss up, and the gradients down before the step (a
     # step whose gradients overflowed is skipped and the scale lowered). bfloat16 needs none.
     scaler = torch.amp.GradScaler(base.device.type, enabled=base.embed_dtype == torch.float16)
-    train_sizes, eval_sizes = MicroBatches(device, config.batch_size), MicroBatches(device, config.batch_size)
+    # On a GPU no micro-step may hold more than the memory plan profiled (app.engine.memory_plan).
+    profiled = TRAIN_PROFILE_ROWS * TRAIN_PROFILE_TOKENS if base.device.type == "cuda" else None
+    train_sizes = MicroBatches(device, config.batch_size, profiled, config.num_virtual_tokens)
+    eval_sizes = MicroBatches(device, config.batch_size)
 
     def optimizer_step() -> None:
         scaler.step(optimizer)

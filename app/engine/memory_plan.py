@@ -11,6 +11,7 @@ has no serving pool at all. The plan is computed once, where the pool is allocat
 """
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import psutil
 import torch
@@ -22,12 +23,14 @@ from app.engine.model_runner import ModelRunner
 from app.engine.model_view import training_view
 from app.train_config import CHECKPOINT_MIN_TOKENS
 
-# A training micro-step as profiled: the default job's batch (8 rows of 128 tokens), called as the
-# trainer calls it, through the training view, with each layer checkpointed where the trainer
-# checkpoints such a batch. Without checkpointing the profile held every layer's activations: on an
-# OPT-6.7B under a 12 GiB cap it left no room for the KV cache, and on a Llama-3-8B it ran out of
-# memory itself (bench.gpu_node on an H200, 2026-12-04).
-TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS = 8, 128
+# A training micro-step as profiled: the default job's batch (8 rows of 20 virtual and 128 prompt
+# and target tokens), called as the trainer calls it, through the training view, with each layer
+# checkpointed where the trainer checkpoints such a batch. On a GPU the trainer cuts every
+# micro-batch to these positions (worker.training.MicroBatches), so no job holds more. Without
+# checkpointing the profile held every layer's activations: under a 12 GiB cap it left an
+# OPT-6.7B no room for the KV cache and ran a Llama-3-8B out of memory (bench.gpu_node on an
+# H200, 2026-12-04).
+TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS = 8, 20 + 128
 TRAIN_PROFILE_CHECKPOINTED = TRAIN_PROFILE_ROWS * TRAIN_PROFILE_TOKENS >= CHECKPOINT_MIN_TOKENS
 
 
@@ -143,7 +146,7 @@ def _serving_peak(base: BaseModel, settings: MemorySettings) -> int:
 def _training_peak(base: BaseModel) -> int:
     """A training micro-step's forward and backward: a soft prompt's gradient through every layer."""
     device, rows, length = base.device, TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS
-    view = training_view(base.model, checkpointed=TRAIN_PROFILE_CHECKPOINTED)
+    view: Any = training_view(base.model, checkpointed=TRAIN_PROFILE_CHECKPOINTED)  # a model, as its class types it
 
     def micro_step() -> None:
         with torch.enable_grad():

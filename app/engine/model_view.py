@@ -14,6 +14,7 @@ module is the model's own object; only the view's wrappers differ. Each wrapped 
 
 import copy
 import functools
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -46,7 +47,8 @@ class _TrainingLayer(torch.nn.Module):
 
 def decoder_layers_path(model: torch.nn.Module) -> list[str]:
     """Attribute names from the root to the model's list of decoder layers."""
-    count = model.config.get_text_config().num_hidden_layers
+    config: Any = model.config
+    count = config.get_text_config().num_hidden_layers
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return name.split(".")
@@ -70,7 +72,7 @@ def training_view(model: torch.nn.Module, checkpointed: bool) -> torch.nn.Module
     *parents, layers_name = decoder_layers_path(model)
     view = copy.copy(model)
     view._modules = dict(model._modules)
-    node = view
+    node: Any = view  # modules down the path, each as its parent holds it
     for name in parents:
         child = copy.copy(node._modules[name])
         child._modules = dict(child._modules)

@@ -1,5 +1,7 @@
 """The prompt- and prefix-tuning loop on the tiny model: loss, masking, eval, early stop, cancel."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from app.train_config import TrainConfig
 from tests.conftest import random_prefix_kv
 from worker.training import (
     Hooks,
+    MicroBatches,
     Row,
     Trainable,
     VirtualTokens,
@@ -239,3 +242,16 @@ def test_a_run_resumed_from_a_saved_state_ends_where_the_whole_run_ends(tiny_bas
     assert steps == [5, 6, 7]
     assert (resumed.steps, resumed.best_step, resumed.eval_accuracy) == (whole.steps, whole.best_step, whole.eval_accuracy)
     assert torch.equal(resumed.learned.values, whole.learned.values)
+
+
+def test_on_a_gpu_no_micro_batch_holds_more_positions_than_the_memory_plan_profiled():
+    """MicroBatches with `max_tokens` (a GPU node): rows padded to the longest, soft prompt included."""
+    bounded = MicroBatches(SimpleNamespace(step_budget_s=None), 8, max_tokens=1184, virtual_tokens=20)
+    short, long, huge = (Row.of(list(range(n - 1)), [1]) for n in (100, 600, 2000))  # 120, 620, 2020 positions
+    assert [len(part) for part in bounded.split([short] * 8)] == [8]  # the default job's shape: one micro-batch
+    assert [len(part) for part in bounded.split([short] * 3 + [long] + [short] * 4)] == [3, 1, 4]
+    assert [len(part) for part in bounded.split([huge, short])] == [1, 1]  # a row longer than the bound goes alone
+    parts = bounded.split([short] * 3 + [long] * 3 + [huge])
+    assert sum(parts, []) == [short] * 3 + [long] * 3 + [huge]  # every row once, in order
+    unbounded = MicroBatches(SimpleNamespace(step_budget_s=None), 8)
+    assert [len(part) for part in unbounded.split([long] * 8)] == [8]
