@@ -6,7 +6,7 @@
 #
 #     bench/gpu_check.sh            (after `make install` on the GPU machine: it picks the CUDA torch)
 #     PYTHON=/path/to/python bench/gpu_check.sh
-#     GPU_CHECK_LOGS=/some/folder bench/gpu_check.sh    (keeps the test log, junit XML and bench logs)
+#     GPU_CHECK_LOGS=/abs/folder bench/gpu_check.sh    (keeps the test log, junit XML and bench logs)
 #
 # Without .venv it runs the python3 on the PATH. Where the packaged default model can be neither
 # found nor converted (a bare machine without its PyPI package), the real-model tests are left out
@@ -34,6 +34,7 @@ if ! { "$PYTHON" -m app.cli prepare-model && BASE_MODEL=smollm2-135m "$PYTHON" -
     echo "no packaged default model here: the real-model tests are left out" >&2
 fi
 echo "CUDA-path tests with DEVICE=cuda..." >&2
+rm -f "$WORK/tests.xml"  # a kept folder's earlier report must not stand for this run
 DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$WORK/tests.xml" \
     tests/test_gpu_path.py tests/engine/test_memory_plan.py tests/engine/test_device.py tests/engine/test_transfers.py \
     tests/test_random_load.py "${selection[@]}" \

@@ -321,11 +321,12 @@ def label_choice_accuracy(base: BaseModel, prompt: VirtualTokens | None, example
     return sum(labels[int(c)] == e.output for c, e in zip(chosen, examples)) / len(examples)
 
 
-def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: int) -> bool:
-    """The job's setting, else on where activations would dominate memory."""
+def wants_checkpointing(setting: bool | None, batch: Batch, num_virtual_tokens: int, on_gpu: bool = False) -> bool:
+    """The job's setting, else: always on a GPU (its memory plan reserved room for a checkpointed
+    micro-step, app.engine.memory_plan), elsewhere where activations would dominate memory."""
     if setting is not None:
         return setting
-    return len(batch) * (num_virtual_tokens + max(len(row.ids) for row in batch)) >= CHECKPOINT_MIN_TOKENS
+    return on_gpu or len(batch) * (num_virtual_tokens + max(len(row.ids) for row in batch)) >= CHECKPOINT_MIN_TOKENS
 
 
 class MicroBatches:
@@ -337,9 +338,10 @@ class MicroBatches:
     even one row overruns the budget, the largest size no more than 10% slower than the fastest is
     kept, since smaller ones would only make training slower.
 
-    With `max_tokens` (a GPU node, whose memory plan reserved room for one micro-step of that
-    many positions, soft prompt included), each micro-batch is also cut to fit it, rows padded to
-    the longest as the trainer pads them; a row longer than that alone is a micro-batch of its own."""
+    With `max_tokens` (a GPU node, whose memory plan reserved room for one checkpointed micro-step
+    of that many positions, soft prompt included), each micro-batch is also cut to fit it, rows
+    padded to the longest as the trainer pads them. A row longer than that cannot be cut: it goes
+    alone, and may need more memory than was reserved."""
 
     RETRY_EVERY = 20
 
@@ -492,7 +494,7 @@ def train_adapter(
     # On a GPU no micro-step may hold more than the memory plan profiled (app.engine.memory_plan).
     profiled = TRAIN_PROFILE_ROWS * TRAIN_PROFILE_TOKENS if base.device.type == "cuda" else None
     train_sizes = MicroBatches(device, config.batch_size, profiled, config.num_virtual_tokens)
-    eval_sizes = MicroBatches(device, config.batch_size)
+    eval_sizes = MicroBatches(device, config.batch_size, profiled, config.num_virtual_tokens)
 
     def optimizer_step() -> None:
         scaler.step(optimizer)
@@ -545,7 +547,7 @@ def train_adapter(
                 if hooks.should_cancel():  # the step's gradient so far is dropped with it
                     raise Cancelled
                 view = training_view(base.model, wants_checkpointing(config.gradient_checkpointing, rows,
-                                                                     config.num_virtual_tokens))
+                                                                     config.num_virtual_tokens, on_gpu=profiled is not None))
                 loss_sum += device.run_training_work(partial(_accumulate, base, view, trainable, rows, targets, scaler))
                 train_sizes.observe()
             for group in optimizer.param_groups:

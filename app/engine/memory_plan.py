@@ -25,8 +25,9 @@ from app.train_config import CHECKPOINT_MIN_TOKENS
 
 # A training micro-step as profiled: the default job's batch (8 rows of 20 virtual and 128 prompt
 # and target tokens), called as the trainer calls it, through the training view, with each layer
-# checkpointed where the trainer checkpoints such a batch. On a GPU the trainer cuts every
-# micro-batch to these positions (worker.training.MicroBatches), so no job holds more. Without
+# checkpointed where the trainer checkpoints such a batch. On a GPU the trainer checkpoints every
+# micro-batch and cuts it to these positions (worker.training), so only a single row longer than
+# that (MAX_LENGTH past 1,164 tokens) holds more. Without
 # checkpointing the profile held every layer's activations: under a 12 GiB cap it left an
 # OPT-6.7B no room for the KV cache and ran a Llama-3-8B out of memory (bench.gpu_node on an
 # H200, 2026-12-04).

@@ -143,6 +143,8 @@ def test_checkpointing_is_automatic_for_large_batches_only():
     assert not wants_checkpointing(None, short, 20)
     assert wants_checkpointing(None, long, 20)
     assert wants_checkpointing(True, short, 20) and not wants_checkpointing(False, long, 20)
+    # on a GPU always, as its memory plan profiled it, unless the job says otherwise
+    assert wants_checkpointing(None, short, 20, on_gpu=True) and not wants_checkpointing(False, short, 20, on_gpu=True)
 
 
 def peft_style_past(base, kv: torch.Tensor) -> DynamicCache:
@@ -244,13 +246,13 @@ def test_a_run_resumed_from_a_saved_state_ends_where_the_whole_run_ends(tiny_bas
     assert torch.equal(resumed.learned.values, whole.learned.values)
 
 
-def test_on_a_gpu_no_micro_batch_holds_more_positions_than_the_memory_plan_profiled():
+def test_on_a_gpu_micro_batches_are_cut_to_the_positions_the_memory_plan_profiled():
     """MicroBatches with `max_tokens` (a GPU node): rows padded to the longest, soft prompt included."""
     bounded = MicroBatches(SimpleNamespace(step_budget_s=None), 8, max_tokens=1184, virtual_tokens=20)
     short, long, huge = (Row.of(list(range(n - 1)), [1]) for n in (100, 600, 2000))  # 120, 620, 2020 positions
     assert [len(part) for part in bounded.split([short] * 8)] == [8]  # the default job's shape: one micro-batch
     assert [len(part) for part in bounded.split([short] * 3 + [long] + [short] * 4)] == [3, 1, 4]
-    assert [len(part) for part in bounded.split([huge, short])] == [1, 1]  # a row longer than the bound goes alone
+    assert [len(part) for part in bounded.split([huge, short])] == [1, 1]  # a longer row cannot be cut: alone
     parts = bounded.split([short] * 3 + [long] * 3 + [huge])
     assert sum(parts, []) == [short] * 3 + [long] * 3 + [huge]  # every row once, in order
     unbounded = MicroBatches(SimpleNamespace(step_budget_s=None), 8)
