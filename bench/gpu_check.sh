@@ -8,9 +8,9 @@
 #     PYTHON=/path/to/python bench/gpu_check.sh
 #     GPU_CHECK_LOGS=/abs/folder bench/gpu_check.sh    (keeps the test log, junit XML and bench logs)
 #
-# Without .venv it runs the python3 on the PATH. Where the packaged default model can be neither
-# found nor converted (a bare machine without its PyPI package), the real-model tests are left out
-# and the JSON says so. On a machine without a GPU it says so in its JSON and exits 2.
+# Without .venv it runs the python3 on the PATH. Where the packaged models (the default and SmolLM2)
+# can be neither found nor converted (a bare machine without their PyPI packages), the real-model
+# tests are left out and the JSON says so. On a machine without a GPU it says so in its JSON and exits 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}

@@ -21,18 +21,15 @@ from app.engine.kv_cache import BLOCK_SIZE, KVCache
 from app.engine.loader import BaseModel
 from app.engine.model_runner import ModelRunner
 from app.engine.model_view import training_view
-from app.train_config import CHECKPOINT_MIN_TOKENS
 
 # A training micro-step as profiled: the default job's batch (8 rows of 20 virtual and 128 prompt
-# and target tokens), called as the trainer calls it, through the training view, with each layer
-# checkpointed where the trainer checkpoints such a batch. On a GPU the trainer checkpoints every
-# micro-batch and cuts it to these positions (worker.training), so only a single row longer than
-# that (MAX_LENGTH past 1,164 tokens) holds more. Without
-# checkpointing the profile held every layer's activations: under a 12 GiB cap it left an
-# OPT-6.7B no room for the KV cache and ran a Llama-3-8B out of memory (bench.gpu_node on an
-# H200, 2026-12-04).
+# and target tokens), called as the trainer calls it on a GPU (where alone this profile runs):
+# through the training view, each layer checkpointed. There the trainer also cuts every micro-batch
+# to these positions (worker.training), so only a single row longer than that (MAX_LENGTH past
+# 1,164 tokens) holds more. Profiled without checkpointing, the step held every layer's activations:
+# under a 12 GiB cap that left an OPT-6.7B no room for the KV cache and ran a Llama-3-8B out of
+# memory (bench.gpu_node on an H200, 2026-12-04).
 TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS = 8, 20 + 128
-TRAIN_PROFILE_CHECKPOINTED = TRAIN_PROFILE_ROWS * TRAIN_PROFILE_TOKENS >= CHECKPOINT_MIN_TOKENS
 
 
 class NotEnoughMemory(RuntimeError):
@@ -147,7 +144,7 @@ def _serving_peak(base: BaseModel, settings: MemorySettings) -> int:
 def _training_peak(base: BaseModel) -> int:
     """A training micro-step's forward and backward: a soft prompt's gradient through every layer."""
     device, rows, length = base.device, TRAIN_PROFILE_ROWS, TRAIN_PROFILE_TOKENS
-    view: Any = training_view(base.model, checkpointed=TRAIN_PROFILE_CHECKPOINTED)  # a model, as its class types it
+    view: Any = training_view(base.model, checkpointed=True)  # a model, as its class types it
 
     def micro_step() -> None:
         with torch.enable_grad():

@@ -97,7 +97,7 @@ def test_the_training_profile_is_a_default_job_s_micro_step_as_the_trainer_runs_
     rows = [Row.of(list(range(job.max_length - 1)), [1])] * job.batch_size
     assert memory_plan.TRAIN_PROFILE_ROWS == job.batch_size
     assert memory_plan.TRAIN_PROFILE_TOKENS == job.num_virtual_tokens + job.max_length
-    assert memory_plan.TRAIN_PROFILE_CHECKPOINTED == wants_checkpointing(None, rows, job.num_virtual_tokens) is True
+    assert wants_checkpointing(None, rows, job.num_virtual_tokens, on_gpu=True) is True  # as the profile runs it
     checkpointed, checkpoint = [], model_view.checkpoint
     monkeypatch.setattr(model_view, "checkpoint", lambda *a, **k: checkpointed.append(1) or checkpoint(*a, **k))
     monkeypatch.setattr(memory_plan, "_peak_beyond_now", lambda device, work: work() or 0)
