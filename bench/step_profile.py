@@ -5,13 +5,15 @@ every decode step after the first token is timed whole and in sections, each exc
 sections inside it: the layers' int8 products, the int8 LM head, attention, sampling, and the rest
 (norms, rotary, activations, embedding, the engine's bookkeeping: per-op overhead). Medians over
 steps. With `--compare-float-copies`, a second copy of the model is loaded with the int8 values held
-as float32 (the path CPUs without a fast torch._int_mm took before SplitSignInt8), and the two are
-timed interleaved. With `--compare-transformers-norms`, another copy keeps transformers' own RMS
+as float32 (the path CPUs without a fast torch._int_mm took before fbgemm's), and the two are
+timed interleaved. With `--compare-int8-only`, another copy is loaded without packed weights
+(INT8_PACKED_WEIGHTS=false: on AVX2, int8 in fbgemm's int8 layout, rows split by sign, instead of
+its values packed as float16). With `--compare-transformers-norms`, another copy keeps transformers' own RMS
 norms (not app.engine.fused_norms'), timed interleaved too. To see an AVX2 CPU's figures on a newer one:
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
-                                [--compare-transformers-norms]
+                                [--compare-int8-only] [--compare-transformers-norms]
 """
 
 import argparse
@@ -68,15 +70,17 @@ class Sections:
         setattr(owner, attribute, timed)
 
 
-def load(float_copies: bool = False, fused_norms: bool = True) -> BaseModel:
+def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
-    with transformers' own RMS norms."""
+    with transformers' own RMS norms, or without packed weights."""
     with ExitStack() as changes:
         if float_copies:
+            changes.enter_context(patch.object(int8, "half_packed_is_exact", lambda: False))
             changes.enter_context(patch.object(int8, "split_sign_is_exact", lambda: False))
         if not fused_norms:
             changes.enter_context(patch.object(loader, "fuse_rms_norms", lambda model, dtype: 0))
-        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu")
+        return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu",
+                               int8_packed_weights=packed)
 
 
 @torch.inference_mode()
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-float-copies", action="store_true")
+    parser.add_argument("--compare-int8-only", action="store_true")
     parser.add_argument("--compare-transformers-norms", action="store_true")
     args = parser.parse_args()
     sections = Sections()
@@ -113,6 +118,8 @@ def main() -> None:
     models = {"chosen": load()}  # the kernels this CPU picks at load
     if args.compare_float_copies:
         models["float_copies"] = load(float_copies=True)
+    if args.compare_int8_only:
+        models["int8_only"] = load(packed=False)
     if args.compare_transformers_norms:
         models["transformers_norms"] = load(fused_norms=False)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),

@@ -155,7 +155,8 @@ def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
 
 
 # How each class of CPU routes its int8 products (the choices app.engine.int8 makes at load, by
-# exactness and measured speed; bench/README.md): AVX2 only, fbgemm on rows split by sign; AVX-512
+# exactness and measured speed; bench/README.md): AVX2 only, fbgemm on int8 values packed as float16
+# (on rows split by sign without packed weights); AVX-512
 # VNNI, torch._int_mm for one row, one-row products for a few and oneDNN's packed weights past
 # that; AMX, torch._int_mm alone.
 CPU_CLASSES = {
@@ -179,7 +180,7 @@ def int8_as_on(cpu_class: str) -> Iterator[None]:
     from app.engine import int8
 
     choices = CPU_CLASSES[cpu_class]
-    if not choices["int_mm_is_fast"] and not int8.split_sign_is_exact():
+    if not choices["int_mm_is_fast"] and not (int8.half_packed_is_exact() and int8.split_sign_is_exact()):
         pytest.skip("no exact fbgemm int8 linear in this torch")
     if choices["int_mm_is_fast"] and not int8.int_mm_is_fast():
         pytest.skip(f"torch._int_mm is slow on this CPU: the {cpu_class} route can't be run here")

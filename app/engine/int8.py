@@ -21,15 +21,18 @@ at the cost of a second copy of their int8 weights (the backward, and one-row pr
 plain one); INT8_PACKED_WEIGHTS=false keeps one. With it, projections that read the same input
 also share one product (`SharedInputProduct`).
 
-`torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: an AVX2
-AMD EPYC) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There the weights stay
-int8, in fbgemm's packed layout for products of few rows and plain for many (`SplitSignInt8`: half
-the bytes of float32 copies; fbgemm was built for AVX2 servers, and its small-M products read the
+`torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: AVX2
+AMD EPYCs) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There, with packed
+weights (the default), the int8 values are also packed as float16 for fbgemm's float16-weight
+linear (`HalfPackedInt8`: every int8 value is exact in float16, and fbgemm multiplies and adds in
+float32; 2-3x faster than the int8 route below past one row, for a float16 copy of the weights).
+Without, the weights stay int8 only, in fbgemm's packed layout for products of few rows and plain
+for many (`SplitSignInt8`: fbgemm was built for AVX2 servers, and its small-M products read the
 weight near the memory bound where oneDNN's take 10x longer):
 each input row is split into its positive and negative parts, both in [0, 127], so the u8 x s8
-pair sums stay below 2**15 even without VNNI, and K is cut into slices whose sums stay below
+pair sums stay below 2**15 even without VNNI. Both cut K into slices whose sums stay below
 2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
-docs/engine.md, property 6). Only where that product is inexact too are the int8 values kept as
+docs/engine.md, property 6). Only where neither product is exact are the int8 values kept as
 float32 and multiplied in float32, in such slices of K (4x the weight memory).
 
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
@@ -208,6 +211,46 @@ def _fbgemm_product(parts: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(parts.contiguous(), 1.0, 0, packed)
 
 
+class HalfPackedInt8:
+    """An int8 weight [N, K] whose values are also packed as float16 for fbgemm's float16-weight
+    linear, in slices of at most _EXACT_K columns. Calling it with int8 rows [M, K] (or their
+    integers as float32) gives their exact products as float32: int8 values are exact in float16,
+    fbgemm widens them to float32 and multiplies and adds in float32, and a slice's sums are
+    integers below 2**24; longer K adds the slices' sums in int32 (the very bits torch._int_mm
+    gives, converted as `.float()` converts them). The plain int8 stays for training's backward
+    (unpacking fbgemm's float16 layout takes seconds for the head)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.shape = weight.shape
+        self.weight = weight
+        self.slices = [(start, min(start + _EXACT_K, weight.shape[1]),
+                        torch.ops.quantized.linear_prepack_fp16(weight[:, start : start + _EXACT_K].float(), None))
+                       for start in range(0, weight.shape[1], _EXACT_K)]
+
+    def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
+        if quantized.shape[0] == 0:  # a step whose chunks all end short of sampling asks the head for no rows
+            return torch.zeros(0, self.shape[0])
+        x = quantized.float()
+        if len(self.slices) == 1:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.slices[0][2])
+        sums = (torch.ops.quantized.linear_dynamic_fp16(x[:, start:end].contiguous(), packed).to(torch.int32)
+                for start, end, packed in self.slices)
+        return cast(torch.Tensor, sum(sums)).float()
+
+    def held_bytes(self) -> int:
+        """The bytes held for this weight: float16 values and the plain int8 copy."""
+        return 3 * self.weight.numel()
+
+
+@functools.cache
+def half_packed_is_exact() -> bool:
+    """Whether HalfPackedInt8 gives exact sums here (a torch without fbgemm: no)."""
+    try:
+        return gives_exact_sums(lambda rows, weight: HalfPackedInt8(weight)(rows))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 @functools.cache
 def split_sign_is_exact() -> bool:
     """Whether SplitSignInt8 gives exact sums here (a torch without fbgemm: no)."""
@@ -217,12 +260,17 @@ def split_sign_is_exact() -> bool:
         return False
 
 
-def product_weight(weight: torch.Tensor) -> "torch.Tensor | SplitSignInt8":
-    """What the integer products read: the int8 weight where torch._int_mm is fast, else the int8
-    weight packed for SplitSignInt8 (which keeps it plain too), else (neither exact here) its values
-    as float32."""
+HeldInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm, where torch._int_mm is slow
+
+
+def product_weight(weight: torch.Tensor, packed: bool = True) -> "torch.Tensor | HeldInt8":
+    """What the integer products read: the int8 weight where torch._int_mm is fast; else, if
+    `packed`, the int8 weight with its values packed as float16 (HalfPackedInt8), else packed for
+    SplitSignInt8 (both keep it plain too); else (none exact here) its values as float32."""
     if int_mm_is_fast():
         return weight
+    if packed and half_packed_is_exact():
+        return HalfPackedInt8(weight)
     return SplitSignInt8(weight) if split_sign_is_exact() else weight.float()
 
 
@@ -286,20 +334,22 @@ def packed_products_win() -> bool:
 def int8_kernel_name(packed: bool) -> str:
     """What computes the int8 products on this CPU, as /health reports it."""
     if not int_mm_is_fast():
+        if packed and half_packed_is_exact():
+            return "cpu: fbgemm, int8 values packed as float16 (exact without VNNI)"
         if split_sign_is_exact():
             return "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
     return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
 
 
-def pack(weight: "torch.Tensor | SplitSignInt8") -> PackedInt8 | None:
+def pack(weight: "torch.Tensor | HeldInt8") -> PackedInt8 | None:
     """`weight` (see product_weight) packed for oneDNN where that is faster here, else None."""
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
         return None
     return PackedInt8(weight) if packed_products_win() else None
 
 
-def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", split_up_to: int,
+def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | HeldInt8", split_up_to: int,
             packed: PackedInt8 | None = None) -> torch.Tensor:
     """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight), or those sums as
     float32 from `packed`, the same weight packed for oneDNN. torch._int_mm has a fast path for one
@@ -308,7 +358,7 @@ def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", spl
     (see packed_products_win). Integer products are exact, so how rows are grouped never changes a
     result."""
     rows = quantized.shape[0]
-    if isinstance(weight, SplitSignInt8):
+    if isinstance(weight, HeldInt8):
         return weight(quantized)
     if weight.dtype == torch.float32 or not int_mm_is_fast():  # int8 values as float32, or a layer's plain int8 view
         return _float_int_mm(quantized, weight)
@@ -319,22 +369,22 @@ def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", spl
     return torch._int_mm(quantized, weight.t())
 
 
-def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", weight_scale: torch.Tensor, split_up_to: int,
+def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | HeldInt8", weight_scale: torch.Tensor, split_up_to: int,
                  packed: PackedInt8 | None = None) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
-    # SplitSignInt8 reads the integers as float32: two conversions fewer per product, where
+    # fbgemm's products read the integers as float32: two conversions fewer per product, where
     # per-op overhead is a good part of a small step
-    quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, SplitSignInt8) and rows.dtype == torch.float32))
+    quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, HeldInt8) and rows.dtype == torch.float32))
     out = _int_mm(quantized, weight, split_up_to, packed).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _dequantized_product(grad: torch.Tensor, weight: "torch.Tensor | SplitSignInt8", scale: torch.Tensor) -> torch.Tensor:
+def _dequantized_product(grad: torch.Tensor, weight: "torch.Tensor | HeldInt8", scale: torch.Tensor) -> torch.Tensor:
     """grad [M, N] x (weight [N, K] * scale [N])  -> float32 [M, K], in slices of N so that an
     int8 weight is never dequantized whole."""
     scaled = (grad * scale).float()
-    if isinstance(weight, SplitSignInt8):
+    if isinstance(weight, HeldInt8):
         weight = weight.weight
     if weight.dtype == torch.float32:
         return scaled @ weight
@@ -349,7 +399,7 @@ class _Int8MatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, split_up_to, packed):
-        ctx.weight = weight  # frozen, and not always a tensor (SplitSignInt8): kept as it is
+        ctx.weight = weight  # frozen, and not always a tensor (HeldInt8): kept as it is
         ctx.save_for_backward(scale)
         ctx.x_dtype = x.dtype
         return _int8_matmul(x, weight, scale, split_up_to, packed)
@@ -380,11 +430,11 @@ class SharedInputProduct:
         self.layers = layers
         ends = itertools.accumulate(layer.out_features for layer in layers)
         self.columns = {layer: slice(end - layer.out_features, end) for layer, end in zip(layers, ends)}
-        self.weight: torch.Tensor | SplitSignInt8
-        if isinstance(layers[0].product_weight, SplitSignInt8):
+        self.weight: torch.Tensor | HeldInt8
+        if isinstance(layers[0].product_weight, HeldInt8):
             # One packed copy for the group instead of one per layer, and one plain copy whose rows
             # the layers keep as views (for products alone: training's): no more memory than apart.
-            self.weight = SplitSignInt8(torch.cat([layer.product_weight.weight for layer in layers]))
+            self.weight = type(layers[0].product_weight)(torch.cat([layer.product_weight.weight for layer in layers]))
             for layer in layers:
                 layer.product_weight = self.weight.weight[self.columns[layer]]
         else:
@@ -439,8 +489,8 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
-        layer.product_weight = product_weight(layer.state.CB)
-        if isinstance(layer.product_weight, SplitSignInt8):
+        layer.product_weight = product_weight(layer.state.CB, packed)
+        if isinstance(layer.product_weight, HeldInt8):
             layer.state.CB = None  # the product weight holds it: int8 stays int8 in memory
         layer.packed_weight = None
         layer.shared_input = None
@@ -462,13 +512,13 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
 
-    weight: "torch.Tensor | SplitSignInt8"  # a buffer where it is a tensor
+    weight: "torch.Tensor | HeldInt8"  # a buffer where it is a tensor
     scale: torch.Tensor  # buffer
 
     def __init__(self, weight: torch.Tensor, packed: bool = True):
         super().__init__()
         quantized, scale = _quantize_rows(weight.detach().float())
-        held = product_weight(quantized)
+        held = product_weight(quantized, packed)
         if isinstance(held, torch.Tensor):
             self.register_buffer("weight", held)
         else:

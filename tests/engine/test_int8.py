@@ -24,9 +24,9 @@ def int8_layers(base) -> list[Linear8bitLt]:
 
 def held_values(weight) -> torch.Tensor:
     """The int8 values a layer or the head holds, whichever form it holds them in (see product_weight)."""
-    from app.engine.int8 import SplitSignInt8
+    from app.engine.int8 import HeldInt8
 
-    return weight.weight if isinstance(weight, SplitSignInt8) else weight
+    return weight.weight if isinstance(weight, HeldInt8) else weight
 
 
 @pytest.fixture
@@ -121,15 +121,15 @@ def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows
 
 
 def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
-    from app.engine.int8 import SplitSignInt8, int_mm_is_fast, split_sign_is_exact
+    from app.engine.int8 import HalfPackedInt8, half_packed_is_exact, int_mm_is_fast
 
     layers = int8_layers(int8_base)
     held = [layer.product_weight for layer in layers] + [int8_base.model.get_output_embeddings().weight]
     if int_mm_is_fast():
         assert all(weight.dtype == torch.int8 for weight in held)
-    elif split_sign_is_exact():  # (a layer in a shared product holds a view of the group's plain int8)
+    elif half_packed_is_exact():  # (a layer in a shared product holds a view of the group's plain int8)
         products = [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]
-        assert all(isinstance(weight, SplitSignInt8) for weight in products + held[-1:])
+        assert all(isinstance(weight, HalfPackedInt8) for weight in products + held[-1:])
     else:
         assert all(weight.dtype == torch.float32 for weight in held)
 
@@ -144,10 +144,11 @@ def saturating_u8s8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
-    from app.engine.int8 import SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
+    from app.engine.int8 import HalfPackedInt8, SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
     assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
+    assert gives_exact_sums(lambda rows, weight: HalfPackedInt8(weight)(rows))
     assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
     assert not gives_exact_sums(saturating_u8s8_product)
     rows, weight = adversarial_operands()
@@ -334,8 +335,9 @@ def test_a_packed_layer_gives_the_plain_layers_bits(int8_base):
     assert torch.equal(packed, plain)
 
 
-# The AVX2 path (no VNNI): int8 weights held only in fbgemm's packed layout, rows split by sign.
-# Forced here whatever this CPU is, so it is tested on every machine.
+# The AVX2 path (no VNNI): int8 values packed as float16 for fbgemm (packed weights, the default),
+# or int8 weights held only in fbgemm's packed int8 layout, rows split by sign (INT8_PACKED_WEIGHTS
+# false). Forced here whatever this CPU is, so both are tested on every machine.
 
 
 def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate():
@@ -354,14 +356,15 @@ def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate()
     assert torch.equal(saturating_unshifted(positive) - saturating_unshifted(negative), rows.int() @ weight.int().t())
 
 
+@pytest.mark.parametrize("holder", ["SplitSignInt8", "HalfPackedInt8"])
 @pytest.mark.parametrize("k", [64, 640, 1100, 2048, 2600])  # folded remainders, and slices past 2**24
-def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
-    from app.engine.int8 import SplitSignInt8
+def test_an_avx2_product_row_is_the_same_bits_alone_and_in_any_batch(k, holder):
+    from app.engine import int8
 
     torch.manual_seed(k)
     weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     weight[0] = 127  # sums past 2**24 at k=2048
-    product = SplitSignInt8(weight)
+    product = getattr(int8, holder)(weight)
     batch = torch.randint(-127, 128, (100, k), dtype=torch.int8)
     batch[0] = 127
     exact = (batch.double() @ weight.double().t()).to(torch.int32).float()  # as the layers convert them
@@ -370,8 +373,9 @@ def test_a_split_sign_row_is_the_same_bits_alone_and_in_any_batch(k):
         got = product(batch[:rows].to(getattr(torch, values)))
         assert got.dtype == torch.float32 and got.shape == (rows, 300) and torch.equal(got, exact[:rows])
     assert product.weight is weight
-    # the remainder of K past fbgemm's blocks is folded (to a power of two wide), not padded to a block
-    assert product.held_bytes() <= 2.1 * weight.numel() + 512 * 8
+    if holder == "SplitSignInt8":
+        # the remainder of K past fbgemm's blocks is folded (to a power of two wide), not padded to a block
+        assert product.held_bytes() <= 2.1 * weight.numel() + 512 * 8
 
 
 def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly():
@@ -384,47 +388,70 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
     assert torch.equal(SplitSignInt8(weight)(rows), exact)
 
 
-@pytest.fixture(scope="module")
-def split_sign_base(tiny_model_dir):
-    """The tiny model loaded as on a CPU without a fast torch._int_mm (an AVX2 one)."""
+AVX2_HOLDERS = {True: ("HalfPackedInt8", 3, "cpu: fbgemm, int8 values packed as float16"),  # packed weights (default)
+                False: ("SplitSignInt8", 2, "cpu: fbgemm int8, rows split by sign")}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["packed", "int8-only"])
+def avx2_base(request, tiny_model_dir):
+    """(packed, the tiny model loaded as on a CPU without a fast torch._int_mm, an AVX2 one, with
+    packed weights, the default, or without)."""
     with int8_as_on("avx2"):
-        return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu")
+        base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu",
+                               int8_packed_weights=request.param)
+    return request.param, base
 
 
-def test_on_the_avx2_path_the_weights_stay_int8(split_sign_base):
-    from app.engine.int8 import SplitSignInt8
+@pytest.fixture(scope="module")
+def float_values_base(tiny_model_dir):
+    """The tiny model with its int8 values held as float32 and multiplied in float32 (exact on
+    every CPU): what the AVX2 routes must give, bit for bit."""
+    from app.engine import int8
 
-    layers = int8_layers(split_sign_base)
-    head = split_sign_base.model.get_output_embeddings()
+    with int8_as_on("avx2"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "half_packed_is_exact", lambda: False)
+        patch.setattr(int8, "split_sign_is_exact", lambda: False)
+        return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+
+
+def test_on_the_avx2_path_the_weights_stay_int8(avx2_base):
+    from app.engine import int8
+
+    packed, avx2_base = avx2_base
+    holder, copies, kernels = AVX2_HOLDERS[packed]
+    holder_type = getattr(int8, holder)
+    layers = int8_layers(avx2_base)
+    head = avx2_base.model.get_output_embeddings()
     shared = [layer for layer in layers if layer.shared_input is not None]
-    assert len(shared) == 5 * len(split_sign_base.model.model.layers)
-    # q/k/v and gate/up: one packed and one plain copy per group, the layers' weights views of it
+    # q/k/v and gate/up share one product where weights are packed: one packed and one plain copy
+    # per group, the layers' weights views of it
+    assert len(shared) == (5 * len(avx2_base.model.model.layers) if packed else 0)
     for layer in shared:
         group = layer.shared_input.weight
-        assert isinstance(group, SplitSignInt8) and layer.product_weight.dtype == torch.int8
+        assert isinstance(group, holder_type) and layer.product_weight.dtype == torch.int8
         assert layer.product_weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
-    assert all(isinstance(layer.product_weight, SplitSignInt8) for layer in layers if layer.shared_input is None)
+    assert all(isinstance(layer.product_weight, holder_type) for layer in layers if layer.shared_input is None)
     assert all(layer.state.CB is None for layer in layers)
-    assert isinstance(head.weight, SplitSignInt8) and head.packed is None
-    # the layers and the head keep their plain int8 too (for prefill's many rows, and the backward)
+    assert isinstance(head.weight, holder_type) and head.packed is None
+    # the layers and the head keep their plain int8 too (for the backward, and the split route's prefill)
     holders = {id(w): w for w in [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]}
     layers_held = sum(weight.held_bytes() for weight in holders.values())
     layers_int8 = sum(layer.in_features * layer.out_features for layer in layers)
-    assert 2 * layers_int8 <= layers_held <= 2.05 * layers_int8
-    assert 2 * head.weight.shape.numel() <= head.weight.held_bytes() <= 2.05 * head.weight.shape.numel()
-    assert split_sign_base.int8_kernels.startswith("cpu: fbgemm int8, rows split by sign")
+    assert copies * layers_int8 <= layers_held <= (copies + 0.05) * layers_int8
+    assert copies * head.weight.shape.numel() <= head.weight.held_bytes() <= (copies + 0.05) * head.weight.shape.numel()
+    assert avx2_base.int8_kernels.startswith(kernels)
 
 
-def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(split_sign_base, tiny_model_dir):
-    plain = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
+def test_the_avx2_path_gives_the_float_paths_logits_and_gradients_bit_for_bit(avx2_base, float_values_base):
+    _, avx2_base = avx2_base
     torch.manual_seed(4)
-    ids = torch.randint(0, plain.model.config.vocab_size, (5, 9))
+    ids = torch.randint(0, avx2_base.model.config.vocab_size, (5, 9))
     with torch.inference_mode():
         for rows in (1, 2, 5):
-            assert torch.equal(split_sign_base.model(ids[:rows]).logits, plain.model(ids[:rows]).logits)
+            assert torch.equal(avx2_base.model(ids[:rows]).logits, float_values_base.model(ids[:rows]).logits)
     # training's backward reads the plain int8 copies
     grads = []
-    for base in (split_sign_base, plain):
+    for base in (avx2_base, float_values_base):
         embeds = base.model.get_input_embeddings()(ids[:2]).detach().requires_grad_()
         base.model(inputs_embeds=embeds).logits.float().square().mean().backward()
         grads.append(embeds.grad)
@@ -432,14 +459,18 @@ def test_the_avx2_path_gives_the_default_paths_logits_and_gradients_bit_for_bit(
 
 
 @pytest.mark.real_model
-def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly(avx2_real_base):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "int8-only"])
+def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly(avx2_real_base, packed):
+    from app.config import Settings
     from app.engine.generation import generate_batch
     from app.engine.reference import check_against_reference
     from tests.conftest import INT8_TIE_TOLERANCE
     from tests.engine.test_generation import mixed_requests
 
-    base = avx2_real_base
-    assert base.int8_kernels.startswith("cpu: fbgemm int8, rows split by sign")
+    with int8_as_on("avx2"):
+        base = avx2_real_base if packed else load_base_model(None, Settings().model_cache_dir, quantization="int8",
+                                                              device="cpu", int8_packed_weights=False)
+    assert base.int8_kernels.startswith(AVX2_HOLDERS[packed][2])
     requests = mixed_requests(base, 5, max_new_tokens=8)
     batched = generate_batch(base, requests)
     assert [r.token_ids for r in batched] == [generate_batch(base, [r])[0].token_ids for r in requests]
