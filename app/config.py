@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     llm_int8_threshold: float = 0.0
     # On CPUs where it is faster (AVX-512 VNNI), int8 weights are also kept packed for oneDNN, with
     # one product for projections that share an input: a second copy of the int8 weights, bought
-    # for faster decode steps (figures: bench/README.md).
+    # for faster decode steps; on AVX2-only CPUs, their values packed as float16 for fbgemm instead
+    # of its int8 layout (figures: bench/README.md).
     int8_packed_weights: bool = True
 
     # Serving limits. Rows join and leave the running batch at every engine step.

@@ -430,15 +430,14 @@ class SharedInputProduct:
         self.layers = layers
         ends = itertools.accumulate(layer.out_features for layer in layers)
         self.columns = {layer: slice(end - layer.out_features, end) for layer, end in zip(layers, ends)}
-        self.weight: torch.Tensor | HeldInt8
-        if isinstance(layers[0].product_weight, HeldInt8):
-            # One packed copy for the group instead of one per layer, and one plain copy whose rows
-            # the layers keep as views (for products alone: training's): no more memory than apart.
-            self.weight = type(layers[0].product_weight)(torch.cat([layer.product_weight.weight for layer in layers]))
-            for layer in layers:
-                layer.product_weight = self.weight.weight[self.columns[layer]]
-        else:
-            self.weight = torch.cat([layer.product_weight for layer in layers])
+        plain = torch.cat([layer.state.CB for layer in layers])
+        self.weight = product_weight(plain)
+        # Held for fbgemm: one packed copy for the group, and one plain copy whose rows the layers
+        # keep as views (for products alone: training's), no more memory than apart. Never packed
+        # per layer first: a freed packing leaves a hole in the heap that RSS keeps.
+        held = isinstance(self.weight, HeldInt8)
+        for layer in layers:
+            layer.product_weight = plain[self.columns[layer]] if held else product_weight(layer.state.CB)
         self.scale = torch.cat([layer.dequantize_scale for layer in layers])
         self.packed = pack(self.weight)
         self._kept = threading.local()  # per thread: (input, {layer: output}) not yet taken
@@ -489,9 +488,6 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     layers = [layer for layer in layers if layer.state.SCB is not None and layer.state.threshold == 0]
     for layer in layers:
         layer.dequantize_scale = layer.state.SCB * _INV_127
-        layer.product_weight = product_weight(layer.state.CB, packed)
-        if isinstance(layer.product_weight, HeldInt8):
-            layer.state.CB = None  # the product weight holds it: int8 stays int8 in memory
         layer.packed_weight = None
         layer.shared_input = None
         layer.forward = types.MethodType(fast_int8_forward, layer)
@@ -503,9 +499,12 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
                     shared = SharedInputProduct(group)
                     for layer in group:
                         layer.shared_input = shared
-        for layer in layers:  # a shared product holds its layers' packed weights; the rest get their own
-            if layer.shared_input is None:
-                layer.packed_weight = pack(layer.product_weight)
+    for layer in layers:  # a shared product holds its layers' packed weights; the rest get their own
+        if layer.shared_input is None:
+            layer.product_weight = product_weight(layer.state.CB, packed)
+            layer.packed_weight = pack(layer.product_weight) if packed else None
+        if isinstance(layer.shared_input.weight if layer.shared_input else layer.product_weight, HeldInt8):
+            layer.state.CB = None  # the product weight holds it: int8 stays int8 in memory
     return len(layers)
 
 
