@@ -242,22 +242,24 @@ class HalfPackedInt8:
         return 3 * self.weight.numel()
 
 
+def _exact_here(holder) -> bool:
+    """Whether `holder(weight)(rows)` gives exact sums here (a torch without the kernel it calls: no)."""
+    try:
+        return gives_exact_sums(lambda rows, weight: holder(weight)(rows))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 @functools.cache
 def half_packed_is_exact() -> bool:
     """Whether HalfPackedInt8 gives exact sums here (a torch without fbgemm: no)."""
-    try:
-        return gives_exact_sums(lambda rows, weight: HalfPackedInt8(weight)(rows))
-    except (RuntimeError, AttributeError):
-        return False
+    return _exact_here(HalfPackedInt8)
 
 
 @functools.cache
 def split_sign_is_exact() -> bool:
     """Whether SplitSignInt8 gives exact sums here (a torch without fbgemm: no)."""
-    try:
-        return gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
-    except (RuntimeError, AttributeError):
-        return False
+    return _exact_here(SplitSignInt8)
 
 
 HeldInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm, where torch._int_mm is slow
@@ -308,10 +310,7 @@ class PackedInt8:
 def packed_int8_is_exact() -> bool:
     """Whether PackedInt8 gives exact sums here (without VNNI its pair sums saturate; a torch
     without oneDNN's int8 linear: no)."""
-    try:
-        return gives_exact_sums(lambda rows, weight: PackedInt8(weight)(rows))
-    except (RuntimeError, AttributeError):
-        return False
+    return _exact_here(PackedInt8)
 
 
 @functools.cache
