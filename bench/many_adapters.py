@@ -8,11 +8,13 @@ or uniformly. Every pass has adapters of its own (disjoint from the other passes
 with adapters cached by an earlier one; the registry holds all of them, written straight into the
 server's database as `bench.cold_adapters` does (10,000 take seconds, not an upload each).
 
-The rate puts the engine about `--busy` (70%) busy: a closed batch of 64 requests with the same
-mix of lengths, all at once, gives the requests/s the server completes at full load, and the rate
-is that times `--busy` (or `--rate`). Each pass reports the share of its span the engine spent in
-steps (from /metrics: with continuous batching a step runs while any row is active, so this shows
-how seldom the engine idles, not how near it is to full) and the server's CPU share.
+The rate puts the engine about `--busy` (70%) busy: stepping that share of the time on the one-adapter
+load (from /metrics; with continuous batching a step runs while any row is active). Probes of 30 s
+of arrivals find it, starting from a quarter of the requests/s a closed batch of 64 requests of
+the same mix completes (`--rate` skips the search). Past that knee latency climbs steeply with the
+load: at 0.7x the closed batch's rate the engine steps ~98% of the time, and there a small change
+in the work per request (a newcomer computing its own soft prompt) moves p90 by 1.4-1.9x (bench/README.md).
+Each pass reports its own busy share and the server's CPU share.
 Every pass replays the same arrivals, prompts and lengths; only the adapter each request names differs.
 
 Where time goes, per pass, from the server's /metrics counters: registry lookups (count, total
@@ -28,9 +30,11 @@ failed request. The last stdout line is one JSON object.
 import argparse
 import asyncio
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +68,7 @@ from bench.serve_load import (
 )
 
 PROBE_REQUESTS = 64  # the closed batch that measures full-load requests/s
+BUSY_PROBE_S, BUSY_TOLERANCE, BUSY_PROBES = 30.0, 0.05, 5  # the search for the rate that keeps the engine --busy
 MIN_REQUESTS, MAX_REQUESTS = 48, 240  # per pass, by default a minute of arrivals: 7 passes fit in 20 minutes
 INSERT_BATCH = 250
 COUNTERS = {  # /metrics counter -> report key
@@ -146,6 +151,27 @@ def full_load_rate(server, body, prompt, generator: torch.Generator, adapters: i
     return PROBE_REQUESTS / figures["makespan_s"]
 
 
+def rate_for_busy_share(busy_share_at: Callable[[float], float], start: float, target: float
+                        ) -> tuple[float, list[tuple[float, float]]]:
+    """The arrival rate at which the engine steps `target` of the time, and every (rate, share)
+    probed: `busy_share_at(rate)` measures one. The share grows with the rate, never faster
+    (rows that overlap share steps) and slower towards saturation, so each next rate follows the
+    slope of log share over log rate between the last two probes (1 at first, at least 0.2).
+    Returns the probed rate whose share came nearest."""
+    probes: list[tuple[float, float]] = []
+    rate = start
+    for _ in range(BUSY_PROBES):
+        share = max(busy_share_at(rate), 1e-3)
+        probes.append((rate, share))
+        if abs(share - target) <= BUSY_TOLERANCE:
+            break
+        slope = 1.0
+        if len(probes) > 1 and probes[-2][0] != rate:
+            slope = math.log(share / probes[-2][1]) / math.log(rate / probes[-2][0])
+        rate *= (target / share) ** (1 / min(max(slope, 0.2), 1.0))
+    return min(probes, key=lambda probe: abs(probe[1] - target))[0], probes
+
+
 def popularity(count: int, distribution: str) -> torch.Tensor:
     if distribution == "zipf":
         return 1.0 / torch.arange(1, count + 1, dtype=torch.float64) ** 1.1
@@ -179,7 +205,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None,
                         help=f"requests per pass (default: a minute of arrivals, {MIN_REQUESTS} to {MAX_REQUESTS})")
     parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default: from --busy)")
-    parser.add_argument("--busy", type=float, default=0.7, help="share of the full-load request rate to offer")
+    parser.add_argument("--busy", type=float, default=0.7, help="share of the time the engine should be stepping"
+                        " on the one-adapter load (the rate is searched for)")
     parser.add_argument("--model", type=Path, default=None, help="a Hugging Face model folder (default: BASE_MODEL"
                         " or the default model)")
     parser.add_argument("--port", type=int, default=8941)
@@ -214,8 +241,20 @@ def main() -> None:
                            health["fingerprint"], base_name, args.seed)
             registered = time.perf_counter() - registered
             log(f"registered {total} adapters in {registered:.1f} s")
-            rate = args.rate or args.busy * full_load_rate(server, softserve_body(probe_ids, base_name), prompt,
-                                                           generator, len(probe_ids))
+            probes: list[tuple[float, float]] = []
+            if args.rate:
+                rate = args.rate
+            else:
+                full = full_load_rate(server, softserve_body(probe_ids, base_name), prompt, generator, len(probe_ids))
+
+                def busy_share_at(offered: float) -> float:
+                    jobs = open_loop_jobs(offered, max(MIN_REQUESTS // 2, round(BUSY_PROBE_S * offered)),
+                                          popularity(1, "zipf"), prompt, generator)
+                    share = run_pass(server, softserve_body(probe_ids[:1], base_name), jobs)["engine_busy_share"]
+                    log(f"  {offered:.2f} req/s: the engine stepped {share:.0%} of the time")
+                    return share
+
+                rate, probes = rate_for_busy_share(busy_share_at, full / 4, args.busy)
             requests = args.requests or max(MIN_REQUESTS, min(MAX_REQUESTS, round(60 * rate)))
             log(f"offering {rate:.2f} req/s, {requests} requests a pass")
             # every pass the same arrivals, prompts and lengths: only which adapter each request names differs
@@ -236,6 +275,7 @@ def main() -> None:
     targets = targets_of(passes, counts[-1], distributions)
     print(json.dumps({
         "model": str(model_dir), "rate_req_s": round(rate, 3), "requests_per_pass": requests,
+        "busy_probes": [{"rate_req_s": round(r, 3), "engine_busy_share": share} for r, share in probes],
         "registered_adapters": total + len(probe_ids), "register_s": round(registered, 1),
         "adapter_cache_capacity": final["capacity"], **passes, "targets": targets,
         "all_targets_met": all(t["met"] for t in targets.values()),

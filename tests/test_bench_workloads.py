@@ -1,11 +1,15 @@
-"""The issue-24 bench workloads' own logic: the bench models' padded tokenizer, and how
-bench.serve_load takes vLLM's best figure and checks its targets against it."""
+"""The issue-24 bench workloads' own logic: the bench models' padded tokenizer, how
+bench.serve_load takes vLLM's best figure and checks its targets against it, and how
+bench.many_adapters finds the rate that keeps the engine 70% busy."""
+
+import math
 
 import pytest
 from transformers import AutoTokenizer
 
 from app.config import Settings
 from app.engine.loader import DEFAULT_MODEL_NAME, packaged_model_dir
+from bench.many_adapters import BUSY_PROBES, BUSY_TOLERANCE, rate_for_busy_share
 from bench.models import write_tokenizer
 from bench.serve_load import ratios_and_targets, vllm_best
 
@@ -55,3 +59,28 @@ def test_a_rate_vllm_never_sustains_sets_no_latency_target():
     ours = {"closed": figures(90, None, 1.0), "rate_8": figures(30, 3.0, 2.0)}
     _, targets = ratios_and_targets({"softserve": ours}, best, [8])
     assert set(targets) == {"closed_tok_s_at_least_vllm_best"} and not targets["closed_tok_s_at_least_vllm_best"]["met"]
+
+
+@pytest.mark.parametrize("share_at", [
+    lambda rate: 1 - math.exp(-rate / 2),  # saturating, as continuous batching's share
+    lambda rate: min(1.0, 0.4 * rate),  # linear (no overlap) until full
+    lambda rate: min(1.0, 0.6 * rate ** 0.25),  # flat: far from the start rate
+], ids=["saturating", "linear", "flat"])
+@pytest.mark.parametrize("start", [0.5, 3.0, 12.0])
+def test_the_busy_search_lands_within_tolerance_on_a_probed_rate(share_at, start):
+    probed = []
+
+    def busy_share_at(rate):
+        probed.append(rate)
+        return share_at(rate)
+
+    rate, probes = rate_for_busy_share(busy_share_at, start, 0.7)
+    assert rate in probed and probes == [(r, share_at(r)) for r in probed]
+    assert abs(share_at(rate) - 0.7) <= BUSY_TOLERANCE
+    assert len(probes) <= BUSY_PROBES
+
+
+def test_the_busy_search_returns_the_nearest_probe_when_the_share_never_comes_near():
+    shares = iter([1.0, 0.99, 0.98, 0.97, 0.96])  # saturated whatever the rate (noise, an overloaded node)
+    rate, probes = rate_for_busy_share(lambda rate: next(shares), 8.0, 0.7)
+    assert len(probes) == BUSY_PROBES and rate == probes[-1][0] and probes[0][0] == 8.0
