@@ -16,6 +16,9 @@ load: at 0.7x the closed batch's rate the engine steps ~98% of the time, and the
 in the work per request (a newcomer computing its own soft prompt) moves p90 by 1.4-1.9x (bench/README.md).
 Each pass reports its own busy share and the server's CPU share.
 Every pass replays the same arrivals, prompts and lengths; only the adapter each request names differs.
+The passes run from N = 1 and then the largest N down, so the passes the targets compare run one
+after the other: these machines' speed drifts over minutes (seen: at 2.56 req/s, the one-adapter
+pass stepped 64% of the time in one run, 76% and 80% in two others).
 
 Where time goes, per pass, from the server's /metrics counters: registry lookups (count, total
 and mean time), adapter loads on cache misses (count, total time), prefix cache hits and misses.
@@ -221,7 +224,8 @@ def main() -> None:
     settings = Settings()
     model_dir = args.model or model_dir_and_name(settings.base_model, settings.model_cache_dir)[0]
     embeddings = Embeddings(model_dir, args.seed)
-    plan = [(1, "zipf")] + [(n, d) for n in counts[1:] for d in distributions]  # one adapter: no distribution
+    # one adapter: no distribution; then the targets' passes next to it
+    plan = [(1, "zipf")] + [(n, d) for n in reversed(counts[1:]) for d in distributions]
     phrases = [json.loads(line)["input"] for line in SST2.read_text().splitlines()]
     generator = torch.Generator().manual_seed(args.seed)
 
