@@ -159,8 +159,9 @@ def rate_for_busy_share(busy_share_at: Callable[[float], float], start: float, t
     """The arrival rate at which the engine steps `target` of the time, and every (rate, share)
     probed: `busy_share_at(rate)` measures one. The share grows with the rate, never faster
     (rows that overlap share steps) and slower towards saturation, so each next rate follows the
-    slope of log share over log rate between the last two probes (1 at first, at least 0.2).
-    Returns the probed rate whose share came nearest."""
+    slope of log share over log rate between the last two probes (at least 0.2; 1 at first, and
+    where noise made the share fall as the rate rose or rise as it fell). Returns the probed rate
+    whose share came nearest."""
     probes: list[tuple[float, float]] = []
     rate = start
     for _ in range(BUSY_PROBES):
@@ -171,7 +172,7 @@ def rate_for_busy_share(busy_share_at: Callable[[float], float], start: float, t
         slope = 1.0
         if len(probes) > 1 and probes[-2][0] != rate:
             slope = math.log(share / probes[-2][1]) / math.log(rate / probes[-2][0])
-        rate *= (target / share) ** (1 / min(max(slope, 0.2), 1.0))
+        rate *= (target / share) ** (1 / (min(max(slope, 0.2), 1.0) if slope >= 0 else 1.0))
     return min(probes, key=lambda probe: abs(probe[1] - target))[0], probes
 
 

@@ -84,3 +84,11 @@ def test_the_busy_search_returns_the_nearest_probe_when_the_share_never_comes_ne
     shares = iter([1.0, 0.99, 0.98, 0.97, 0.96])  # saturated whatever the rate (noise, an overloaded node)
     rate, probes = rate_for_busy_share(lambda rate: next(shares), 8.0, 0.7)
     assert len(probes) == BUSY_PROBES and rate == probes[-1][0] and probes[0][0] == 8.0
+
+
+def test_a_share_that_noise_moved_against_the_rate_is_taken_as_proportional():
+    shares = iter([0.83, 0.90, 0.72])  # the second probe, at a lower rate, measured busier
+    rate, probes = rate_for_busy_share(lambda rate: next(shares), 4.5, 0.7)
+    assert probes[1][0] == pytest.approx(4.5 * 0.7 / 0.83)
+    assert probes[2][0] == pytest.approx(probes[1][0] * 0.7 / 0.90)  # not the 5th power a slope of 0.2 gives
+    assert rate == probes[2][0]
