@@ -169,10 +169,12 @@ def rate_for_busy_share(busy_share_at: Callable[[float], float], start: float, t
         probes.append((rate, share))
         if abs(share - target) <= BUSY_TOLERANCE:
             break
-        slope = 1.0
+        slope = 1.0  # proportional: at first, and where noise moved the share against the rate
         if len(probes) > 1 and probes[-2][0] != rate:
-            slope = math.log(share / probes[-2][1]) / math.log(rate / probes[-2][0])
-        rate *= (target / share) ** (1 / (min(max(slope, 0.2), 1.0) if slope >= 0 else 1.0))
+            measured = math.log(share / probes[-2][1]) / math.log(rate / probes[-2][0])
+            if measured >= 0:
+                slope = min(max(measured, 0.2), 1.0)
+        rate *= (target / share) ** (1 / slope)
     return min(probes, key=lambda probe: abs(probe[1] - target))[0], probes
 
 
