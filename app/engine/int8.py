@@ -330,6 +330,15 @@ def packed_products_win() -> bool:
         return False
 
 
+def packed_reads_one_row_faster(weight: torch.Tensor, packed: PackedInt8) -> bool:
+    """Whether oneDNN's product on the packed weight beats torch._int_mm for one row over this very
+    weight. Measured at load for the head, which never stays in cache: which of the two reads it
+    nearer the memory bound at one row differs by CPU (a Zen 4 EPYC: packed 8.6 against 13.2 ms;
+    a Zen 5: torch._int_mm at ~27 GB/s; bench/README.md)."""
+    row = torch.ones(1, weight.shape[1], dtype=torch.int8)
+    return _seconds(lambda: packed(row), 5) < _seconds(lambda: torch._int_mm(row, weight.t()), 5)
+
+
 def int8_kernel_name(packed: bool) -> str:
     """What computes the int8 products on this CPU, as /health reports it."""
     if not int_mm_is_fast():
@@ -349,13 +358,13 @@ def pack(weight: "torch.Tensor | HeldInt8") -> PackedInt8 | None:
 
 
 def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | HeldInt8", split_up_to: int,
-            packed: PackedInt8 | None = None) -> torch.Tensor:
+            packed: PackedInt8 | None = None, packed_from: int = 2) -> torch.Tensor:
     """quantized [M, K] x weight[N, K]^T in int32 (weight: see product_weight), or those sums as
     float32 from `packed`, the same weight packed for oneDNN. torch._int_mm has a fast path for one
     row (straight over the weight rows); on some CPUs, for 2..`split_up_to` rows, one-row products
-    beat oneDNN's small-M kernel (see one_row_products_win); past that, the packed weight beats it
-    (see packed_products_win). Integer products are exact, so how rows are grouped never changes a
-    result."""
+    beat oneDNN's small-M kernel (see one_row_products_win); past that, from `packed_from` rows, the
+    packed weight beats it (see packed_products_win, packed_reads_one_row_faster). Integer products
+    are exact, so how rows are grouped never changes a result."""
     rows = quantized.shape[0]
     if isinstance(weight, HeldInt8):
         return weight(quantized)
@@ -363,19 +372,19 @@ def _int_mm(quantized: torch.Tensor, weight: "torch.Tensor | HeldInt8", split_up
         return _float_int_mm(quantized, weight)
     if 1 < rows <= split_up_to and one_row_products_win():
         return torch.cat([torch._int_mm(quantized[i : i + 1], weight.t()) for i in range(rows)])
-    if rows > 1 and packed is not None:
+    if rows >= packed_from and packed is not None:
         return packed(quantized)
     return torch._int_mm(quantized, weight.t())
 
 
 def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | HeldInt8", weight_scale: torch.Tensor, split_up_to: int,
-                 packed: PackedInt8 | None = None) -> torch.Tensor:
+                 packed: PackedInt8 | None = None, packed_from: int = 2) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
     # fbgemm's products read the integers as float32: two conversions fewer per product, where
     # per-op overhead is a good part of a small step
     quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, HeldInt8) and rows.dtype == torch.float32))
-    out = _int_mm(quantized, weight, split_up_to, packed).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
+    out = _int_mm(quantized, weight, split_up_to, packed, packed_from).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -397,17 +406,17 @@ class _Int8MatmulFunction(torch.autograd.Function):
     """x times an int8 weight, with the straight-through backward; the weight is frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, split_up_to, packed):
+    def forward(ctx, x, weight, scale, split_up_to, packed, packed_from):
         ctx.weight = weight  # frozen, and not always a tensor (HeldInt8): kept as it is
         ctx.save_for_backward(scale)
         ctx.x_dtype = x.dtype
-        return _int8_matmul(x, weight, scale, split_up_to, packed)
+        return _int8_matmul(x, weight, scale, split_up_to, packed, packed_from)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, (scale,) = ctx.weight, ctx.saved_tensors
         grad = _dequantized_product(grad_out.reshape(-1, weight.shape[0]), weight, scale)
-        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None
+        return grad.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None, None
 
 
 # Projections of one module that read the same input, as transformers' models name them.
@@ -465,7 +474,7 @@ def fast_int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Linear8bitLt.forward on the CPU (threshold 0): the same quantization and integer matmul
     in fewer, fused ops (floats rounded in another order, and no fp16 detour)."""
     if torch.is_grad_enabled() and x.requires_grad:
-        out = _Int8MatmulFunction.apply(x, self.product_weight, self.dequantize_scale, 3, self.packed_weight)
+        out = _Int8MatmulFunction.apply(x, self.product_weight, self.dequantize_scale, 3, self.packed_weight, 2)
     elif self.shared_input is not None:
         return self.shared_input(self, x)
     else:
@@ -523,9 +532,11 @@ class Int8Head(torch.nn.Module):
             self.weight = held
         self.register_buffer("scale", scale.clamp(min=1e-12))
         self.packed = pack(self.weight) if packed else None
+        self.packed_from = 1 if self.packed is not None and packed_reads_one_row_faster(self.weight, self.packed) else 2
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The head never stays in cache, and only torch._int_mm's one-row path reads it at the memory
-        # bound: two rows gain from being split, unless the packed weight is there (one read for both).
+        # The head never stays in cache. Where the packed weight is not there, two rows gain from being
+        # split: torch._int_mm's one-row path reads it near the memory bound; else one read serves both.
         split_up_to = 1 if self.packed is not None else 2
-        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, split_up_to, self.packed).to(hidden.dtype)
+        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, split_up_to, self.packed,
+                                         self.packed_from).to(hidden.dtype)

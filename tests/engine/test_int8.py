@@ -199,7 +199,8 @@ def test_where_chosen_the_packed_product_gives_torch_int_mm_sums(rows, k):
     assert torch.equal(packed(quantized[-1:]), expected[-1:])  # a row alone: the same bits
 
 
-def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(monkeypatch):
+@pytest.mark.parametrize("one_row_packed", [True, False])
+def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(one_row_packed, monkeypatch):
     from app.engine import int8
 
     torch.manual_seed(0)
@@ -208,12 +209,18 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(mo
     if not int8.packed_int8_is_exact():
         pytest.skip("oneDNN's packed int8 product is inexact on this CPU (no VNNI): never chosen here")
     monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
+    monkeypatch.setattr(int8, "packed_reads_one_row_faster", lambda weight, packed: one_row_packed)
     packed = Int8Head(weight)
     if packed.packed is None:
         pytest.skip("torch._int_mm is slow here: the head is never packed for oneDNN")
+    packed_rows = []
+    monkeypatch.setattr(int8.PackedInt8, "__call__",
+                        lambda self, q, call=int8.PackedInt8.__call__: packed_rows.append(q.shape[0]) or call(self, q))
     for rows in (1, 2, 7):
         hidden = torch.randn(rows, 64, requires_grad=True)
+        packed_rows.clear()
         logits = packed(hidden)
+        assert packed_rows == ([rows] if rows > 1 or one_row_packed else [])  # one row: as measured at load
         assert torch.equal(logits, plain(hidden))
         grad_out = torch.randn_like(logits)
         (logits * grad_out).sum().backward()
