@@ -9,11 +9,13 @@ as float32 (the path CPUs without a fast torch._int_mm took before fbgemm's), an
 timed interleaved. With `--compare-int8-only`, another copy is loaded without packed weights
 (INT8_PACKED_WEIGHTS=false: on AVX2, int8 in fbgemm's int8 layout, rows split by sign, instead of
 its values packed as float16). With `--compare-transformers-norms`, another copy keeps transformers' own RMS
-norms (not app.engine.fused_norms'), timed interleaved too. To see an AVX2 CPU's figures on a newer one:
+norms (not app.engine.fused_norms'), timed interleaved too. With `--compare-head-kernel`, another copy
+takes the other kernel for the LM head's one-row products than this CPU picks at load (oneDNN's packed
+product or torch._int_mm). To see an AVX2 CPU's figures on a newer one:
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
-                                [--compare-int8-only] [--compare-transformers-norms]
+                                [--compare-int8-only] [--compare-transformers-norms] [--compare-head-kernel]
 """
 
 import argparse
@@ -70,10 +72,15 @@ class Sections:
         setattr(owner, attribute, timed)
 
 
-def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True) -> BaseModel:
+def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
+         other_head_kernel: bool = False) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
-    with transformers' own RMS norms, or without packed weights."""
+    with transformers' own RMS norms, or without packed weights, or with the other one-row head kernel."""
     with ExitStack() as changes:
+        if other_head_kernel:
+            chosen = int8.packed_reads_one_row_faster
+            changes.enter_context(patch.object(int8, "packed_reads_one_row_faster",
+                                               lambda weight, packed: not chosen(weight, packed)))
         if float_copies:
             changes.enter_context(patch.object(int8, "half_packed_is_exact", lambda: False))
             changes.enter_context(patch.object(int8, "split_sign_is_exact", lambda: False))
@@ -109,6 +116,7 @@ def main() -> None:
     parser.add_argument("--compare-float-copies", action="store_true")
     parser.add_argument("--compare-int8-only", action="store_true")
     parser.add_argument("--compare-transformers-norms", action="store_true")
+    parser.add_argument("--compare-head-kernel", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
@@ -122,6 +130,8 @@ def main() -> None:
         models["int8_only"] = load(packed=False)
     if args.compare_transformers_norms:
         models["transformers_norms"] = load(fused_norms=False)
+    if args.compare_head_kernel:
+        models["other_head_kernel"] = load(other_head_kernel=True)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:

@@ -184,10 +184,14 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
     speed_up_int8_layers(model, packed)
     fuse_rms_norms(model, model.dtype)
     head = model.get_output_embeddings()
+    kernels = int8_kernel_name(packed)
     if isinstance(head, torch.nn.Linear) and head.bias is None:
-        model.set_output_embeddings(Int8Head(head.weight, packed))
+        int8_head = Int8Head(head.weight, packed)
+        model.set_output_embeddings(int8_head)
         model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
-    return int8_kernel_name(packed)
+        if int8_head.packed_from == 1:
+            kernels += " (the LM head's one-row products too)"
+    return kernels
 
 
 def keep_freed_memory() -> None:

@@ -237,8 +237,10 @@ def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
     from app.engine.int8 import packed_products_win
 
     layers = int8_layers(int8_base)
-    assert {packed(layer) for layer in layers} | {int8_base.model.get_output_embeddings().packed is not None} == {
-        packed_products_win()}
+    head = int8_base.model.get_output_embeddings()
+    assert {packed(layer) for layer in layers} | {head.packed is not None} == {packed_products_win()}
+    # the head's one-row kernel, measured at load, is reported with the others (/health, admin)
+    assert ("LM head's one-row" in int8_base.int8_kernels) == (head.packed_from == 1)
     if not isinstance(layers[0].product_weight, torch.Tensor):
         return  # the AVX2 path: no shared products (a second copy), see test_on_the_avx2_path_...
     # q, k, v and gate, up read the same input: one product each in both layers; o and down alone
