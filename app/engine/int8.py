@@ -532,7 +532,9 @@ class Int8Head(torch.nn.Module):
             self.weight = held
         self.register_buffer("scale", scale.clamp(min=1e-12))
         self.packed = pack(self.weight) if packed else None
-        self.packed_from = 1 if self.packed is not None and packed_reads_one_row_faster(self.weight, self.packed) else 2
+        self.packed_from = 2  # rows from which the packed weight is read (see packed_reads_one_row_faster)
+        if isinstance(held, torch.Tensor) and self.packed is not None and packed_reads_one_row_faster(held, self.packed):
+            self.packed_from = 1
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The head never stays in cache. Where the packed weight is not there, two rows gain from being
