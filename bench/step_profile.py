@@ -91,7 +91,8 @@ def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = Tr
 
 
 @torch.inference_mode()
-def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> list[dict[str, float]]:
+def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> tuple[list[dict[str, float]], list]:
+    """Times of each decode step after the first token, and every row's tokens (prompt and generated)."""
     requests = [GenerationRequest(prompt_ids=base.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids,
                                   soft_prompt=None, max_new_tokens=steps + 1) for i in range(rows)]
     engine = _engine_for(base, requests)
@@ -105,7 +106,7 @@ def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> 
         start = time.perf_counter()
         engine.step()
         measured.append({**sections.times, "step": time.perf_counter() - start})
-    return measured
+    return measured, [handle.tokens for handle in handles]
 
 
 def main() -> None:
@@ -138,7 +139,7 @@ def main() -> None:
         samples: dict[str, list[dict[str, float]]] = defaultdict(list)
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
-                samples[name] += decode_steps(base, rows, args.steps, sections)
+                samples[name] += decode_steps(base, rows, args.steps, sections)[0]
         for name, steps in samples.items():
             keys = sorted({key for step in steps for key in step})
             median = {key: round(statistics.median(step.get(key, 0.0) for step in steps) * 1e3, 2) for key in keys}

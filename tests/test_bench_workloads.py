@@ -1,17 +1,21 @@
 """The issue-24 bench workloads' own logic: the bench models' padded tokenizer, how
-bench.serve_load takes vLLM's best figure and checks its targets against it, and how
-bench.many_adapters finds the rate that keeps the engine 70% busy."""
+bench.serve_load takes vLLM's best figure and checks its targets against it, how
+bench.many_adapters finds the rate that keeps the engine 70% busy, and that bench.compiled_step
+compiles the engine's own arithmetic."""
 
 import math
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from app.config import Settings
 from app.engine.loader import DEFAULT_MODEL_NAME, packaged_model_dir
+from bench.compiled_step import compile_stack
 from bench.many_adapters import BUSY_PROBES, BUSY_TOLERANCE, rate_for_busy_share
 from bench.models import write_tokenizer
 from bench.serve_load import ratios_and_targets, vllm_best
+from bench.step_profile import Sections, decode_steps, load
 
 
 @pytest.mark.real_model
@@ -92,3 +96,16 @@ def test_a_share_that_noise_moved_against_the_rate_is_taken_as_proportional():
     assert probes[1][0] == pytest.approx(4.5 * 0.7 / 0.83)
     assert probes[2][0] == pytest.approx(probes[1][0] * 0.7 / 0.90)  # not the 5th power a slope of 0.2 gives
     assert rate == probes[2][0]
+
+
+@pytest.mark.real_model
+def test_the_compiled_copy_routes_the_engines_very_arithmetic():
+    """Run eagerly, the copy bench.compiled_step compiles (its products and attention rerouted
+    through custom ops, q/k/v and gate/up sliced from one shared product) decodes the engine's
+    very tokens: what the bench compares with eager is only what inductor changes."""
+    engine, rerouted = load(), load()
+    compile_stack(rerouted)
+    expected = decode_steps(engine, 4, 12, Sections())[1]
+    with torch._dynamo.config.patch(disable=True):
+        assert decode_steps(rerouted, 4, 12, Sections())[1] == expected
+    assert rerouted.model.config._attn_implementation != engine.model.config._attn_implementation
