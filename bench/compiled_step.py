@@ -11,7 +11,8 @@ the inputs, rescaling the sums, and slicing q/k/v and gate/up out of their one s
 compiled with the rest, so nothing but the dispatch of small ops is left to save. The two copies
 decode the same rows greedily, interleaved, for each batch size; steps are timed whole (medians).
 Reported: the compiled step against the eager one, the seconds the first steps spent compiling,
-and whether both gave the same tokens (inductor fuses the small ops and rounds in its own order, so
+whether each copy decoded every prompt to the same tokens in every batch (property 6), and whether
+both gave the same tokens (inductor fuses the small ops and rounds in its own order, so
 greedy tokens part at near-ties: adopting it would mean compiling the reference decode too). The
 target (issue 24, item 6): a one-row step at 0.8x eager's or less. The last stdout line is one JSON
 object.
@@ -32,7 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from app.engine import attention, int8
 from app.engine.loader import BaseModel
-from bench.step_profile import Sections, decode_steps, load
+from bench.step_profile import PROMPTS, Sections, decode_steps, load
 
 TARGET = 0.8
 _PRODUCTS: list[tuple] = []  # (what the integer product reads, its oneDNN packing or None), by index
@@ -100,6 +101,16 @@ def compile_stack(base: BaseModel) -> None:
     base.model.model.compile(dynamic=False)
 
 
+def batch_invariant(tokens_by_batch: list[list[list[int]]]) -> bool:
+    """Whether every prompt decoded to the same tokens in every batch it was part of (row i of a
+    batch decodes PROMPTS[i % len(PROMPTS)]): docs/engine.md, property 6."""
+    decoded: dict[int, set] = {}
+    for batch in tokens_by_batch:
+        for i, tokens in enumerate(batch):
+            decoded.setdefault(i % len(PROMPTS), set()).add(tuple(tokens))
+    return all(len(variants) == 1 for variants in decoded.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
@@ -115,6 +126,7 @@ def main() -> None:
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": models["eager"].int8_kernels, "compile_s": round(time.perf_counter() - start, 1),
                     "ms": {}, "compiled_vs_eager": {}, "same_tokens_as_eager": {}}
+    decoded: dict[str, list] = {name: [] for name in models}  # every batch's tokens, for batch invariance
     for rows in args.rows:
         steps: dict[str, list[float]] = {name: [] for name in models}
         tokens: dict[str, list] = {}
@@ -122,12 +134,14 @@ def main() -> None:
             for name, base in models.items():
                 measured, tokens[name] = decode_steps(base, rows, args.steps, sections)
                 steps[name] += [step["step"] for step in measured]
+                decoded[name].append(tokens[name])
         median = {name: statistics.median(times) * 1e3 for name, times in steps.items()}
         report["ms"][rows] = {name: round(ms, 2) for name, ms in median.items()}
         report["compiled_vs_eager"][rows] = round(median["compiled"] / median["eager"], 3)
         report["same_tokens_as_eager"][rows] = tokens["compiled"] == tokens["eager"]
         print(f"rows={rows:2d}", json.dumps(report["ms"][rows]), "compiled/eager", report["compiled_vs_eager"][rows],
               "same tokens", report["same_tokens_as_eager"][rows], flush=True)
+    report["batch_invariant"] = {name: batch_invariant(batches) for name, batches in decoded.items()}
     one_row = report["compiled_vs_eager"].get(1)
     report["target"] = f"one-row step compiled <= {TARGET}x eager"
     report["target_met"] = one_row is not None and one_row <= TARGET

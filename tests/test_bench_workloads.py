@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from app.config import Settings
 from app.engine.loader import DEFAULT_MODEL_NAME, packaged_model_dir
-from bench.compiled_step import compile_stack
+from bench.compiled_step import batch_invariant, compile_stack
 from bench.many_adapters import BUSY_PROBES, BUSY_TOLERANCE, rate_for_busy_share
 from bench.models import write_tokenizer
 from bench.serve_load import ratios_and_targets, vllm_best
@@ -96,6 +96,13 @@ def test_a_share_that_noise_moved_against_the_rate_is_taken_as_proportional():
     assert probes[1][0] == pytest.approx(4.5 * 0.7 / 0.83)
     assert probes[2][0] == pytest.approx(probes[1][0] * 0.7 / 0.90)  # not the 5th power a slope of 0.2 gives
     assert rate == probes[2][0]
+
+
+def test_batch_invariance_needs_every_prompt_decoded_alike_in_every_batch():
+    one_row, four_rows = [[1, 2]], [[1, 2], [3], [4], [5]]  # row i decodes prompt i % 4
+    assert batch_invariant([one_row, four_rows, four_rows])
+    assert not batch_invariant([one_row, [[1, 9], [3], [4], [5]]])
+    assert not batch_invariant([[[1, 2], [3], [4], [5], [1, 7]]])  # row 4: prompt 0 again, decoded otherwise
 
 
 @pytest.mark.real_model
