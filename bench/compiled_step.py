@@ -97,7 +97,7 @@ def compile_stack(base: BaseModel) -> None:
         query, key, value, module.layer_idx, kwargs["scaling"], kwargs.get("sliding_window")), None))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, lambda *args, **kwargs: None)  # engine steps make no mask
     base.model.set_attn_implementation(name)
-    torch._dynamo.config.cache_size_limit = 64  # one graph per layer kind and shape policy, not per step
+    torch._dynamo.config.cache_size_limit = 64  # static shapes: one graph per step size, well under this
     base.model.model.compile(dynamic=False)
 
 
