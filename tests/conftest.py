@@ -157,8 +157,9 @@ def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
 # How each class of CPU routes its int8 products (the choices app.engine.int8 makes at load, by
 # exactness and measured speed; bench/README.md): AVX2 only, fbgemm on int8 values packed as float16
 # (on rows split by sign without packed weights); AVX-512
-# VNNI, torch._int_mm for one row, one-row products for a few and oneDNN's packed weights past
-# that; AMX, torch._int_mm alone.
+# VNNI (and AMX, where oneDNN is kept off AMX as it is by default), torch._int_mm for one row,
+# one-row products for a few and oneDNN's packed weights past that; AMX with oneDNN on AMX
+# (ONEDNN_MAX_CPU_ISA=ALL), torch._int_mm alone.
 CPU_CLASSES = {
     "avx2": {"int_mm_is_fast": False},
     "avx512-vnni": {"int_mm_is_fast": True, "one_row_products_win": True, "packed_products_win": True},

@@ -35,6 +35,11 @@ pair sums stay below 2**15 even without VNNI. Both cut K into slices whose sums 
 docs/engine.md, property 6). Only where neither product is exact are the int8 values kept as
 float32 and multiplied in float32, in such slices of K (4x the weight memory).
 
+On a CPU with AMX, oneDNN is kept to its AVX-512 kernels (`keep_onednn_off_amx`): for a few rows
+its AMX int8 kernels read a weight at about half the memory bound (the head at one row: 15-18 ms
+against 8.5 on a Sapphire Rapids), and its packed product there is inexact, so the packed weights
+went unused. AMX wins only from ~32 rows; serving lives at few.
+
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
 property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which
 saturate (wrong logits, silently). So each candidate is first checked against exact integer sums
@@ -47,6 +52,7 @@ Measured figures behind these choices, and how to reproduce them: bench/README.m
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 import types
@@ -61,6 +67,20 @@ _EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: float32 sums of int8 products this 
 _FBGEMM_K = 512  # fbgemm pads K to a multiple of this (its K block on AVX2; measured: bench/README.md)
 _CONVERTED_ROWS = 1 << 14  # rows of an int8 weight converted to float32 at a time (42 MB at K = 640)
 _SPLIT_SIGN_ROWS = 48  # past this many rows, converting an int8 weight to float32 beats fbgemm on AVX2 (bench/README.md)
+
+
+# oneDNN's highest ISA below AMX (AVX-512 with VNNI, BF16 and FP16), as ONEDNN_MAX_CPU_ISA names it.
+BELOW_AMX = "AVX512_CORE_FP16"
+
+
+def keep_onednn_off_amx() -> bool:
+    """Cap oneDNN below AMX on a CPU that has it, unless ONEDNN_MAX_CPU_ISA is set already (set it to
+    ALL to keep AMX). oneDNN reads the cap once, at its first primitive: call this before any int8
+    product. Returns whether it set the cap (figures: bench/README.md)."""
+    if "ONEDNN_MAX_CPU_ISA" in os.environ or not torch.cpu._is_amx_tile_supported():
+        return False
+    os.environ["ONEDNN_MAX_CPU_ISA"] = BELOW_AMX
+    return True
 
 
 def _quantize_rows(x: torch.Tensor, as_int8: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +367,9 @@ def int8_kernel_name(packed: bool) -> str:
         if split_sign_is_exact():
             return "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
-    return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
+    kernels = "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return kernels + (f", oneDNN up to {cap}" if cap else "")
 
 
 def pack(weight: "torch.Tensor | HeldInt8") -> PackedInt8 | None:

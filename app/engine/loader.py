@@ -34,7 +34,7 @@ from transformers import (
 
 from app.engine import dtypes
 from app.engine.fused_norms import fuse_rms_norms
-from app.engine.int8 import Int8Head, int8_kernel_name, speed_up_int8_layers
+from app.engine.int8 import Int8Head, int8_kernel_name, keep_onednn_off_amx, speed_up_int8_layers
 from app.engine.kv_cache import KVShape
 
 log = logging.getLogger(__name__)
@@ -277,13 +277,16 @@ def load_base_model(
     keep_freed_memory()
     model_dir, name = model_dir_and_name(base_model, cache_dir)
     dev = resolve_device(device)
+    cpu_int8 = quantization == "int8" and dev.type == "cpu" and int8_kernels != "bitsandbytes"
+    if cpu_int8:
+        keep_onednn_off_amx()
     AutoConfig.from_pretrained(model_dir)  # fail early with transformers' own message
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_in_compute_dtype(model_dir, dev, quantization, compute_dtype, int8_threshold, tokenizer)
     kernels = "bitsandbytes" if quantization == "int8" else "none"
-    if quantization == "int8" and dev.type == "cpu" and int8_kernels != "bitsandbytes":
+    if cpu_int8:
         kernels = _serve_int8_on_cpu(model, int8_packed_weights)
     model.eval()
     model.requires_grad_(False)

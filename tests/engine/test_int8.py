@@ -2,6 +2,9 @@
 and the int8 LM head, on the tiny model loaded in int8 as the server loads the real one."""
 
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -486,3 +489,48 @@ def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invar
     checks = [check_against_reference(base, r.soft_prompt, r.prompt_ids, res.token_ids, 8, INT8_TIE_TOLERANCE)
               for r, res in zip(requests, batched)]
     assert all(c.agrees for c in checks), checks
+
+
+@pytest.mark.parametrize("has_amx, already_set, expect_cap", [
+    (True, None, "AVX512_CORE_FP16"), (True, "ALL", "ALL"), (False, None, None)])
+def test_onednn_is_kept_off_amx_unless_the_user_chose(monkeypatch, has_amx, already_set, expect_cap):
+    from app.engine import int8
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    if already_set is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", already_set)
+    assert int8.keep_onednn_off_amx() == (has_amx and already_set is None)
+    assert os.environ.get("ONEDNN_MAX_CPU_ISA") == expect_cap
+
+
+# A fresh process loads the tiny model in int8 as the server does, then runs oneDNN's packed
+# product; ONEDNN_VERBOSE names the kernel each primitive ran.
+_LOAD_THEN_PACKED_PRODUCT = """
+import sys, torch
+from pathlib import Path
+from app.engine.int8 import PackedInt8
+from app.engine.loader import load_base_model
+base = load_base_model(Path(sys.argv[1]), Path("unused"), quantization="int8", device="cpu")
+PackedInt8(torch.ones(64, 32, dtype=torch.int8))(torch.ones(4, 32, dtype=torch.int8))
+print("KERNELS", base.int8_kernels)
+"""
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="AMX: this CPU has none")
+def test_a_node_loading_int8_on_an_amx_cpu_runs_onednn_without_amx(tiny_model_dir):
+    def kernels(**env) -> tuple[list[str], str]:
+        environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"} | {"ONEDNN_VERBOSE": "1"} | env
+        out = subprocess.run([sys.executable, "-c", _LOAD_THEN_PACKED_PRODUCT, str(tiny_model_dir)], env=environ,
+                             capture_output=True, text=True, check=True).stdout
+        matmuls = [line.split(",")[6] for line in out.splitlines()
+                   if line.startswith("onednn_verbose") and ",exec,cpu,matmul," in line]
+        return matmuls, out.split("KERNELS ")[1].strip()
+
+    capped, reported = kernels()
+    assert capped and not any("amx" in name for name in capped)
+    assert reported.endswith("oneDNN up to AVX512_CORE_FP16")
+    kept, reported = kernels(ONEDNN_MAX_CPU_ISA="ALL")  # the user's choice stands
+    assert any("amx" in name for name in kept)
+    assert reported.endswith("oneDNN up to ALL")
