@@ -73,14 +73,12 @@ _SPLIT_SIGN_ROWS = 48  # past this many rows, converting an int8 weight to float
 BELOW_AMX = "AVX512_CORE_FP16"
 
 
-def keep_onednn_off_amx() -> bool:
+def keep_onednn_off_amx() -> None:
     """Cap oneDNN below AMX on a CPU that has it, unless ONEDNN_MAX_CPU_ISA is set already (set it to
     ALL to keep AMX). oneDNN reads the cap once, at its first primitive: call this before any int8
-    product. Returns whether it set the cap (figures: bench/README.md)."""
-    if "ONEDNN_MAX_CPU_ISA" in os.environ or not torch.cpu._is_amx_tile_supported():
-        return False
-    os.environ["ONEDNN_MAX_CPU_ISA"] = BELOW_AMX
-    return True
+    product (figures: bench/README.md)."""
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ and torch.cpu._is_amx_tile_supported():
+        os.environ["ONEDNN_MAX_CPU_ISA"] = BELOW_AMX
 
 
 def _quantize_rows(x: torch.Tensor, as_int8: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,9 +365,7 @@ def int8_kernel_name(packed: bool) -> str:
         if split_sign_is_exact():
             return "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
-    kernels = "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return kernels + (f", oneDNN up to {cap}" if cap else "")
+    return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
 
 
 def pack(weight: "torch.Tensor | HeldInt8") -> PackedInt8 | None:

@@ -191,7 +191,8 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
         model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
         if int8_head.packed_from == 1:
             kernels += " (the LM head's one-row products too)"
-    return kernels
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")  # see keep_onednn_off_amx
+    return kernels + (f"; oneDNN up to {cap}" if cap else "")
 
 
 def keep_freed_memory() -> None:

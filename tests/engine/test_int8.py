@@ -501,7 +501,7 @@ def test_onednn_is_kept_off_amx_unless_the_user_chose(monkeypatch, has_amx, alre
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", already_set)
-    assert int8.keep_onednn_off_amx() == (has_amx and already_set is None)
+    int8.keep_onednn_off_amx()
     assert os.environ.get("ONEDNN_MAX_CPU_ISA") == expect_cap
 
 
@@ -530,7 +530,7 @@ def test_a_node_loading_int8_on_an_amx_cpu_runs_onednn_without_amx(tiny_model_di
 
     capped, reported = kernels()
     assert capped and not any("amx" in name for name in capped)
-    assert reported.endswith("oneDNN up to AVX512_CORE_FP16")
+    assert reported.endswith("; oneDNN up to AVX512_CORE_FP16")
     kept, reported = kernels(ONEDNN_MAX_CPU_ISA="ALL")  # the user's choice stands
     assert any("amx" in name for name in kept)
-    assert reported.endswith("oneDNN up to ALL")
+    assert reported.endswith("; oneDNN up to ALL")
