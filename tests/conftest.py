@@ -16,11 +16,16 @@ from sqlalchemy.engine import make_url
 
 from app.config import Settings
 from app.db import make_engine, make_session_factory
+from app.engine.int8 import keep_onednn_off_amx
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import SoftPrompt
 from app.main import create_app
 from app.storage import DatabaseStorage, DirectoryStorage, Storage
 from tests import services
+
+# What a node does before loading, done before any test runs oneDNN (it fixes its kernels at its first
+# primitive): on an AMX CPU the suite then runs the kernels a node there runs.
+keep_onednn_off_amx()
 
 REPO = Path(__file__).resolve().parents[1]
 # The SST-2 sample bundled for the README tour: the suite needs nothing outside the repository.
