@@ -6,16 +6,19 @@ sections inside it: the layers' int8 products, the int8 LM head, attention, samp
 (norms, rotary, activations, embedding, the engine's bookkeeping: per-op overhead). Medians over
 steps. With `--compare-float-copies`, a second copy of the model is loaded with the int8 values held
 as float32 (the path CPUs without a fast torch._int_mm took before fbgemm's), and the two are
-timed interleaved. With `--compare-int8-only`, another copy is loaded without packed weights
-(INT8_PACKED_WEIGHTS=false: on AVX2, int8 in fbgemm's int8 layout, rows split by sign, instead of
-its values packed as float16). With `--compare-transformers-norms`, another copy keeps transformers' own RMS
-norms (not app.engine.fused_norms'), timed interleaved too. With `--compare-head-kernel`, another copy
+timed interleaved. On AVX2, where the engine multiplies with its own int8 kernel, `--compare-fbgemm`
+loads another copy through fbgemm as a node without a C compiler does (int8 values packed as
+float16), and `--compare-int8-only` one through fbgemm without packed weights
+(INT8_PACKED_WEIGHTS=false: int8 in fbgemm's int8 layout, rows split by sign). With
+`--compare-transformers-norms`, another copy keeps transformers' own RMS norms (not
+app.engine.fused_norms'), timed interleaved too. With `--compare-head-kernel`, another copy
 takes the other kernel for the LM head's one-row products than this CPU picks at load (oneDNN's packed
 product or torch._int_mm). To see an AVX2 CPU's figures on a newer one:
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. The last stdout line is one JSON object.
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
-                                [--compare-int8-only] [--compare-transformers-norms] [--compare-head-kernel]
+                                [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
+                                [--compare-head-kernel]
 """
 
 import argparse
@@ -73,10 +76,13 @@ class Sections:
 
 
 def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
-         other_head_kernel: bool = False) -> BaseModel:
+         other_head_kernel: bool = False, fbgemm: bool = False) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
-    with transformers' own RMS norms, or without packed weights, or with the other one-row head kernel."""
+    with transformers' own RMS norms, or without packed weights, or with the other one-row head
+    kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel."""
     with ExitStack() as changes:
+        if fbgemm or float_copies:
+            changes.enter_context(patch.object(int8, "plain_kernel_is_exact", lambda: False))
         if other_head_kernel:
             chosen = int8.packed_reads_one_row_faster
             changes.enter_context(patch.object(int8, "packed_reads_one_row_faster",
@@ -115,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-float-copies", action="store_true")
+    parser.add_argument("--compare-fbgemm", action="store_true")
     parser.add_argument("--compare-int8-only", action="store_true")
     parser.add_argument("--compare-transformers-norms", action="store_true")
     parser.add_argument("--compare-head-kernel", action="store_true")
@@ -127,8 +134,10 @@ def main() -> None:
     models = {"chosen": load()}  # the kernels this CPU picks at load
     if args.compare_float_copies:
         models["float_copies"] = load(float_copies=True)
+    if args.compare_fbgemm:
+        models["fbgemm"] = load(fbgemm=True)
     if args.compare_int8_only:
-        models["int8_only"] = load(packed=False)
+        models["int8_only"] = load(packed=False, fbgemm=True)
     if args.compare_transformers_norms:
         models["transformers_norms"] = load(fused_norms=False)
     if args.compare_head_kernel:

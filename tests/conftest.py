@@ -160,8 +160,8 @@ def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
 
 
 # How each class of CPU routes its int8 products (the choices app.engine.int8 makes at load, by
-# exactness and measured speed; bench/README.md): AVX2 only, fbgemm on int8 values packed as float16
-# (on rows split by sign without packed weights); AVX-512
+# exactness and measured speed; bench/README.md): AVX2 only, the AVX2 int8 kernel on plain int8
+# weights (fbgemm where it cannot be built: tests/engine/test_int8.py forces those); AVX-512
 # VNNI (and AMX, where oneDNN is kept off AMX as it is by default), torch._int_mm for one row,
 # one-row products for a few and oneDNN's packed weights past that; AMX with oneDNN on AMX
 # (ONEDNN_MAX_CPU_ISA=ALL), torch._int_mm alone.
@@ -186,8 +186,9 @@ def int8_as_on(cpu_class: str) -> Iterator[None]:
     from app.engine import int8
 
     choices = CPU_CLASSES[cpu_class]
-    if not choices["int_mm_is_fast"] and not (int8.half_packed_is_exact() and int8.split_sign_is_exact()):
-        pytest.skip("no exact fbgemm int8 linear in this torch")
+    if not choices["int_mm_is_fast"] and not (int8.plain_kernel_is_exact()
+                                              or (int8.half_packed_is_exact() and int8.split_sign_is_exact())):
+        pytest.skip("neither the AVX2 int8 kernel nor fbgemm's int8 linear runs here")
     if choices["int_mm_is_fast"] and not int8.int_mm_is_fast():
         pytest.skip(f"torch._int_mm is slow on this CPU: the {cpu_class} route can't be run here")
     if choices.get("packed_products_win") and not int8.packed_int8_is_exact():

@@ -22,18 +22,19 @@ plain one); INT8_PACKED_WEIGHTS=false keeps one. With it, projections that read 
 also share one product (`SharedInputProduct`).
 
 `torch._int_mm` has a native CPU kernel only with AVX-512 VNNI or AMX; elsewhere (seen: AVX2
-AMD EPYCs) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There, with packed
-weights (the default), the int8 values are also packed as float16 for fbgemm's float16-weight
-linear (`HalfPackedInt8`: every int8 value is exact in float16, and fbgemm multiplies and adds in
-float32; 2-3x faster than the int8 route below past one row, for a float16 copy of the weights).
-Without, the weights stay int8 only, in fbgemm's packed layout for products of few rows and plain
-for many (`SplitSignInt8`: fbgemm was built for AVX2 servers, and its small-M products read the
-weight near the memory bound where oneDNN's take 10x longer):
+AMD EPYCs) it is far slower than float32, or (oneDNN's AVX2 gemm) inexact. There the int8 weights
+are held once, plain, and multiplied by our own AVX2 kernel (`PlainInt8`, app/engine/int8_avx2.c:
+int8 widened to int16, vpmaddwd, int32 sums; faster than every fbgemm route below at every row
+count measured, at 1.0x the int8 bytes). Where it cannot be built (no C compiler), fbgemm: with
+packed weights (the default), the int8 values are also packed as float16 for fbgemm's
+float16-weight linear (`HalfPackedInt8`: every int8 value is exact in float16, and fbgemm
+multiplies and adds in float32; 3-4.2x the int8 bytes); without, the weights stay int8 only, in
+fbgemm's packed layout for products of few rows and plain for many (`SplitSignInt8`, 2x):
 each input row is split into its positive and negative parts, both in [0, 127], so the u8 x s8
 pair sums stay below 2**15 even without VNNI. Both cut K into slices whose sums stay below
-2**24: exact, so the results are the very bits `_int_mm` gives (rows stay batch-invariant:
-docs/engine.md, property 6). Only where neither product is exact are the int8 values kept as
-float32 and multiplied in float32, in such slices of K (4x the weight memory).
+2**24. All three are exact, so the results are the very bits `_int_mm` gives (rows stay
+batch-invariant: docs/engine.md, property 6). Only where none is exact are the int8 values kept
+as float32 and multiplied in float32, in such slices of K (4x the weight memory).
 
 On a CPU with AMX, oneDNN is kept to its AVX-512 kernels (`keep_onednn_off_amx`): for a few rows
 its AMX int8 kernels read a weight at about half the memory bound (the head at one row: 15-18 ms
@@ -60,6 +61,8 @@ import warnings
 from typing import Any, cast
 
 import torch
+
+from app.engine import int8_kernel
 
 log = logging.getLogger(__name__)
 _INV_127 = 1.0 / 127.0
@@ -280,15 +283,43 @@ def split_sign_is_exact() -> bool:
     return _exact_here(SplitSignInt8)
 
 
-HeldInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm, where torch._int_mm is slow
+class PlainInt8:
+    """An int8 weight [N, K] held once, plain, for the AVX2 int8 kernel (app/engine/int8_kernel.py).
+    Calling it with int8 rows [M, K] gives their exact products as float32, the very bits
+    torch._int_mm gives converted by `.float()`, for any number of rows. Training's backward reads
+    the same copy."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.shape = weight.shape
+        self.weight = weight
+
+    def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
+        return int8_kernel.int8_products(quantized, self.weight)
+
+    def held_bytes(self) -> int:
+        """The int8 bytes held for this weight: the plain copy only."""
+        return self.weight.numel()
+
+
+@functools.cache
+def plain_kernel_is_exact() -> bool:
+    """Whether the AVX2 int8 kernel runs here (AVX2 and a C compiler) and gives exact sums."""
+    return int8_kernel.available() and _exact_here(PlainInt8)
+
+
+FbgemmInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm: they take rows as float32 integers
+HeldInt8 = PlainInt8 | FbgemmInt8  # int8 weights held for a product other than torch._int_mm, where that is slow
 
 
 def product_weight(weight: torch.Tensor, packed: bool = True) -> "torch.Tensor | HeldInt8":
-    """What the integer products read: the int8 weight where torch._int_mm is fast; else, if
-    `packed`, the int8 weight with its values packed as float16 (HalfPackedInt8), else packed for
-    SplitSignInt8 (both keep it plain too); else (none exact here) its values as float32."""
+    """What the integer products read: the int8 weight where torch._int_mm is fast; else the int8
+    weight for the AVX2 int8 kernel (PlainInt8) where that runs; else, if `packed`, the int8 weight
+    with its values packed as float16 (HalfPackedInt8), else packed for SplitSignInt8 (both keep
+    it plain too); else (none exact here) its values as float32."""
     if int_mm_is_fast():
         return weight
+    if plain_kernel_is_exact():
+        return PlainInt8(weight)
     if packed and half_packed_is_exact():
         return HalfPackedInt8(weight)
     return SplitSignInt8(weight) if split_sign_is_exact() else weight.float()
@@ -360,6 +391,8 @@ def packed_reads_one_row_faster(weight: torch.Tensor, packed: PackedInt8) -> boo
 def int8_kernel_name(packed: bool) -> str:
     """What computes the int8 products on this CPU, as /health reports it."""
     if not int_mm_is_fast():
+        if plain_kernel_is_exact():
+            return "cpu: int8 AVX2 kernel (app/engine/int8_avx2.c), plain int8 weights (exact without VNNI)"
         if packed and half_packed_is_exact():
             return "cpu: fbgemm, int8 values packed as float16 (exact without VNNI)"
         if split_sign_is_exact():
@@ -401,7 +434,7 @@ def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | HeldInt8", weight_scal
     rows = x.reshape(-1, x.shape[-1])
     # fbgemm's products read the integers as float32: two conversions fewer per product, where
     # per-op overhead is a good part of a small step
-    quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, HeldInt8) and rows.dtype == torch.float32))
+    quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, FbgemmInt8) and rows.dtype == torch.float32))
     out = _int_mm(quantized, weight, split_up_to, packed, packed_from).float().mul_(scale.unsqueeze(-1)).mul_(weight_scale)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -459,11 +492,16 @@ class SharedInputProduct:
         plain = torch.cat([layer.state.CB for layer in layers])
         self.weight = product_weight(plain)
         # Held for fbgemm: one packed copy for the group, and one plain copy whose rows the layers
-        # keep as views (for products alone: training's), no more memory than apart. Never packed
-        # per layer first: a freed packing leaves a hole in the heap that RSS keeps.
+        # keep as views (for products alone: training's), no more memory than apart; for the AVX2
+        # kernel, the layers read those views with it. Never packed per layer first: a freed
+        # packing leaves a hole in the heap that RSS keeps.
         held = isinstance(self.weight, HeldInt8)
         for layer in layers:
-            layer.product_weight = plain[self.columns[layer]] if held else product_weight(layer.state.CB)
+            own = plain[self.columns[layer]]
+            if isinstance(self.weight, PlainInt8):
+                layer.product_weight = PlainInt8(own)
+            else:
+                layer.product_weight = own if held else product_weight(layer.state.CB)
         self.scale = torch.cat([layer.dequantize_scale for layer in layers])
         self.packed = pack(self.weight)
         self._kept = threading.local()  # per thread: (input, {layer: output}) not yet taken

@@ -124,12 +124,14 @@ def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows
 
 
 def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
-    from app.engine.int8 import HalfPackedInt8, half_packed_is_exact, int_mm_is_fast
+    from app.engine.int8 import HalfPackedInt8, PlainInt8, half_packed_is_exact, int_mm_is_fast, plain_kernel_is_exact
 
     layers = int8_layers(int8_base)
     held = [layer.product_weight for layer in layers] + [int8_base.model.get_output_embeddings().weight]
     if int_mm_is_fast():
         assert all(weight.dtype == torch.int8 for weight in held)
+    elif plain_kernel_is_exact():
+        assert all(isinstance(weight, PlainInt8) and weight.weight.dtype == torch.int8 for weight in held)
     elif half_packed_is_exact():  # (a layer in a shared product holds a view of the group's plain int8)
         products = [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]
         assert all(isinstance(weight, HalfPackedInt8) for weight in products + held[-1:])
@@ -147,9 +149,11 @@ def saturating_u8s8_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
+    from app.engine import int8_kernel
     from app.engine.int8 import HalfPackedInt8, SplitSignInt8, adversarial_operands, gives_exact_sums, int_mm_is_fast
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
+    assert not int8_kernel.available() or gives_exact_sums(int8_kernel.int8_products)
     assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     assert gives_exact_sums(lambda rows, weight: HalfPackedInt8(weight)(rows))
     assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
@@ -368,20 +372,24 @@ def test_the_split_sign_product_gives_exact_sums_even_where_pair_sums_saturate()
     assert torch.equal(saturating_unshifted(positive) - saturating_unshifted(negative), rows.int() @ weight.int().t())
 
 
-@pytest.mark.parametrize("holder", ["SplitSignInt8", "HalfPackedInt8"])
+@pytest.mark.parametrize("holder", ["PlainInt8", "SplitSignInt8", "HalfPackedInt8"])
 @pytest.mark.parametrize("k", [64, 640, 1100, 2048, 2600])  # folded remainders, and slices past 2**24
 def test_an_avx2_product_row_is_the_same_bits_alone_and_in_any_batch(k, holder):
-    from app.engine import int8
+    from app.engine import int8, int8_kernel
 
+    if holder == "PlainInt8" and not int8_kernel.available():
+        pytest.skip("the AVX2 int8 kernel does not run here (no AVX2 or no C compiler)")
     torch.manual_seed(k)
     weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
     weight[0] = 127  # sums past 2**24 at k=2048
     product = getattr(int8, holder)(weight)
-    batch = torch.randint(-127, 128, (100, k), dtype=torch.int8)
+    batch = torch.randint(-127, 128, (700, k), dtype=torch.int8)
     batch[0] = 127
     exact = (batch.double() @ weight.double().t()).to(torch.int32).float()  # as the layers convert them
-    # 0 rows: a step whose chunks all stop short of sampling; 100: past _SPLIT_SIGN_ROWS, the plain copy
-    for rows, values in itertools.product((0, 1, 2, 5, 40, 100), ("int8", "float32")):
+    # 0 rows: a step whose chunks all stop short of sampling; 100: past _SPLIT_SIGN_ROWS, the plain copy;
+    # 700: past the AVX2 kernel's chunk of rows kept in L2 (K > 200). fbgemm's routes also take the
+    # rows' integers as float32.
+    for rows, values in itertools.product((0, 1, 2, 5, 40, 100, 700), ("int8", "float32")[: 1 if holder == "PlainInt8" else 2]):
         got = product(batch[:rows].to(getattr(torch, values)))
         assert got.dtype == torch.float32 and got.shape == (rows, 300) and torch.equal(got, exact[:rows])
     assert product.weight is weight
@@ -400,18 +408,27 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
     assert torch.equal(SplitSignInt8(weight)(rows), exact)
 
 
-AVX2_HOLDERS = {True: ("HalfPackedInt8", 3, "cpu: fbgemm, int8 values packed as float16"),  # packed weights (default)
-                False: ("SplitSignInt8", 2, "cpu: fbgemm int8, rows split by sign")}
+# The AVX2 routes: (holder, int8 copies held, what /health names), by how the node loads.
+AVX2_ROUTES = {"kernel": ("PlainInt8", 1, "cpu: int8 AVX2 kernel"),  # the default where it can be built
+               "fbgemm-packed": ("HalfPackedInt8", 3, "cpu: fbgemm, int8 values packed as float16"),  # no C compiler
+               "fbgemm-int8-only": ("SplitSignInt8", 2, "cpu: fbgemm int8, rows split by sign")}  # and INT8_PACKED_WEIGHTS=false
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["packed", "int8-only"])
+@pytest.fixture(scope="module", params=list(AVX2_ROUTES))
 def avx2_base(request, tiny_model_dir):
-    """(packed, the tiny model loaded as on a CPU without a fast torch._int_mm, an AVX2 one, with
-    packed weights, the default, or without)."""
-    with int8_as_on("avx2"):
+    """(route, the tiny model loaded as on a CPU without a fast torch._int_mm, an AVX2 one, by the
+    AVX2 int8 kernel, or through fbgemm as where it cannot be built, with packed weights or without)."""
+    from app.engine import int8, int8_kernel
+
+    route = request.param
+    if route == "kernel" and not int8_kernel.available():
+        pytest.skip("the AVX2 int8 kernel does not run here (no AVX2 or no C compiler)")
+    with int8_as_on("avx2"), pytest.MonkeyPatch.context() as patch:
+        if route != "kernel":
+            patch.setattr(int8, "plain_kernel_is_exact", lambda: False)
         base = load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu",
-                               int8_packed_weights=request.param)
-    return request.param, base
+                               int8_packed_weights=route != "fbgemm-int8-only")
+    return route, base
 
 
 @pytest.fixture(scope="module")
@@ -421,31 +438,32 @@ def float_values_base(tiny_model_dir):
     from app.engine import int8
 
     with int8_as_on("avx2"), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8, "half_packed_is_exact", lambda: False)
-        patch.setattr(int8, "split_sign_is_exact", lambda: False)
+        for route in ("plain_kernel_is_exact", "half_packed_is_exact", "split_sign_is_exact"):
+            patch.setattr(int8, route, lambda: False)
         return load_base_model(tiny_model_dir, Path("unused"), quantization="int8", device="cpu", int8_packed_weights=False)
 
 
 def test_on_the_avx2_path_the_weights_stay_int8(avx2_base):
     from app.engine import int8
 
-    packed, avx2_base = avx2_base
-    holder, copies, kernels = AVX2_HOLDERS[packed]
+    route, avx2_base = avx2_base
+    holder, copies, kernels = AVX2_ROUTES[route]
     holder_type = getattr(int8, holder)
     layers = int8_layers(avx2_base)
     head = avx2_base.model.get_output_embeddings()
     shared = [layer for layer in layers if layer.shared_input is not None]
-    # q/k/v and gate/up share one product where weights are packed: one packed and one plain copy
-    # per group, the layers' weights views of it
-    assert len(shared) == (5 * len(avx2_base.model.model.layers) if packed else 0)
+    # q/k/v and gate/up share one product where weights are packed: one copy of each kind per
+    # group, the layers' plain weights views of it
+    assert len(shared) == (0 if route == "fbgemm-int8-only" else 5 * len(avx2_base.model.model.layers))
     for layer in shared:
-        group = layer.shared_input.weight
-        assert isinstance(group, holder_type) and layer.product_weight.dtype == torch.int8
-        assert layer.product_weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+        group, own = layer.shared_input.weight, layer.product_weight
+        own = own.weight if route == "kernel" else own  # the kernel's layers hold their view in a PlainInt8
+        assert isinstance(group, holder_type) and own.dtype == torch.int8
+        assert own.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
     assert all(isinstance(layer.product_weight, holder_type) for layer in layers if layer.shared_input is None)
     assert all(layer.state.CB is None for layer in layers)
     assert isinstance(head.weight, holder_type) and head.packed is None
-    # the layers and the head keep their plain int8 too (for the backward, and the split route's prefill)
+    # fbgemm's routes keep the plain int8 too (for the backward, and the split route's prefill); the kernel reads only it
     holders = {id(w): w for w in [layer.shared_input.weight if layer.shared_input else layer.product_weight for layer in layers]}
     layers_held = sum(weight.held_bytes() for weight in holders.values())
     layers_int8 = sum(layer.in_features * layer.out_features for layer in layers)
@@ -471,18 +489,25 @@ def test_the_avx2_path_gives_the_float_paths_logits_and_gradients_bit_for_bit(av
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "int8-only"])
-def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly(avx2_real_base, packed):
+@pytest.mark.parametrize("route", list(AVX2_ROUTES))
+def test_the_avx2_path_on_the_real_model_matches_the_reference_and_batches_invariantly(avx2_real_base, route):
     from app.config import Settings
+    from app.engine import int8, int8_kernel
     from app.engine.generation import generate_batch
     from app.engine.reference import check_against_reference
     from tests.conftest import INT8_TIE_TOLERANCE
     from tests.engine.test_generation import mixed_requests
 
-    with int8_as_on("avx2"):
-        base = avx2_real_base if packed else load_base_model(None, Settings().model_cache_dir, quantization="int8",
-                                                              device="cpu", int8_packed_weights=False)
-    assert base.int8_kernels.startswith(AVX2_HOLDERS[packed][2])
+    if route == "kernel" and not int8_kernel.available():
+        pytest.skip("the AVX2 int8 kernel does not run here (no AVX2 or no C compiler)")
+    with int8_as_on("avx2"), pytest.MonkeyPatch.context() as patch:
+        if route != "kernel":
+            patch.setattr(int8, "plain_kernel_is_exact", lambda: False)
+        # the session's AVX2 model is the route this machine takes (the kernel where it runs)
+        base = avx2_real_base if avx2_real_base.int8_kernels.startswith(AVX2_ROUTES[route][2]) else load_base_model(
+            None, Settings().model_cache_dir, quantization="int8", device="cpu",
+            int8_packed_weights=route != "fbgemm-int8-only")
+    assert base.int8_kernels.startswith(AVX2_ROUTES[route][2])
     requests = mixed_requests(base, 5, max_new_tokens=8)
     batched = generate_batch(base, requests)
     assert [r.token_ids for r in batched] == [generate_batch(base, [r])[0].token_ids for r in requests]
