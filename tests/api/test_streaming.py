@@ -50,6 +50,11 @@ def assert_leaving_frees_the_rows(server, path: str, body: dict, rows: int) -> N
         with http.stream("POST", path, json=body) as response:
             assert response.status_code == 200
             assert next(response.iter_lines()).startswith("data: {")
+            # a chat stream's first event (the role) can precede admission: hang up mid-generation
+            deadline = time.monotonic() + 10
+            while engine.core.requests_admitted < rows:
+                assert time.monotonic() < deadline, f"{engine.core.requests_admitted} of {rows} rows admitted"
+                time.sleep(0.005)
     deadline = time.monotonic() + 10
     while engine.requests_cancelled < rows or engine.core.running:
         assert time.monotonic() < deadline, f"{engine.requests_cancelled} of {rows} rows cancelled"
