@@ -13,12 +13,14 @@ float16), and `--compare-int8-only` one through fbgemm without packed weights
 `--compare-transformers-norms`, another copy keeps transformers' own RMS norms (not
 app.engine.fused_norms'), timed interleaved too. With `--compare-head-kernel`, another copy
 takes the other kernel for the LM head's one-row products than this CPU picks at load (oneDNN's packed
-product or torch._int_mm). To see an AVX2 CPU's figures on a newer one:
+product or torch._int_mm; neither the AVX2 int8 kernel). Where the head reads its few-row products
+with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx2-kernel` loads
+another copy whose head never does. To see an AVX2 CPU's figures on a newer one:
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
-                                [--compare-head-kernel]
+                                [--compare-head-kernel] [--compare-head-without-avx2-kernel]
 """
 
 import argparse
@@ -76,11 +78,14 @@ class Sections:
 
 
 def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
-         other_head_kernel: bool = False, fbgemm: bool = False) -> BaseModel:
+         other_head_kernel: bool = False, fbgemm: bool = False, head_without_kernel: bool = False) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
     with transformers' own RMS norms, or without packed weights, or with the other one-row head
-    kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel."""
+    kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel, or with the LM head's
+    few-row products never by the AVX2 int8 kernel."""
     with ExitStack() as changes:
+        if head_without_kernel or other_head_kernel:
+            changes.enter_context(patch.object(int8, "kernel_rows_for", lambda weight, product: 0))
         if fbgemm or float_copies:
             changes.enter_context(patch.object(int8, "plain_kernel_is_exact", lambda: False))
         if other_head_kernel:
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--compare-int8-only", action="store_true")
     parser.add_argument("--compare-transformers-norms", action="store_true")
     parser.add_argument("--compare-head-kernel", action="store_true")
+    parser.add_argument("--compare-head-without-avx2-kernel", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
@@ -142,6 +148,8 @@ def main() -> None:
         models["transformers_norms"] = load(fused_norms=False)
     if args.compare_head_kernel:
         models["other_head_kernel"] = load(other_head_kernel=True)
+    if args.compare_head_without_avx2_kernel:
+        models["head_without_kernel"] = load(head_without_kernel=True)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:

@@ -572,6 +572,20 @@ def speed_up_int8_layers(model: torch.nn.Module, packed: bool = True) -> int:
     return len(layers)
 
 
+def kernel_rows_for(weight: torch.Tensor, product) -> int:
+    """Up to how many rows (0, 1, 2 or 4) the AVX2 int8 kernel multiplies this very int8 weight
+    faster than `product(rows)`, the route this CPU picked for it. Measured at load for the head,
+    which never stays in cache: on a Zen 4 EPYC (AVX-512 VNNI) the kernel read it at one row in 5.7
+    against oneDNN's 8.4 ms, at two in 6.9 against 8.5, and lost from four (bench/README.md)."""
+    kernel, rows = PlainInt8(weight), 0
+    for count in (1, 2, 4):
+        x = torch.ones(count, weight.shape[1], dtype=torch.int8)
+        if _seconds(lambda x=x: kernel(x), 5) >= _seconds(lambda x=x: product(x), 5):
+            break
+        rows = count
+    return rows
+
+
 class Int8Head(torch.nn.Module):
     """The LM head as int8 rows with one scale each; float in, float32 logits out."""
 
@@ -588,13 +602,22 @@ class Int8Head(torch.nn.Module):
             self.weight = held
         self.register_buffer("scale", scale.clamp(min=1e-12))
         self.packed = pack(self.weight) if packed else None
+        # The head never stays in cache. Where the packed weight is not there, two rows gain from being
+        # split: torch._int_mm's one-row path reads it near the memory bound; else one read serves both.
+        self.split_up_to = 1 if self.packed is not None else 2
         self.packed_from = 2  # rows from which the packed weight is read (see packed_reads_one_row_faster)
         if isinstance(held, torch.Tensor) and self.packed is not None and packed_reads_one_row_faster(held, self.packed):
             self.packed_from = 1
+        # Up to kernel_rows rows, the AVX2 int8 kernel reads the same int8 weight, where it measures
+        # faster than the route above (the same bits: every route is exact)
+        self.kernel_rows, self.kernel_weight = 0, None
+        if isinstance(held, torch.Tensor) and held.dtype == torch.int8 and plain_kernel_is_exact():
+            self.kernel_rows = kernel_rows_for(held, lambda x: _int_mm(x, held, self.split_up_to, self.packed,
+                                                                        self.packed_from))
+            self.kernel_weight = PlainInt8(held) if self.kernel_rows else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The head never stays in cache. Where the packed weight is not there, two rows gain from being
-        # split: torch._int_mm's one-row path reads it near the memory bound; else one read serves both.
-        split_up_to = 1 if self.packed is not None else 2
-        return _Int8MatmulFunction.apply(hidden, self.weight, self.scale, split_up_to, self.packed,
+        rows = hidden.numel() // hidden.shape[-1]
+        weight = self.kernel_weight if 0 < rows <= self.kernel_rows else self.weight
+        return _Int8MatmulFunction.apply(hidden, weight, self.scale, self.split_up_to, self.packed,
                                          self.packed_from).to(hidden.dtype)

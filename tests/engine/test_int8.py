@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,7 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(on
         pytest.skip("oneDNN's packed int8 product is inexact on this CPU (no VNNI): never chosen here")
     monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
     monkeypatch.setattr(int8, "packed_reads_one_row_faster", lambda weight, packed: one_row_packed)
+    monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 0)  # not the AVX2 kernel for few rows
     packed = Int8Head(weight)
     if packed.packed is None:
         pytest.skip("torch._int_mm is slow here: the head is never packed for oneDNN")
@@ -237,6 +239,50 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(on
         assert torch.equal(hidden.grad, expected.grad)
 
 
+def test_the_head_takes_the_avx2_kernel_up_to_the_rows_where_it_measures_faster():
+    from app.engine import int8
+
+    if not int8.plain_kernel_is_exact():
+        pytest.skip("the AVX2 int8 kernel does not run here (no AVX2 or no C compiler)")
+    weight = torch.ones(64, 32, dtype=torch.int8)
+
+    def slower_up_to(limit: int):  # a route that takes 2 ms for up to `limit` rows, nothing past that
+        return lambda x: time.sleep(0.002) if x.shape[0] <= limit else None
+
+    assert int8.kernel_rows_for(weight, slower_up_to(4)) == 4
+    assert int8.kernel_rows_for(weight, slower_up_to(2)) == 2
+    assert int8.kernel_rows_for(weight, lambda x: None) == 0
+
+
+def test_the_heads_few_row_products_by_the_avx2_kernel_give_the_same_bits(monkeypatch):
+    from app.engine import int8
+
+    if not (int8.int_mm_is_fast() and int8.plain_kernel_is_exact()):
+        pytest.skip("the head reads a plain int8 weight only where torch._int_mm is fast")
+    torch.manual_seed(5)
+    weight = torch.randn(300, 64)
+    monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 2)
+    by_kernel = Int8Head(weight)
+    monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 0)
+    plain = Int8Head(weight)
+    assert by_kernel.kernel_rows == 2 and plain.kernel_weight is None
+    assert by_kernel.kernel_weight.weight is by_kernel.weight  # no second copy
+    kernel_rows = []
+    monkeypatch.setattr(int8.PlainInt8, "__call__",
+                        lambda self, q, call=int8.PlainInt8.__call__: kernel_rows.append(q.shape[0]) or call(self, q))
+    for rows in (1, 2, 3):
+        hidden = torch.randn(rows, 64, requires_grad=True)
+        kernel_rows.clear()
+        logits = by_kernel(hidden)
+        assert kernel_rows == ([rows] if rows <= 2 else [])
+        assert torch.equal(logits, plain(hidden))
+        grad_out = torch.randn_like(logits)
+        (logits * grad_out).sum().backward()
+        expected = hidden.detach().clone().requires_grad_()
+        (plain(expected) * grad_out).sum().backward()
+        assert torch.equal(hidden.grad, expected.grad)
+
+
 def packed(layer) -> bool:
     return (layer.packed_weight if layer.shared_input is None else layer.shared_input.packed) is not None
 
@@ -248,7 +294,8 @@ def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
     head = int8_base.model.get_output_embeddings()
     assert {packed(layer) for layer in layers} | {head.packed is not None} == {packed_products_win()}
     # the head's one-row kernel, measured at load, is reported with the others (/health, admin)
-    assert ("LM head's one-row" in int8_base.int8_kernels) == (head.packed_from == 1)
+    assert ("LM head's one-row" in int8_base.int8_kernels) == (head.packed_from == 1 and not head.kernel_rows)
+    assert ("rows: the AVX2 int8 kernel" in int8_base.int8_kernels) == bool(head.kernel_rows)
     if not isinstance(layers[0].product_weight, torch.Tensor):
         return  # the AVX2 path: no shared products (a second copy), see test_on_the_avx2_path_...
     # q, k, v and gate, up read the same input: one product each in both layers; o and down alone
