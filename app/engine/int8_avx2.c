@@ -5,6 +5,7 @@
  * grouping (rows stay batch-invariant), written as float32 as `.float()` converts them.
  * Built and loaded by app/engine/int8_kernel.py; figures: bench/README.md. */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,18 +68,25 @@ static void one_row(const int16_t *x, const int16_t *w, int64_t padded, int64_t 
 
 /* out[m * ldo + n] = sum_k a[m * K + k] * w[n * K + k], for int8 a [M, K] and w [N, K], on `threads`
  * threads (each a share of the weight's rows). Rows are taken CHUNK_BYTES of widened input at a
- * time, so that a chunk stays in L2 while the weight streams past it. */
-void int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, int64_t n_rows, int64_t k,
-                   int64_t ldo, int threads) {
+ * time, so that a chunk stays in L2 while the weight streams past it. Returns 0, or -1 (and writes
+ * nothing) where its buffers cannot be allocated. */
+int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, int64_t n_rows, int64_t k,
+                  int64_t ldo, int threads) {
     int64_t padded = (k + LANES - 1) / LANES * LANES;
     int64_t chunk = CHUNK_BYTES / (2 * padded) / 2 * 2;
     if (chunk < 2) chunk = 2;
     int16_t *rows = int16_buffer(m_rows * padded);
+    int16_t *blocks_widened = int16_buffer((int64_t)threads * WEIGHT_ROWS * padded);  /* one block per thread */
+    if (!rows || !blocks_widened) {
+        free(rows);
+        free(blocks_widened);
+        return -1;
+    }
     for (int64_t m = 0; m < m_rows; m++) widen(a + m * k, rows + m * padded, k, padded);
     int64_t blocks = (n_rows + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
 #pragma omp parallel num_threads(threads)
     {
-        int16_t *weight = int16_buffer(WEIGHT_ROWS * padded);  /* a block of weight rows, widened */
+        int16_t *weight = blocks_widened + (int64_t)omp_get_thread_num() * WEIGHT_ROWS * padded;
         for (int64_t start = 0; start < m_rows; start += chunk) {
             int64_t end = start + chunk < m_rows ? start + chunk : m_rows;
 #pragma omp for schedule(static)
@@ -96,7 +104,8 @@ void int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows,
                 if (m < end) one_row(rows + m * padded, weight, padded, count, out + m * ldo + first);
             }
         }
-        free(weight);
     }
+    free(blocks_widened);
     free(rows);
+    return 0;
 }

@@ -56,7 +56,7 @@ def _library() -> ctypes.CDLL | None:
         log.warning("the AVX2 int8 kernel could not be built (%s); int8 goes through fbgemm", error)
         return None
     library.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    library.int8_products.restype = None
+    library.int8_products.restype = ctypes.c_int
     return library
 
 
@@ -74,6 +74,8 @@ def int8_products(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     assert rows.shape[1] <= _MAX_K, "int32 sums would overflow"
     out = torch.empty(rows.shape[0], weight.shape[0])
     if rows.shape[0]:
-        library.int8_products(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0],
-                              rows.shape[1], weight.shape[0], torch.get_num_threads())
+        status = library.int8_products(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0],
+                                       weight.shape[0], rows.shape[1], weight.shape[0], torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"the AVX2 int8 kernel's buffers for {rows.shape[0]} x {rows.shape[1]} rows")
     return out
