@@ -208,6 +208,26 @@ def test_where_chosen_the_packed_product_gives_torch_int_mm_sums(rows, k):
     assert torch.equal(packed(quantized[-1:]), expected[-1:])  # a row alone: the same bits
 
 
+def rows_of_each_call(monkeypatch, product_type) -> list[int]:
+    """A list that gets the number of rows of each call of `product_type`'s products."""
+    calls: list[int] = []
+    monkeypatch.setattr(product_type, "__call__",
+                        lambda self, q, call=product_type.__call__: calls.append(q.shape[0]) or call(self, q))
+    return calls
+
+
+def assert_heads_agree(head: Int8Head, plain: Int8Head, rows: int) -> None:
+    """`head` gives `plain`'s logits and input gradients, bit for bit, on `rows` random rows."""
+    hidden = torch.randn(rows, 64, requires_grad=True)
+    logits = head(hidden)
+    assert torch.equal(logits, plain(hidden))
+    grad_out = torch.randn_like(logits)
+    (logits * grad_out).sum().backward()
+    expected = hidden.detach().clone().requires_grad_()
+    (plain(expected) * grad_out).sum().backward()
+    assert torch.equal(hidden.grad, expected.grad)
+
+
 @pytest.mark.parametrize("one_row_packed", [True, False])
 def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(one_row_packed, monkeypatch):
     from app.engine import int8
@@ -223,20 +243,11 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(on
     packed = Int8Head(weight)
     if packed.packed is None:
         pytest.skip("torch._int_mm is slow here: the head is never packed for oneDNN")
-    packed_rows = []
-    monkeypatch.setattr(int8.PackedInt8, "__call__",
-                        lambda self, q, call=int8.PackedInt8.__call__: packed_rows.append(q.shape[0]) or call(self, q))
+    packed_rows = rows_of_each_call(monkeypatch, int8.PackedInt8)
     for rows in (1, 2, 7):
-        hidden = torch.randn(rows, 64, requires_grad=True)
         packed_rows.clear()
-        logits = packed(hidden)
+        assert_heads_agree(packed, plain, rows)
         assert packed_rows == ([rows] if rows > 1 or one_row_packed else [])  # one row: as measured at load
-        assert torch.equal(logits, plain(hidden))
-        grad_out = torch.randn_like(logits)
-        (logits * grad_out).sum().backward()
-        expected = hidden.detach().clone().requires_grad_()
-        (plain(expected) * grad_out).sum().backward()
-        assert torch.equal(hidden.grad, expected.grad)
 
 
 def test_the_head_takes_the_avx2_kernel_up_to_the_rows_where_it_measures_faster():
@@ -267,20 +278,11 @@ def test_the_heads_few_row_products_by_the_avx2_kernel_give_the_same_bits(monkey
     plain = Int8Head(weight)
     assert by_kernel.kernel_rows == 2 and plain.kernel_weight is None
     assert by_kernel.kernel_weight.weight is by_kernel.weight  # no second copy
-    kernel_rows = []
-    monkeypatch.setattr(int8.PlainInt8, "__call__",
-                        lambda self, q, call=int8.PlainInt8.__call__: kernel_rows.append(q.shape[0]) or call(self, q))
+    kernel_rows = rows_of_each_call(monkeypatch, int8.PlainInt8)
     for rows in (1, 2, 3):
-        hidden = torch.randn(rows, 64, requires_grad=True)
         kernel_rows.clear()
-        logits = by_kernel(hidden)
+        assert_heads_agree(by_kernel, plain, rows)
         assert kernel_rows == ([rows] if rows <= 2 else [])
-        assert torch.equal(logits, plain(hidden))
-        grad_out = torch.randn_like(logits)
-        (logits * grad_out).sum().backward()
-        expected = hidden.detach().clone().requires_grad_()
-        (plain(expected) * grad_out).sum().backward()
-        assert torch.equal(hidden.grad, expected.grad)
 
 
 def packed(layer) -> bool:
