@@ -15,12 +15,16 @@ app.engine.fused_norms'), timed interleaved too. With `--compare-head-kernel`, a
 takes the other kernel for the LM head's one-row products than this CPU picks at load (oneDNN's packed
 product or torch._int_mm; neither the AVX2 int8 kernel). Where the head reads its few-row products
 with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx2-kernel` loads
-another copy whose head never does. To see an AVX2 CPU's figures on a newer one:
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
+another copy whose head never does. On a CPU with AMX, where products of more than one row go
+through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
+without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX). To see an
+AVX2 CPU's figures on a newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
                                 [--compare-head-kernel] [--compare-head-without-avx2-kernel]
+                                [--compare-without-amx-kernel]
 """
 
 import argparse
@@ -78,12 +82,15 @@ class Sections:
 
 
 def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
-         other_head_kernel: bool = False, fbgemm: bool = False, head_without_kernel: bool = False) -> BaseModel:
+         other_head_kernel: bool = False, fbgemm: bool = False, head_without_kernel: bool = False,
+         amx_kernel: bool = True) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
     with transformers' own RMS norms, or without packed weights, or with the other one-row head
     kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel, or with the LM head's
-    few-row products never by the AVX2 int8 kernel."""
+    few-row products never by the AVX2 int8 kernel, or (on AMX) without the AMX int8 kernel."""
     with ExitStack() as changes:
+        if not amx_kernel:
+            changes.enter_context(patch.object(int8, "amx_products_win", lambda: False))
         if head_without_kernel or other_head_kernel:
             changes.enter_context(patch.object(int8, "kernel_rows_for", lambda weight, product: 0))
         if fbgemm or float_copies:
@@ -131,6 +138,7 @@ def main() -> None:
     parser.add_argument("--compare-transformers-norms", action="store_true")
     parser.add_argument("--compare-head-kernel", action="store_true")
     parser.add_argument("--compare-head-without-avx2-kernel", action="store_true")
+    parser.add_argument("--compare-without-amx-kernel", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
@@ -150,6 +158,8 @@ def main() -> None:
         models["other_head_kernel"] = load(other_head_kernel=True)
     if args.compare_head_without_avx2_kernel:
         models["head_without_kernel"] = load(head_without_kernel=True)
+    if args.compare_without_amx_kernel:
+        models["without_amx_kernel"] = load(amx_kernel=False)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:

@@ -162,13 +162,18 @@ def on_gpu_path(folder: Path | None, dtype: str) -> BaseModel:
 # How each class of CPU routes its int8 products (the choices app.engine.int8 makes at load, by
 # exactness and measured speed; bench/README.md): AVX2 only, the AVX2 int8 kernel on plain int8
 # weights (fbgemm where it cannot be built: tests/engine/test_int8.py forces those); AVX-512
-# VNNI (and AMX, where oneDNN is kept off AMX as it is by default), torch._int_mm for one row,
-# one-row products for a few and oneDNN's packed weights past that; AMX with oneDNN on AMX
-# (ONEDNN_MAX_CPU_ISA=ALL), torch._int_mm alone.
+# VNNI, torch._int_mm for one row, one-row products for a few and oneDNN's packed weights past
+# that; AMX where the AMX int8 kernel cannot be built (no C compiler) and oneDNN is on AMX
+# (ONEDNN_MAX_CPU_ISA=ALL), torch._int_mm alone; AMX, torch._int_mm for one row and the AMX int8
+# kernel on plain int8 weights for more.
 CPU_CLASSES = {
     "avx2": {"int_mm_is_fast": False},
-    "avx512-vnni": {"int_mm_is_fast": True, "one_row_products_win": True, "packed_products_win": True},
-    "amx": {"int_mm_is_fast": True, "one_row_products_win": False, "packed_products_win": False},
+    "avx512-vnni": {"int_mm_is_fast": True, "one_row_products_win": True, "packed_products_win": True,
+                    "amx_products_win": False},
+    "amx-without-compiler": {"int_mm_is_fast": True, "one_row_products_win": False, "packed_products_win": False,
+                             "amx_products_win": False},
+    "amx": {"int_mm_is_fast": True, "one_row_products_win": False, "packed_products_win": False,
+            "amx_products_win": True},
 }
 
 
@@ -193,6 +198,8 @@ def int8_as_on(cpu_class: str) -> Iterator[None]:
         pytest.skip(f"torch._int_mm is slow on this CPU: the {cpu_class} route can't be run here")
     if choices.get("packed_products_win") and not int8.packed_int8_is_exact():
         pytest.skip(f"oneDNN's packed int8 product is inexact on this CPU: the {cpu_class} route can't be run here")
+    if choices.get("amx_products_win") and not int8.amx_kernel_is_exact():
+        pytest.skip(f"the AMX int8 kernel does not run here: the {cpu_class} route can't be run here")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in choices.items():
             patch.setattr(int8, name, lambda value=value: value)

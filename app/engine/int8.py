@@ -307,17 +307,73 @@ def plain_kernel_is_exact() -> bool:
     return int8_kernel.available() and _exact_here(PlainInt8)
 
 
+class AmxInt8:
+    """An int8 weight [N, K] held once, plain, on a CPU with AMX. Calling it with int8 rows [M, K]
+    gives their exact products: from `amx_from` rows through the engine's AMX kernel
+    (app/engine/int8_kernel.py), as float32; fewer through torch._int_mm, whose one-row path reads a
+    layer's weight fastest there, as int32. The very same integers either way, in any row grouping."""
+
+    def __init__(self, weight: torch.Tensor, amx_from: int = 2):
+        self.shape = weight.shape
+        self.weight = weight
+        self.amx_from = amx_from
+
+    def __call__(self, quantized: torch.Tensor) -> torch.Tensor:
+        if quantized.shape[0] >= self.amx_from:
+            return int8_kernel.int8_products(quantized, self.weight, int8_kernel.AMX)
+        return torch._int_mm(quantized, self.weight.t())
+
+    def held_bytes(self) -> int:
+        """The int8 bytes held for this weight: the plain copy only."""
+        return self.weight.numel()
+
+
+@functools.cache
+def amx_kernel_is_exact() -> bool:
+    """Whether the AMX int8 kernel runs here (AMX, a C compiler, and Linux lending the tile state)
+    and gives exact sums."""
+    return int8_kernel.available(int8_kernel.AMX) and _exact_here(lambda weight: AmxInt8(weight, amx_from=1))
+
+
+@functools.cache
+def amx_products_win() -> bool:
+    """Whether the AMX int8 kernel runs here and gives exact sums (amx_kernel_is_exact), and beats
+    torch._int_mm and oneDNN's packed product for a few rows (four rows over an [8192, 640] weight;
+    on a Sapphire Rapids it read the head at 4 rows in 7.2 ms against 7.4 and 13.1, and a 512-row
+    prefill product took 0.4-0.5x their time: bench/README.md)."""
+    if not (int_mm_is_fast() and amx_kernel_is_exact()):
+        return False
+    weight, rows = torch.ones(8192, 640, dtype=torch.int8), torch.ones(4, 640, dtype=torch.int8)
+    others = [lambda: torch._int_mm(rows, weight.t())]
+    if packed_products_win():
+        packed = PackedInt8(weight)
+        others.append(lambda: packed(rows))
+    amx = AmxInt8(weight)
+    return _seconds(lambda: amx(rows), 10) < min(_seconds(other, 10) for other in others)
+
+
+def amx_reads_one_row_faster(weight: AmxInt8) -> bool:
+    """Whether the AMX kernel beats torch._int_mm for one row over this very weight. Measured at load
+    for the head, which never stays in cache (a Sapphire Rapids: 6.0-6.8 against 7.7-8.5 ms), where a
+    layer's weight, read from cache, goes faster through torch._int_mm (0.015 against 0.022 ms)."""
+    row = torch.ones(1, weight.shape[1], dtype=torch.int8)
+    by_amx = AmxInt8(weight.weight, amx_from=1)
+    return _seconds(lambda: by_amx(row), 5) < _seconds(lambda: torch._int_mm(row, weight.weight.t()), 5)
+
+
 FbgemmInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm: they take rows as float32 integers
-HeldInt8 = PlainInt8 | FbgemmInt8  # int8 weights held for a product other than torch._int_mm, where that is slow
+OwnKernelInt8 = PlainInt8 | AmxInt8  # int8 weights held once, plain, for the engine's own kernels
+HeldInt8 = OwnKernelInt8 | FbgemmInt8  # int8 weights held for a product other than torch._int_mm alone
 
 
 def product_weight(weight: torch.Tensor, packed: bool = True) -> "torch.Tensor | HeldInt8":
-    """What the integer products read: the int8 weight where torch._int_mm is fast; else the int8
+    """What the integer products read: the int8 weight where torch._int_mm is fast (for the AMX int8
+    kernel too, AmxInt8, where that wins); else the int8
     weight for the AVX2 int8 kernel (PlainInt8) where that runs; else, if `packed`, the int8 weight
     with its values packed as float16 (HalfPackedInt8), else packed for SplitSignInt8 (both keep
     it plain too); else (none exact here) its values as float32."""
     if int_mm_is_fast():
-        return weight
+        return AmxInt8(weight) if amx_products_win() else weight
     if plain_kernel_is_exact():
         return PlainInt8(weight)
     if packed and half_packed_is_exact():
@@ -398,6 +454,8 @@ def int8_kernel_name(packed: bool) -> str:
         if split_sign_is_exact():
             return "cpu: fbgemm int8, rows split by sign (exact without VNNI)"
         return "cpu: int8 values as float32, exact float32 products"
+    if amx_products_win():
+        return "cpu: torch._int_mm for one row, the AMX int8 kernel (app/engine/int8_amx.c) for more; plain int8 weights"
     return "cpu: torch._int_mm" + (" and oneDNN packed int8" if packed and packed_products_win() else "")
 
 
@@ -492,14 +550,14 @@ class SharedInputProduct:
         plain = torch.cat([layer.state.CB for layer in layers])
         self.weight = product_weight(plain)
         # Held for fbgemm: one packed copy for the group, and one plain copy whose rows the layers
-        # keep as views (for products alone: training's), no more memory than apart; for the AVX2
-        # kernel, the layers read those views with it. Never packed per layer first: a freed
-        # packing leaves a hole in the heap that RSS keeps.
+        # keep as views (for products alone: training's), no more memory than apart; for the
+        # engine's own kernels, the layers read those views with them. Never packed per layer
+        # first: a freed packing leaves a hole in the heap that RSS keeps.
         held = isinstance(self.weight, HeldInt8)
         for layer in layers:
             own = plain[self.columns[layer]]
-            if isinstance(self.weight, PlainInt8):
-                layer.product_weight = PlainInt8(own)
+            if isinstance(self.weight, OwnKernelInt8):
+                layer.product_weight = type(self.weight)(own)
             else:
                 layer.product_weight = own if held else product_weight(layer.state.CB)
         self.scale = torch.cat([layer.dequantize_scale for layer in layers])
@@ -608,6 +666,10 @@ class Int8Head(torch.nn.Module):
         self.packed_from = 2  # rows from which the packed weight is read (see packed_reads_one_row_faster)
         if isinstance(held, torch.Tensor) and self.packed is not None and packed_reads_one_row_faster(held, self.packed):
             self.packed_from = 1
+        if isinstance(held, AmxInt8) and amx_reads_one_row_faster(held):
+            held.amx_from = 1
+        # whether its one-row products take the route of more rows (packed, or the AMX kernel), for /health
+        self.one_row_like_more = self.packed_from == 1 or (isinstance(held, AmxInt8) and held.amx_from == 1)
         # Up to kernel_rows rows, the AVX2 int8 kernel reads the same int8 weight, where it measures
         # faster than the route above (the same bits: every route is exact)
         self.kernel_rows, self.kernel_weight = 0, None

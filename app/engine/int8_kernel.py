@@ -1,40 +1,58 @@
-"""The exact int8 product for CPUs with AVX2 and no VNNI (int8_avx2.c), built on first use.
+"""The engine's own exact int8 products on a plain int8 weight, built on first use: one for CPUs
+with AVX2 and no VNNI (int8_avx2.c), one for CPUs with AMX (int8_amx.c).
 
-No library in the wheel multiplies a plain int8 weight exactly near the memory bound there: torch's
-kernels are slow or (oneDNN without VNNI) saturate, and fbgemm reads only its own packed copy.
-The kernel is plain C, compiled once per source and flags with the machine's C compiler (`CC`,
-else `cc`) into the cache folder, and loaded with ctypes. Its OpenMP is the one torch already
-loaded (the same `libgomp.so.1`), so it shares torch's threads. Where there is no compiler or
-no AVX2, `available()` is False and the engine takes its fbgemm routes (app/engine/int8.py).
+No library in the wheel multiplies a plain int8 weight exactly near the memory bound without VNNI:
+torch's kernels are slow or (oneDNN without VNNI) saturate, and fbgemm reads only its own packed
+copy. With AMX, oneDNN's int8 kernels repack the weight per call (torch._int_mm) or are inexact
+(its packed product), and read it at about half the memory bound at few rows. Each kernel is plain C,
+compiled once per source and flags with the machine's C compiler (`CC`, else `cc`) into the cache
+folder, and loaded with ctypes. Its OpenMP is the one torch already loaded (the same
+`libgomp.so.1`), so it shares torch's threads. Where there is no compiler or not the instructions,
+`available(kernel)` is False and the engine takes its other routes (app/engine/int8.py).
 """
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("int8_avx2.c")
-FLAGS = ["-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC"]
-_MAX_K = (2**31 - 1) // (127 * 127)  # int32 sums of int8 products stay exact up to this K
+_MAX_K = (2**31 - 1) // (128 * 128)  # int32 sums of int8 products stay exact up to this K
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softserve" / "kernels"
 
 
-def _build(compiler: str) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str  # its source is app/engine/<name>.c
+    flags: tuple[str, ...]
+    supported: Callable[[], bool]  # whether this CPU has its instructions
+    otherwise: str  # what computes the products where it is not built, for the log
+
+
+AVX2 = Kernel("int8_avx2", ("-mavx2",), torch.cpu._is_avx2_supported, "fbgemm")
+AMX = Kernel("int8_amx", ("-mamx-tile", "-mamx-int8", "-mavx512f"), torch.cpu._is_amx_tile_supported,
+             "torch._int_mm and oneDNN")
+_COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+def _build(kernel: Kernel, compiler: str) -> Path:
     """The compiled library for this source and flags, built once (atomically: nodes may start together)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = CACHE_DIR / f"int8_avx2-{digest}.so"
+    source, flags = Path(__file__).with_name(f"{kernel.name}.c"), [*_COMMON_FLAGS, *kernel.flags]
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = CACHE_DIR / f"{kernel.name}-{digest}.so"
     if not target.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.partial")
         try:
-            subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
+            subprocess.run([compiler, *flags, "-o", str(partial), str(source)], check=True, capture_output=True,
                            timeout=300)
             partial.replace(target)
         finally:
@@ -43,31 +61,34 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    if not torch.cpu._is_avx2_supported():
+def _library(kernel: Kernel = AVX2) -> ctypes.CDLL | None:
+    if not kernel.supported():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("no C compiler (cc): the AVX2 int8 kernel is not built; int8 goes through fbgemm")
+        log.warning("no C compiler (cc): %s is not built; int8 goes through %s", kernel.name, kernel.otherwise)
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(kernel, compiler)))
     except (OSError, subprocess.SubprocessError) as error:
-        log.warning("the AVX2 int8 kernel could not be built (%s); int8 goes through fbgemm", error)
+        log.warning("%s could not be built (%s); int8 goes through %s", kernel.name, error, kernel.otherwise)
+        return None
+    if kernel is AMX and library.amx_request() != 0:  # Linux lends AMX's tile state only on request
+        log.warning("the kernel refused this process AMX's tile state; int8 goes through %s", kernel.otherwise)
         return None
     library.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library.int8_products.restype = ctypes.c_int
     return library
 
 
-def available() -> bool:
-    """Whether the kernel runs here (AVX2, and a C compiler to build it once)."""
-    return _library() is not None
+def available(kernel: Kernel = AVX2) -> bool:
+    """Whether `kernel` runs here (its instructions, and a C compiler to build it once)."""
+    return _library(kernel) is not None
 
 
-def int8_products(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def int8_products(rows: torch.Tensor, weight: torch.Tensor, kernel: Kernel = AVX2) -> torch.Tensor:
     """int8 rows [M, K] times int8 weight [N, K]^T: the exact integer sums, as float32 [M, N]."""
-    library = _library()
+    library = _library(kernel)
     assert library is not None, "int8_products called where available() is False"
     rows, weight = rows.contiguous(), weight.contiguous()
     assert rows.dtype == weight.dtype == torch.int8 and rows.shape[1] == weight.shape[1]
@@ -77,5 +98,5 @@ def int8_products(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         status = library.int8_products(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0],
                                        weight.shape[0], rows.shape[1], weight.shape[0], torch.get_num_threads())
         if status != 0:
-            raise MemoryError(f"the AVX2 int8 kernel's buffers for {rows.shape[0]} x {rows.shape[1]} rows")
+            raise MemoryError(f"{kernel.name}'s buffers for {rows.shape[0]} x {rows.shape[1]} rows")
     return out

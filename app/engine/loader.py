@@ -191,7 +191,7 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
         model.config.get_text_config().tie_word_embeddings = False  # never re-tied to the float embeddings
         if int8_head.kernel_rows:
             kernels += f" (the LM head's products of up to {int8_head.kernel_rows} rows: the AVX2 int8 kernel)"
-        elif int8_head.packed_from == 1:
+        elif int8_head.one_row_like_more:
             kernels += " (the LM head's one-row products too)"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")  # see keep_onednn_off_amx
     return kernels + (f"; oneDNN up to {cap}" if cap else "")

@@ -126,11 +126,21 @@ def test_the_float_path_for_cpus_without_an_int8_kernel_gives_the_same_bits(rows
 
 
 def test_the_layers_use_the_int8_weights_where_the_int8_kernel_is_fast(int8_base):
-    from app.engine.int8 import HalfPackedInt8, PlainInt8, half_packed_is_exact, int_mm_is_fast, plain_kernel_is_exact
+    from app.engine.int8 import (
+        AmxInt8,
+        HalfPackedInt8,
+        PlainInt8,
+        amx_products_win,
+        half_packed_is_exact,
+        int_mm_is_fast,
+        plain_kernel_is_exact,
+    )
 
     layers = int8_layers(int8_base)
     held = [layer.product_weight for layer in layers] + [int8_base.model.get_output_embeddings().weight]
-    if int_mm_is_fast():
+    if amx_products_win():  # held once, plain, for the AMX kernel
+        assert all(isinstance(weight, AmxInt8) and weight.weight.dtype == torch.int8 for weight in held)
+    elif int_mm_is_fast():
         assert all(weight.dtype == torch.int8 for weight in held)
     elif plain_kernel_is_exact():
         assert all(isinstance(weight, PlainInt8) and weight.weight.dtype == torch.int8 for weight in held)
@@ -238,6 +248,7 @@ def test_the_packed_head_gives_the_same_logits_and_gradients_as_the_plain_one(on
     if not int8.packed_int8_is_exact():
         pytest.skip("oneDNN's packed int8 product is inexact on this CPU (no VNNI): never chosen here")
     monkeypatch.setattr(int8, "packed_products_win", lambda: True)  # packed whatever this CPU prefers
+    monkeypatch.setattr(int8, "amx_products_win", lambda: False)  # (no AMX kernel, which reads the plain weight)
     monkeypatch.setattr(int8, "packed_reads_one_row_faster", lambda weight, packed: one_row_packed)
     monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 0)  # not the AVX2 kernel for few rows
     packed = Int8Head(weight)
@@ -272,6 +283,7 @@ def test_the_heads_few_row_products_by_the_avx2_kernel_give_the_same_bits(monkey
         pytest.skip("the head reads a plain int8 weight only where torch._int_mm is fast")
     torch.manual_seed(5)
     weight = torch.randn(300, 64)
+    monkeypatch.setattr(int8, "amx_products_win", lambda: False)  # a plain int8 head, for torch._int_mm
     monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 2)
     by_kernel = Int8Head(weight)
     monkeypatch.setattr(int8, "kernel_rows_for", lambda weight, product: 0)
@@ -290,13 +302,14 @@ def packed(layer) -> bool:
 
 
 def test_the_layers_and_head_are_packed_where_packed_products_win(int8_base):
-    from app.engine.int8 import packed_products_win
+    from app.engine.int8 import amx_products_win, packed_products_win
 
     layers = int8_layers(int8_base)
     head = int8_base.model.get_output_embeddings()
-    assert {packed(layer) for layer in layers} | {head.packed is not None} == {packed_products_win()}
+    # (the AMX kernel reads the plain weights: nothing is packed where it wins)
+    assert {packed(layer) for layer in layers} | {head.packed is not None} == {packed_products_win() and not amx_products_win()}
     # the head's one-row kernel, measured at load, is reported with the others (/health, admin)
-    assert ("LM head's one-row" in int8_base.int8_kernels) == (head.packed_from == 1 and not head.kernel_rows)
+    assert ("LM head's one-row" in int8_base.int8_kernels) == (head.one_row_like_more and not head.kernel_rows)
     assert ("rows: the AVX2 int8 kernel" in int8_base.int8_kernels) == bool(head.kernel_rows)
     if not isinstance(layers[0].product_weight, torch.Tensor):
         return  # the AVX2 path: no shared products (a second copy), see test_on_the_avx2_path_...
