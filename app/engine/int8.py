@@ -38,8 +38,12 @@ as float32 and multiplied in float32, in such slices of K (4x the weight memory)
 
 On a CPU with AMX, oneDNN is kept to its AVX-512 kernels (`keep_onednn_off_amx`): for a few rows
 its AMX int8 kernels read a weight at about half the memory bound (the head at one row: 15-18 ms
-against 8.5 on a Sapphire Rapids), and its packed product there is inexact, so the packed weights
-went unused. AMX wins only from ~32 rows; serving lives at few.
+against 8.5 on a Sapphire Rapids), and its packed product there is inexact. Products of more than
+one row go instead through the engine's own AMX kernel (`AmxInt8`, app/engine/int8_amx.c: the
+plain int8 weight read as AMX tiles where it lies, exact int32 sums), which reads the head near the
+memory bound at few rows and is 2-2.7x as fast as oneDNN's AVX-512 kernels for a prefill's rows,
+with one copy of the int8 weights (no packed copy). A layer's one-row products stay with
+torch._int_mm, which reads a weight in cache faster.
 
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
 property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which

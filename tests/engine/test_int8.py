@@ -166,6 +166,8 @@ def test_the_exactness_check_tells_a_saturating_kernel_from_an_exact_one():
 
     assert gives_exact_sums(lambda rows, weight: (rows.double() @ weight.double().t()).to(torch.int32))
     assert not int8_kernel.available() or gives_exact_sums(int8_kernel.int8_products)
+    amx = int8_kernel.AMX
+    assert not int8_kernel.available(amx) or gives_exact_sums(lambda r, w: int8_kernel.int8_products(r, w, amx))
     assert gives_exact_sums(lambda rows, weight: SplitSignInt8(weight)(rows))
     assert gives_exact_sums(lambda rows, weight: HalfPackedInt8(weight)(rows))
     assert not int_mm_is_fast() or gives_exact_sums(lambda rows, weight: torch._int_mm(rows, weight.t()))
@@ -471,28 +473,103 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
     assert torch.equal(SplitSignInt8(weight)(rows), exact)
 
 
-@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="the AVX2 int8 kernel needs AVX2")
-def test_the_avx2_kernel_is_built_once_with_the_c_compiler_and_skipped_without_one(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", ["AVX2", "AMX"])
+def test_each_own_kernel_is_built_once_with_the_c_compiler_and_skipped_without_one(name, monkeypatch, tmp_path):
     from app.engine import int8_kernel
 
+    kernel = getattr(int8_kernel, name)
+    if not kernel.supported():
+        pytest.skip(f"this CPU has no {name}")
     monkeypatch.setattr(int8_kernel, "CACHE_DIR", tmp_path)
     try:
         for compiler in ("no-such-cc", "false"):  # not found; found, but the build fails
             int8_kernel._library.cache_clear()
             monkeypatch.setenv("CC", compiler)
-            assert not int8_kernel.available() and not list(tmp_path.iterdir())
+            assert not int8_kernel.available(kernel) and not list(tmp_path.iterdir())
         if shutil.which("cc") is None:
             pytest.skip("no C compiler here")
         monkeypatch.setenv("CC", "cc")
         int8_kernel._library.cache_clear()
-        assert int8_kernel.available()
+        assert int8_kernel.available(kernel)
         built = list(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].suffix == ".so"  # no partial build left behind
+        assert len(built) == 1 and built[0].name.startswith(kernel.name) and built[0].suffix == ".so"  # no partial build
         int8_kernel._library.cache_clear()
         mtime = built[0].stat().st_mtime_ns
-        assert int8_kernel.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+        assert int8_kernel.available(kernel) and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         int8_kernel._library.cache_clear()
+
+
+def amx_kernel_here() -> None:
+    from app.engine import int8_kernel
+
+    if not int8_kernel.available(int8_kernel.AMX):  # (built but inexact must fail, not skip)
+        pytest.skip("the AMX int8 kernel does not run here (no AMX, no C compiler, or no tile state from Linux)")
+
+
+# K: under one 64-byte step, a ragged last step, one stretch of K, two stretches (sums carried),
+# and past 2**24. N = 300: a last block of weight rows short of 32.
+@pytest.mark.parametrize("k", [5, 70, 640, 2048, 2600])
+def test_an_amx_product_row_is_the_same_bits_alone_and_in_any_batch(k):
+    from app.engine.int8 import AmxInt8
+
+    amx_kernel_here()
+    torch.manual_seed(k)
+    weight = torch.randint(-128, 128, (300, k), dtype=torch.int8)  # tdpbssd is signed: -128 too
+    weight[0], weight[-1] = 127, -128
+    product = AmxInt8(weight, amx_from=1)  # every row count through the kernel
+    batch = torch.randint(-127, 128, (700, k), dtype=torch.int8)
+    batch[0] = 127
+    exact = (batch.double() @ weight.double().t()).float()  # as the layers convert the int32 sums
+    # 0 rows: a step whose chunks all stop short of sampling; 15-17, 31-33: tiles of 16 input rows,
+    # two at a time, ragged; 40 and 700: the weight's tiles copied to lie together for many rows.
+    for rows in (0, 1, 2, 15, 16, 17, 31, 32, 33, 40, 700):
+        got = product(batch[:rows])  # (no rows: torch._int_mm's empty int32 sums)
+        assert got.dtype == (torch.float32 if rows else torch.int32) and got.shape == (rows, 300)
+        assert torch.equal(got.float(), exact[:rows])
+    assert product.weight is weight and product.held_bytes() == weight.numel()  # one int8 copy
+
+
+def test_amx_products_from_two_threads_at_once_are_each_exact():
+    """Serving and training run products at once, each in its own thread (and OpenMP team)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.engine.int8 import AmxInt8
+
+    amx_kernel_here()
+    torch.manual_seed(3)
+    weight = AmxInt8(torch.randint(-127, 128, (4000, 640), dtype=torch.int8))
+    batches = [torch.randint(-127, 128, (rows, 640), dtype=torch.int8) for rows in (3, 70) * 8]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(weight, batches))
+    for batch, got in zip(batches, results):
+        assert torch.equal(got, (batch.double() @ weight.weight.double().t()).float())
+
+
+@pytest.mark.parametrize("one_row_by_amx", [True, False])
+def test_the_heads_products_by_the_amx_kernel_give_the_plain_heads_bits(one_row_by_amx, monkeypatch):
+    from app.engine import int8
+
+    amx_kernel_here()
+    torch.manual_seed(4)
+    weight = torch.randn(5000, 64) * 0.05
+    monkeypatch.setattr(int8, "amx_products_win", lambda: False)
+    plain = Int8Head(weight, packed=False)
+    monkeypatch.setattr(int8, "amx_products_win", lambda: True)
+    monkeypatch.setattr(int8, "amx_reads_one_row_faster", lambda weight: one_row_by_amx)  # as measured at load
+    by_amx = Int8Head(weight)
+    assert isinstance(by_amx.weight, int8.AmxInt8) and by_amx.packed is None  # no second copy
+    assert by_amx.one_row_like_more == one_row_by_amx
+    calls = rows_of_each_call(monkeypatch, int8.AmxInt8)
+    amx_rows = []
+    monkeypatch.setattr(int8.int8_kernel, "int8_products",
+                        lambda q, w, kernel, products=int8.int8_kernel.int8_products: amx_rows.append(q.shape[0])
+                        or products(q, w, kernel))
+    for rows in (1, 2, 7):
+        calls.clear()
+        amx_rows.clear()
+        assert_heads_agree(by_amx, plain, rows)
+        assert calls == [rows] and amx_rows == ([rows] if rows > 1 or one_row_by_amx else [])
 
 
 # The AVX2 routes: (holder, int8 copies held, what /health names), by how the node loads.
