@@ -494,6 +494,11 @@ def _int8_matmul(x: torch.Tensor, weight: "torch.Tensor | HeldInt8", weight_scal
                  packed: PackedInt8 | None = None, packed_from: int = 2) -> torch.Tensor:
     """x [..., K] float times int8 weight [N, K] with dequantization scales [N] -> float32 [..., N]."""
     rows = x.reshape(-1, x.shape[-1])
+    if isinstance(weight, AmxInt8) and rows.dtype == torch.float32 and rows.shape[0] >= weight.amx_from:
+        # the AMX kernel quantizes, multiplies and rescales in one call: the same bits, without
+        # the passes over memory and the calls of the five ops below (bench/README.md)
+        out = int8_kernel.int8_linear(rows, weight.weight, weight_scale)
+        return out.view(*x.shape[:-1], weight.shape[0])
     # fbgemm's products read the integers as float32: two conversions fewer per product, where
     # per-op overhead is a good part of a small step
     quantized, scale = _quantize_rows(rows, as_int8=not (isinstance(weight, FbgemmInt8) and rows.dtype == torch.float32))

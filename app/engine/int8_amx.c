@@ -46,13 +46,46 @@ static void regroup_row(const int8_t *row, int8_t *to, int64_t m, int64_t k, int
         block[(i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP + i % 4] = row[i];
 }
 
-/* A tile of sums (16 weight rows by 16 input rows) into out, transposed: `rows` x `columns` of them. */
-static void write_sums(const int32_t *sums, float *out, int64_t ldo, int64_t rows, int64_t columns) {
+/* Float row m of [M, K] quantized as the engine's int8 layers quantize it (app/engine/int8.py,
+ * _quantize_rows: scale = absmax * (float)(1/127), values rounded half to even from x / scale, in
+ * float32 as torch computes them: the same int8 values and scale) into the B operand's layout (see
+ * regroup_row). Its scale goes to *scale; NaN where the row has a NaN, so that its outputs are NaN
+ * too and the engine fails the row, as it does through torch. */
+static void quantize_row(const float *row, int8_t *to, int64_t m, int64_t k, int64_t k_padded, float *scale) {
+    __m512 top = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < k; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1), row + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    }
+    *scale = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(top) * (float)(1.0 / 127.0);
+    const __m512 by = _mm512_set1_ps(*scale);
+    int8_t *block = to + (m / TILE) * TILE * k_padded + (m % TILE) * 4;
+    for (int64_t i = 0; i < k; i += 16) {  /* 16 values: four groups of four, in one 64-value step */
+        __m512 v = _mm512_maskz_loadu_ps(k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1), row + i);
+        __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, by), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        int32_t groups[4];
+        _mm_storeu_si128((__m128i *)groups, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
+        int8_t *line = block + (i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP;
+        for (int g = 0; g < 4 && i + 4 * g < k; g++) memcpy(line + g * K_STEP, &groups[g], 4);
+    }
+}
+
+/* A tile of sums (16 weight rows by 16 input rows) into out, transposed: `rows` x `columns` of them,
+ * each as float32, times its input row's scale and then its weight row's where `w_scale` is given
+ * (the order, and so the rounding, of the engine's dequantization). */
+static void write_sums(const int32_t *sums, float *out, int64_t ldo, int64_t rows, int64_t columns,
+                       const float *x_scale, const float *w_scale) {
     const __m512i lines = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                              _mm512_set1_epi32(TILE));
     __mmask16 mask = (__mmask16)((1u << columns) - 1);
-    for (int64_t m = 0; m < rows; m++)
-        _mm512_mask_storeu_ps(out + m * ldo, mask, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(lines, sums + m, 4)));
+    for (int64_t m = 0; m < rows; m++) {
+        __m512 value = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(lines, sums + m, 4));
+        if (w_scale)
+            value = _mm512_mul_ps(_mm512_mul_ps(value, _mm512_set1_ps(x_scale[m])), _mm512_maskz_loadu_ps(mask, w_scale));
+        _mm512_mask_storeu_ps(out + m * ldo, mask, value);
+    }
 }
 
 /* Tile t's sums, for weight rows first + n_off and input rows m + m_off, into out. */
@@ -62,18 +95,21 @@ static void write_sums(const int32_t *sums, float *out, int64_t ldo, int64_t row
         int64_t m0 = m + (m_off), n0 = first + (n_off);                                               \
         if (m0 < m_rows && n0 < n_rows)                                                               \
             write_sums(sums, out + m0 * ldo + n0, ldo, m_rows - m0 < TILE ? m_rows - m0 : TILE,       \
-                       n_rows - n0 < TILE ? n_rows - n0 : TILE);                                      \
+                       n_rows - n0 < TILE ? n_rows - n0 : TILE, x_scale ? x_scale + m0 : 0,                \
+                       w_scale ? w_scale + n0 : 0);                                                \
     } while (0)
 
 /* Sums carried between stretches of K: tile t's for the input rows from m, in `partial`. */
 #define CARRY(op, t) op(t, partial + ((m / TILE) * 2 + (t) % 2 + (t) / 2 * 2) * TILE * TILE, TILE * 4)
 
-/* out[m * ldo + n] = sum_k a[m * K + k] * w[n * K + k], for int8 a [M, K] and w [N, K], on `threads`
- * threads (each a share of the weight's blocks of 32 rows). K is taken CHUNK_STEPS * 64 at a time,
- * so that a block's stretch of weight stays in L1 while all the input rows pass it. Returns 0; -1
- * (writing nothing) where its buffers cannot be allocated. The caller has had amx_request() succeed. */
-int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, int64_t n_rows, int64_t k,
-                  int64_t ldo, int threads) {
+/* out[m * ldo + n] = sum_k a[m * K + k] * w[n * K + k] for int8 rows a [M, K] and weight w [N, K];
+ * or, given float rows x instead, those rows quantized (quantize_row) and the sums rescaled by the
+ * row's scale (into x_scale[m]) and w_scale[n]. On `threads` threads (each a share of the weight's
+ * blocks of 32 rows). K is taken CHUNK_STEPS * 64 at a time, so that a block's stretch of weight
+ * stays in L1 while all the input rows pass it. Returns 0; -1 (writing nothing) where its buffers
+ * cannot be allocated. The caller has had amx_request() succeed. */
+static int products(const int8_t *a, const float *x, const int8_t *w, const float *w_scale, float *x_scale,
+                    float *out, int64_t m_rows, int64_t n_rows, int64_t k, int64_t ldo, int threads) {
     if (m_rows == 0 || n_rows == 0) return 0;
     int64_t k_padded = (k + K_STEP - 1) / K_STEP * K_STEP, m_padded = (m_rows + TILE - 1) / TILE * TILE;
     int64_t steps = k_padded / K_STEP, chunks = (steps + CHUNK_STEPS - 1) / CHUNK_STEPS;
@@ -97,7 +133,10 @@ int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, 
         int32_t *partial = partials + omp_get_thread_num() * partial_ints;
         int8_t *copied = copies + omp_get_thread_num() * copied_bytes;
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < m_rows; m++) regroup_row(a + m * k, rows, m, k, k_padded);
+        for (int64_t m = 0; m < m_rows; m++) {
+            if (x) quantize_row(x + m * k, rows, m, k, k_padded, x_scale + m);
+            else regroup_row(a + m * k, rows, m, k, k_padded);
+        }
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; block++) {
             int64_t first = block * BLOCK;
@@ -163,4 +202,17 @@ int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, 
     }
     free(rows);
     return 0;
+}
+
+int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, int64_t n_rows, int64_t k,
+                  int64_t ldo, int threads) {
+    return products(a, 0, w, 0, 0, out, m_rows, n_rows, k, ldo, threads);
+}
+
+/* x [M, K] float32 times the int8 weight w [N, K] with its scales w_scale [N], as the engine's int8
+ * layers compute it (quantize, exact int32 sums, rescale: the same bits), in one call; the rows'
+ * scales go to x_scale [M]. */
+int int8_linear(const float *x, const int8_t *w, const float *w_scale, float *x_scale, float *out, int64_t m_rows,
+                int64_t n_rows, int64_t k, int64_t ldo, int threads) {
+    return products(0, x, w, w_scale, x_scale, out, m_rows, n_rows, k, ldo, threads);
 }

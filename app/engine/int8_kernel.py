@@ -78,6 +78,9 @@ def _library(kernel: Kernel = AVX2) -> ctypes.CDLL | None:
         return None
     library.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library.int8_products.restype = ctypes.c_int
+    if kernel is AMX:
+        library.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        library.int8_linear.restype = ctypes.c_int
     return library
 
 
@@ -99,4 +102,23 @@ def int8_products(rows: torch.Tensor, weight: torch.Tensor, kernel: Kernel = AVX
                                        weight.shape[0], rows.shape[1], weight.shape[0], torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"{kernel.name}'s buffers for {rows.shape[0]} x {rows.shape[1]} rows")
+    return out
+
+
+def int8_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """float32 rows [M, K] times an int8 weight [N, K] with its scales [N], in one call of the AMX
+    kernel: each row quantized to int8 by its absmax, exact int32 sums, rescaled by the row's and
+    the weight row's scales; the very float32 results of app.engine.int8's quantize, multiply and
+    rescale, without their passes over memory and calls. [M, N]."""
+    library = _library(AMX)
+    assert library is not None, "int8_linear called where the AMX kernel is not available"
+    rows, weight, weight_scale = rows.contiguous(), weight.contiguous(), weight_scale.contiguous()
+    assert rows.dtype == weight_scale.dtype == torch.float32 and weight.dtype == torch.int8
+    assert rows.shape[1] == weight.shape[1] <= _MAX_K and weight_scale.shape == weight.shape[:1]
+    out, row_scale = torch.empty(rows.shape[0], weight.shape[0]), torch.empty(rows.shape[0])
+    status = library.int8_linear(rows.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(), row_scale.data_ptr(),
+                                 out.data_ptr(), rows.shape[0], weight.shape[0], rows.shape[1], weight.shape[0],
+                                 torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"int8_amx's buffers for {rows.shape[0]} x {rows.shape[1]} rows")
     return out

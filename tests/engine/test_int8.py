@@ -560,16 +560,38 @@ def test_the_heads_products_by_the_amx_kernel_give_the_plain_heads_bits(one_row_
     by_amx = Int8Head(weight)
     assert isinstance(by_amx.weight, int8.AmxInt8) and by_amx.packed is None  # no second copy
     assert by_amx.one_row_like_more == one_row_by_amx
-    calls = rows_of_each_call(monkeypatch, int8.AmxInt8)
-    amx_rows = []
-    monkeypatch.setattr(int8.int8_kernel, "int8_products",
-                        lambda q, w, kernel, products=int8.int8_kernel.int8_products: amx_rows.append(q.shape[0])
-                        or products(q, w, kernel))
+    by_int_mm = rows_of_each_call(monkeypatch, int8.AmxInt8)  # products of fewer rows than amx_from
+    by_kernel: list[int] = []
+    monkeypatch.setattr(int8.int8_kernel, "int8_linear",
+                        lambda x, w, scale, linear=int8.int8_kernel.int8_linear: by_kernel.append(x.shape[0])
+                        or linear(x, w, scale))
     for rows in (1, 2, 7):
-        calls.clear()
-        amx_rows.clear()
+        by_int_mm.clear()
+        by_kernel.clear()
         assert_heads_agree(by_amx, plain, rows)
-        assert calls == [rows] and amx_rows == ([rows] if rows > 1 or one_row_by_amx else [])
+        assert (by_kernel, by_int_mm) == (([rows], []) if rows > 1 or one_row_by_amx else ([], [rows]))
+
+
+@pytest.mark.parametrize(("rows", "k"), [(1, 640), (2, 5), (17, 70), (40, 2048), (300, 2600)])
+def test_the_amx_kernels_int8_linear_is_the_layers_quantize_multiply_and_rescale_bit_for_bit(rows, k):
+    from app.engine import int8_kernel
+    from app.engine.int8 import AmxInt8, _int8_matmul
+
+    amx_kernel_here()
+    torch.manual_seed(rows)
+    weight = torch.randint(-127, 128, (300, k), dtype=torch.int8)
+    weight_scale = torch.rand(300) * 0.01
+    for magnitude in (1e-3, 1.0, 50.0):  # scales far from 1 either way
+        x = torch.randn(rows, k) * magnitude
+        x[0, 0] = 4 * magnitude  # the absmax, exactly representable
+        # through torch (the head's one-row route, as on a CPU without the kernel) and through int8_linear
+        expected = _int8_matmul(x, AmxInt8(weight, amx_from=rows + 1), weight_scale, 3)
+        assert torch.equal(int8_kernel.int8_linear(x, weight, weight_scale), expected)
+        assert torch.equal(_int8_matmul(x, AmxInt8(weight), weight_scale, 3), expected)
+    x = torch.randn(3, k)
+    x[1, -1] = float("nan")  # a row gone bad stays bad (the engine fails it alone), its neighbours untouched
+    got = int8_kernel.int8_linear(x, weight, weight_scale)
+    assert got[1].isnan().all() and torch.equal(got[[0, 2]], int8_kernel.int8_linear(x[[0, 2]], weight, weight_scale))
 
 
 # The AVX2 routes: (holder, int8 copies held, what /health names), by how the node loads.
