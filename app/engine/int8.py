@@ -42,8 +42,10 @@ against 8.5 on a Sapphire Rapids), and its packed product there is inexact. Prod
 one row go instead through the engine's own AMX kernel (`AmxInt8`, app/engine/int8_amx.c: the
 plain int8 weight read as AMX tiles where it lies, exact int32 sums), which reads the head near the
 memory bound at few rows and is 2-2.7x as fast as oneDNN's AVX-512 kernels for a prefill's rows,
-with one copy of the int8 weights (no packed copy). A layer's one-row products stay with
-torch._int_mm, which reads a weight in cache faster.
+with one copy of the int8 weights (no packed copy). It also quantizes the float rows and rescales
+its sums itself (`int8_kernel.int8_linear`: the float32 operations of `_quantize_rows` and
+`_int8_matmul`, in their order, so the same bits), sparing their passes over memory. A layer's
+one-row products stay with torch._int_mm, which reads a weight in cache faster.
 
 A kernel is chosen for speed only among those that give exact sums here (docs/engine.md,
 property 9): without VNNI, oneDNN's u8 x s8 product adds pairs of products in 16 bits, which

@@ -46,6 +46,8 @@ static void regroup_row(const int8_t *row, int8_t *to, int64_t m, int64_t k, int
         block[(i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP + i % 4] = row[i];
 }
 
+static __mmask16 first_lanes(int64_t count) { return count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1); }
+
 /* Float row m of [M, K] quantized as the engine's int8 layers quantize it (app/engine/int8.py,
  * _quantize_rows: scale = absmax * (float)(1/127), values rounded half to even from x / scale, in
  * float32 as torch computes them: the same int8 values and scale) into the B operand's layout (see
@@ -55,7 +57,7 @@ static void quantize_row(const float *row, int8_t *to, int64_t m, int64_t k, int
     __m512 top = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t i = 0; i < k; i += 16) {
-        __m512 v = _mm512_maskz_loadu_ps(k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1), row + i);
+        __m512 v = _mm512_maskz_loadu_ps(first_lanes(k - i), row + i);
         nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         top = _mm512_max_ps(top, _mm512_abs_ps(v));
     }
@@ -63,7 +65,7 @@ static void quantize_row(const float *row, int8_t *to, int64_t m, int64_t k, int
     const __m512 by = _mm512_set1_ps(*scale);
     int8_t *block = to + (m / TILE) * TILE * k_padded + (m % TILE) * 4;
     for (int64_t i = 0; i < k; i += 16) {  /* 16 values: four groups of four, in one 64-value step */
-        __m512 v = _mm512_maskz_loadu_ps(k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1), row + i);
+        __m512 v = _mm512_maskz_loadu_ps(first_lanes(k - i), row + i);
         __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, by), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         int32_t groups[4];
         _mm_storeu_si128((__m128i *)groups, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
@@ -79,7 +81,7 @@ static void write_sums(const int32_t *sums, float *out, int64_t ldo, int64_t row
                        const float *x_scale, const float *w_scale) {
     const __m512i lines = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                              _mm512_set1_epi32(TILE));
-    __mmask16 mask = (__mmask16)((1u << columns) - 1);
+    __mmask16 mask = first_lanes(columns);
     for (int64_t m = 0; m < rows; m++) {
         __m512 value = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(lines, sums + m, 4));
         if (w_scale)
