@@ -373,9 +373,9 @@ HeldInt8 = OwnKernelInt8 | FbgemmInt8  # int8 weights held for a product other t
 
 
 def product_weight(weight: torch.Tensor, packed: bool = True) -> "torch.Tensor | HeldInt8":
-    """What the integer products read: the int8 weight where torch._int_mm is fast (for the AMX int8
-    kernel too, AmxInt8, where that wins); else the int8
-    weight for the AVX2 int8 kernel (PlainInt8) where that runs; else, if `packed`, the int8 weight
+    """What the integer products read: where torch._int_mm is fast, the int8 weight (held for the
+    AMX int8 kernel too, AmxInt8, where that wins); else the int8 weight for the AVX2 int8 kernel
+    (PlainInt8) where that runs; else, if `packed`, the int8 weight
     with its values packed as float16 (HalfPackedInt8), else packed for SplitSignInt8 (both keep
     it plain too); else (none exact here) its values as float32."""
     if int_mm_is_fast():

@@ -106,23 +106,26 @@ static void write_sums(const int32_t *sums, float *out, int64_t ldo, int64_t row
 
 /* out[m * ldo + n] = sum_k a[m * K + k] * w[n * K + k] for int8 rows a [M, K] and weight w [N, K];
  * or, given float rows x instead, those rows quantized (quantize_row) and the sums rescaled by the
- * row's scale (into x_scale[m]) and w_scale[n]. On `threads` threads (each a share of the weight's
+ * row's scale and w_scale[n]. On `threads` threads (each a share of the weight's
  * blocks of 32 rows). K is taken CHUNK_STEPS * 64 at a time, so that a block's stretch of weight
  * stays in L1 while all the input rows pass it. Returns 0; -1 (writing nothing) where its buffers
  * cannot be allocated. The caller has had amx_request() succeed. */
-static int products(const int8_t *a, const float *x, const int8_t *w, const float *w_scale, float *x_scale,
-                    float *out, int64_t m_rows, int64_t n_rows, int64_t k, int64_t ldo, int threads) {
+static int products(const int8_t *a, const float *x, const int8_t *w, const float *w_scale, float *out,
+                    int64_t m_rows, int64_t n_rows, int64_t k, int64_t ldo, int threads) {
     if (m_rows == 0 || n_rows == 0) return 0;
     int64_t k_padded = (k + K_STEP - 1) / K_STEP * K_STEP, m_padded = (m_rows + TILE - 1) / TILE * TILE;
     int64_t steps = k_padded / K_STEP, chunks = (steps + CHUNK_STEPS - 1) / CHUNK_STEPS;
     int64_t partial_ints = chunks > 1 ? m_padded * BLOCK : 0;
     size_t rows_bytes = (size_t)(m_padded * k_padded), last_bytes = (size_t)(BLOCK * k_padded);
     size_t copied_bytes = (size_t)(BLOCK * CHUNK_STEPS * K_STEP);
-    int8_t *rows = aligned_alloc(64, rows_bytes + last_bytes + (size_t)threads * (partial_ints * 4 + copied_bytes));
+    size_t scales_bytes = x ? (size_t)m_padded * 4 : 0;
+    int8_t *rows = aligned_alloc(64, rows_bytes + last_bytes + scales_bytes
+                                 + (size_t)threads * (partial_ints * 4 + copied_bytes));
     if (!rows) return -1;
     /* the last block of weight rows, zero-padded to BLOCK rows and k_padded: tiles never read past the weight */
     int8_t *last = rows + rows_bytes;
-    int8_t *copies = last + last_bytes;  /* a thread's stretch of its block, copied (see below) */
+    float *x_scale = x ? (float *)(last + last_bytes) : 0;  /* each float row's scale */
+    int8_t *copies = last + last_bytes + scales_bytes;  /* a thread's stretch of its block, copied (see below) */
     int32_t *partials = (int32_t *)(copies + threads * copied_bytes);
     memset(rows, 0, rows_bytes);
     int64_t blocks = (n_rows + BLOCK - 1) / BLOCK, last_first = (blocks - 1) * BLOCK;
@@ -208,13 +211,12 @@ static int products(const int8_t *a, const float *x, const int8_t *w, const floa
 
 int int8_products(const int8_t *a, const int8_t *w, float *out, int64_t m_rows, int64_t n_rows, int64_t k,
                   int64_t ldo, int threads) {
-    return products(a, 0, w, 0, 0, out, m_rows, n_rows, k, ldo, threads);
+    return products(a, 0, w, 0, out, m_rows, n_rows, k, ldo, threads);
 }
 
 /* x [M, K] float32 times the int8 weight w [N, K] with its scales w_scale [N], as the engine's int8
- * layers compute it (quantize, exact int32 sums, rescale: the same bits), in one call; the rows'
- * scales go to x_scale [M]. */
-int int8_linear(const float *x, const int8_t *w, const float *w_scale, float *x_scale, float *out, int64_t m_rows,
-                int64_t n_rows, int64_t k, int64_t ldo, int threads) {
-    return products(0, x, w, w_scale, x_scale, out, m_rows, n_rows, k, ldo, threads);
+ * layers compute it (quantize, exact int32 sums, rescale: the same bits), in one call. */
+int int8_linear(const float *x, const int8_t *w, const float *w_scale, float *out, int64_t m_rows, int64_t n_rows,
+                int64_t k, int64_t ldo, int threads) {
+    return products(0, x, w, w_scale, out, m_rows, n_rows, k, ldo, threads);
 }

@@ -74,12 +74,12 @@ def _library(kernel: Kernel = AVX2) -> ctypes.CDLL | None:
         log.warning("%s could not be built (%s); int8 goes through %s", kernel.name, error, kernel.otherwise)
         return None
     if kernel is AMX and library.amx_request() != 0:  # Linux lends AMX's tile state only on request
-        log.warning("the kernel refused this process AMX's tile state; int8 goes through %s", kernel.otherwise)
+        log.warning("Linux refused this process AMX's tile state; int8 goes through %s", kernel.otherwise)
         return None
     library.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library.int8_products.restype = ctypes.c_int
     if kernel is AMX:
-        library.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        library.int8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         library.int8_linear.restype = ctypes.c_int
     return library
 
@@ -115,10 +115,9 @@ def int8_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     rows, weight, weight_scale = rows.contiguous(), weight.contiguous(), weight_scale.contiguous()
     assert rows.dtype == weight_scale.dtype == torch.float32 and weight.dtype == torch.int8
     assert rows.shape[1] == weight.shape[1] <= _MAX_K and weight_scale.shape == weight.shape[:1]
-    out, row_scale = torch.empty(rows.shape[0], weight.shape[0]), torch.empty(rows.shape[0])
-    status = library.int8_linear(rows.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(), row_scale.data_ptr(),
-                                 out.data_ptr(), rows.shape[0], weight.shape[0], rows.shape[1], weight.shape[0],
-                                 torch.get_num_threads())
+    out = torch.empty(rows.shape[0], weight.shape[0])
+    status = library.int8_linear(rows.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(), out.data_ptr(),
+                                 rows.shape[0], weight.shape[0], rows.shape[1], weight.shape[0], torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"int8_amx's buffers for {rows.shape[0]} x {rows.shape[1]} rows")
     return out
