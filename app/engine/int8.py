@@ -679,8 +679,6 @@ class Int8Head(torch.nn.Module):
             self.packed_from = 1
         if isinstance(held, AmxInt8) and amx_reads_one_row_faster(held):
             held.amx_from = 1
-        # whether its one-row products take the route of more rows (packed, or the AMX kernel), for /health
-        self.one_row_like_more = self.packed_from == 1 or (isinstance(held, AmxInt8) and held.amx_from == 1)
         # Up to kernel_rows rows, the AVX2 int8 kernel reads the same int8 weight, where it measures
         # faster than the route above (the same bits: every route is exact)
         self.kernel_rows, self.kernel_weight = 0, None
@@ -688,6 +686,11 @@ class Int8Head(torch.nn.Module):
             self.kernel_rows = kernel_rows_for(held, lambda x: _int_mm(x, held, self.split_up_to, self.packed,
                                                                         self.packed_from))
             self.kernel_weight = PlainInt8(held) if self.kernel_rows else None
+
+    @property
+    def one_row_like_more(self) -> bool:
+        """Whether its one-row products take the route of more rows (packed, or the AMX kernel), for /health."""
+        return self.packed_from == 1 or (isinstance(self.weight, AmxInt8) and self.weight.amx_from == 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.numel() // hidden.shape[-1]

@@ -37,13 +37,19 @@ static void configure_tiles(void) {  /* tiles 0-3: sums; 4-5: weight rows; 6-7: 
 
 /* Input row m of [M, K] regrouped for the B operand: for every 16 rows and 64 K values, 16 lines
  * of 64 bytes, line r holding K values 4r..4r+3 of each of the 16 rows (`to` is zeroed past K). */
+static int8_t *row_start(int8_t *to, int64_t m, int64_t k_padded) {  /* where row m's first group goes */
+    return to + (m / TILE) * TILE * k_padded + (m % TILE) * 4;
+}
+
+static int8_t *group_of(int8_t *start, int64_t i) {  /* where the group of four holding K value i goes */
+    return start + (i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP;
+}
+
 static void regroup_row(const int8_t *row, int8_t *to, int64_t m, int64_t k, int64_t k_padded) {
-    int8_t *block = to + (m / TILE) * TILE * k_padded + (m % TILE) * 4;
+    int8_t *start = row_start(to, m, k_padded);
     int64_t whole = k / 4 * 4;  /* K values in whole groups of four; the rest (zero-padded) after them */
-    for (int64_t i = 0; i < whole; i += 4)
-        memcpy(block + (i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP, row + i, 4);
-    for (int64_t i = whole; i < k; i++)
-        block[(i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP + i % 4] = row[i];
+    for (int64_t i = 0; i < whole; i += 4) memcpy(group_of(start, i), row + i, 4);
+    for (int64_t i = whole; i < k; i++) group_of(start, i)[i % 4] = row[i];
 }
 
 static __mmask16 first_lanes(int64_t count) { return count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1); }
@@ -63,14 +69,13 @@ static void quantize_row(const float *row, int8_t *to, int64_t m, int64_t k, int
     }
     *scale = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(top) * (float)(1.0 / 127.0);
     const __m512 by = _mm512_set1_ps(*scale);
-    int8_t *block = to + (m / TILE) * TILE * k_padded + (m % TILE) * 4;
+    int8_t *start = row_start(to, m, k_padded);
     for (int64_t i = 0; i < k; i += 16) {  /* 16 values: four groups of four, in one 64-value step */
         __m512 v = _mm512_maskz_loadu_ps(first_lanes(k - i), row + i);
         __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, by), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         int32_t groups[4];
         _mm_storeu_si128((__m128i *)groups, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
-        int8_t *line = block + (i / K_STEP) * TILE * K_STEP + (i % K_STEP) / 4 * K_STEP;
-        for (int g = 0; g < 4 && i + 4 * g < k; g++) memcpy(line + g * K_STEP, &groups[g], 4);
+        for (int g = 0; g < 4 && i + 4 * g < k; g++) memcpy(group_of(start, i + 4 * g), &groups[g], 4);
     }
 }
 
@@ -129,7 +134,7 @@ static int products(const int8_t *a, const float *x, const int8_t *w, const floa
     int32_t *partials = (int32_t *)(copies + threads * copied_bytes);
     memset(rows, 0, rows_bytes);
     int64_t blocks = (n_rows + BLOCK - 1) / BLOCK, last_first = (blocks - 1) * BLOCK;
-    memset(last, 0, (size_t)(BLOCK * k_padded));
+    memset(last, 0, last_bytes);
     for (int64_t n = last_first; n < n_rows; n++) memcpy(last + (n - last_first) * k_padded, w + n * k, (size_t)k);
 #pragma omp parallel num_threads(threads)
     {
@@ -173,18 +178,18 @@ static int products(const int8_t *a, const float *x, const int8_t *w, const floa
                         if (two) { CARRY(_tile_loadd, 2); CARRY(_tile_loadd, 3); }
                     }
                     for (int64_t s = s0; s < s1; s++) {
-                        const int8_t *x = rows + m * k_padded + s * TILE * K_STEP;
+                        const int8_t *inputs = rows + m * k_padded + s * TILE * K_STEP;
                         if (m == 0)
                             for (int64_t at = s * share; at < (s + 1) * share && at < next_bytes; at += 64)
                                 _mm_prefetch(next + at, _MM_HINT_T0);
                         const int8_t *tile = tiles + (s - s0) * step_bytes;
                         _tile_loadd(4, tile, tile_stride);
                         _tile_loadd(5, tile + TILE * tile_stride, tile_stride);
-                        _tile_loadd(6, x, K_STEP);
+                        _tile_loadd(6, inputs, K_STEP);
                         _tile_dpbssd(0, 4, 6);
                         _tile_dpbssd(1, 5, 6);
                         if (two) {
-                            _tile_loadd(7, x + TILE * k_padded, K_STEP);
+                            _tile_loadd(7, inputs + TILE * k_padded, K_STEP);
                             _tile_dpbssd(2, 4, 7);
                             _tile_dpbssd(3, 5, 7);
                         }
