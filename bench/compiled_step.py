@@ -129,7 +129,7 @@ def main() -> None:
         steps: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
-                measured, tokens = decode_steps(base, rows, args.steps, sections)
+                measured, tokens, _ = decode_steps(base, rows, args.steps, sections)
                 steps[name] += [step["step"] for step in measured]
                 decoded[name].append(tokens)
         median = {name: statistics.median(times) * 1e3 for name, times in steps.items()}

@@ -17,14 +17,17 @@ product or torch._int_mm; neither the AVX2 int8 kernel). Where the head reads it
 with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx2-kernel` loads
 another copy whose head never does. On a CPU with AMX, where products of more than one row go
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
-without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX). To see an
+without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
+`--compare-without-float-kernel` loads one whose RMS norms and GELU go through torch's ops, not the
+engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
+first token) is timed too: "prefill" in the JSON. To see an
 AVX2 CPU's figures on a newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
                                 [--compare-head-kernel] [--compare-head-without-avx2-kernel]
-                                [--compare-without-amx-kernel]
+                                [--compare-without-amx-kernel] [--compare-without-float-kernel]
 """
 
 import argparse
@@ -38,7 +41,7 @@ from unittest.mock import patch
 import torch
 
 from app.config import Settings
-from app.engine import attention, core, int8, loader
+from app.engine import attention, core, float_kernel, int8, loader
 from app.engine.generation import _engine_for
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import GenerationRequest
@@ -83,12 +86,15 @@ class Sections:
 
 def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
          other_head_kernel: bool = False, fbgemm: bool = False, head_without_kernel: bool = False,
-         amx_kernel: bool = True) -> BaseModel:
+         amx_kernel: bool = True, with_float_kernel: bool = True) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
     with transformers' own RMS norms, or without packed weights, or with the other one-row head
     kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel, or with the LM head's
-    few-row products never by the AVX2 int8 kernel, or (on AMX) without the AMX int8 kernel."""
+    few-row products never by the AVX2 int8 kernel, or (on AMX) without the AMX int8 kernel, or
+    without the float kernel (norms through F.rms_norm, torch's GELU)."""
     with ExitStack() as changes:
+        if not with_float_kernel:  # what is fused is decided at load
+            changes.enter_context(patch.object(float_kernel, "_library", lambda: None))
         if not amx_kernel:
             changes.enter_context(patch.object(int8, "amx_products_win", lambda: False))
         if head_without_kernel or other_head_kernel:
@@ -109,14 +115,16 @@ def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = Tr
 
 
 @torch.inference_mode()
-def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> tuple[list[dict[str, float]], list]:
-    """Times of each decode step after the first token, and every row's tokens (prompt and generated)."""
+def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> tuple[list[dict[str, float]], list, float]:
+    """Times of the first step (prefill and the first token) and of each decode step after it,
+    and every row's tokens (prompt and generated)."""
     requests = [GenerationRequest(prompt_ids=base.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids,
                                   soft_prompt=None, max_new_tokens=steps + 1) for i in range(rows)]
     engine = _engine_for(base, requests)
     handles = [engine.add(request) for request in requests]
+    start = time.perf_counter()
     engine.step()  # prefill and the first token
-    measured = []
+    prefill, measured = time.perf_counter() - start, []
     for _ in range(steps):
         if any(handle.finished_at is not None for handle in handles):
             break  # a row stopped: later steps would have fewer rows
@@ -124,7 +132,7 @@ def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> 
         start = time.perf_counter()
         engine.step()
         measured.append({**sections.times, "step": time.perf_counter() - start})
-    return measured, [handle.tokens for handle in handles]
+    return measured, [handle.tokens for handle in handles], prefill
 
 
 def main() -> None:
@@ -139,6 +147,7 @@ def main() -> None:
     parser.add_argument("--compare-head-kernel", action="store_true")
     parser.add_argument("--compare-head-without-avx2-kernel", action="store_true")
     parser.add_argument("--compare-without-amx-kernel", action="store_true")
+    parser.add_argument("--compare-without-float-kernel", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
@@ -160,18 +169,24 @@ def main() -> None:
         models["head_without_kernel"] = load(head_without_kernel=True)
     if args.compare_without_amx_kernel:
         models["without_amx_kernel"] = load(amx_kernel=False)
+    if args.compare_without_float_kernel:
+        models["without_float_kernel"] = load(with_float_kernel=False)
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:
         samples: dict[str, list[dict[str, float]]] = defaultdict(list)
+        prefills: dict[str, list[float]] = defaultdict(list)
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
-                samples[name] += decode_steps(base, rows, args.steps, sections)[0]
+                measured, _, prefill = decode_steps(base, rows, args.steps, sections)
+                samples[name] += measured
+                prefills[name].append(prefill)
         for name, steps in samples.items():
             keys = sorted({key for step in steps for key in step})
             median = {key: round(statistics.median(step.get(key, 0.0) for step in steps) * 1e3, 2) for key in keys}
             median["other (per-op overhead)"] = round(median["step"] - sum(
                 v for k, v in median.items() if k != "step"), 2)
+            median["prefill"] = round(statistics.median(prefills[name]) * 1e3, 2)
             report["ms"][f"{name} rows={rows}"] = median
             print(f"{name:12s} rows={rows:2d} steps={len(steps)}", json.dumps(median), flush=True)
     print(json.dumps(report))

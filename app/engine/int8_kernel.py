@@ -6,82 +6,40 @@ torch's kernels are slow or (oneDNN without VNNI) saturate, and fbgemm reads onl
 copy. With AMX, oneDNN's int8 kernels repack the weight per call (torch._int_mm) or are inexact
 (its packed product), and read it at about half the memory bound at few rows. Each kernel is plain C,
 compiled once per source and flags with the machine's C compiler (`CC`, else `cc`) into the cache
-folder, and loaded with ctypes. Its OpenMP is the one torch already loaded (the same
-`libgomp.so.1`), so it shares torch's threads. Where there is no compiler or not the instructions,
-`available(kernel)` is False and the engine takes its other routes (app/engine/int8.py).
+folder, and loaded with ctypes (app.engine.c_kernels). Where there is no compiler or not the
+instructions, `available(kernel)` is False and the engine takes its other routes (app/engine/int8.py).
 """
 
 import ctypes
-import dataclasses
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from app.engine.c_kernels import Kernel, library
+
 log = logging.getLogger(__name__)
 _MAX_K = (2**31 - 1) // (128 * 128)  # int32 sums of int8 products stay exact up to this K
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softserve" / "kernels"
 
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    name: str  # its source is app/engine/<name>.c
-    flags: tuple[str, ...]
-    supported: Callable[[], bool]  # whether this CPU has its instructions
-    otherwise: str  # what computes the products where it is not built, for the log
-
-
-AVX2 = Kernel("int8_avx2", ("-mavx2",), torch.cpu._is_avx2_supported, "fbgemm")
+AVX2 = Kernel("int8_avx2", ("-mavx2",), torch.cpu._is_avx2_supported, "int8 goes through fbgemm")
 AMX = Kernel("int8_amx", ("-mamx-tile", "-mamx-int8", "-mavx512f"), torch.cpu._is_amx_tile_supported,
-             "torch._int_mm and oneDNN")
-_COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
-
-
-def _build(kernel: Kernel, compiler: str) -> Path:
-    """The compiled library for this source and flags, built once (atomically: nodes may start together)."""
-    source, flags = Path(__file__).with_name(f"{kernel.name}.c"), [*_COMMON_FLAGS, *kernel.flags]
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = CACHE_DIR / f"{kernel.name}-{digest}.so"
-    if not target.exists():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.partial")
-        try:
-            subprocess.run([compiler, *flags, "-o", str(partial), str(source)], check=True, capture_output=True,
-                           timeout=300)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-    return target
+             "int8 goes through torch._int_mm and oneDNN")
 
 
 @functools.cache
 def _library(kernel: Kernel = AVX2) -> ctypes.CDLL | None:
-    if not kernel.supported():
+    built = library(kernel)
+    if built is None:
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler (cc): %s is not built; int8 goes through %s", kernel.name, kernel.otherwise)
+    if kernel is AMX and built.amx_request() != 0:  # Linux lends AMX's tile state only on request
+        log.warning("Linux refused this process AMX's tile state; %s", kernel.otherwise)
         return None
-    try:
-        library = ctypes.CDLL(str(_build(kernel, compiler)))
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("%s could not be built (%s); int8 goes through %s", kernel.name, error, kernel.otherwise)
-        return None
-    if kernel is AMX and library.amx_request() != 0:  # Linux lends AMX's tile state only on request
-        log.warning("Linux refused this process AMX's tile state; int8 goes through %s", kernel.otherwise)
-        return None
-    library.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    library.int8_products.restype = ctypes.c_int
+    built.int8_products.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    built.int8_products.restype = ctypes.c_int
     if kernel is AMX:
-        library.int8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-        library.int8_linear.restype = ctypes.c_int
-    return library
+        built.int8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        built.int8_linear.restype = ctypes.c_int
+    return built
 
 
 def available(kernel: Kernel = AVX2) -> bool:

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from app.engine import dtypes
+from app.engine.fused_mlp import fuse_gated_mlps
 from app.engine.fused_norms import fuse_rms_norms
 from app.engine.int8 import Int8Head, int8_kernel_name, keep_onednn_off_amx, speed_up_int8_layers
 from app.engine.kv_cache import KVShape
@@ -178,11 +179,9 @@ def fingerprint(model_dir: Path, name: str) -> str:
 
 def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
     """Fast int8 inference on the CPU: bitsandbytes' layers without its per-call overhead, and the
-    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8);
-    RMS norms as one fused op where that gives the same bits (app.engine.fused_norms).
+    LM head in int8 too, with weights also packed for oneDNN if `packed` (see app.engine.int8).
     Returns the kernels chosen."""
     speed_up_int8_layers(model, packed)
-    fuse_rms_norms(model, model.dtype)
     head = model.get_output_embeddings()
     kernels = int8_kernel_name(packed)
     if isinstance(head, torch.nn.Linear) and head.bias is None:
@@ -195,6 +194,13 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
             kernels += " (the LM head's one-row products too)"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")  # see keep_onednn_off_amx
     return kernels + (f"; oneDNN up to {cap}" if cap else "")
+
+
+def _fuse_float_ops(model: PreTrainedModel) -> None:
+    """RMS norms, and gated MLPs' GELU and multiplication, each in one pass on the CPU where that
+    computes the model's own function (app.engine.fused_norms, app.engine.fused_mlp)."""
+    norms, mlps = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model)
+    log.info("fused on the CPU: %d RMS norms, %d gated MLPs", norms, mlps)
 
 
 def keep_freed_memory() -> None:
@@ -291,6 +297,8 @@ def load_base_model(
     kernels = "bitsandbytes" if quantization == "int8" else "none"
     if cpu_int8:
         kernels = _serve_int8_on_cpu(model, int8_packed_weights)
+    if dev.type == "cpu" and int8_kernels != "bitsandbytes":
+        _fuse_float_ops(model)
     model.eval()
     model.requires_grad_(False)
     return BaseModel(

@@ -3,7 +3,6 @@ and the int8 LM head, on the tiny model loaded in int8 as the server loads the r
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -473,33 +472,6 @@ def test_many_rows_over_a_tall_weight_multiply_its_plain_int8_in_blocks_exactly(
     rows = torch.randint(-127, 128, (_SPLIT_SIGN_ROWS + 1, 96), dtype=torch.int8)
     exact = (rows.double() @ weight.double().t()).float()
     assert torch.equal(SplitSignInt8(weight)(rows), exact)
-
-
-@pytest.mark.parametrize("name", ["AVX2", "AMX"])
-def test_each_own_kernel_is_built_once_with_the_c_compiler_and_skipped_without_one(name, monkeypatch, tmp_path):
-    from app.engine import int8_kernel
-
-    kernel = getattr(int8_kernel, name)
-    if not kernel.supported():
-        pytest.skip(f"this CPU has no {name}")
-    monkeypatch.setattr(int8_kernel, "CACHE_DIR", tmp_path)
-    try:
-        for compiler in ("no-such-cc", "false"):  # not found; found, but the build fails
-            int8_kernel._library.cache_clear()
-            monkeypatch.setenv("CC", compiler)
-            assert not int8_kernel.available(kernel) and not list(tmp_path.iterdir())
-        if shutil.which("cc") is None:
-            pytest.skip("no C compiler here")
-        monkeypatch.setenv("CC", "cc")
-        int8_kernel._library.cache_clear()
-        assert int8_kernel.available(kernel)
-        built = list(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].name.startswith(kernel.name) and built[0].suffix == ".so"  # no partial build
-        int8_kernel._library.cache_clear()
-        mtime = built[0].stat().st_mtime_ns
-        assert int8_kernel.available(kernel) and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-    finally:
-        int8_kernel._library.cache_clear()
 
 
 def amx_kernel_here() -> None:
