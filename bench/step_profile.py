@@ -18,8 +18,8 @@ with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx
 another copy whose head never does. On a CPU with AMX, where products of more than one row go
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
-`--compare-without-float-kernel` loads one whose RMS norms and GELU go through torch's ops, not the
-engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
+`--compare-without-float-kernel` loads one whose RMS norms, GELU and decode attention go through
+torch's ops, not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
 first token) is timed too: "prefill" in the JSON. To see an
 AVX2 CPU's figures on a newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
@@ -35,7 +35,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from unittest.mock import patch
 
 import torch
@@ -178,7 +178,9 @@ def main() -> None:
         prefills: dict[str, list[float]] = defaultdict(list)
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
-                measured, _, prefill = decode_steps(base, rows, args.steps, sections)
+                with patch.object(float_kernel, "_library", lambda: None) if name == "without_float_kernel" \
+                        else nullcontext():  # decode attention picks its kernel per step
+                    measured, _, prefill = decode_steps(base, rows, args.steps, sections)
                 samples[name] += measured
                 prefills[name].append(prefill)
         for name, steps in samples.items():

@@ -4,7 +4,9 @@ An engine step feeds the model ONE flat sequence `[1, T]` holding the new tokens
 (one token for a decoding row, a chunk for a prefilling one), with each token's own position.
 For every layer this function writes the new keys/values into their cache slots, then lets each
 row's queries attend to that row's slots only: rows are gathered by a per-row slot table, so rows
-of any length, adapter and prefix (shared slots) mix in one forward pass.
+of any length, adapter and prefix (shared slots) mix in one forward pass. On the CPU, decoding rows
+(one query each) read their slots in place through the engine's float kernel
+(app.engine.float_kernel.decode_attention) instead of gathering them for torch's.
 
 Outside an engine step (training, the reference decode, PEFT) the model's own attention runs
 unchanged: the step is passed through a context variable, which other threads never see.
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from app.engine import float_kernel
 
 PREFIX = "softserve_paged+"
 _current: ContextVar["StepAttention | None"] = ContextVar("softserve_step", default=None)
@@ -109,7 +113,12 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
     flat_query = query[0].transpose(0, 1)  # [T, H, D]
     out = flat_query.new_empty(total, heads, dim)
     for group in step.groups:
-        bias, at_once = group.bias(sliding_window, torch.float32), step.rows_at_once(group, heads)
+        bias = group.bias(sliding_window, torch.float32)
+        if group.queries == 1 and softcap is None and float_kernel.attends(flat_query, cache_k):
+            float_kernel.decode_attention(flat_query, group.tokens, cache_k, cache_v,
+                                          group.slots.view(group.rows, group.keys), bias[:, 0], scaling, out)
+            continue
+        at_once = step.rows_at_once(group, heads)
         for first in range(0, group.rows, at_once):  # rows attend alone: slicing them changes no result
             rows = min(at_once, group.rows - first)
             tokens = group.tokens[first * group.queries : (first + rows) * group.queries]

@@ -1,12 +1,14 @@
-/* The float32 elementwise work of a decoder layer that torch runs as several passes over memory on
- * the CPU, each here in one: the RMS norm of every row, and gelu(gate) * up (the tanh approximation)
- * of a gated MLP. Rows stay batch-invariant (docs/engine.md, property 6): a row's norm is computed
- * alone, in an order fixed by its width, and every element of gelu_tanh_mul goes through the same
- * vector code wherever it lies (a row's ragged end through a padded copy). A NaN stays in its row.
- * Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
+/* The float32 work of a decoder layer that torch runs as several passes over memory on the CPU:
+ * the RMS norm of every row and gelu(gate) * up (the tanh approximation) of a gated MLP, each here
+ * in one pass, and decoding rows' attention read in place from the paged cache (at the end).
+ * Rows stay batch-invariant (docs/engine.md, property 6): a row's norm is computed alone, in an
+ * order fixed by its width; every element of gelu_tanh_mul goes through the same vector code
+ * wherever it lies (a row's ragged end through a padded copy); a row attends alone. A NaN stays
+ * in its row. Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { LANES = 8 };
@@ -54,7 +56,7 @@ void rms_norm(const float *x, const float *scale, float *out, int64_t rows, int6
 
 /* e^x, as Cephes' expf (about 1 ulp); x is clamped to where 2^n stays a normal float. */
 static __m256 exp_lanes(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  /* NaN stays NaN */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -99,4 +101,102 @@ void gelu_tanh_mul(const float *gate, int64_t gate_stride, const float *up, int6
             memcpy(to + whole, end, ragged);
         }
     }
+}
+
+enum { MAX_GROUP = 16 };  /* query heads per key/value head this kernel takes */
+
+/* One row's `group` query heads q (head_stride apart) against its keys and values under `bias`,
+ * into o (group rows of dim); s: scratch for group * length scores. */
+static void attend_row(const float *q, int64_t head_stride, const float *keys, const float *values,
+                       const int64_t *slots, const float *bias, float *o, float *s, int64_t group, int64_t kv,
+                       int64_t kv_heads, int64_t dim, int64_t length, float scale) {
+    float most[MAX_GROUP], total[MAX_GROUP];
+    for (int64_t g = 0; g < group; g++) most[g] = -INFINITY;
+    for (int64_t j = 0; j < length; j++) {  /* scores, each key loaded once for the group */
+        if (bias[j] == -INFINITY) {
+            for (int64_t g = 0; g < group; g++) s[g * length + j] = -INFINITY;
+            continue;
+        }
+        const float *k = keys + (slots[j] * kv_heads + kv) * dim;
+        __m256 sums[MAX_GROUP];
+        for (int64_t g = 0; g < group; g++) sums[g] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < dim; d += LANES) {
+            __m256 key = _mm256_loadu_ps(k + d);
+            for (int64_t g = 0; g < group; g++)
+                sums[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * head_stride + d), key, sums[g]);
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float score = lane_sum(sums[g]) * scale + bias[j];
+            s[g * length + j] = score;
+            most[g] = score > most[g] ? score : most[g];
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {  /* scores become e^(score - most), 0 where masked */
+        float *p = s + g * length;
+        __m256 top = _mm256_set1_ps(most[g]), sum = _mm256_setzero_ps(), masked = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + LANES <= length; j += LANES) {
+            __m256 v = _mm256_loadu_ps(p + j);
+            __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, masked, _CMP_EQ_OQ), exp_lanes(_mm256_sub_ps(v, top)));
+            _mm256_storeu_ps(p + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        total[g] = lane_sum(sum);
+        for (; j < length; j++) {
+            p[j] = p[j] == -INFINITY ? 0.0f : expf(p[j] - most[g]);
+            total[g] += p[j];
+        }
+    }
+    memset(o, 0, (size_t)(group * dim) * sizeof(float));
+    for (int64_t j = 0; j < length; j++) {  /* the weighted values, each loaded once for the group */
+        if (bias[j] == -INFINITY) continue;
+        const float *v = values + (slots[j] * kv_heads + kv) * dim;
+        for (int64_t d = 0; d < dim; d += LANES) {
+            __m256 value = _mm256_loadu_ps(v + d);
+            for (int64_t g = 0; g < group; g++) {
+                float *to = o + g * dim + d;
+                _mm256_storeu_ps(to, _mm256_fmadd_ps(_mm256_set1_ps(s[g * length + j]), value, _mm256_loadu_ps(to)));
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        __m256 by = _mm256_set1_ps(1.0f / total[g]);
+        for (int64_t d = 0; d < dim; d += LANES)
+            _mm256_storeu_ps(o + g * dim + d, _mm256_mul_ps(_mm256_loadu_ps(o + g * dim + d), by));
+    }
+}
+
+/* Attention of decoding rows (one query each) read straight from the paged cache, instead of
+ * gathering each row's keys and values into new tensors for torch's kernel. Row r's query is at
+ * flat token tokens[r] of `query` (strides in floats), its keys and values at cache slots
+ * slots[r, :length] of `keys`/`values` ([slots, kv_heads, dim]), with the additive mask bias[r, :]
+ * (0 or -inf: causal, window, padding). A masked key is never read, so nothing another row left in
+ * a slot reaches this one. Query heads are grouped under their key/value head. Out: [T, heads,
+ * dim], row r's at its token. One (row, key/value head) at a time per thread, with the thread's
+ * own scores, so a row's result never depends on its neighbours. dim: a multiple of LANES.
+ * Returns 0, or -1 where scratch for the scores could not be allocated. */
+int decode_attention(const float *query, int64_t token_stride, int64_t head_stride, const int64_t *tokens,
+                     const float *keys, const float *values, const int64_t *slots, const float *bias, float *out,
+                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t length, float scale,
+                     int threads) {
+    int64_t group = heads / kv_heads;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (rows * length * dim >= PARALLEL_FROM)
+    {
+        float *scores = malloc((size_t)(group * length) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * kv_heads; task++) {
+            int64_t r = task / kv_heads, kv = task % kv_heads;
+            if (scores == NULL) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            attend_row(query + tokens[r] * token_stride + kv * group * head_stride, head_stride, keys, values,
+                       slots + r * length, bias + r * length, out + (tokens[r] * heads + kv * group) * dim, scores,
+                       group, kv, kv_heads, dim, length, scale);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
 }

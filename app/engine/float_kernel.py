@@ -1,9 +1,11 @@
-"""RMS norms and gelu(gate) * up in one pass each, for float32 rows on the CPU (float_avx2.c).
+"""The engine's float32 kernels for CPU inference (float_avx2.c): RMS norms and gelu(gate) * up in
+one pass each, and decoding rows' attention read in place from the paged KV cache.
 
 torch runs an RMS norm on the CPU as pow, mean, add, rsqrt and two multiplications, a pass over
 memory and a dispatch each (`F.rms_norm` included: its CPU kernel is that composite), and its
-tanh-approximated GELU is several times slower than its tanh (bench/README.md). A decoder layer of
-Gemma 3 runs six norms and one GELU. Only inference takes these kernels: a tensor that needs
+tanh-approximated GELU is several times slower than its tanh. Decoding rows' attention through
+torch means gathering every row's keys and values into new tensors per layer, then reading them
+again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
 gradients (training) keeps torch's ops, which autograd can differentiate.
 """
 
@@ -25,6 +27,9 @@ def _library() -> ctypes.CDLL | None:
         built.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
         pointer, count = ctypes.c_void_p, ctypes.c_int64
         built.gelu_tanh_mul.argtypes = [pointer, count, pointer, count, pointer, count, count, ctypes.c_int]
+        built.decode_attention.argtypes = [pointer, count, count, pointer, pointer, pointer, pointer, pointer, pointer,
+                                           count, count, count, count, count, ctypes.c_float, ctypes.c_int]
+        built.decode_attention.restype = ctypes.c_int
     return built
 
 
@@ -73,3 +78,39 @@ def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     library.gelu_tanh_mul(gate_rows.data_ptr(), gate_rows.stride(0), up_rows.data_ptr(), up_rows.stride(0),
                           out.data_ptr(), gate_rows.shape[0], gate_rows.shape[1], torch.get_num_threads())
     return out
+
+
+_MAX_GROUP, _LANES = 16, 8  # float_avx2.c's limits: query heads per key/value head, dim a multiple of lanes
+
+
+def attends(flat_query: torch.Tensor, cache_keys: torch.Tensor) -> bool:
+    """Whether decode_attention computes this layer's decoding rows: float32 on the CPU, a
+    contiguous [slots, kv_heads, dim] cache, dim a multiple of 8, at most 16 query heads per
+    key/value head."""
+    heads, dim = flat_query.shape[1], flat_query.shape[2]
+    kv_heads = cache_keys.shape[1]
+    return takes(flat_query) and cache_keys.dtype == torch.float32 and cache_keys.is_contiguous() \
+        and flat_query.stride(2) == 1 and dim % _LANES == 0 and heads % kv_heads == 0 \
+        and heads // kv_heads <= _MAX_GROUP
+
+
+def decode_attention(flat_query: torch.Tensor, tokens: torch.Tensor, cache_keys: torch.Tensor,
+                     cache_values: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> None:
+    """Attention of rows with one query each, read straight from the paged cache: row r's query
+    is flat_query[tokens[r]] ([T, heads, dim], any strides with contiguous dim), its keys and
+    values at cache slots slots[r] ([rows, length]) under the additive mask bias[r] (0 or -inf);
+    its output goes to out[tokens[r]] (out: contiguous [T, heads, dim])."""
+    library = _library()
+    assert library is not None and attends(flat_query, cache_keys) and cache_values.shape == cache_keys.shape
+    assert cache_values.is_contiguous() and out.is_contiguous() and out.shape == flat_query.shape
+    rows, length = slots.shape
+    tokens, slots, bias = tokens.contiguous(), slots.contiguous(), bias.float().contiguous()
+    assert tokens.dtype == slots.dtype == torch.int64 and tokens.shape == (rows,) and bias.shape == (rows, length)
+    heads, dim = flat_query.shape[1], flat_query.shape[2]
+    status = library.decode_attention(flat_query.data_ptr(), flat_query.stride(0), flat_query.stride(1),
+                                      tokens.data_ptr(), cache_keys.data_ptr(), cache_values.data_ptr(), slots.data_ptr(),
+                                      bias.data_ptr(), out.data_ptr(), rows, heads, cache_keys.shape[1], dim, length,
+                                      scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"decode_attention's scores for {length} keys")

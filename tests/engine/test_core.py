@@ -36,6 +36,25 @@ def make_core(base, **overrides) -> EngineCore:
     return EngineCore(base, **{"kv_tokens": 4096, "max_rows": 16, "max_step_tokens": 512} | overrides)
 
 
+@pytest.fixture(params=["float kernel", "torch"])
+def decode_attention(request, monkeypatch):
+    """Decoding rows attend through the engine's float kernel (in place in the cache), or as
+    CPUs without it and GPUs do (gathered, torch's kernel); the kernel route must be taken."""
+    from app.engine import float_kernel
+
+    if request.param == "torch":
+        monkeypatch.setattr(float_kernel, "attends", lambda *args: False)
+        yield
+        return
+    if not float_kernel.available():
+        pytest.skip("the float kernel does not run here")
+    calls = []
+    attend = float_kernel.decode_attention
+    monkeypatch.setattr(float_kernel, "decode_attention", lambda *args: calls.append(1) or attend(*args))
+    yield
+    assert calls, "no decoding row attended through the float kernel"
+
+
 def test_a_request_arriving_mid_batch_gets_its_first_token_before_the_batch_ends(tiny_base):
     core = make_core(tiny_base)
     long_rows = [core.add(request(tiny_base, SST2_PROMPTS[i], None, 64)) for i in range(4)]
@@ -62,7 +81,7 @@ def test_a_short_request_finishes_after_its_own_steps_while_long_ones_go_on(tiny
 
 
 @pytest.mark.parametrize("prefix_cache_tokens", [0, 4096])
-def test_rows_joining_and_leaving_match_the_reference(tiny_base, prefix_cache_tokens):
+def test_rows_joining_and_leaving_match_the_reference(tiny_base, prefix_cache_tokens, decode_attention):
     core = make_core(tiny_base, max_rows=4, max_step_tokens=24, prefix_cache_tokens=prefix_cache_tokens)
     adapters = [SoftPrompt(random_soft_prompt(tiny_base, 3 + 2 * i, seed=40 + i), adapter_id=f"a{i}") for i in range(3)]
     requests, rows = [], []
@@ -81,7 +100,7 @@ def test_rows_joining_and_leaving_match_the_reference(tiny_base, prefix_cache_to
 
 
 @pytest.mark.parametrize("prefix_cache_tokens", [0, 4096])
-def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_base, prefix_cache_tokens):
+def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_base, prefix_cache_tokens, decode_attention):
     core = make_core(tiny_base, max_rows=4, max_step_tokens=24, prefix_cache_tokens=prefix_cache_tokens)
     adapters = [random_prefix_kv(tiny_base, 5, seed=1), SoftPrompt(random_soft_prompt(tiny_base, 4, seed=2), adapter_id="pt"),
                 random_prefix_kv(tiny_base, 9, seed=3)]
@@ -105,7 +124,7 @@ def test_prefix_tuned_and_prompt_tuned_rows_mix_and_match_the_reference(tiny_bas
     assert core.kv.stats()["reserved_tokens"] == 0
 
 
-def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_base):
+def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_base, decode_attention):
     assert tiny_base.model.config.sliding_window == 512
     words = " ".join(SST2_PROMPTS * 12)
     ids = tiny_base.tokenizer(words).input_ids[:600]
@@ -122,7 +141,7 @@ def test_prompts_crossing_the_sliding_window_match_the_reference_in_chunks(tiny_
     assert row.num_steps >= 5 + 11
 
 
-def test_a_llama_model_serves_a_mixed_batch_like_the_reference(tiny_llama_base):
+def test_a_llama_model_serves_a_mixed_batch_like_the_reference(tiny_llama_base, decode_attention):
     base = tiny_llama_base
     core = make_core(base)
     requests = [
@@ -351,7 +370,7 @@ def test_blocks_are_counted_in_whole_blocks_and_all_return_to_the_pool(tiny_base
     assert core.kv.stats()["used_tokens"] == 0
 
 
-def test_what_an_earlier_row_left_in_its_lane_never_reaches_the_next_one(tiny_base):
+def test_what_an_earlier_row_left_in_its_lane_never_reaches_the_next_one(tiny_base, decode_attention):
     core = make_core(tiny_base, max_rows=2, prefix_cache_tokens=0)
     core.add(request(tiny_base, " ".join(SST2_PROMPTS), None, 4))  # a long row fills lane 1's table
     run_until_idle(core)
@@ -384,9 +403,11 @@ def test_a_waiting_request_evicts_cached_prefixes_only_when_that_lets_it_in(tiny
 
 def test_attention_under_a_tight_memory_bound_gives_the_same_bits_one_row_at_a_time(tiny_base, monkeypatch):
     """Issue 22: a layer's gathered keys and values grew with rows x keys; now a bound slices the
-    rows, and a row attends alone whatever the slice."""
-    from app.engine import attention
+    rows, and a row attends alone whatever the slice. (The float kernel's decoding rows gather
+    nothing: here every row takes the gathered route.)"""
+    from app.engine import attention, float_kernel
 
+    monkeypatch.setattr(float_kernel, "attends", lambda *args: False)
     gathered = []
     attend = attention._attend
     monkeypatch.setattr(attention, "_attend", lambda q, k, v, *rest: gathered.append(k.shape[0]) or attend(q, k, v, *rest))

@@ -84,3 +84,67 @@ def test_only_float32_inference_on_the_cpu_takes_the_kernels():
         assert not float_kernel.takes(torch.randn(2, 8, dtype=torch.bfloat16))
         assert not float_kernel.takes(torch.randn(2, 8, dtype=torch.float64))
         assert not float_kernel.takes(torch.randn(2, 8, device="meta"))
+
+
+def _decode_case(heads: int, kv_heads: int, dim: int, rows: int = 9, length: int = 70, window: int | None = 50):
+    """A layer's cache with NaN wherever no row may look, rows of random lengths and slots, and the
+    additive mask the engine makes (causal, window, padding: app.engine.attention.RowGroup.bias)."""
+    torch.manual_seed(heads * dim)
+    total = 3 * rows
+    query = torch.randn(1, heads, total, dim)  # the model's [1, H, T, D]; the kernel reads it in place
+    keys, values = (torch.full((rows * length + 1, kv_heads, dim), float("nan")) for _ in range(2))
+    tokens = torch.randperm(total)[:rows]
+    lengths = torch.randint(1, length + 1, (rows,))
+    slots = torch.randperm(rows * length).view(rows, length) + 1
+    positions = torch.arange(length)
+    visible = (positions < lengths[:, None]) & (positions > lengths[:, None] - 1 - (window or length))
+    slots[positions >= lengths[:, None]] = 0  # padding reads slot 0
+    seen = slots[visible]
+    keys[seen], values[seen] = torch.randn(len(seen), kv_heads, dim), torch.randn(len(seen), kv_heads, dim)
+    bias = torch.zeros(rows, length).masked_fill(~visible, float("-inf"))
+    return query[0].transpose(0, 1), tokens, keys, values, slots, bias, visible
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 1, 256), (32, 8, 64), (12, 2, 128), (2, 2, 8)])
+@pytest.mark.parametrize("length", [64, 70])  # a bucket of keys, and a ragged one
+@pytest.mark.parametrize("scale", [0.1, 50.0])  # scores far past where e^score overflows
+def test_decode_attention_is_torchs_attention_and_reads_only_what_a_row_sees(heads, kv_heads, dim, length, scale):
+    from app.engine.attention import _attend
+
+    flat_query, tokens, keys, values, slots, bias, visible = _decode_case(heads, kv_heads, dim, length=length)
+    assert float_kernel.attends(flat_query, keys)
+    out = torch.zeros(flat_query.shape)
+    float_kernel.decode_attention(flat_query, tokens, keys, values, slots, bias, scale, out)
+    rows = len(tokens)
+    q = flat_query[tokens].view(rows, 1, heads, dim).transpose(1, 2)
+    gathered = [torch.where(visible[:, :, None, None], cache[slots], 0) for cache in (keys, values)]  # no NaN
+    expected = _attend(q, *gathered, bias[:, None], scale, None).transpose(1, 2).reshape(rows, heads, dim)
+    tolerance = 1e-5 if scale < 1 else 1e-3  # a score's rounding grows with its size; softmax amplifies it
+    torch.testing.assert_close(out[tokens], expected, rtol=tolerance, atol=tolerance)
+    others = torch.ones(len(out), dtype=torch.bool)
+    others[tokens] = False
+    assert not out[others].any()  # other tokens' rows untouched
+
+
+def test_decode_attention_gives_each_row_the_same_bits_alone_and_a_nan_stays_in_its_row():
+    flat_query, tokens, keys, values, slots, bias, _ = _decode_case(4, 1, 256, rows=40)
+    flat_query = flat_query.clone()
+    flat_query[tokens[3], 2, 7] = float("nan")
+    together = torch.zeros(flat_query.shape)
+    float_kernel.decode_attention(flat_query, tokens, keys, values, slots, bias, 0.1, together)
+    for r in range(len(tokens)):
+        alone = torch.zeros(flat_query.shape)
+        float_kernel.decode_attention(flat_query, tokens[r : r + 1], keys, values, slots[r : r + 1], bias[r : r + 1],
+                                      0.1, alone)
+        torch.testing.assert_close(alone[tokens[r]], together[tokens[r]], rtol=0, atol=0, equal_nan=True)
+    assert together[tokens[3], 2].isnan().all() and not together[tokens[3], [0, 1, 3]].isnan().any()
+    assert not together[tokens[torch.arange(len(tokens)) != 3]].isnan().any()
+
+
+def test_decode_attention_takes_only_what_it_computes():
+    query = torch.randn(5, 4, 64)
+    assert float_kernel.attends(query, torch.zeros(10, 1, 64))
+    assert not float_kernel.attends(query, torch.zeros(10, 1, 64, dtype=torch.bfloat16))  # a bf16 cache
+    assert not float_kernel.attends(torch.randn(5, 4, 60), torch.zeros(10, 1, 60))  # dim not a multiple of 8
+    assert not float_kernel.attends(torch.randn(5, 32, 64), torch.zeros(10, 1, 64))  # 32 query heads to one
+    assert not float_kernel.attends(query, torch.zeros(10, 2, 64)[:, :1])  # a cache view with gaps
