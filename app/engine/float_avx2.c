@@ -1,10 +1,8 @@
 /* The float32 work of a decoder layer that torch runs as several passes over memory on the CPU:
- * the RMS norm of every row and gelu(gate) * up (the tanh approximation) of a gated MLP, each here
- * in one pass, and decoding rows' attention read in place from the paged cache (at the end).
- * Rows stay batch-invariant (docs/engine.md, property 6): a row's norm is computed alone, in an
- * order fixed by its width; every element of gelu_tanh_mul goes through the same vector code
- * wherever it lies (a row's ragged end through a padded copy); a row attends alone. A NaN stays
- * in its row. Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
+ * gelu(gate) * up (the tanh approximation) of a gated MLP in one pass, and decoding rows' attention
+ * read in place from the paged cache. Rows stay batch-invariant (docs/engine.md, property 6):
+ * every element of gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged
+ * end through a padded copy), and a row attends alone. A NaN stays in its row. Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -18,40 +16,6 @@ static float lane_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static float sum_of_squares(const float *x, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 4 * LANES <= n; i += 4 * LANES) {
-        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + LANES);
-        __m256 v2 = _mm256_loadu_ps(x + i + 2 * LANES), v3 = _mm256_loadu_ps(x + i + 3 * LANES);
-        a0 = _mm256_fmadd_ps(v0, v0, a0); a1 = _mm256_fmadd_ps(v1, v1, a1);
-        a2 = _mm256_fmadd_ps(v2, v2, a2); a3 = _mm256_fmadd_ps(v3, v3, a3);
-    }
-    for (; i + LANES <= n; i += LANES) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        a0 = _mm256_fmadd_ps(v, v, a0);
-    }
-    float sum = lane_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < n; i++) sum += x[i] * x[i];
-    return sum;
-}
-
-/* out = x / sqrt(mean(x^2) + eps) * scale, row by row: x and out [rows, width], scale [width]. */
-void rms_norm(const float *x, const float *scale, float *out, int64_t rows, int64_t width, float eps, int threads) {
-#pragma omp parallel for num_threads(threads) if (rows * width >= PARALLEL_FROM) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * width;
-        float *to = out + r * width;
-        float inverse = 1.0f / sqrtf(sum_of_squares(row, width) / (float)width + eps);
-        __m256 by = _mm256_set1_ps(inverse);
-        int64_t i = 0;
-        for (; i + LANES <= width; i += LANES)
-            _mm256_storeu_ps(to + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + i), by),
-                                                   _mm256_loadu_ps(scale + i)));
-        for (; i < width; i++) to[i] = row[i] * inverse * scale[i];
-    }
 }
 
 /* e^x, as Cephes' expf (about 1 ulp); x is clamped to where 2^n stays a normal float. */

@@ -1,9 +1,8 @@
-"""The engine's float32 kernels for CPU inference (float_avx2.c): RMS norms and gelu(gate) * up in
-one pass each, and decoding rows' attention read in place from the paged KV cache.
+"""The engine's float32 kernels for CPU inference (float_avx2.c): gelu(gate) * up in one pass, and
+decoding rows' attention read in place from the paged KV cache.
 
-torch runs an RMS norm on the CPU as pow, mean, add, rsqrt and two multiplications, a pass over
-memory and a dispatch each (`F.rms_norm` included: its CPU kernel is that composite), and its
-tanh-approximated GELU is several times slower than its tanh. Decoding rows' attention through
+torch's tanh-approximated GELU is several times slower on the CPU than its tanh, and the
+multiplication is another pass over memory. Decoding rows' attention through
 torch means gathering every row's keys and values into new tensors per layer, then reading them
 again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
 gradients (training) keeps torch's ops, which autograd can differentiate.
@@ -17,14 +16,13 @@ import torch
 from app.engine.c_kernels import Kernel, library
 
 FLOAT = Kernel("float_avx2", ("-mavx2", "-mfma"), torch.cpu._is_avx2_supported,
-               "RMS norms and GELU go through torch's ops")
+               "GELU and decoding attention go through torch's ops")
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     built = library(FLOAT)
     if built is not None:
-        built.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
         pointer, count = ctypes.c_void_p, ctypes.c_int64
         built.gelu_tanh_mul.argtypes = [pointer, count, pointer, count, pointer, count, count, ctypes.c_int]
         built.decode_attention.argtypes = [pointer, count, count, pointer, pointer, pointer, pointer, pointer, pointer,
@@ -41,18 +39,6 @@ def takes(x: torch.Tensor) -> bool:
     """Whether these kernels compute on `x`: float32 on the CPU, in inference, and built here."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) \
         and available()
-
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2 over the last dimension) + eps) * scale; scale is float32 [x.shape[-1]]."""
-    library = _library()
-    assert library is not None and takes(x) and scale.dtype == torch.float32 and scale.shape == x.shape[-1:]
-    x, scale = x.contiguous(), scale.contiguous()
-    out = torch.empty_like(x)
-    if out.numel():
-        library.rms_norm(x.data_ptr(), scale.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                         eps, torch.get_num_threads())
-    return out
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

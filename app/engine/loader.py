@@ -197,8 +197,9 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
 
 
 def _fuse_float_ops(model: PreTrainedModel) -> None:
-    """RMS norms, and gated MLPs' GELU and multiplication, each in one pass on the CPU where that
-    computes the model's own function (app.engine.fused_norms, app.engine.fused_mlp)."""
+    """RMS norms as torch's one op where that gives their own bits (app.engine.fused_norms), and
+    gated MLPs' GELU and multiplication in one pass where that computes the model's own function
+    (app.engine.fused_mlp)."""
     norms, mlps = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model)
     log.info("fused on the CPU: %d RMS norms, %d gated MLPs", norms, mlps)
 
@@ -297,7 +298,7 @@ def load_base_model(
     kernels = "bitsandbytes" if quantization == "int8" else "none"
     if cpu_int8:
         kernels = _serve_int8_on_cpu(model, int8_packed_weights)
-    if dev.type == "cpu" and int8_kernels != "bitsandbytes":
+    if dev.type == "cpu" and int8_kernels != "bitsandbytes" and model.dtype == torch.float32:
         _fuse_float_ops(model)
     model.eval()
     model.requires_grad_(False)

@@ -1,12 +1,10 @@
-"""Fused RMS norms: switched only where torch's one op gives the module's own bits; the model's
-logits stay those bits through that op (training, and CPUs without the float kernel), and within
-float32 rounding of them through the float kernel."""
+"""Fused RMS norms: switched only where they give the module's own bits, and the model's logits stay
+the same bits."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.engine import float_kernel
 from app.engine.fused_norms import fuse_rms_norms
 from tests.conftest import tiny_gemma2_config, tiny_gemma_config, tiny_llama_config
 
@@ -16,26 +14,17 @@ def _norms(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @pytest.mark.parametrize("config", [tiny_gemma_config, tiny_llama_config, tiny_gemma2_config])
-def test_fused_norms_give_the_models_own_logits(config, monkeypatch):
+def test_fused_norms_give_the_models_own_logits(config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config()).eval()
     with torch.no_grad():
         for norm in _norms(model):  # the default init (zeros for Gemma's 1 + w, ones for Llama's) hides a wrong scale
             norm.weight.normal_(0, 0.5)
-    ids = torch.randint(3, 512, (2, 24))
-    embeds = model.get_input_embeddings()(ids).detach()
-    with torch.no_grad():
-        expected = model(inputs_embeds=embeds).logits
-    assert fuse_rms_norms(model, torch.float32) == len(_norms(model)) > 0
-    assert all(norm.forward.__name__ == "_fused_forward" for norm in _norms(model))
-    assert all(norm.kernel_checked for norm in _norms(model)) == float_kernel.available()
-    with torch.no_grad():
-        torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected, rtol=1e-5, atol=1e-5)
-    trained = model(inputs_embeds=embeds.clone().requires_grad_()).logits  # training: torch's op, and gradients
-    assert torch.equal(trained.detach(), expected) and trained.requires_grad
-    monkeypatch.setattr(float_kernel, "available", lambda: False)
-    with torch.no_grad():
-        assert torch.equal(model(inputs_embeds=embeds).logits, expected)
+        ids = torch.randint(3, 512, (2, 24))
+        expected = model(ids).logits
+        assert fuse_rms_norms(model, torch.float32) == len(_norms(model)) > 0
+        assert all(norm.forward.__name__ == "_fused_forward" for norm in _norms(model))
+        assert torch.equal(model(ids).logits, expected)
 
 
 class CenteredRMSNorm(torch.nn.Module):
@@ -64,7 +53,6 @@ def test_the_default_model_serves_with_every_norm_fused(real_base):
     norms = _norms(real_base.model)
     assert len(norms) == 18 * 6 + 1  # Gemma 3 270M: six per layer, one final
     assert all(norm.forward.__name__ == "_fused_forward" for norm in norms)
-    assert all(norm.kernel_checked for norm in norms) == float_kernel.available()
 
 
 def test_the_gpu_path_keeps_transformers_norms(gemma_on_gpu_path):
