@@ -18,8 +18,8 @@ with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx
 another copy whose head never does. On a CPU with AMX, where products of more than one row go
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
-`--compare-without-float-kernel` loads one whose RMS norms, GELU and decode attention go through
-torch's ops, not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
+`--compare-without-float-kernel` loads one whose GELU and decode attention go through torch's ops,
+not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
 first token) is timed too: "prefill" in the JSON. To see an
 AVX2 CPU's figures on a newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
@@ -91,7 +91,7 @@ def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = Tr
     with transformers' own RMS norms, or without packed weights, or with the other one-row head
     kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel, or with the LM head's
     few-row products never by the AVX2 int8 kernel, or (on AMX) without the AMX int8 kernel, or
-    without the float kernel (norms through F.rms_norm, torch's GELU)."""
+    without the float kernel (torch's GELU and gathered attention)."""
     with ExitStack() as changes:
         if not with_float_kernel:  # what is fused is decided at load
             changes.enter_context(patch.object(float_kernel, "_library", lambda: None))
