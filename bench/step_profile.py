@@ -19,10 +19,10 @@ another copy whose head never does. On a CPU with AMX, where products of more th
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
 `--compare-without-float-kernel` loads one whose GELU and decode attention go through torch's ops,
-not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's prefill and
-first token) is timed too: "prefill" in the JSON. To see an
-AVX2 CPU's figures on a newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The last stdout line is one JSON object.
+not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's
+prefill and first token) is timed too: "prefill" in the JSON. To see an AVX2 CPU's figures on a
+newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The
+last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]

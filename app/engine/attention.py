@@ -112,9 +112,10 @@ def _paged_attention(step: StepAttention, module, query, key, value, scaling, sl
     heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
     flat_query = query[0].transpose(0, 1)  # [T, H, D]
     out = flat_query.new_empty(total, heads, dim)
+    in_place = softcap is None and float_kernel.attends(flat_query, cache_k)  # for decoding rows
     for group in step.groups:
         bias = group.bias(sliding_window, torch.float32)
-        if group.queries == 1 and softcap is None and float_kernel.attends(flat_query, cache_k):
+        if group.queries == 1 and in_place:
             float_kernel.decode_attention(flat_query, group.tokens, cache_k, cache_v,
                                           group.slots.view(group.rows, group.keys), bias[:, 0], scaling, out)
             continue

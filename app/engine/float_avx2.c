@@ -2,7 +2,8 @@
  * gelu(gate) * up (the tanh approximation) of a gated MLP in one pass, and decoding rows' attention
  * read in place from the paged cache. Rows stay batch-invariant (docs/engine.md, property 6):
  * every element of gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged
- * end through a padded copy), and a row attends alone. A NaN stays in its row. Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
+ * end through a padded copy), and a row attends alone. A NaN stays in its row.
+ * Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

@@ -44,13 +44,8 @@ def takes(x: torch.Tensor) -> bool:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, width] with contiguous rows, a view where its strides allow (a slice of a
     wider product's columns is one), else a copy."""
-    width = x.shape[-1]
-    if x.stride(-1) == 1:
-        try:
-            return x.view(-1, width)
-        except RuntimeError:
-            pass
-    return x.reshape(-1, width).contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
