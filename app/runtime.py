@@ -25,7 +25,7 @@ from app.engine.adapter_cache import AdapterCache
 from app.engine.core import EngineCore
 from app.engine.engine import Engine
 from app.engine.kv_cache import BLOCK_SIZE
-from app.engine.loader import BaseModel, load_base_model
+from app.engine.loader import BaseModel, keep_freed_memory, load_base_model
 from app.engine.memory_plan import MemorySettings, plan_memory
 from app.engine.threads import in_own_thread
 from app.job_queue import TRAIN_TASK, make_celery, make_data_dir
@@ -129,6 +129,8 @@ def planned_core(base: BaseModel, settings: Settings, serves: bool, trains: bool
         kv_cache_tokens=settings.kv_cache_tokens, gpu_memory_utilization=settings.gpu_memory_utilization,
         cpu_memory_utilization=settings.cpu_memory_utilization, max_step_tokens=settings.max_step_tokens,
         max_rows=settings.max_batch_size, max_row_positions=max_row_positions, serves=serves, trains=trains))
+    if serves and base.device.type == "cpu":  # a decode step's logits at the batch limit, reused from the heap step after step
+        keep_freed_memory(settings.max_batch_size * base.vocab_size * 4)  # float32 logits
     log.info("memory plan (%s): weights %.0f MiB, activations %.0f MiB, KV cache %d positions (%.0f MiB), %.0f MiB free",
              plan.basis, plan.weights_bytes / 2**20, plan.activation_reserve_bytes / 2**20, plan.kv_cache_tokens,
              plan.kv_cache_bytes / 2**20, plan.free_bytes / 2**20)

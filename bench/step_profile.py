@@ -19,7 +19,10 @@ another copy whose head never does. On a CPU with AMX, where products of more th
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
 `--compare-without-float-kernel` loads one whose GELU and decode attention go through torch's ops,
-not the engine's float kernel (app/engine/float_avx2.c). Each model's first step (every row's
+not the engine's float kernel (app/engine/float_avx2.c). Every model runs with glibc's allocator
+set as a serving node with MAX_BATCH_SIZE at the largest `--rows` sets it (its logits kept on the
+heap: app.engine.loader.keep_freed_memory); `--compare-default-allocator` runs the first model again
+with the allocator as a model load leaves it (buffers past 40 MB mapped afresh). Each model's first step (every row's
 prefill and first token) is timed too: "prefill" in the JSON. To see an AVX2 CPU's figures on a
 newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The
 last stdout line is one JSON object.
@@ -28,6 +31,7 @@ last stdout line is one JSON object.
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
                                 [--compare-head-kernel] [--compare-head-without-avx2-kernel]
                                 [--compare-without-amx-kernel] [--compare-without-float-kernel]
+                                [--compare-default-allocator]
 """
 
 import argparse
@@ -148,6 +152,7 @@ def main() -> None:
     parser.add_argument("--compare-head-without-avx2-kernel", action="store_true")
     parser.add_argument("--compare-without-amx-kernel", action="store_true")
     parser.add_argument("--compare-without-float-kernel", action="store_true")
+    parser.add_argument("--compare-default-allocator", action="store_true")
     args = parser.parse_args()
     sections = Sections()
     sections.wrap(int8, "_int8_matmul", "int8 products (layers)")
@@ -171,6 +176,9 @@ def main() -> None:
         models["without_amx_kernel"] = load(amx_kernel=False)
     if args.compare_without_float_kernel:
         models["without_float_kernel"] = load(with_float_kernel=False)
+    if args.compare_default_allocator:
+        models["default_allocator"] = models["chosen"]  # the same model, only glibc's settings differ
+    logits_bytes = max(args.rows) * models["chosen"].vocab_size * 4  # float32, as app.runtime.planned_core sizes them
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:
@@ -178,6 +186,7 @@ def main() -> None:
         prefills: dict[str, list[float]] = defaultdict(list)
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
+                loader.keep_freed_memory(0 if name == "default_allocator" else logits_bytes)
                 with patch.object(float_kernel, "_library", lambda: None) if name == "without_float_kernel" \
                         else nullcontext():  # decode attention picks its kernel per step
                     measured, _, prefill = decode_steps(base, rows, args.steps, sections)

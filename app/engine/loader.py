@@ -74,6 +74,11 @@ class BaseModel:
         return self.input_embeddings.weight.dtype
 
     @property
+    def vocab_size(self) -> int:
+        """Logits per sampled row."""
+        return self.model.config.get_text_config().vocab_size
+
+    @property
     def kv_shape(self) -> KVShape:
         """Each layer's keys and values, as the engine caches them."""
         return KVShape.of(self.model.config, self.embed_dtype)
@@ -204,22 +209,25 @@ def _fuse_float_ops(model: PreTrainedModel) -> None:
     log.info("fused on the CPU: %d RMS norms, %d gated MLPs", norms, mlps)
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory(step_buffer_bytes: int = 0) -> None:
     """Let glibc reuse freed memory for a step's big buffers instead of unmapping it at every free.
     By default a buffer over 32 MB (a decode step's logits at batch 32: 32 x 262k floats, 33.5 MB)
     is mmap'd fresh and page-faulted in every step, which made large decode steps far slower.
-    Threads other than the main one also get arenas too small for such buffers. So: one arena,
-    blocks up to 40 MB from the heap, and up to 128 MB of free heap kept. Larger blocks
-    (training's temporaries) are still mapped and returned at once, since keeping them raised a
-    prompt-tuning step's peak memory (figures: bench/README.md). glibc only."""
+    Threads other than the main one also get arenas too small for such buffers. So: one arena;
+    blocks up to 40 MB from the heap, or up to `step_buffer_bytes` where that is more (a serving
+    node's largest step buffer: its logits at MAX_BATCH_SIZE rows); and free heap kept up to twice
+    that, at least 128 MB. Larger blocks (training's temporaries) are still mapped and returned at
+    once, since keeping them raised a prompt-tuning step's peak memory (figures: bench/README.md).
+    glibc only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    mmap_threshold = max(40 << 20, step_buffer_bytes + (1 << 20))  # a page-aligned buffer's header fits
     libc.mallopt(m_arena_max, 1)
-    libc.mallopt(m_mmap_threshold, 40 << 20)
-    libc.mallopt(m_trim_threshold, 128 << 20)
+    libc.mallopt(m_mmap_threshold, mmap_threshold)
+    libc.mallopt(m_trim_threshold, max(128 << 20, 2 * mmap_threshold))
 
 
 def resolve_device(device: str | None) -> torch.device:

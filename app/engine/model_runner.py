@@ -48,8 +48,7 @@ class ModelRunner:
         self.base = base
         self.device = base.device
         self._embed = base.model.get_input_embeddings()
-        config = base.model.config.get_text_config()
-        self.vocab_size = config.vocab_size
+        self.vocab_size = base.vocab_size
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, hidden]: the space soft prompts live in (Gemma's scaling included)."""
