@@ -130,7 +130,7 @@ def planned_core(base: BaseModel, settings: Settings, serves: bool, trains: bool
         cpu_memory_utilization=settings.cpu_memory_utilization, max_step_tokens=settings.max_step_tokens,
         max_rows=settings.max_batch_size, max_row_positions=max_row_positions, serves=serves, trains=trains))
     if serves and base.device.type == "cpu":  # a decode step's logits at the batch limit, reused from the heap step after step
-        keep_freed_memory(settings.max_batch_size * base.vocab_size * 4)  # float32 logits
+        keep_freed_memory(base.logits_bytes(settings.max_batch_size))
     log.info("memory plan (%s): weights %.0f MiB, activations %.0f MiB, KV cache %d positions (%.0f MiB), %.0f MiB free",
              plan.basis, plan.weights_bytes / 2**20, plan.activation_reserve_bytes / 2**20, plan.kv_cache_tokens,
              plan.kv_cache_bytes / 2**20, plan.free_bytes / 2**20)

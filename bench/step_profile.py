@@ -178,7 +178,7 @@ def main() -> None:
         models["without_float_kernel"] = load(with_float_kernel=False)
     if args.compare_default_allocator:
         models["default_allocator"] = models["chosen"]  # the same model, only glibc's settings differ
-    logits_bytes = max(args.rows) * models["chosen"].vocab_size * 4  # float32, as app.runtime.planned_core sizes them
+    logits_bytes = models["chosen"].logits_bytes(max(args.rows))  # as app.runtime.planned_core sizes the allocator
     report: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "kernels": {name: base.int8_kernels for name, base in models.items()}, "ms": {}}
     for rows in args.rows:

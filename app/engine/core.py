@@ -141,7 +141,8 @@ class EngineCore:
                 raise ValueError("a prefix-tuned adapter needs a prompt: its prefix gives keys and values, no input")
         elif soft is not None and (soft.values.ndim != 2 or soft.values.shape[1] != self.base.hidden_size):
             raise ValueError(f"soft prompt must be [virtual tokens, {self.base.hidden_size}]")
-        if any(not 0 <= t < self.runner.vocab_size for t in request.prompt_ids):
+        vocab_size = self.base.vocab_size
+        if any(not 0 <= t < vocab_size for t in request.prompt_ids):
             raise ValueError("prompt has token ids outside the vocabulary")
         if not request.prompt_ids and not request.virtual_tokens:
             raise ValueError("empty prompt and no soft prompt: nothing to continue from")

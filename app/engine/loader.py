@@ -78,6 +78,10 @@ class BaseModel:
         """Logits per sampled row."""
         return self.model.config.get_text_config().vocab_size
 
+    def logits_bytes(self, rows: int) -> int:
+        """A step's logits at `rows` sampled rows: float32, as the model runner returns them."""
+        return rows * self.vocab_size * torch.float32.itemsize
+
     @property
     def kv_shape(self) -> KVShape:
         """Each layer's keys and values, as the engine caches them."""

@@ -48,7 +48,6 @@ class ModelRunner:
         self.base = base
         self.device = base.device
         self._embed = base.model.get_input_embeddings()
-        self.vocab_size = base.vocab_size
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, hidden]: the space soft prompts live in (Gemma's scaling included)."""

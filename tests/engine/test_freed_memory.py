@@ -52,6 +52,6 @@ def test_a_serving_node_keeps_its_logits_at_the_batch_limit(tiny_base, monkeypat
     monkeypatch.setattr(runtime, "keep_freed_memory", sized.append)
     settings = Settings(max_batch_size=48, kv_cache_tokens=4096)
     runtime.planned_core(tiny_base, settings, serves=True, trains=True)
-    assert sized == [48 * tiny_base.vocab_size * 4]
+    assert sized == [48 * tiny_base.vocab_size * 4]  # float32 logits
     runtime.planned_core(tiny_base, settings, serves=False, trains=True)  # no logits on a node that only trains
     assert len(sized) == 1
