@@ -18,8 +18,9 @@ with the AVX2 int8 kernel (measured faster at load), `--compare-head-without-avx
 another copy whose head never does. On a CPU with AMX, where products of more than one row go
 through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads another copy as a node
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
-`--compare-without-float-kernel` loads one whose GELU and decode attention go through torch's ops,
-not the engine's float kernel (app/engine/float_avx2.c). Every model runs with glibc's allocator
+`--compare-without-float-kernel` loads one whose RMS norms, GELU and decode attention go through
+torch's ops, not the engine's float kernel (app/engine/float_avx2.c), and `--compare-torch-norms`
+one whose RMS norms alone do (`F.rms_norm`). Every model runs with glibc's allocator
 set as a serving node with MAX_BATCH_SIZE at the largest `--rows` sets it (its logits kept on the
 heap: app.engine.loader.keep_freed_memory); `--compare-default-allocator` runs the first model again
 with the allocator as a model load leaves it (buffers past 40 MB mapped afresh). Each model's first step (every row's
@@ -31,7 +32,7 @@ last stdout line is one JSON object.
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
                                 [--compare-head-kernel] [--compare-head-without-avx2-kernel]
                                 [--compare-without-amx-kernel] [--compare-without-float-kernel]
-                                [--compare-default-allocator]
+                                [--compare-torch-norms] [--compare-default-allocator]
 """
 
 import argparse
@@ -90,12 +91,13 @@ class Sections:
 
 def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = True,
          other_head_kernel: bool = False, fbgemm: bool = False, head_without_kernel: bool = False,
-         amx_kernel: bool = True, with_float_kernel: bool = True) -> BaseModel:
+         amx_kernel: bool = True, with_float_kernel: bool = True, kernel_norms: bool = True) -> BaseModel:
     """The default int8 model as this CPU loads it, or with its int8 values as float32 copies, or
     with transformers' own RMS norms, or without packed weights, or with the other one-row head
     kernel, or (on AVX2) through fbgemm instead of the AVX2 int8 kernel, or with the LM head's
     few-row products never by the AVX2 int8 kernel, or (on AMX) without the AMX int8 kernel, or
-    without the float kernel (torch's GELU and gathered attention)."""
+    without the float kernel (torch's norms, GELU and gathered attention), or with torch's
+    `F.rms_norm` for the norms the float kernel would compute."""
     with ExitStack() as changes:
         if not with_float_kernel:  # what is fused is decided at load
             changes.enter_context(patch.object(float_kernel, "_library", lambda: None))
@@ -113,7 +115,9 @@ def load(float_copies: bool = False, fused_norms: bool = True, packed: bool = Tr
             changes.enter_context(patch.object(int8, "half_packed_is_exact", lambda: False))
             changes.enter_context(patch.object(int8, "split_sign_is_exact", lambda: False))
         if not fused_norms:
-            changes.enter_context(patch.object(loader, "fuse_rms_norms", lambda model, dtype: 0))
+            changes.enter_context(patch.object(loader, "fuse_rms_norms", lambda model, dtype: (0, 0)))
+        if not kernel_norms:
+            changes.enter_context(patch("app.engine.fused_norms._kernel_gives", lambda *args: False))
         return load_base_model(None, Settings().model_cache_dir, quantization="int8", device="cpu",
                                int8_packed_weights=packed)
 
@@ -152,6 +156,7 @@ def main() -> None:
     parser.add_argument("--compare-head-without-avx2-kernel", action="store_true")
     parser.add_argument("--compare-without-amx-kernel", action="store_true")
     parser.add_argument("--compare-without-float-kernel", action="store_true")
+    parser.add_argument("--compare-torch-norms", action="store_true")
     parser.add_argument("--compare-default-allocator", action="store_true")
     args = parser.parse_args()
     sections = Sections()
@@ -176,6 +181,8 @@ def main() -> None:
         models["without_amx_kernel"] = load(amx_kernel=False)
     if args.compare_without_float_kernel:
         models["without_float_kernel"] = load(with_float_kernel=False)
+    if args.compare_torch_norms:
+        models["torch_norms"] = load(kernel_norms=False)
     if args.compare_default_allocator:
         models["default_allocator"] = models["chosen"]  # the same model, only glibc's settings differ
     logits_bytes = models["chosen"].logits_bytes(max(args.rows))  # as app.runtime.planned_core sizes the allocator

@@ -1,8 +1,9 @@
 /* The float32 work of a decoder layer that torch runs as several passes over memory on the CPU:
- * gelu(gate) * up (the tanh approximation) of a gated MLP in one pass, and decoding rows' attention
- * read in place from the paged cache. Rows stay batch-invariant (docs/engine.md, property 6):
- * every element of gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged
- * end through a padded copy), and a row attends alone. A NaN stays in its row.
+ * an RMS norm in one pass (torch's own bits), gelu(gate) * up (the tanh approximation) of a gated MLP in
+ * one pass, and decoding rows' attention read in place from the paged cache. Rows stay
+ * batch-invariant (docs/engine.md, property 6): a row is normed alone, every element of
+ * gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged end through a
+ * padded copy), and a row attends alone. A NaN stays in its row.
  * Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
 #include <immintrin.h>
 #include <math.h>
@@ -44,6 +45,75 @@ static __m256 gelu_tanh_times(__m256 g, __m256 u) {
     __m256 minus_2y = _mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608028654f),
                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, g));
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_lanes(minus_2y))), u);
+}
+
+enum { ILP = 4, LEVELS = 4, LEVEL_POWER = 4 };
+
+/* torch's float32 sum of x[0..width)^2 on the CPU, bit for bit: pow(x, 2), then aten's cascade_sum
+ * over a contiguous row (SumKernel.cpp: vectorized_inner_sum, row_sum, multi_row_sum) with vectors of
+ * LANES floats (torch's order under its AVX2 and its AVX-512 capability alike, as measured), or of
+ * one where the row is narrower. Each square is rounded before it is added (this file is built with
+ * -ffp-contract=off). The cascade's level step is 2^LEVEL_POWER for rows under 2^20 vectors. */
+static float cascade_sum_of_squares(const float *x, int64_t width) {
+    int lanes = width < LANES ? 1 : LANES;
+    int64_t vectors = width / lanes, size = vectors / ILP, step = 1 << LEVEL_POWER, i = 0;
+    float acc[LEVELS][ILP][LANES];
+    memset(acc, 0, sizeof acc);
+    while (i + step <= size) {  /* multi_row_sum: vector i * ILP + k into accumulator k, in levels */
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < ILP; k++)
+                for (int l = 0; l < lanes; l++) {
+                    float v = x[(i * ILP + k) * lanes + l];
+                    acc[0][k][l] += v * v;
+                }
+        for (int level = 1; level < LEVELS; level++) {
+            for (int k = 0; k < ILP; k++)
+                for (int l = 0; l < lanes; l++) {
+                    acc[level][k][l] += acc[level - 1][k][l];
+                    acc[level - 1][k][l] = 0.0f;
+                }
+            if (i & ((step - 1) << (level * LEVEL_POWER))) break;
+        }
+    }
+    for (; i < size; i++)
+        for (int k = 0; k < ILP; k++)
+            for (int l = 0; l < lanes; l++) {
+                float v = x[(i * ILP + k) * lanes + l];
+                acc[0][k][l] += v * v;
+            }
+    for (int level = 1; level < LEVELS; level++)
+        for (int k = 0; k < ILP; k++)
+            for (int l = 0; l < lanes; l++) acc[0][k][l] += acc[level][k][l];
+    for (int64_t v = size * ILP; v < vectors; v++)  /* row_sum: vectors past the last ILP, then the partials */
+        for (int l = 0; l < lanes; l++) acc[0][0][l] += x[v * lanes + l] * x[v * lanes + l];
+    for (int k = 1; k < ILP; k++)
+        for (int l = 0; l < lanes; l++) acc[0][0][l] += acc[0][k][l];
+    float total = 0.0f;  /* vectorized_inner_sum: the elements past the last vector, then the lanes */
+    for (int64_t e = vectors * lanes; e < width; e++) total += x[e] * x[e];
+    for (int l = 0; l < lanes; l++) total += acc[0][0][l];
+    return total;
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * scale, row by row: torch's rms_norm on the CPU as
+ * (x * r) * scale, r = 1 / sqrt(sum / width + eps), each step rounded to float32 as torch's ops
+ * round it, the sum as cascade_sum_of_squares. The rows are `outer` groups of
+ * `inner` rows of `width` floats; x's and out's own strides (in floats) address them, so a transposed
+ * view ([1, heads, T, dim] of [1, T, heads, dim]) is read and written in place. */
+void rms_norm(const float *x, int64_t x_outer_stride, int64_t x_inner_stride, const float *scale, float eps,
+              float *out, int64_t out_outer_stride, int64_t out_inner_stride, int64_t outer, int64_t inner,
+              int64_t width, int threads) {
+    int64_t whole = width / LANES * LANES;
+#pragma omp parallel for num_threads(threads) if (outer * inner * width >= PARALLEL_FROM) schedule(static)
+    for (int64_t r = 0; r < outer * inner; r++) {
+        const float *in = x + r / inner * x_outer_stride + r % inner * x_inner_stride;
+        float *to = out + r / inner * out_outer_stride + r % inner * out_inner_stride;
+        float inverse = 1.0f / sqrtf(cascade_sum_of_squares(in, width) / (float)width + eps);
+        __m256 by = _mm256_set1_ps(inverse);
+        for (int64_t i = 0; i < whole; i += LANES)
+            _mm256_storeu_ps(to + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(in + i), by),
+                                                   _mm256_loadu_ps(scale + i)));
+        for (int64_t i = whole; i < width; i++) to[i] = in[i] * inverse * scale[i];
+    }
 }
 
 /* out = gelu(gate) * up, elementwise over [rows, width]; gate's and up's rows lie `gate_stride` and

@@ -1,10 +1,12 @@
-"""The engine's float32 kernels for CPU inference (float_avx2.c): gelu(gate) * up in one pass, and
-decoding rows' attention read in place from the paged KV cache.
+"""The engine's float32 kernels for CPU inference (float_avx2.c): an RMS norm in one pass,
+gelu(gate) * up in one pass, and decoding rows' attention read in place from the paged KV cache.
 
-torch's tanh-approximated GELU is several times slower on the CPU than its tanh, and the
-multiplication is another pass over memory. Decoding rows' attention through
-torch means gathering every row's keys and values into new tensors per layer, then reading them
-again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
+torch runs an RMS norm on the CPU as five ops (square, mean, add, rsqrt, two products), each a pass
+over the activations; the kernel reads a row once and rounds every step as they do, the sum of
+squares in their order, so it gives their bits. torch's tanh-approximated GELU is several times
+slower on the CPU than its tanh, and the multiplication is another pass over memory. Decoding rows'
+attention through torch means gathering every row's keys and values into new tensors per layer,
+then reading them again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
 gradients (training) keeps torch's ops, which autograd can differentiate.
 """
 
@@ -15,8 +17,9 @@ import torch
 
 from app.engine.c_kernels import Kernel, library
 
-FLOAT = Kernel("float_avx2", ("-mavx2", "-mfma"), torch.cpu._is_avx2_supported,
-               "GELU and decoding attention go through torch's ops")
+# -ffp-contract=off: a product and a sum written apart stay two roundings, as torch's ops round them
+FLOAT = Kernel("float_avx2", ("-mavx2", "-mfma", "-ffp-contract=off"), torch.cpu._is_avx2_supported,
+               "RMS norms, GELU and decoding attention go through torch's ops")
 
 
 @functools.cache
@@ -24,6 +27,8 @@ def _library() -> ctypes.CDLL | None:
     built = library(FLOAT)
     if built is not None:
         pointer, count = ctypes.c_void_p, ctypes.c_int64
+        built.rms_norm.argtypes = [pointer, count, count, pointer, ctypes.c_float, pointer, count, count, count, count,
+                                   count, ctypes.c_int]
         built.gelu_tanh_mul.argtypes = [pointer, count, pointer, count, pointer, count, count, ctypes.c_int]
         built.decode_attention.argtypes = [pointer, count, count, pointer, pointer, pointer, pointer, pointer, pointer,
                                            count, count, count, count, count, ctypes.c_float, ctypes.c_int]
@@ -46,6 +51,46 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     wider product's columns is one), else a copy."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * scale over x's last dimension (scale: float32 [width]), in x's
+    layout where x is dense (as torch's elementwise ops keep it): `F.rms_norm`'s own bits with this
+    torch (app.engine.fused_norms checks them at load)."""
+    library = _library()
+    assert library is not None and takes(x) and scale.dtype == torch.float32 and scale.shape == x.shape[-1:]
+    grid = _row_grid(x)
+    if grid is None:
+        x = x.contiguous()
+        grid = _row_grid(x)
+        assert grid is not None
+    outer, x_outer, inner, x_inner = grid
+    out, (out_outer, out_inner) = torch.empty_like(x), (x_outer, x_inner)  # x's strides where x is dense
+    if out.stride() != x.stride():  # x has gaps: a contiguous out, its rows in x's order
+        out, (out_outer, out_inner) = torch.empty(x.shape), (inner * x.shape[-1], x.shape[-1])
+    if out.numel():
+        library.rms_norm(x.data_ptr(), x_outer, x_inner, scale.contiguous().data_ptr(), eps, out.data_ptr(), out_outer,
+                         out_inner, outer, inner, x.shape[-1], torch.get_num_threads())
+    return out
+
+
+def _row_grid(x: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """x's rows (every index but the last, contiguous, dimension's) as `outer` groups of `inner`
+    rows: (outer, its stride, inner, its stride) in elements; None where two levels cannot address them."""
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return None
+    levels: list[tuple[int, int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if levels and levels[-1][1] == size * stride:  # the dimension before steps over this one whole: merge
+            levels[-1] = (levels[-1][0] * size, stride)
+        else:
+            levels.append((size, stride))
+    if len(levels) > 2:
+        return None
+    (outer, outer_stride), (inner, inner_stride) = [(1, 0)] * (2 - len(levels)) + levels
+    return outer, outer_stride, inner, inner_stride
 
 
 def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

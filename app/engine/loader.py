@@ -206,11 +206,11 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
 
 
 def _fuse_float_ops(model: PreTrainedModel) -> None:
-    """RMS norms as torch's one op where that gives their own bits (app.engine.fused_norms), and
+    """RMS norms in one op where that gives their own function (app.engine.fused_norms), and
     gated MLPs' GELU and multiplication in one pass where that computes the model's own function
     (app.engine.fused_mlp)."""
-    norms, mlps = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model)
-    log.info("fused on the CPU: %d RMS norms, %d gated MLPs", norms, mlps)
+    (norms, by_kernel), mlps = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model)
+    log.info("fused on the CPU: %d RMS norms (%d by the float kernel), %d gated MLPs", norms, by_kernel, mlps)
 
 
 def keep_freed_memory(step_buffer_bytes: int = 0) -> None:

@@ -1,5 +1,11 @@
-"""The engine's float32 kernels (app/engine/float_avx2.c): torch's functions to float32 rounding,
-every row the same bits alone and in any batch, NaN kept in its row, and only in inference."""
+"""The engine's float32 kernels (app/engine/float_avx2.c): torch's functions to float32 rounding (the
+RMS norm to torch's own bits), every row the same bits alone and in any batch, NaN kept in its row,
+and only in inference."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,16 +35,72 @@ def test_gelu_tanh_mul_is_torchs_to_float32_rounding(width):
     torch.testing.assert_close(float_kernel.gelu_tanh_mul(gate, up).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+# torch picks its kernels once per process, by ATEN_CPU_CAPABILITY or the CPU: each capability runs in
+# a fresh interpreter. Widths: under one
+# vector and between the two, ragged ends, the models' widths (SmolLM2 576, Gemma 640, Qwen 1536,
+# Llama 2048), and past the cascade's first and second level carries; rows straight and transposed.
+_EXACT_NORMS = """
+import sys, torch, torch.nn.functional as F
+from app.engine import float_kernel
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1].upper()
+for width in (1, 5, 8, 12, 16, 33, 64, 256, 576, 640, 1000, 1536, 2048, 8200, 16390):
+    torch.manual_seed(width)
+    for x in (torch.randn(64, width) * torch.rand(64, 1) * 100, torch.randn(1, 5, 3, width).transpose(1, 2)):
+        scale = torch.randn(width)
+        expected = F.rms_norm(x, (width,), scale, 1e-6)
+        got = float_kernel.rms_norm(x, scale, 1e-6)
+        assert torch.equal(got, expected), (width, (got - expected).abs().max())
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_rms_norm_gives_torchs_own_bits_at_each_cpu_capability(capability):
+    if capability == "avx512" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("torch cannot run its AVX-512 kernels on this CPU")
+    subprocess.run([sys.executable, "-c", _EXACT_NORMS, capability], check=True,
+                   env=os.environ | {"ATEN_CPU_CAPABILITY": capability}, cwd=Path(__file__).parents[2])
+
+
+def test_rms_norm_spreads_inf_and_zero_as_torch_does():
+    x = torch.randn(3, 640)
+    x[0] = 0.0  # all eps
+    x[1, :320] = 1e30  # squares past float32's range: r = 0
+    scale = torch.randn(640)
+    expected = F.rms_norm(x, (640,), scale, 1e-6)
+    assert torch.equal(float_kernel.rms_norm(x, scale, 1e-6), expected)
+
+
+def _norm_with_ones(x: torch.Tensor, _unused: torch.Tensor) -> torch.Tensor:
+    return float_kernel.rms_norm(x, torch.ones(x.shape[-1]), 1e-6)
+
+
+@pytest.mark.parametrize("kernel", [float_kernel.gelu_tanh_mul, _norm_with_ones], ids=["gelu_tanh_mul", "rms_norm"])
 @pytest.mark.parametrize("width", [5, 640])
-def test_every_row_is_the_same_bits_alone_and_in_any_batch(width):
+def test_every_row_is_the_same_bits_alone_and_in_any_batch(kernel, width):
     torch.manual_seed(0)
     x, up = torch.randn(300, width) * 10, torch.randn(300, width)
-    products = float_kernel.gelu_tanh_mul(x, up)
+    products = kernel(x, up)
     for rows in [*range(0, 9), 37, 299]:  # past the rows from which threads share the work
-        assert torch.equal(float_kernel.gelu_tanh_mul(x[-rows:] if rows else x[:0], up[-rows:] if rows else up[:0]),
+        assert torch.equal(kernel(x[-rows:] if rows else x[:0], up[-rows:] if rows else up[:0]),
                            products[len(x) - rows:])
     for row in (0, 150, 299):
-        assert torch.equal(float_kernel.gelu_tanh_mul(x[row], up[row]), products[row])
+        assert torch.equal(kernel(x[row], up[row]), products[row])
+
+
+def test_rms_norm_reads_views_in_place_and_keeps_a_dense_inputs_layout():
+    torch.manual_seed(0)
+    scale = torch.randn(64)
+    heads = torch.randn(1, 7, 3, 64).transpose(1, 2)  # Gemma 3's q_norm input: [1, heads, T, dim] of [1, T, heads, dim]
+    got = float_kernel.rms_norm(heads, scale, 1e-6)
+    assert got.shape == heads.shape and got.stride() == heads.stride()  # as torch's ops keep it
+    assert torch.equal(got, float_kernel.rms_norm(heads.contiguous(), scale, 1e-6))
+    sliced = heads[:, 1:, 2:5]  # gaps on two levels
+    assert float_kernel._row_grid(sliced) is not None and not sliced.is_contiguous()
+    assert torch.equal(float_kernel.rms_norm(sliced, scale, 1e-6), got[:, 1:, 2:5])
+    three_levels = torch.randn(4, 5, 6, 64)[::2, ::2, ::2]  # read through a contiguous copy
+    assert float_kernel._row_grid(three_levels) is None
+    assert torch.equal(float_kernel.rms_norm(three_levels, scale, 1e-6),
+                       float_kernel.rms_norm(three_levels.contiguous(), scale, 1e-6))
 
 
 def test_gelu_tanh_mul_reads_column_slices_of_a_wider_product_in_place():
@@ -59,6 +121,8 @@ def test_a_nan_stays_in_its_row():
     x[1, 17] = float("nan")
     got = float_kernel.gelu_tanh_mul(x, torch.ones(3, 640))
     assert got[1, 17].isnan() and got.isnan().sum() == 1
+    normed = float_kernel.rms_norm(x, torch.ones(640), 1e-6)  # a norm spreads it over its own row only
+    assert normed[1].isnan().all() and not normed[[0, 2]].isnan().any()
 
 
 def test_only_float32_inference_on_the_cpu_takes_the_kernels():
