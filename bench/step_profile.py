@@ -20,24 +20,27 @@ through the engine's AMX int8 kernel, `--compare-without-amx-kernel` loads anoth
 without a C compiler does (torch._int_mm and oneDNN's packed weights, oneDNN below AMX).
 `--compare-without-float-kernel` loads one whose RMS norms, GELU and decode attention go through
 torch's ops, not the engine's float kernel (app/engine/float_avx2.c), and `--compare-torch-norms`
-one whose RMS norms alone do (`F.rms_norm`). Every model runs with glibc's allocator
-set as a serving node with MAX_BATCH_SIZE at the largest `--rows` sets it (its logits kept on the
-heap: app.engine.loader.keep_freed_memory); `--compare-default-allocator` runs the first model again
-with the allocator as a model load leaves it (buffers past 40 MB mapped afresh). Each model's first step (every row's
-prefill and first token) is timed too: "prefill" in the JSON. To see an AVX2 CPU's figures on a
-newer one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The
+one whose RMS norms alone do (`F.rms_norm`); `--compare-torch-rotary` runs the first model
+again with transformers' own rotary embedding (app.engine.fused_rotary switches it per modeling
+module). Every model runs with glibc's allocator set as a serving node with MAX_BATCH_SIZE at the
+largest `--rows` sets it (its logits kept on the heap: app.engine.loader.keep_freed_memory);
+`--compare-default-allocator` runs the first model again with the allocator as a model load leaves
+it (buffers past 40 MB mapped afresh). Each model's first step (every row's prefill and first
+token) is timed too: "prefill" in the JSON. To see an AVX2 CPU's figures on a newer one:
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2. The
 last stdout line is one JSON object.
 
     python -m bench.step_profile [--rows 1 8 32] [--steps 16] [--repeats 3] [--compare-float-copies]
                                 [--compare-fbgemm] [--compare-int8-only] [--compare-transformers-norms]
                                 [--compare-head-kernel] [--compare-head-without-avx2-kernel]
                                 [--compare-without-amx-kernel] [--compare-without-float-kernel]
-                                [--compare-torch-norms] [--compare-default-allocator]
+                                [--compare-torch-norms] [--compare-torch-rotary] [--compare-default-allocator]
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -46,7 +49,7 @@ from unittest.mock import patch
 import torch
 
 from app.config import Settings
-from app.engine import attention, core, float_kernel, int8, loader
+from app.engine import attention, core, float_kernel, fused_rotary, int8, loader
 from app.engine.generation import _engine_for
 from app.engine.loader import BaseModel, load_base_model
 from app.engine.requests import GenerationRequest
@@ -143,6 +146,18 @@ def decode_steps(base: BaseModel, rows: int, steps: int, sections: Sections) -> 
     return measured, [handle.tokens for handle in handles], prefill
 
 
+def step_context(name: str, base: BaseModel):
+    """What a comparison changes while its steps run: decode attention picks its kernel per step,
+    and rotary embedding is its modeling module's function."""
+    if name == "without_float_kernel":
+        return patch.object(float_kernel, "_library", lambda: None)
+    if name == "torch_rotary":
+        modeling = sys.modules[type(base.model).__module__]
+        switched = getattr(modeling, fused_rotary.NAME)
+        return patch.object(modeling, fused_rotary.NAME, getattr(switched, "original", switched))
+    return nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
@@ -157,6 +172,7 @@ def main() -> None:
     parser.add_argument("--compare-without-amx-kernel", action="store_true")
     parser.add_argument("--compare-without-float-kernel", action="store_true")
     parser.add_argument("--compare-torch-norms", action="store_true")
+    parser.add_argument("--compare-torch-rotary", action="store_true")
     parser.add_argument("--compare-default-allocator", action="store_true")
     args = parser.parse_args()
     sections = Sections()
@@ -183,6 +199,8 @@ def main() -> None:
         models["without_float_kernel"] = load(with_float_kernel=False)
     if args.compare_torch_norms:
         models["torch_norms"] = load(kernel_norms=False)
+    if args.compare_torch_rotary:
+        models["torch_rotary"] = models["chosen"]  # the same model, its modeling module's original function
     if args.compare_default_allocator:
         models["default_allocator"] = models["chosen"]  # the same model, only glibc's settings differ
     logits_bytes = models["chosen"].logits_bytes(max(args.rows))  # as app.runtime.planned_core sizes the allocator
@@ -194,8 +212,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved
             for name, base in models.items():
                 loader.keep_freed_memory(0 if name == "default_allocator" else logits_bytes)
-                with patch.object(float_kernel, "_library", lambda: None) if name == "without_float_kernel" \
-                        else nullcontext():  # decode attention picks its kernel per step
+                with step_context(name, base):
                     measured, _, prefill = decode_steps(base, rows, args.steps, sections)
                 samples[name] += measured
                 prefills[name].append(prefill)

@@ -1,7 +1,7 @@
 /* The float32 work of a decoder layer that torch runs as several passes over memory on the CPU:
- * an RMS norm in one pass (torch's own bits), gelu(gate) * up (the tanh approximation) of a gated MLP in
+ * an RMS norm and rotary position embedding in one pass each (torch's own bits), gelu(gate) * up (the tanh approximation) of a gated MLP in
  * one pass, and decoding rows' attention read in place from the paged cache. Rows stay
- * batch-invariant (docs/engine.md, property 6): a row is normed alone, every element of
+ * batch-invariant (docs/engine.md, property 6): a row is normed and rotated alone, every element of
  * gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged end through a
  * padded copy), and a row attends alone. A NaN stays in its row.
  * Built and loaded by app/engine/float_kernel.py; figures: bench/README.md. */
@@ -113,6 +113,25 @@ void rms_norm(const float *x, int64_t x_outer_stride, int64_t x_inner_stride, co
             _mm256_storeu_ps(to + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(in + i), by),
                                                    _mm256_loadu_ps(scale + i)));
         for (int64_t i = whole; i < width; i++) to[i] = in[i] * inverse * scale[i];
+    }
+}
+
+/* out = x * cos + rotate_half(x) * sin, transformers' apply_rotary_pos_emb for one tensor, with
+ * rotate_half(x) = (-x[half:], x[:half]): each product and the sum rounded as torch's ops round them.
+ * x and out are [heads, tokens, dim] with their own strides in floats (dim contiguous), cos and sin
+ * [tokens, dim] (rows `angle_stride` apart), shared by every head. dim: even. */
+void rotary(const float *x, int64_t x_head_stride, int64_t x_token_stride, const float *cos, const float *sin,
+            int64_t angle_stride, float *out, int64_t out_head_stride, int64_t out_token_stride, int64_t heads,
+            int64_t tokens, int64_t dim, int threads) {
+    int64_t half = dim / 2;
+#pragma omp parallel for num_threads(threads) if (heads * tokens * dim >= PARALLEL_FROM) schedule(static)
+    for (int64_t r = 0; r < heads * tokens; r++) {
+        int64_t h = r / tokens, t = r % tokens;
+        const float *in = x + h * x_head_stride + t * x_token_stride, *c = cos + t * angle_stride,
+                    *s = sin + t * angle_stride;
+        float *to = out + h * out_head_stride + t * out_token_stride;
+        for (int64_t j = 0; j < half; j++) to[j] = in[j] * c[j] + -in[j + half] * s[j];
+        for (int64_t j = half; j < dim; j++) to[j] = in[j] * c[j] + in[j - half] * s[j];
     }
 }
 

@@ -1,9 +1,12 @@
-"""The engine's float32 kernels for CPU inference (float_avx2.c): an RMS norm in one pass,
-gelu(gate) * up in one pass, and decoding rows' attention read in place from the paged KV cache.
+"""The engine's float32 kernels for CPU inference (float_avx2.c): an RMS norm and rotary position
+embedding in one pass each, gelu(gate) * up in one pass, and decoding rows' attention read in place
+from the paged KV cache.
 
 torch runs an RMS norm on the CPU as five ops (square, mean, add, rsqrt, two products), each a pass
 over the activations; the kernel reads a row once and rounds every step as they do, the sum of
-squares in their order, so it gives their bits. torch's tanh-approximated GELU is several times
+squares in their order, so it gives their bits. Rotary embedding is five ops too (two products,
+a negation, a concatenation, a sum), which the kernel rounds the same way in one. torch's
+tanh-approximated GELU is several times
 slower on the CPU than its tanh, and the multiplication is another pass over memory. Decoding rows'
 attention through torch means gathering every row's keys and values into new tensors per layer,
 then reading them again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
@@ -29,6 +32,8 @@ def _library() -> ctypes.CDLL | None:
         pointer, count = ctypes.c_void_p, ctypes.c_int64
         built.rms_norm.argtypes = [pointer, count, count, pointer, ctypes.c_float, pointer, count, count, count, count,
                                    count, ctypes.c_int]
+        built.rotary.argtypes = [pointer, count, count, pointer, pointer, count, pointer, count, count, count, count,
+                                 count, ctypes.c_int]
         built.gelu_tanh_mul.argtypes = [pointer, count, pointer, count, pointer, count, count, ctypes.c_int]
         built.decode_attention.argtypes = [pointer, count, count, pointer, pointer, pointer, pointer, pointer, pointer,
                                            count, count, count, count, count, ctypes.c_float, ctypes.c_int]
@@ -71,6 +76,27 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     if out.numel():
         library.rms_norm(x.data_ptr(), x_outer, x_inner, scale.contiguous().data_ptr(), eps, out.data_ptr(), out_outer,
                          out_inner, outer, inner, x.shape[-1], torch.get_num_threads())
+    return out
+
+
+def rotates(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether rotary() computes x ([1, heads, T, dim], dim contiguous and even) with cos and sin
+    ([1, T, dim], dim contiguous, the same strides)."""
+    return takes(x) and x.dim() == 4 and x.shape[0] == 1 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 \
+        and cos.dtype == sin.dtype == torch.float32 and cos.device.type == sin.device.type == "cpu" \
+        and cos.shape == sin.shape == (1, *x.shape[2:]) and cos.stride() == sin.stride() and cos.stride(-1) == 1
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (cos and sin broadcast over heads), in x's layout where x is
+    dense: transformers' apply_rotary_pos_emb for one tensor, with its bits."""
+    library = _library()
+    assert library is not None and rotates(x, cos, sin)
+    out = torch.empty_like(x)  # x's strides where x is dense, as torch's ops keep them
+    if out.numel():
+        library.rotary(x.data_ptr(), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), cos.stride(1),
+                       out.data_ptr(), out.stride(1), out.stride(2), x.shape[1], x.shape[2], x.shape[3],
+                       torch.get_num_threads())
     return out
 
 

@@ -35,6 +35,7 @@ from transformers import (
 from app.engine import dtypes
 from app.engine.fused_mlp import fuse_gated_mlps
 from app.engine.fused_norms import fuse_rms_norms
+from app.engine.fused_rotary import fuse_rotary
 from app.engine.int8 import Int8Head, int8_kernel_name, keep_onednn_off_amx, speed_up_int8_layers
 from app.engine.kv_cache import KVShape
 
@@ -206,11 +207,13 @@ def _serve_int8_on_cpu(model: PreTrainedModel, packed: bool) -> str:
 
 
 def _fuse_float_ops(model: PreTrainedModel) -> None:
-    """RMS norms in one op where that gives their own function (app.engine.fused_norms), and
-    gated MLPs' GELU and multiplication in one pass where that computes the model's own function
+    """RMS norms in one op where that gives their own bits (app.engine.fused_norms), rotary
+    embedding in one pass where that gives its bits (app.engine.fused_rotary), and gated MLPs'
+    GELU and multiplication in one pass where that computes the model's own function
     (app.engine.fused_mlp)."""
-    (norms, by_kernel), mlps = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model)
-    log.info("fused on the CPU: %d RMS norms (%d by the float kernel), %d gated MLPs", norms, by_kernel, mlps)
+    (norms, by_kernel), mlps, rotary = fuse_rms_norms(model, model.dtype), fuse_gated_mlps(model), fuse_rotary(model)
+    log.info("fused on the CPU: %d RMS norms (%d by the float kernel), %d gated MLPs, rotary embedding %s", norms,
+             by_kernel, mlps, "by the float kernel" if rotary else "by torch's ops")
 
 
 def keep_freed_memory(step_buffer_bytes: int = 0) -> None:

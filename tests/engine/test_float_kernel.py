@@ -103,6 +103,34 @@ def test_rms_norm_reads_views_in_place_and_keeps_a_dense_inputs_layout():
                        float_kernel.rms_norm(three_levels.contiguous(), scale, 1e-6))
 
 
+@pytest.mark.parametrize(("heads", "tokens", "dim"), [(4, 37, 256), (1, 37, 256), (4, 1, 64), (2, 5, 20), (3, 9, 2)])
+def test_rotary_gives_transformers_bits_in_the_inputs_layout(heads, tokens, dim):
+    from transformers.models.llama import modeling_llama
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "original", modeling_llama.apply_rotary_pos_emb)
+    torch.manual_seed(heads * tokens * dim)
+    q = torch.randn(1, tokens, heads, dim).transpose(1, 2) * 30  # attention's [1, heads, T, dim] view
+    angles = torch.rand(1, tokens, dim) * 1000
+    cos, sin = angles.cos(), angles.sin()
+    expected, _ = original(q, q, cos, sin)
+    got = float_kernel.rotary(q, cos, sin)
+    assert torch.equal(got, expected)
+    assert all(a == b for a, b, size in zip(got.stride(), expected.stride(), got.shape) if size > 1)  # its layout
+    assert torch.equal(float_kernel.rotary(q.contiguous(), cos, sin), expected)
+    gaps = q[:, :, ::2]  # rows with gaps: a dense out
+    assert torch.equal(float_kernel.rotary(gaps, cos[:, ::2], sin[:, ::2]), original(gaps, gaps, cos[:, ::2], sin[:, ::2])[0])
+
+
+def test_rotary_takes_only_what_it_computes():
+    q, cos = torch.randn(1, 4, 7, 64), torch.randn(1, 7, 64)
+    assert float_kernel.rotates(q, cos, cos)
+    assert not float_kernel.rotates(torch.randn(2, 4, 7, 64), cos, cos)  # a batch of two
+    assert not float_kernel.rotates(torch.randn(1, 4, 7, 63), torch.randn(1, 7, 63), torch.randn(1, 7, 63))  # odd dim
+    assert not float_kernel.rotates(q, cos[..., :32], cos[..., :32])  # partial rotary
+    assert not float_kernel.rotates(q, cos.double(), cos.double())
+    assert not float_kernel.rotates(q.transpose(2, 3), cos, cos)  # dim not contiguous
+
+
 def test_gelu_tanh_mul_reads_column_slices_of_a_wider_product_in_place():
     torch.manual_seed(0)
     both = torch.randn(1, 7, 2 * 35)  # gate and up from one product (app.engine.int8.SharedInputProduct)
