@@ -719,3 +719,25 @@ def test_a_node_loading_int8_on_an_amx_cpu_runs_onednn_without_amx(tiny_model_di
     kept, reported = kernels(ONEDNN_MAX_CPU_ISA="ALL")  # the user's choice stands
     assert any("amx" in name for name in kept)
     assert reported.endswith("; oneDNN up to ALL")
+
+
+def test_the_heads_one_row_routes_are_timed_from_memory_where_the_cache_could_hold_the_head(monkeypatch):
+    from app.engine import int8
+
+    swept: list[bool] = []
+    timed = int8._seconds
+    monkeypatch.setattr(int8, "_seconds", lambda product, repeats, before=None: swept.append(before is not None)
+                        or timed(product, repeats, before))
+    monkeypatch.setattr(int8, "_last_level_cache_bytes", lambda: 1 << 20)
+    int8._head_seconds(lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)  # a real head: swept
+    int8._head_seconds(lambda: None, torch.zeros(1 << 20, dtype=torch.int8), 2)  # a test's tiny head: as it is
+    monkeypatch.setattr(int8, "_last_level_cache_bytes", lambda: 0)  # no cache size known
+    int8._head_seconds(lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)
+    assert swept == [True, False, False]
+
+
+def test_the_last_level_cache_is_read_where_linux_reports_it():
+    from app.engine import int8
+
+    reported = Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists()
+    assert (int8._last_level_cache_bytes() > 0) == reported
