@@ -128,19 +128,20 @@ def _last_level_cache_bytes() -> int:
     return max(sizes, default=0)
 
 
-def _head_seconds(product, weight: torch.Tensor, repeats: int) -> float:
-    """_seconds of a product over the LM head's weight, read as a decode step reads it: from memory.
-    Between two of its reads in a step every layer's weights pass through the cache, but in a tight
-    loop a cache that holds the weight serves it (a 300 MB L3 holds Gemma 3 270M's 168 MB head:
-    there the AMX kernel and torch._int_mm timed alike at load, while in decode steps the AMX kernel
-    took 0.76x the time). So where the weight could stay in the last-level cache, a sweep over twice
-    that cache comes before each timed call. Weights under 16 MB (tests' tiny heads) are timed as
-    they are: what they choose costs nothing."""
+def _reads_head_faster(product, other, weight: torch.Tensor, repeats: int = 5) -> bool:
+    """Whether `product` beats `other` over the LM head's weight, each read as a decode step reads
+    it: from memory. Between two of its reads in a step every layer's weights pass through the cache,
+    but in a tight loop a cache that holds the weight serves it (a 300 MB L3 holds Gemma 3 270M's
+    168 MB head: there the AMX kernel and torch._int_mm timed alike at load, while in decode steps
+    the AMX kernel took 0.76x the time). So where the weight could stay in the last-level cache, a
+    sweep over twice that cache comes before each timed call. Weights under 16 MB (tests' tiny
+    heads) are timed as they are: what they choose costs nothing."""
     cache = _last_level_cache_bytes()
-    if weight.numel() * weight.element_size() < 16 << 20 or not cache:
-        return _seconds(product, repeats)
-    sweep = torch.zeros(2 * cache // 4, dtype=torch.int32)
-    return _seconds(product, repeats, before=lambda: sweep.add_(1))
+    before = None
+    if weight.numel() * weight.element_size() >= 16 << 20 and cache:
+        sweep = torch.zeros(2 * cache // 4, dtype=torch.int32)
+        before = functools.partial(sweep.add_, 1)
+    return _seconds(product, repeats, before) < _seconds(other, repeats, before)
 
 
 def adversarial_operands(k: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,8 +398,7 @@ def amx_reads_one_row_faster(weight: AmxInt8) -> bool:
     layer's weight, read from cache, goes faster through torch._int_mm (0.015 against 0.022 ms)."""
     row = torch.ones(1, weight.shape[1], dtype=torch.int8)
     by_amx = AmxInt8(weight.weight, amx_from=1)
-    return _head_seconds(lambda: by_amx(row), weight.weight, 5) < _head_seconds(
-        lambda: torch._int_mm(row, weight.weight.t()), weight.weight, 5)
+    return _reads_head_faster(lambda: by_amx(row), lambda: torch._int_mm(row, weight.weight.t()), weight.weight)
 
 
 FbgemmInt8 = SplitSignInt8 | HalfPackedInt8  # int8 weights held for fbgemm: they take rows as float32 integers
@@ -481,7 +481,7 @@ def packed_reads_one_row_faster(weight: torch.Tensor, packed: PackedInt8) -> boo
     nearer the memory bound at one row differs by CPU (a Zen 4 EPYC: packed 8.6 against 13.2 ms;
     a Zen 5: torch._int_mm at ~27 GB/s; bench/README.md)."""
     row = torch.ones(1, weight.shape[1], dtype=torch.int8)
-    return _head_seconds(lambda: packed(row), weight, 5) < _head_seconds(lambda: torch._int_mm(row, weight.t()), weight, 5)
+    return _reads_head_faster(lambda: packed(row), lambda: torch._int_mm(row, weight.t()), weight)
 
 
 def int8_kernel_name(packed: bool) -> str:

@@ -729,11 +729,11 @@ def test_the_heads_one_row_routes_are_timed_from_memory_where_the_cache_could_ho
     monkeypatch.setattr(int8, "_seconds", lambda product, repeats, before=None: swept.append(before is not None)
                         or timed(product, repeats, before))
     monkeypatch.setattr(int8, "_last_level_cache_bytes", lambda: 1 << 20)
-    int8._head_seconds(lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)  # a real head: swept
-    int8._head_seconds(lambda: None, torch.zeros(1 << 20, dtype=torch.int8), 2)  # a test's tiny head: as it is
+    int8._reads_head_faster(lambda: None, lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)  # a real head: swept
+    int8._reads_head_faster(lambda: None, lambda: None, torch.zeros(1 << 20, dtype=torch.int8), 2)  # a test's tiny head
     monkeypatch.setattr(int8, "_last_level_cache_bytes", lambda: 0)  # no cache size known
-    int8._head_seconds(lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)
-    assert swept == [True, False, False]
+    int8._reads_head_faster(lambda: None, lambda: None, torch.zeros(16 << 20, dtype=torch.int8), 2)
+    assert swept == [True, True, False, False, False, False]  # both routes of a comparison alike
 
 
 def test_the_last_level_cache_is_read_where_linux_reports_it():
