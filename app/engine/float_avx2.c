@@ -1,6 +1,7 @@
 /* The float32 work of a decoder layer that torch runs as several passes over memory on the CPU:
- * an RMS norm and rotary position embedding in one pass each (torch's own bits), gelu(gate) * up (the tanh approximation) of a gated MLP in
- * one pass, and decoding rows' attention read in place from the paged cache. Rows stay
+ * an RMS norm and rotary position embedding in one pass each (torch's own bits), gelu(gate) * up
+ * (the tanh approximation) of a gated MLP in one pass, and decoding rows' attention read in place
+ * from the paged cache. Rows stay
  * batch-invariant (docs/engine.md, property 6): a row is normed and rotated alone, every element of
  * gelu_tanh_mul goes through the same vector code wherever it lies (a row's ragged end through a
  * padded copy), and a row attends alone. A NaN stays in its row.

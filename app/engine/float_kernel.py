@@ -6,11 +6,11 @@ torch runs an RMS norm on the CPU as five ops (square, mean, add, rsqrt, two pro
 over the activations; the kernel reads a row once and rounds every step as they do, the sum of
 squares in their order, so it gives their bits. Rotary embedding is five ops too (two products,
 a negation, a concatenation, a sum), which the kernel rounds the same way in one. torch's
-tanh-approximated GELU is several times
-slower on the CPU than its tanh, and the multiplication is another pass over memory. Decoding rows'
-attention through torch means gathering every row's keys and values into new tensors per layer,
-then reading them again (figures: bench/README.md). Only inference takes these kernels: a tensor that needs
-gradients (training) keeps torch's ops, which autograd can differentiate.
+tanh-approximated GELU is several times slower on the CPU than its tanh, and the multiplication is
+another pass over memory. Decoding rows' attention through torch means gathering every row's keys
+and values into new tensors per layer, then reading them again (figures: bench/README.md). Only
+inference takes these kernels: a tensor that needs gradients (training) keeps torch's ops, which
+autograd can differentiate.
 """
 
 import ctypes
